@@ -1,0 +1,37 @@
+# Set-up and common tasks. `make demo` and `make test` create the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared/data
+
+.PHONY: setup demo test test-fast lint default-model cross-validation clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a bare `torch` requirement would pull the newest CUDA build (GBs).
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup  ## locate the example photo with the embedded model
+	$(VENV)/bin/geoswc locate examples/kauai.png
+
+test: setup  ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+default-model: setup  ## rebuild the embedded model from $(SHARED)
+	$(PY) scripts/build_default_model.py --shared $(SHARED)
+
+cross-validation: setup  ## the README's cross-validation table
+	$(PY) benchmarks/cross_validation.py --out benchmarks/results/cross_validation.json
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,181 @@
+"""Author-disjoint k-fold cross-validation of geoswc on a geotagged photo set (default: the Im2GPS3k
+development split in ../shared/data).
+
+For each fold, the heads are trained on the other folds' cached features, the other folds form the
+gallery, and the fold's photos are located with every method:
+
+- ``swc``: search within the most probable cell (the method),
+- ``classification``: centroid of the most probable cell,
+- ``retrieval``: SwC's clustering over the top-k of the whole gallery, no cell constraint,
+- ``raw 1-NN``: the nearest gallery photo by cosine similarity of raw backbone features (no training).
+
+Run:  python benchmarks/cross_validation.py --out benchmarks/results/cross_validation.json
+It prints a Markdown table and writes it (``.md``) beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geoswc.api import Geolocator
+from geoswc.backbone import create_backbone, default_config
+from geoswc.cells import build_cells
+from geoswc.config import CellConfig, HeadConfig, ModelConfig, SearchConfig, TrainConfig
+from geoswc.data import author_folds, read_locations_csv
+from geoswc.features import FeatureSet, extract_features
+from geoswc.index import build_gallery
+from geoswc.metrics import accuracy_at, errors_km, median_km
+from geoswc.model import GeoModel
+from geoswc.train import train_heads
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+log = logging.getLogger("cross_validation")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON results file (a .md table is written beside it)")
+    p.add_argument("--csv", type=Path, default=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv")
+    p.add_argument("--images", type=Path, default=SHARED / "im2gps3k-dev" / "images")
+    p.add_argument("--cell-coords", type=Path, default=SHARED / "priors" / "mp16-coordinates-100k.csv",
+                   help="coordinates the cells are built from (CSV with LAT,LON or lat,lon)")
+    p.add_argument("--features", type=Path, default=None,
+                   help="feature cache (from `geoswc features`); extracted into --cache when absent")
+    p.add_argument("--cache", type=Path, default=ROOT / "work" / "cv-features")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--resize", default="center_crop", choices=["center_crop", "squash"])
+    p.add_argument("--views", type=int, default=5, help="cached views per photo (1 plain + augmented)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--max-per-cell", type=int, default=CellConfig.max_per_cell)
+    p.add_argument("--min-per-cell", type=int, default=CellConfig.min_per_cell)
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in ("int", "float") and f.name not in ("seed", "checkpoint_every"):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type == "int" else float, default=None)
+    p.add_argument("--rrm-epochs", type=int, default=None)
+    p.add_argument("--mvmf-hidden", type=int, default=HeadConfig.mvmf_hidden)
+    p.add_argument("--mvmf-dropout", type=float, default=HeadConfig.mvmf_dropout)
+    p.add_argument("--k", type=int, default=SearchConfig.k)
+    p.add_argument("--eps-km", type=float, default=SearchConfig.eps_km)
+    p.add_argument("--same-author-positives", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="2 folds, few epochs: a smoke run")
+    return p.parse_args(argv)
+
+
+def load_coords(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, encoding="utf-8") as f:
+        header = [h.strip().lower() for h in f.readline().split(",")]
+    a = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(header.index("lat"), header.index("lon")))
+    return a[:, 0], a[:, 1]
+
+
+def get_features(args: argparse.Namespace) -> FeatureSet:
+    if args.features is not None:
+        return FeatureSet.load(args.features)
+    bcfg = default_config(args.backbone, args.image_size, args.resize)
+    key = f"{args.backbone}-{bcfg.preprocess.image_size}-{args.resize}-v{args.views}"
+    cache = args.cache / key
+    if (cache / "features.json").is_file():
+        return FeatureSet.load(cache)
+    records, _ = read_locations_csv(args.csv, args.images)
+    backbone, bcfg = create_backbone(bcfg)
+    fs, _ = extract_features(backbone.to(memory_format=torch.channels_last), bcfg, records, views=args.views,
+                             batch_size=32, num_workers=1)
+    fs.save(cache)
+    return fs
+
+
+def raw_nn(train: FeatureSet, test: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.nn.functional.normalize(train.features[:, 0], dim=-1)
+    q = torch.nn.functional.normalize(test.features[:, 0], dim=-1)
+    nn_idx = (q @ g.T).argmax(1).numpy()
+    return train.lat[nn_idx], train.lon[nn_idx]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.time()
+    feats = get_features(args)
+    lat, lon = load_coords(args.cell_coords)
+    cells = build_cells(lat, lon, CellConfig(args.max_per_cell, args.min_per_cell))
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    overrides["same_author_positives"] = args.same_author_positives
+    overrides["seed"] = args.seed
+    train_cfg = dataclasses.replace(TrainConfig(), **overrides)
+    folds_n = args.folds
+    if args.quick:
+        train_cfg = dataclasses.replace(train_cfg, epochs=3)
+        folds_n = 2
+    search = SearchConfig(k=args.k, eps_km=args.eps_km)
+    heads = HeadConfig(mvmf_hidden=args.mvmf_hidden, mvmf_dropout=args.mvmf_dropout)
+    fold = author_folds(feats.authors, folds_n)
+    methods = ["swc", "classification", "retrieval", "raw 1-NN"]
+    errors: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for f in range(folds_n):
+        tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        train, test = feats.subset(tr), feats.subset(te)
+        cfg = ModelConfig(backbone=feats.backbone, heads=heads, train=train_cfg, search=search,
+                          cells=CellConfig(args.max_per_cell, args.min_per_cell))
+        model = GeoModel(cfg, cells)
+        train_heads(model, train, train_cfg, progress=False, rrm_epochs=args.rrm_epochs)
+        gallery = build_gallery(model, train.features[:, 0], train.lat, train.lon, train.names, train.authors)
+        geo = Geolocator(model, gallery, search)
+        for m in methods[:3]:
+            preds = geo.predict_features(test.features[:, 0], m, names=test.names)  # type: ignore[arg-type]
+            errors[m].append(errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds]))
+        plat, plon = raw_nn(train, test)
+        errors["raw 1-NN"].append(errors_km(test.lat, test.lon, plat, plon))
+        log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds_n, len(tr), len(te),
+                 {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()})
+    rows = {}
+    for m in methods:
+        e = np.concatenate(errors[m])
+        rows[m] = {"accuracy": accuracy_at(e), "median_km": median_km(e), "n": int(e.size)}
+    result = {
+        "dataset": str(args.csv), "folds": folds_n, "n": len(feats), "cells": len(cells),
+        "backbone": feats.backbone.name, "image_size": feats.backbone.preprocess.image_size,
+        "resize": feats.backbone.preprocess.resize, "views": feats.views,
+        "cell_config": {"max_per_cell": args.max_per_cell, "min_per_cell": args.min_per_cell},
+        "train": dataclasses.asdict(train_cfg), "rrm_epochs": args.rrm_epochs, "heads": dataclasses.asdict(heads),
+        "search": dataclasses.asdict(search), "methods": rows, "seconds": round(time.time() - t0, 1),
+        "command": "python benchmarks/cross_validation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    table = markdown_table(result)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+def markdown_table(result: dict) -> str:
+    keys = list(next(iter(result["methods"].values()))["accuracy"])
+    lines = [
+        f"Author-disjoint {result['folds']}-fold cross-validation, {result['n']} photos, {result['cells']} cells, "
+        f"{result['backbone']} at {result['image_size']} px",
+        "",
+        "| method | " + " | ".join(f"{k} km" for k in keys) + " | median km |",
+        "|---|" + "---:|" * (len(keys) + 1),
+    ]
+    for m, r in result["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in keys)
+                     + f" | {r['median_km']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""geoswc: where on Earth was this photo taken? Search-within-Cell image geolocation.
+
+>>> from geoswc import Geolocator
+>>> Geolocator.load().locate("photo.jpg")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["Geolocator", "Prediction", "LocateFailure", "GeoswcError", "__version__"]
+
+if TYPE_CHECKING:
+    from .api import Geolocator, LocateFailure, Prediction
+    from .errors import GeoswcError
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import geoswc` stays cheap (no torch import) until the API is used.
+    if name in ("Geolocator", "Prediction", "LocateFailure"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "GeoswcError":
+        from .errors import GeoswcError
+
+        return GeoswcError
+    raise AttributeError(f"module 'geoswc' has no attribute {name!r}")

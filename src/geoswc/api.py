@@ -1,0 +1,311 @@
+"""The Python API: ``Geolocator.load().locate(path)``. The CLI, the evaluation and the web service all
+call :meth:`Geolocator.locate_batch`, the one prediction path."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import SearchConfig
+from .data import ImageDataset, collate
+from .errors import ArtifactError, GeoswcError, ImageError, InputError
+from .geo import haversine_km
+from .images import DEFAULT_LIMITS, ImageLimits, ImageSource, read_gps
+from .index import Gallery
+from .model import GeoModel
+from .places import Place, nearest_places
+from .swc import estimate_from_neighbors, prediction_density
+
+log = logging.getLogger(__name__)
+
+Method = Literal["swc", "classification", "retrieval"]
+METHODS: tuple[str, ...] = ("swc", "classification", "retrieval")
+
+
+def default_model_dir() -> Path:
+    """The embedded default model (or ``$GEOSWC_MODEL`` when set)."""
+    env = os.environ.get("GEOSWC_MODEL")
+    if env:
+        return Path(env)
+    return Path(str(resources.files("geoswc") / "assets" / "default"))
+
+
+@dataclass
+class CellProbability:
+    token: str
+    lat: float
+    lon: float
+    probability: float
+
+
+@dataclass
+class Neighbor:
+    """A retrieved gallery photo."""
+
+    image: str
+    lat: float
+    lon: float
+    similarity: float
+    """Cosine similarity of the retrieval embeddings (higher is more alike)."""
+    cluster: int
+    """DBSCAN label among the retrieved neighbours (-1: noise)."""
+
+
+@dataclass
+class ExifPosition:
+    """The position recorded in the photo's own GPS EXIF, and how far the estimate is from it."""
+
+    lat: float
+    lon: float
+    distance_km: float
+
+
+@dataclass
+class Prediction:
+    """Where a photo was taken, and why the model thinks so."""
+
+    image: str
+    lat: float
+    lon: float
+    confidence: float
+    """Prediction density: probability mass of the cells within ``r_km`` of the chosen cell."""
+    method: str
+    cell: str
+    """S2 token of the chosen (most probable) cell."""
+    cell_probability: float
+    top_cells: list[CellProbability]
+    neighbors: list[Neighbor] = field(default_factory=list)
+    cluster: int = -1
+    """DBSCAN label of the cluster whose mean is the estimate (-1: none)."""
+    fallback: bool = False
+    """True when the estimate is the cell centroid because the cell holds no gallery photo."""
+    place: Place | None = None
+    exif: ExifPosition | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LocateFailure:
+    """A photo that could not be located, and why (batch jobs report these and carry on)."""
+
+    image: str
+    error: str
+    kind: str = "corrupt"
+
+
+def _label(source: ImageSource, name: str | None) -> str:
+    if name is not None:
+        return name
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return "<image>"
+
+
+class Geolocator:
+    """A loaded model, its gallery and search settings: photos in, :class:`Prediction` out.
+
+    Args:
+        model: the trained model (with a backbone to locate images; heads-only works on features).
+        gallery: the background gallery; None limits the methods to ``classification``.
+        search: search-within-cell settings (default: the model's).
+        device: torch device for the networks.
+        limits: image size limits.
+    """
+
+    def __init__(self, model: GeoModel, gallery: Gallery | None = None, search: SearchConfig | None = None,
+                 device: str | torch.device = "cpu", limits: ImageLimits = DEFAULT_LIMITS) -> None:
+        if gallery is not None:
+            if gallery.model_fingerprint != model.fingerprint:
+                raise ArtifactError(
+                    f"the gallery was built with model {gallery.model_fingerprint}, not with this model "
+                    f"({model.fingerprint}); rebuild it with `geoswc index`"
+                )
+        self.model = model.to(device).eval()
+        self.gallery = gallery
+        self.search = search or model.config.search
+        self.device = torch.device(device)
+        self.limits = limits
+        self._cells_xyz = model.cells.xyz
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, index_dir: str | Path | None = None, *,
+             search: SearchConfig | None = None, device: str | torch.device = "cpu",
+             with_backbone: bool = True, limits: ImageLimits = DEFAULT_LIMITS) -> Geolocator:
+        """Load a model folder (default: the embedded model) and its gallery index.
+
+        Args:
+            model_dir: a folder written by ``geoswc train``; None for the embedded default.
+            index_dir: a folder written by ``geoswc index``; None uses ``<model_dir>/index`` if present.
+            search: override the model's search settings.
+            with_backbone: False for a heads-only locator that works on cached features.
+        """
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        if not (model_dir / "config.json").is_file():
+            raise ArtifactError(f"no geoswc model in {model_dir} (config.json missing)")
+        model = GeoModel.load(model_dir, with_backbone=with_backbone, device=device)
+        if index_dir is None and (model_dir / "index" / "index.json").is_file():
+            index_dir = model_dir / "index"
+        gallery = Gallery.load(index_dir, model.fingerprint) if index_dir is not None else None
+        if gallery is None:
+            log.warning("no gallery index: only the 'classification' method is available")
+        return cls(model, gallery, search, device, limits)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
+
+    # -- the prediction path -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def heads(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``features (B, D)`` -> ``(cell probabilities (B, C), unit embeddings (B, D))`` as NumPy."""
+        logits, emb = self.model.heads(features.to(self.device).float())
+        return torch.softmax(logits, -1).double().cpu().numpy(), emb.float().cpu().numpy()
+
+    def predict_features(
+        self, features: torch.Tensor, method: Method = "swc", names: Sequence[str] | None = None,
+        authors: Sequence[str] | None = None, exclude_same_author: bool = False,
+    ) -> list[Prediction]:
+        """Predictions for backbone features ``(B, D)``.
+
+        Args:
+            method: ``swc`` (search within the top cell), ``classification`` (top cell's centroid) or
+                ``retrieval`` (clustering over the top-k of the whole gallery).
+            names: the photos' ids; a gallery photo with the same id is never retrieved (leakage guard).
+            authors: the photos' authors, used with ``exclude_same_author``.
+        """
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method != "classification" and self.gallery is None:
+            raise InputError(f"method {method!r} needs a gallery index; build one with `geoswc index`")
+        probs, emb = self.heads(features)
+        out = []
+        for i in range(len(probs)):
+            name = names[i] if names is not None else ""
+            exclude = None
+            if self.gallery is not None:
+                ex_auth = [authors[i]] if (exclude_same_author and authors is not None and authors[i]) else []
+                exclude = self.gallery.excluded_rows([name] if name else [], ex_auth)
+            out.append(self._search_one(probs[i], emb[i], method, name, exclude))
+        return out
+
+    def _search_one(self, probs: np.ndarray, emb: np.ndarray, method: str, name: str,
+                    exclude: np.ndarray | None) -> Prediction:
+        cells, cfg = self.model.cells, self.search
+        chosen = int(np.argmax(probs))
+        top = np.argsort(-probs)[: cfg.top_cells]
+        pred = Prediction(
+            image=name, lat=float(cells.lat[chosen]), lon=float(cells.lon[chosen]),
+            confidence=prediction_density(probs, self._cells_xyz, chosen, cfg.r_km), method=method,
+            cell=cells.tokens[chosen], cell_probability=float(probs[chosen]),
+            top_cells=[CellProbability(cells.tokens[c], float(cells.lat[c]), float(cells.lon[c]), float(probs[c]))
+                       for c in top],
+        )
+        if method == "classification" or self.gallery is None:
+            return pred
+        g = self.gallery
+        rows = g.cell_rows(chosen) if method == "swc" else None
+        idx, sim = g.search(emb, cfg.k, rows=rows, exclude=exclude)
+        if idx.size == 0:
+            pred.fallback = True
+            return pred
+        est = estimate_from_neighbors(g.lat[idx], g.lon[idx], sim, cfg.eps_km, cfg.min_samples)
+        pred.lat, pred.lon, pred.cluster = est.lat, est.lon, est.cluster
+        pred.neighbors = [Neighbor(g.names[j], float(g.lat[j]), float(g.lon[j]), float(s), int(lab))
+                          for j, s, lab in zip(idx, sim, est.labels, strict=True)]
+        return pred
+
+    def locate_batch(
+        self, sources: Sequence[ImageSource], *, names: Sequence[str] | None = None,
+        authors: Sequence[str] | None = None, method: Method = "swc", exclude_same_author: bool = False,
+        with_place: bool = True, with_exif: bool = True, batch_size: int = 16, num_workers: int = 0,
+        progress: bool = False,
+    ) -> Iterator[Prediction | LocateFailure]:
+        """Locate many photos, in input order. A photo that cannot be decoded yields a
+        :class:`LocateFailure` and the rest carry on.
+
+        Args:
+            sources: paths, encoded bytes, file objects or PIL images.
+            names: ids of the photos (default: their paths); used in the output and the leakage guard.
+            authors: with ``exclude_same_author``, gallery photos by the same author are never retrieved.
+            with_place: add the nearest GeoNames place.
+            with_exif: read the photo's own GPS EXIF and report the distance to it.
+        """
+        if names is not None and len(names) != len(sources):
+            raise InputError("names must match sources one to one")
+        labels = [_label(s, names[i] if names is not None else None) for i, s in enumerate(sources)]
+        # File objects are read once, so decoding and the EXIF lookup both see the whole file.
+        sources = [s.read() if hasattr(s, "read") and not isinstance(s, Image.Image) else s for s in sources]
+        for rows, feats, bad in self.iter_features(sources, batch_size, num_workers, progress):
+            results: dict[int, Prediction | LocateFailure] = {
+                i: LocateFailure(labels[i], str(e), e.kind) for i, e in bad}
+            if feats is not None:
+                preds = self.predict_features(
+                    feats, method, names=[labels[i] for i in rows],
+                    authors=[authors[i] for i in rows] if authors is not None else None,
+                    exclude_same_author=exclude_same_author)
+                self._decorate([(sources[i], p) for i, p in zip(rows, preds, strict=True)], with_place, with_exif)
+                results.update(zip(rows, preds, strict=True))
+            for i in sorted(results):
+                yield results[i]
+
+    def iter_features(self, sources: Sequence[ImageSource], batch_size: int = 16, num_workers: int = 0,
+                      progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, ImageError]]]]:
+        """Decode, preprocess and run the backbone over photos, in order, batch by batch.
+
+        Yields:
+            ``(rows, features (b, D) or None, [(row, error)])`` for each batch.
+        """
+        if self.model.backbone is None:
+            raise GeoswcError("this Geolocator was loaded without a backbone; it can only use predict_features")
+        ds = ImageDataset(sources, self.model.config.backbone.preprocess, limits=self.limits)
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+        with tqdm(total=len(sources), desc="locate", unit="img", disable=not progress) as bar:
+            for idx, x, bad in dl:
+                feats = None
+                if x is not None:
+                    with torch.inference_mode():
+                        feats = self.model.backbone(x.to(self.device)).float().cpu()
+                yield idx.tolist(), feats, bad
+                bar.update(len(idx) + len(bad))
+
+    def _decorate(self, items: list[tuple[ImageSource, Prediction]], with_place: bool, with_exif: bool) -> None:
+        if with_place and items:
+            for (_, p), place in zip(items, nearest_places([(p.lat, p.lon) for _, p in items]), strict=True):
+                p.place = place
+        if with_exif:
+            for src, p in items:
+                if isinstance(src, Image.Image):
+                    continue
+                try:
+                    gps = read_gps(src, self.limits)
+                except ImageError:
+                    gps = None
+                if gps is not None:
+                    p.exif = ExifPosition(gps[0], gps[1], float(haversine_km(p.lat, p.lon, gps[0], gps[1])))
+
+    def locate(self, source: ImageSource, *, name: str | None = None, method: Method = "swc",
+               with_place: bool = True, with_exif: bool = True) -> Prediction:
+        """Locate one photo.
+
+        Raises:
+            ImageError: the photo cannot be decoded or is too large.
+        """
+        result = next(self.locate_batch([source], names=[name] if name is not None else None, method=method,
+                                        with_place=with_place, with_exif=with_exif, batch_size=1))
+        if isinstance(result, LocateFailure):
+            raise ImageError(result.error, kind=result.kind)
+        return result

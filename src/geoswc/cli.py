@@ -1,0 +1,413 @@
+"""The ``geoswc`` command: thin wrappers over the library (results on stdout, logs on stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import GeoswcError
+
+log = logging.getLogger("geoswc")
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under dataclass fields (``x: int = 1`` then ``\"\"\"doc\"\"\"``)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for a, b in zip(body, body[1:], strict=False):
+        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One ``--flag`` per scalar field of a config dataclass, defaulting to None (= keep the config's)."""
+    docs = _field_docs(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (defaults as shown)")
+    default = cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.type not in ("int", "float", "bool", "str"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        dv = getattr(default, f.name)
+        help_ = f"{docs.get(f.name, '')} (default: {dv})".strip()
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            group.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=None,
+                               help=help_, metavar=f.name.upper())
+
+
+def _from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+    from .config import replace
+
+    base = base if base is not None else cls()
+    return replace(base, **{f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)})
+
+
+def _search_config(args: argparse.Namespace, base: Any = None) -> Any:
+    from .config import SearchConfig
+
+    return _from_args(SearchConfig, args, base)
+
+
+# -- subcommands --------------------------------------------------------------------------------------
+
+
+def _expand_photos(items: Sequence[str]) -> list[Path]:
+    from .data import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                log.warning("%s: no photos found in this folder", p)
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    from .api import Geolocator, LocateFailure
+
+    geo = Geolocator.load(args.model, args.index)
+    geo.search = _search_config(args, geo.search)
+    photos = _expand_photos(args.photos)
+    failures = 0
+    for p, r in zip(photos, geo.locate_batch(photos, method=args.method, with_place=not args.no_place,
+                                              batch_size=args.batch_size, num_workers=args.workers,
+                                              progress=len(photos) > 8 and not args.json), strict=True):
+        if isinstance(r, LocateFailure):
+            failures += 1
+            msg = f"error: {r.error}"
+            print(json.dumps({"image": str(p), "error": r.error, "kind": r.kind}) if args.json else msg,
+                  file=sys.stdout if args.json else sys.stderr)
+            continue
+        print(json.dumps(r.to_dict()) if args.json else format_prediction(r), flush=True)
+    if failures:
+        log.warning("%d of %d photos could not be located", failures, len(photos))
+    return 1 if failures else 0
+
+
+def format_prediction(p: Any) -> str:
+    """Human-readable block for one prediction."""
+    lines = [p.image, f"  estimate    {p.lat:.5f}, {p.lon:.5f}   ({p.method}; confidence {p.confidence:.2f})"]
+    if p.place is not None:
+        lines.append(f"  near        {p.place.label()} ({p.place.distance_km:.0f} km away)")
+    if p.fallback:
+        lines.append("  note        the cell holds no gallery photo: the cell's centroid is the estimate")
+    elif p.neighbors:
+        in_cluster = sum(n.cluster == p.cluster for n in p.neighbors)
+        lines.append(f"  evidence    {in_cluster} of {len(p.neighbors)} nearest gallery photos agree "
+                     f"(best similarity {p.neighbors[0].similarity:.2f})")
+    lines.append("  top cells   " + "\n              ".join(
+        f"{i + 1}. {c.token:<16} {100 * c.probability:5.1f} %  ({c.lat:.3f}, {c.lon:.3f})"
+        for i, c in enumerate(p.top_cells)))
+    if p.exif is not None:
+        lines.append(f"  GPS EXIF    {p.exif.lat:.5f}, {p.exif.lon:.5f}   (estimate is {p.exif.distance_km:.1f} km off)")
+    return "\n".join(lines)
+
+
+def _read_coords(path: Path) -> tuple[Any, Any, Any]:
+    """lat/lon columns of a CSV (header names case-insensitive); bad rows are reported and skipped."""
+    import csv
+
+    import numpy as np
+
+    from .data import LoadReport, _parse_coord, _read_text
+    from .errors import InputError
+
+    text = _read_text(path)
+    reader = csv.reader(text.splitlines())
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "lat" not in header or "lon" not in header:
+        raise InputError(f"{path} needs 'lat' and 'lon' columns (any case); its header is {header}")
+    il, io_ = header.index("lat"), header.index("lon")
+    report = LoadReport(str(path))
+    lat, lon = [], []
+    for n, row in enumerate(reader, start=2):
+        report.total += 1
+        try:
+            a = _parse_coord(row[il] if il < len(row) else None, "lat", 90)
+            b = _parse_coord(row[io_] if io_ < len(row) else None, "lon", 180)
+        except ValueError as e:
+            report.skip(f"line {n}", str(e))
+            continue
+        lat.append(a)
+        lon.append(b)
+    report.log()
+    if not lat:
+        raise InputError(f"{path} holds no usable coordinates: {report.summary()}")
+    return np.array(lat), np.array(lon), report
+
+
+def cmd_cells(args: argparse.Namespace) -> int:
+    from .cells import build_cells
+    from .config import CellConfig
+
+    lat, lon, _ = _read_coords(args.coords)
+    cfg = _from_args(CellConfig, args)
+    table = build_cells(lat, lon, cfg, progress=True)
+    table.save(args.out)
+    print(f"{len(table)} cells from {len(lat)} coordinates -> {args.out} (fingerprint {table.fingerprint})")
+    return 0
+
+
+def _backbone_for(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """The extractor for `features`/`index`: a model's backbone, or a registry one."""
+    import dataclasses as dc
+
+    from .backbone import backbone_fingerprint, create_backbone, default_config
+
+    if getattr(args, "model", None):
+        from .model import GeoModel
+
+        model = GeoModel.load(args.model)
+        return model.backbone, model.config.backbone, model.backbone_fingerprint
+    cfg = default_config(args.backbone, args.image_size, args.resize)
+    if args.weights:
+        cfg = dc.replace(cfg, weights=args.weights)
+    bb, cfg = create_backbone(cfg)
+    return bb, cfg, backbone_fingerprint(cfg)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from .data import load_records
+    from .features import extract_features
+
+    records, _ = load_records(args.csv, args.images)
+    bb, cfg, fp = _backbone_for(args)
+    fs, report = extract_features(bb, cfg, records, views=args.views, batch_size=args.batch_size,
+                                  num_workers=args.workers, seed=args.seed, fingerprint=fp)
+    fs.save(args.out)
+    print(f"features of {len(fs)} photos ({fs.views} view(s), {fs.features.shape[2]}-d) -> {args.out}"
+          + (f"; {len(report.skipped)} skipped" if report.skipped else ""))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .cells import CellTable
+    from .config import HeadConfig, ModelConfig, TrainConfig
+    from .data import load_records
+    from .errors import InputError, ModelMismatchError
+    from .features import FeatureSet
+    from .model import GeoModel
+    from .train import finetune, train_heads
+
+    feats = FeatureSet.load(args.features)
+    cells = CellTable.load(args.cells)
+    train_cfg = _from_args(TrainConfig, args)
+    cfg = ModelConfig(backbone=feats.backbone, heads=_from_args(HeadConfig, args), train=train_cfg,
+                      search=_search_config(args), recipe=json.loads(args.recipe) if args.recipe else {})
+    model = GeoModel.create(cfg, cells, with_backbone=train_cfg.finetune)
+    if model.backbone is not None:
+        model.compute_fingerprints()
+        if model.backbone_fingerprint != feats.backbone_fingerprint:
+            raise ModelMismatchError("the features were extracted with another backbone than the one configured")
+    out = Path(args.out)
+    history = train_heads(model, feats, train_cfg, checkpoint_dir=out / "checkpoint", rrm_epochs=args.rrm_epochs)
+    if train_cfg.finetune:
+        if not (args.csv or args.images):
+            raise InputError("--finetune trains on images: give --csv and --images")
+        records, _ = load_records(args.csv, args.images)
+        history |= finetune(model, records, train_cfg, checkpoint_dir=out / "checkpoint-finetune",
+                            num_workers=args.workers)
+    fp = model.save(out)
+    print(f"model {fp} -> {out} ({len(cells)} cells; final losses "
+          + ", ".join(f"{k} {v[-1]:.3f}" for k, v in history.items() if v) + ")")
+    if train_cfg.finetune:
+        print("the backbone was fine-tuned: re-extract gallery features with `geoswc index --model "
+              f"{out} --csv ... --images ...`")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .data import load_records
+    from .errors import InputError, ModelMismatchError
+    from .features import FeatureSet, extract_features
+    from .index import build_gallery
+    from .model import GeoModel
+
+    model = GeoModel.load(args.model, with_backbone=args.features is None)
+    model.compute_fingerprints()
+    if args.features is not None:
+        fs = FeatureSet.load(args.features)
+        if fs.backbone_fingerprint != model.backbone_fingerprint:
+            raise ModelMismatchError(
+                f"the features in {args.features} come from backbone {fs.backbone_fingerprint}, the model's is "
+                f"{model.backbone_fingerprint}; extract them with `geoswc features --model {args.model}`")
+    else:
+        if not (args.csv or args.images):
+            raise InputError("give --features, or --csv/--images to embed photos")
+        records, _ = load_records(args.csv, args.images)
+        fs, _ = extract_features(model.backbone, model.config.backbone, records, batch_size=args.batch_size,
+                                 num_workers=args.workers, fingerprint=model.backbone_fingerprint)
+    gallery = build_gallery(model, fs.features[:, 0], fs.lat, fs.lon, fs.names, fs.authors)
+    out = Path(args.out) if args.out else Path(args.model) / "index"
+    gallery.save(out)
+    sizes = gallery.cell_sizes()
+    print(f"gallery of {len(gallery)} photos -> {out}; {int((sizes > 0).sum())} of {len(sizes)} cells hold photos"
+          + (f", {int((gallery.cell < 0).sum())} photos fall in no cell" if (gallery.cell < 0).any() else ""))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import Geolocator
+    from .evaluate import evaluate, format_metrics
+
+    geo = Geolocator.load(args.model, args.index)
+    geo.search = _search_config(args, geo.search)
+    methods = [m for group in args.method for m in group.split(",") if m] or ["swc"]
+    metrics = evaluate(args.csv, args.images, args.out, geo, methods, args.exclude_same_author,
+                       batch_size=args.batch_size, num_workers=args.workers)
+    print(format_metrics(metrics))
+    print(f"-> {Path(args.out) / 'metrics.json'}, predictions.csv, accuracy.png")
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbone import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        src = "offline (wheel)" if spec.offline else "downloaded on first use"
+        print(f"{name:<20} {spec.feature_dim:>5}-d  {spec.image_size} px  weights: {src}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backbone import list_backbones
+    from .config import CellConfig, HeadConfig, SearchConfig, TrainConfig
+
+    p = argparse.ArgumentParser(prog="geoswc", description="Where on Earth was this photo taken? "
+                                "Search-within-Cell geolocation (Kordopatis-Zilos et al., ICMR 2021).")
+    p.add_argument("--version", action="version", version=f"geoswc {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        return sp
+
+    def model_args(sp: argparse.ArgumentParser, index: bool = True) -> None:
+        sp.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
+        if index:
+            sp.add_argument("--index", type=Path, default=None, help="gallery index folder (default: MODEL/index)")
+
+    def data_args(sp: argparse.ArgumentParser, required: bool = False) -> None:
+        sp.add_argument("--csv", type=Path, default=None, help="CSV with image,lat,lon[,author] columns")
+        sp.add_argument("--images", type=Path, default=None, required=required,
+                        help="image folder (CSV paths are relative to it; without --csv, GPS EXIF gives positions)")
+
+    def run_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--batch-size", type=int, default=16)
+        sp.add_argument("--workers", type=int, default=0, help="decoding processes (0: in the main process)")
+
+    sp = add("locate", cmd_locate, "Estimate where photos were taken.")
+    sp.add_argument("photos", nargs="+", help="photo files or folders")
+    model_args(sp)
+    sp.add_argument("--method", default="swc", choices=["swc", "classification", "retrieval"])
+    sp.add_argument("--json", action="store_true", help="one JSON object per photo")
+    sp.add_argument("--no-place", action="store_true", help="skip the nearest-place lookup")
+    run_args(sp)
+    _add_fields(sp, SearchConfig)
+
+    sp = add("cells", cmd_cells, "Build an adaptive S2 cell partition from coordinates.")
+    sp.add_argument("--coords", type=Path, required=True, help="CSV with lat and lon columns (any case)")
+    sp.add_argument("--out", type=Path, required=True, help="cell table CSV to write")
+    _add_fields(sp, CellConfig)
+
+    sp = add("features", cmd_features, "Extract and cache backbone features of geotagged photos.")
+    data_args(sp)
+    sp.add_argument("--out", type=Path, required=True, help="feature cache folder")
+    sp.add_argument("--model", type=Path, default=None, help="use this model's (possibly fine-tuned) backbone")
+    sp.add_argument("--backbone", default="efficientnet-lite0", choices=list_backbones())
+    sp.add_argument("--weights", default=None, help="local backbone weights file (default: the registry's)")
+    sp.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's)")
+    sp.add_argument("--resize", default="center_crop", choices=["center_crop", "squash"])
+    sp.add_argument("--views", type=int, default=1, help="views per photo: 1 plain + (views-1) augmented")
+    sp.add_argument("--seed", type=int, default=0)
+    run_args(sp)
+
+    sp = add("train", cmd_train, "Train the MvMF classifier and the retrieval module.")
+    sp.add_argument("--features", type=Path, required=True, help="feature cache from `geoswc features`")
+    sp.add_argument("--cells", type=Path, required=True, help="cell table from `geoswc cells`")
+    sp.add_argument("--out", type=Path, required=True, help="model folder to write (checkpoints go inside)")
+    sp.add_argument("--rrm-epochs", type=int, default=None, help="epochs of the RRM phase (default: --epochs)")
+    sp.add_argument("--recipe", default=None, help=argparse.SUPPRESS)
+    data_args(sp)
+    sp.add_argument("--workers", type=int, default=0, help="decoding processes for --finetune")
+    _add_fields(sp, TrainConfig)
+    _add_fields(sp, HeadConfig)
+    _add_fields(sp, SearchConfig)
+
+    sp = add("index", cmd_index, "Embed a background gallery and index it by cell.")
+    sp.add_argument("--model", type=Path, required=True, help="model folder")
+    sp.add_argument("--features", type=Path, default=None, help="feature cache made with the model's backbone")
+    data_args(sp)
+    sp.add_argument("--out", type=Path, default=None, help="index folder (default: MODEL/index)")
+    run_args(sp)
+
+    sp = add("evaluate", cmd_evaluate, "Evaluate on a benchmark CSV: metrics.json, predictions.csv, accuracy.png.")
+    sp.add_argument("--csv", type=Path, required=True, help="CSV with image,lat,lon[,author]")
+    sp.add_argument("--images", type=Path, default=None, help="image folder (default: the CSV's folder)")
+    sp.add_argument("--out", type=Path, required=True, help="output folder")
+    model_args(sp)
+    sp.add_argument("--method", action="append", default=[],
+                    help="swc, classification or retrieval; repeat or comma-separate for several (default swc)")
+    sp.add_argument("--exclude-same-author", action="store_true",
+                    help="never retrieve gallery photos by the query's author")
+    run_args(sp)
+    _add_fields(sp, SearchConfig)
+
+    add("backbones", cmd_backbones, "List the available backbones.")
+    try:
+        from .service.cli import add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command not in ("backbones",):
+        logging.getLogger("geoswc").setLevel(min(level, logging.INFO) if args.command != "locate" else level)
+    try:
+        return int(args.func(args))
+    except GeoswcError as e:
+        print(f"geoswc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"geoswc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Typed configuration. Every saved artifact stores the resolved config it was made with, as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, TypeVar
+
+from .errors import ArtifactError
+
+T = TypeVar("T")
+
+
+@dataclass
+class CellConfig:
+    """Adaptive S2 partition (PlaNet): split the fullest cell while it holds more than ``max_per_cell``
+    points, then drop cells holding fewer than ``min_per_cell``."""
+
+    max_per_cell: int = 1000
+    """A cell with more points than this is split into its four children."""
+    min_per_cell: int = 50
+    """Cells with fewer points than this are dropped."""
+    max_level: int = 20
+    """Cells are never split below this S2 level (level 20 is about 10 m across)."""
+
+    def __post_init__(self) -> None:
+        if self.min_per_cell < 1:
+            raise ValueError(f"min_per_cell must be >= 1, got {self.min_per_cell}")
+        if self.max_per_cell < self.min_per_cell:
+            raise ValueError(
+                f"max_per_cell ({self.max_per_cell}) must be >= min_per_cell ({self.min_per_cell})"
+            )
+        if not 0 <= self.max_level <= 30:
+            raise ValueError(f"max_level must be in 0..30 (S2 levels), got {self.max_level}")
+
+
+@dataclass
+class Preprocess:
+    """How a decoded RGB image becomes the backbone's input tensor."""
+
+    image_size: int = 224
+    """Side of the square input, in pixels."""
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = "center_crop"
+    """``center_crop``: shorter side to ``image_size``, then the central square; ``squash``: the whole
+    image resized to a square (keeps everything, distorts the aspect ratio)."""
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("center_crop", "squash"):
+            raise ValueError(f"resize must be 'center_crop' or 'squash', got {self.resize!r}")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be in 32..1024, got {self.image_size}")
+
+
+@dataclass
+class BackboneConfig:
+    """Which feature extractor, with which weights and preprocessing."""
+
+    name: str = "efficientnet-lite0"
+    weights: str = "default"
+    """``default``: the registry's ImageNet weights (from a wheel, or downloaded for B0-B7);
+    ``none``: random init; otherwise a local ``.pth``/``.safetensors`` state dict."""
+    weights_sha256: str = ""
+    """Digest of the initial weights file, filled in when the backbone is created."""
+    feature_dim: int = 0
+    """Width of the pooled features, filled in from the registry."""
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+
+@dataclass
+class HeadConfig:
+    """Sizes of the MvMF classifier and the Residual Retrieval Module."""
+
+    mvmf_hidden: int = 0
+    """0: mixture weights are a linear function of the features (as in the paper); >0: one hidden layer."""
+    mvmf_dropout: float = 0.2
+    """Dropout on the features before the MvMF layer, during training."""
+    rrm_hidden: int = 0
+    """Width of the RRM's inner layer; 0 means the feature width."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the heads (and, with ``finetune``, of the backbone)."""
+
+    epochs: int = 60
+    """Passes over the training photos (MvMF phase, and RRM phase unless set apart)."""
+    batch_size: int = 128
+    """Photos per optimisation step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of every random choice (shuffling, pairs, dropout): equal seeds, equal models."""
+    positive_km: float = 25.0
+    """Contrastive positives: two photos taken within this distance (km), or two views of one photo."""
+    temperature: float = 0.07
+    """InfoNCE temperature."""
+    same_author_positives: bool = False
+    """Whether two photos of one author count as positives. Off by default: the retrieval module should
+    learn places, not photographers (same-author pairs are ignored, neither positive nor negative)."""
+    finetune: bool = False
+    """Also train the backbone end to end (slow on CPU)."""
+    finetune_epochs: int = 3
+    """Epochs of end-to-end fine-tuning."""
+    finetune_lr: float = 1e-4
+    """Peak learning rate of the backbone while fine-tuning (the heads get 10x)."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every this many epochs (fine-tuning)."""
+
+
+@dataclass
+class SearchConfig:
+    """Search within cell: the paper's defaults."""
+
+    k: int = 10
+    """Gallery neighbours retrieved inside the chosen cell."""
+    eps_km: float = 1.0
+    """DBSCAN radius (haversine), km."""
+    min_samples: int = 1
+    """DBSCAN core-point threshold (1: every neighbour starts a cluster)."""
+    r_km: float = 25.0
+    """Prediction density radius: confidence is the probability mass of cells within r_km."""
+    top_cells: int = 5
+    """How many of the most probable cells a prediction lists."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not self.eps_km > 0:
+            raise ValueError(f"eps_km must be > 0, got {self.eps_km}")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
+        if not self.r_km >= 0:
+            raise ValueError(f"r_km must be >= 0, got {self.r_km}")
+        if self.top_cells < 1:
+            raise ValueError(f"top_cells must be >= 1, got {self.top_cells}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a trained model's modules and interpret its outputs."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    heads: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    cells: CellConfig = field(default_factory=CellConfig)
+    cells_fingerprint: str = ""
+    num_cells: int = 0
+    backbone_finetuned: bool = False
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance: inputs and their digests, the command that built the model."""
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(asdict(obj)))
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from a dict, recursing into nested dataclasses.
+
+    Raises:
+        ArtifactError: on unknown keys or wrong types, naming the key.
+    """
+    if not isinstance(data, dict):
+        raise ArtifactError(f"expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - known
+    if unknown:
+        raise ArtifactError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{cls.__name__}.{name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"invalid {cls.__name__}: {e}") from e
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        return from_dict(tp, value)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ArtifactError(f"{where}: expected a list, got {value!r}")
+        return tuple(float(v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ArtifactError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def replace(obj: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that ignores ``None`` values (unset CLI flags)."""
+    return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
+
+
+def canonical_json(data: Any) -> str:
+    """Deterministic JSON used for digests."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def digest(*parts: str | bytes, length: int = 16) -> str:
+    """Short sha256 hex digest of the concatenated parts."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+    return h.hexdigest()[:length]

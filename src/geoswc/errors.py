@@ -1,0 +1,35 @@
+"""Exceptions with messages that name the item at fault and the fix."""
+
+from __future__ import annotations
+
+
+class GeoswcError(Exception):
+    """Base class of every error geoswc raises on purpose."""
+
+
+class InputError(GeoswcError, ValueError):
+    """A user-supplied file or value is unusable (bad CSV, corrupt image, coordinates out of range)."""
+
+
+class ImageError(InputError):
+    """An image cannot be decoded or is outside the configured limits.
+
+    Attributes:
+        kind: ``"empty"``, ``"unsupported"``, ``"corrupt"``, ``"too_large"`` or ``"unreadable"``; the
+            web service maps it to an HTTP status.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` across DataLoader worker processes
+        return (type(self), (str(self), self.kind))
+
+
+class ArtifactError(GeoswcError):
+    """A saved model, index, feature cache or cell table is missing, damaged or of another format."""
+
+
+class ModelMismatchError(ArtifactError):
+    """An artifact was built by another model (or backbone, or cell table) than the one in use."""

@@ -1,0 +1,178 @@
+"""Benchmark evaluation: ``metrics.json``, ``predictions.csv`` and ``accuracy.png`` for a CSV of photos.
+
+``metrics.json`` follows a fixed contract that other tools read::
+
+    {"n": 752, "missing": 0, "method": "swc",
+     "accuracy": {"1": 0.012, "25": 0.05, "200": 0.08, "750": 0.17, "2500": 0.33},
+     "median_km": 3900.5, "model": "<model fingerprint>"}
+
+``n`` counts the photos evaluated, ``missing`` the CSV rows that could not be (bad coordinates, missing
+or undecodable images); accuracies are fractions of ``n``. With several methods, the first is the
+contract's, the others are under ``"methods"`` and in ``predictions_<method>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import storage
+from .api import METHODS, Geolocator, Prediction
+from .config import to_dict
+from .data import LoadReport, read_locations_csv
+from .errors import InputError
+from .geo import THRESHOLDS_KM
+from .metrics import accuracy_at, errors_km, median_km
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ["image", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "cell", "confidence"]
+
+
+@dataclass
+class MethodResult:
+    method: str
+    names: list[str]
+    true_lat: np.ndarray
+    true_lon: np.ndarray
+    predictions: list[Prediction]
+
+    @property
+    def errors_km(self) -> np.ndarray:
+        return errors_km(self.true_lat, self.true_lon, [p.lat for p in self.predictions],
+                         [p.lon for p in self.predictions])
+
+    def metrics(self) -> dict[str, Any]:
+        e = self.errors_km
+        return {"accuracy": accuracy_at(e), "median_km": median_km(e)}
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(PREDICTION_COLUMNS)
+        for name, tl, tn, p, e in zip(self.names, self.true_lat, self.true_lon, self.predictions, self.errors_km,
+                                      strict=True):
+            w.writerow([name, f"{tl:.6f}", f"{tn:.6f}", f"{p.lat:.6f}", f"{p.lon:.6f}", f"{e:.3f}", p.cell,
+                        f"{p.confidence:.4f}"])
+        return buf.getvalue()
+
+
+def plot_accuracy(results: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "") -> None:
+    """Accuracy against distance threshold (log axis), one line per method, the standard thresholds marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    grid = np.logspace(-1, np.log10(20000), 400)
+    for name, err in results:
+        curve = [(err <= t).mean() * 100 if err.size else 0.0 for t in grid]
+        line = ax.plot(grid, curve, label=name, lw=2)[0]
+        pts = [(err <= t).mean() * 100 if err.size else 0.0 for t in THRESHOLDS_KM]
+        ax.plot(THRESHOLDS_KM, pts, "o", color=line.get_color(), ms=5)
+    for t in THRESHOLDS_KM:
+        ax.axvline(t, color="0.85", lw=0.8, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlim(0.1, 20000)
+    ax.set_ylim(0, 100)
+    ax.set_xticks(THRESHOLDS_KM)
+    ax.set_xticklabels([f"{int(t)} km" for t in THRESHOLDS_KM])
+    ax.set_xlabel("distance threshold")
+    ax.set_ylabel("photos located within threshold (%)")
+    ax.set_title(title or "Geolocation accuracy")
+    ax.grid(axis="y", color="0.9")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def evaluate(
+    csv_path: str | Path, images_dir: str | Path | None, out_dir: str | Path, geolocator: Geolocator,
+    methods: Sequence[str] = ("swc",), exclude_same_author: bool = False, batch_size: int = 16,
+    num_workers: int = 0, progress: bool = True,
+) -> dict[str, Any]:
+    """Locate every photo of a benchmark CSV and write the metrics, predictions and plot to ``out_dir``.
+
+    Query photos that are also in the gallery (same image id) are never retrieved for themselves, and
+    with ``exclude_same_author`` neither are photos of the same author.
+
+    Returns:
+        The ``metrics.json`` content.
+    """
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        if m not in METHODS:
+            raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    records, report = read_locations_csv(csv_path, images_dir)
+    if exclude_same_author and not any(r.author for r in records):
+        raise InputError(f"--exclude-same-author needs an 'author' column in {csv_path}")
+    decode = LoadReport("decoding", total=len(records))
+    rows: list[int] = []
+    chunks: list[torch.Tensor] = []
+    for idx, feats, bad in geolocator.iter_features([r.path for r in records], batch_size, num_workers, progress):
+        for i, err in bad:
+            decode.skip(records[i].image, str(err))
+        if feats is not None:
+            rows += idx
+            chunks.append(feats)
+    decode.log()
+    kept = [records[i] for i in rows]
+    if not kept:
+        raise InputError(f"no photo of {csv_path} could be evaluated: {report.summary()} {decode.summary()}")
+    features = torch.cat(chunks)
+    names, authors = [r.image for r in kept], [r.author for r in kept]
+    tlat, tlon = np.array([r.lat for r in kept]), np.array([r.lon for r in kept])
+    results = []
+    for m in methods:
+        preds = geolocator.predict_features(features, m, names=names, authors=authors,
+                                            exclude_same_author=exclude_same_author)  # type: ignore[arg-type]
+        results.append(MethodResult(m, names, tlat, tlon, preds))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = len(report.skipped) + len(decode.skipped)
+    primary = results[0]
+    metrics: dict[str, Any] = {"n": len(kept), "missing": missing, "method": primary.method,
+                               **primary.metrics(), "model": geolocator.fingerprint}
+    if len(results) > 1:
+        metrics["methods"] = {r.method: r.metrics() for r in results}
+    for r in results:
+        name = "predictions.csv" if r is primary else f"predictions_{r.method}.csv"
+        storage.write_text(out / name, r.to_csv())
+    plot_accuracy([(r.method, r.errors_km) for r in results], out / "accuracy.png",
+                  f"{Path(csv_path).name}: n={len(kept)}")
+    storage.write_json(out / "run.json", {
+        "csv": str(csv_path), "images": str(images_dir) if images_dir is not None else None,
+        "methods": methods, "exclude_same_author": exclude_same_author,
+        "model": geolocator.fingerprint, "cells_fingerprint": geolocator.model.config.cells_fingerprint,
+        "gallery_size": len(geolocator.gallery) if geolocator.gallery is not None else 0,
+        "search": to_dict(geolocator.search), "preprocess": to_dict(geolocator.model.config.backbone.preprocess),
+        "model_config": to_dict(geolocator.model.config),
+        "skipped": [{"item": i, "reason": why} for i, why in report.skipped + decode.skipped],
+    })
+    storage.write_json(out / "metrics.json", metrics)
+    log.info("%s", format_metrics(metrics))
+    return metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One line per method: accuracies in % and the median error."""
+    rows = metrics.get("methods") or {metrics["method"]: metrics}
+    head = "method          " + "".join(f"{k + ' km':>10}" for k in metrics["accuracy"]) + "   median km"
+    lines = [f"n={metrics['n']} missing={metrics['missing']} model={metrics['model']}", head]
+    for m, r in rows.items():
+        acc = "".join(f"{100 * v:>9.1f}%" for v in r["accuracy"].values())
+        lines.append(f"{m:<16}{acc}{r['median_km']:>12.1f}")
+    return "\n".join(lines)

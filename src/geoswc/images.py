@@ -1,0 +1,213 @@
+"""Safe image decoding: size limits, EXIF orientation, odd modes to RGB, and GPS EXIF."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+from .geo import validate_latlon
+
+log = logging.getLogger(__name__)
+
+ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Refuse inputs beyond these bounds before decoding them."""
+
+    max_bytes: int = 50 * 1024 * 1024
+    """Largest encoded file accepted."""
+    max_pixels: int = 100_000_000
+    """Largest width x height accepted (decompression-bomb guard)."""
+
+
+DEFAULT_LIMITS = ImageLimits()
+_heif_checked = False
+
+
+def _register_optional_codecs() -> None:
+    """Teach Pillow HEIC/HEIF when ``pillow-heif`` is installed (phones' default format)."""
+    global _heif_checked
+    if _heif_checked:
+        return
+    _heif_checked = True
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+def _name(source: ImageSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return "<uploaded image>" if isinstance(source, (bytes, bytearray)) else "<image>"
+
+
+def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
+    """Open without decoding pixels, checking the byte and pixel limits."""
+    name = _name(source)
+    _register_optional_codecs()
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            raise ImageError(f"{name} is a directory, not an image file", kind="unsupported")
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ImageError(f"{name} cannot be read: {e.strerror or e}", kind="unreadable") from e
+        if size == 0:
+            raise ImageError(f"{name} is an empty file (0 bytes)", kind="empty")
+        if size > limits.max_bytes:
+            raise ImageError(
+                f"{name} is {size / 2**20:.1f} MiB, above the limit of {limits.max_bytes / 2**20:.0f} MiB",
+                kind="too_large",
+            )
+        try:
+            fp: BinaryIO = io.BytesIO(path.read_bytes())
+        except OSError as e:
+            raise ImageError(f"{name} cannot be read: {e.strerror or e}", kind="unreadable") from e
+    elif isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise ImageError(f"{name} is empty (0 bytes)", kind="empty")
+        if len(source) > limits.max_bytes:
+            raise ImageError(
+                f"{name} is {len(source) / 2**20:.1f} MiB, above the limit of "
+                f"{limits.max_bytes / 2**20:.0f} MiB",
+                kind="too_large",
+            )
+        fp = io.BytesIO(source)
+    else:
+        fp = source
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below decides; Pillow's hard limit (2 x MAX_IMAGE_PIXELS) stays.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name} has too many pixels to decode safely ({e})", kind="too_large") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(
+            f"{name} is not an image Pillow can read (supported: JPEG, PNG, WebP, GIF, BMP, TIFF"
+            f"{', HEIC' if 'HEIF' in Image.OPEN else ''})",
+            kind="unsupported",
+        ) from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{name} is corrupt: {e}", kind="corrupt") from e
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name} has no pixels ({w}x{h})", kind="corrupt")
+    if w * h > limits.max_pixels:
+        raise ImageError(
+            f"{name} is {w}x{h} = {w * h / 1e6:.0f} MP, above the limit of {limits.max_pixels / 1e6:.0f} MP",
+            kind="too_large",
+        )
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if mode == "F" or a.max(initial=0) > 65535:
+            lo, hi = np.nanmin(a), np.nanmax(a)
+            a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        elif a.max(initial=0) > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS,
+               draft_size: int | None = None) -> Image.Image:
+    """Decode an image to upright 8-bit RGB.
+
+    Args:
+        source: a path, the encoded bytes, a binary file object or a PIL image.
+        limits: byte and pixel bounds checked before decoding.
+        draft_size: when set, JPEGs are decoded at the smallest power-of-two reduction whose sides are
+            still at least this large (much faster for big photos; quality is unaffected after resizing).
+
+    Raises:
+        ImageError: empty, unsupported, corrupt, truncated, or too large; the message names the input.
+    """
+    name = _name(source)
+    img = _open_raw(source, limits)
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        if draft_size and img.format == "JPEG":
+            # exif_transpose may swap the sides, so ask for the short side on both axes.
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        msg = str(e)
+        hint = "truncated" if "truncated" in msg.lower() else "corrupt"
+        raise ImageError(f"{name} is {hint}: {msg}", kind="corrupt") from e
+
+
+def _rational(v: object) -> float:
+    if isinstance(v, tuple) and len(v) == 2:
+        return float(v[0]) / float(v[1])
+    return float(v)  # type: ignore[arg-type]
+
+
+def read_gps(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[float, float] | None:
+    """The ``(lat, lon)`` in the GPS EXIF of an image, or None when absent or invalid.
+
+    Never raises for a bad EXIF block: a photo without usable GPS simply has none.
+    """
+    try:
+        img = _open_raw(source, limits)
+        gps = img.getexif().get_ifd(ExifTags.IFD.GPSInfo)
+    except ImageError:
+        raise
+    except Exception:  # noqa: BLE001 - malformed EXIF is common and never fatal
+        return None
+    if not gps:
+        return None
+    try:
+        lat_v, lon_v = gps.get(ExifTags.GPS.GPSLatitude), gps.get(ExifTags.GPS.GPSLongitude)
+        if lat_v is None or lon_v is None:
+            return None
+        lat = sum(_rational(x) / 60**i for i, x in enumerate(lat_v))
+        lon = sum(_rational(x) / 60**i for i, x in enumerate(lon_v))
+        lat_ref = str(gps.get(ExifTags.GPS.GPSLatitudeRef, "N")).strip("\x00 ").upper()
+        lon_ref = str(gps.get(ExifTags.GPS.GPSLongitudeRef, "E")).strip("\x00 ").upper()
+        lat = -lat if lat_ref == "S" else lat
+        lon = -lon if lon_ref == "W" else lon
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    if not validate_latlon(lat, lon):
+        return None
+    return float(lat), float(lon)
+
+
+# Truncated JPEGs must raise, not decode to grey silently.
+ImageFile.LOAD_TRUNCATED_IMAGES = False

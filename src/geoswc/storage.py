@@ -1,0 +1,105 @@
+"""Atomic, checksummed files: a kill mid-write never leaves a half-written file that reads as good."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .errors import ArtifactError
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, with an error that says which artifact is broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{what} {path} is unreadable or not JSON ({e}); rebuild it") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{what} {path} is not a JSON object; rebuild it")
+    return data
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor | np.ndarray]) -> str:
+    """Write tensors as safetensors, atomically. Returns the file's sha256."""
+    tt = {
+        k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
+        for k, v in tensors.items()
+    }
+    data = save(tt)
+    write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_tensors(path: str | Path, what: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (no code runs), checking its sha256 when one is recorded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path} is missing")
+    if sha256:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise ArtifactError(
+                f"{what} {path} is damaged or was changed: its sha256 is {actual[:12]}…, the metadata "
+                f"beside it records {sha256[:12]}…; rebuild it or restore the original file"
+            )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{what} {path} is not a valid safetensors file ({e}); rebuild it") from e

@@ -1,0 +1,90 @@
+"""Search within cell: cluster the retrieved neighbours' positions and take the spherical mean of the
+largest cluster. Pure NumPy / scikit-learn, arrays in and out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from sklearn.cluster import DBSCAN
+
+from .geo import EARTH_RADIUS_KM, latlon_to_xyz, spherical_mean
+
+
+def cluster_positions(lat: ArrayLike, lon: ArrayLike, eps_km: float, min_samples: int = 1) -> NDArray[np.int64]:
+    """DBSCAN on the sphere (haversine metric on radians). Labels ``(N,)``; -1 is noise.
+
+    With ``min_samples=1`` (the paper's setting) every point is a core point, so the clusters are the
+    connected components of the "within eps_km" graph and there is no noise.
+    """
+    lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+    if lat.size == 0:
+        return np.zeros(0, np.int64)
+    X = np.radians(np.stack([lat, lon], axis=1))
+    db = DBSCAN(eps=eps_km / EARTH_RADIUS_KM, min_samples=min_samples, metric="haversine", algorithm="ball_tree")
+    return db.fit_predict(X).astype(np.int64)
+
+
+def largest_cluster(labels: ArrayLike, similarity: ArrayLike) -> int:
+    """Label of the cluster with most members; ties go to the larger summed similarity, then to the
+    cluster of the most similar neighbour. Returns -1 when every point is noise."""
+    labels, sim = np.asarray(labels), np.asarray(similarity, np.float64)
+    best, best_key = -1, None
+    for lab in np.unique(labels[labels >= 0]):
+        m = labels == lab
+        key = (int(m.sum()), float(sim[m].sum()), float(sim[m].max()))
+        if best_key is None or key > best_key:
+            best, best_key = int(lab), key
+    return best
+
+
+@dataclass
+class ClusterEstimate:
+    """Where the neighbours point: the estimate and how it was reached."""
+
+    lat: float
+    lon: float
+    labels: NDArray[np.int64]
+    """DBSCAN label of each neighbour, ``(k,)``."""
+    cluster: int
+    """The chosen label (-1: all noise, the most similar neighbour's position was used)."""
+
+
+def estimate_from_neighbors(lat: ArrayLike, lon: ArrayLike, similarity: ArrayLike, eps_km: float,
+                            min_samples: int = 1) -> ClusterEstimate:
+    """The spherical mean of the largest DBSCAN cluster of the neighbours ``(k,)``.
+
+    If DBSCAN labels every neighbour noise (possible only with ``min_samples > 1``), the most similar
+    neighbour's position is returned.
+    """
+    lat, lon, sim = np.asarray(lat, np.float64), np.asarray(lon, np.float64), np.asarray(similarity, np.float64)
+    if lat.size == 0:
+        raise ValueError("estimate_from_neighbors needs at least one neighbour")
+    labels = cluster_positions(lat, lon, eps_km, min_samples)
+    chosen = largest_cluster(labels, sim)
+    if chosen < 0:
+        i = int(np.argmax(sim))
+        return ClusterEstimate(float(lat[i]), float(lon[i]), labels, -1)
+    m = labels == chosen
+    mlat, mlon = spherical_mean(lat[m], lon[m])
+    return ClusterEstimate(mlat, mlon, labels, chosen)
+
+
+def prediction_density(probs: ArrayLike, cells_xyz: ArrayLike, chosen: int, r_km: float) -> float:
+    """Confidence: the probability mass of the cells whose centroids lie within ``r_km`` of the chosen
+    cell's centroid (the chosen cell included). In [0, 1]."""
+    probs, xyz = np.asarray(probs, np.float64), np.asarray(cells_xyz, np.float64)
+    cos = np.clip(xyz @ xyz[chosen], -1.0, 1.0)
+    near = np.arccos(cos) * EARTH_RADIUS_KM <= r_km
+    near[chosen] = True
+    return float(np.clip(probs[near].sum(), 0.0, 1.0))
+
+
+def prediction_density_batch(probs: NDArray, cells_xyz: NDArray, chosen: NDArray, r_km: float) -> NDArray:
+    """:func:`prediction_density` for ``probs (B, C)`` and ``chosen (B,)``."""
+    return np.array([prediction_density(p, cells_xyz, int(c), r_km) for p, c in zip(probs, chosen, strict=True)])
+
+
+def unit_vectors(lat: ArrayLike, lon: ArrayLike) -> NDArray[np.float64]:
+    return latlon_to_xyz(lat, lon)

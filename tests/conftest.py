@@ -1,0 +1,79 @@
+"""Shared fixtures. Real photos come from ../shared/data (present on developer machines and in CI)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DEV_CSV = SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv"
+DEV_IMAGES = SHARED / "im2gps3k-dev" / "images"
+MP16 = SHARED / "priors" / "mp16-coordinates-100k.csv"
+KAUAI = ROOT / "examples" / "kauai.png"
+
+
+def dev_rows(n: int | None = None, step: int = 1) -> list[dict[str, str]]:
+    with open(DEV_CSV, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return rows[::step][:n]
+
+
+def write_csv(path: Path, rows: list[dict[str, str]], columns=("image", "lat", "lon", "author")) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([r.get(c, "") for c in columns])
+    return path
+
+
+def jpeg_bytes(size=(64, 48), color=(120, 160, 200), exif: bytes | None = None, mode="RGB") -> bytes:
+    rng = np.random.default_rng(0)
+    a = (rng.random((size[1], size[0], 3)) * 60 + np.array(color) * 0.7).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(a).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **({"exif": exif} if exif else {}))
+    return buf.getvalue()
+
+
+def gps_exif(lat: float, lon: float) -> bytes:
+    import piexif
+
+    def dms(v: float):
+        v = abs(v)
+        d = int(v)
+        m = int((v - d) * 60)
+        s = round(((v - d) * 60 - m) * 60 * 1000)
+        return ((d, 1), (m, 1), (s, 1000))
+
+    gps = {
+        piexif.GPSIFD.GPSLatitudeRef: b"N" if lat >= 0 else b"S",
+        piexif.GPSIFD.GPSLatitude: dms(lat),
+        piexif.GPSIFD.GPSLongitudeRef: b"E" if lon >= 0 else b"W",
+        piexif.GPSIFD.GPSLongitude: dms(lon),
+    }
+    return piexif.dump({"GPS": gps})
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
+    """A small model trained with the CLI on 60 real dev photos: the four build commands, end to end."""
+    from geoswc.cli import main
+
+    w = tmp_path_factory.mktemp("tiny")
+    rows = dev_rows(60, step=37)
+    csv_path = write_csv(w / "train.csv", rows)
+    assert main(["cells", "--coords", str(MP16), "--out", str(w / "cells.csv"),
+                 "--max-per-cell", "5000", "--min-per-cell", "200"]) == 0
+    assert main(["features", "--csv", str(csv_path), "--images", str(DEV_IMAGES), "--out", str(w / "features"),
+                 "--views", "2"]) == 0
+    assert main(["train", "--features", str(w / "features"), "--cells", str(w / "cells.csv"), "--out",
+                 str(w / "model"), "--epochs", "3", "--batch-size", "16"]) == 0
+    assert main(["index", "--model", str(w / "model"), "--features", str(w / "features")]) == 0
+    return {"dir": w, "csv": csv_path, "model": w / "model", "features": w / "features", "cells": w / "cells.csv"}

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from geoswc.geo import haversine_km, latlon_to_xyz
+from geoswc.swc import cluster_positions, estimate_from_neighbors, largest_cluster, prediction_density
+
+
+def offsets(lat0, lon0, km, n, rng):
+    """n points scattered within ~km of (lat0, lon0)."""
+    dlat = rng.uniform(-km, km, n) / 111.195
+    dlon = rng.uniform(-km, km, n) / (111.195 * np.cos(np.radians(lat0)))
+    return lat0 + dlat, lon0 + dlon
+
+
+def test_dbscan_finds_planted_clusters():
+    rng = np.random.default_rng(0)
+    a = offsets(48.8584, 2.2945, 0.2, 6, rng)  # Eiffel Tower, within 200 m
+    b = offsets(48.8606, 2.3376, 0.2, 3, rng)  # Louvre, ~3 km away
+    c = ([40.6892], [-74.0445])  # Statue of Liberty
+    lat = np.concatenate([a[0], b[0], c[0]])
+    lon = np.concatenate([a[1], b[1], c[1]])
+    labels = cluster_positions(lat, lon, eps_km=1.0, min_samples=1)
+    assert len(set(labels[:6])) == 1 and len(set(labels[6:9])) == 1
+    assert len(set(labels)) == 3 and -1 not in labels
+    # a bigger eps merges Eiffel and Louvre, not New York
+    merged = cluster_positions(lat, lon, eps_km=5.0)
+    assert len(set(merged[:9])) == 1 and merged[9] != merged[0]
+    # min_samples > 1 turns the isolated point into noise
+    assert cluster_positions(lat, lon, eps_km=1.0, min_samples=2)[9] == -1
+
+
+def test_estimate_is_spherical_mean_of_largest_cluster():
+    rng = np.random.default_rng(1)
+    a = offsets(-33.8568, 151.2153, 0.3, 7, rng)  # Sydney Opera House
+    lat = np.concatenate([a[0], [35.6586, 35.6590, 35.6595]])  # Tokyo x3
+    lon = np.concatenate([a[1], [139.7454, 139.7450, 139.7449]])
+    sim = np.concatenate([np.full(7, 0.5), [0.9, 0.9, 0.9]])  # Tokyo more similar but fewer
+    est = estimate_from_neighbors(lat, lon, sim, eps_km=1.0)
+    assert haversine_km(est.lat, est.lon, -33.8568, 151.2153) < 0.4
+    # the mean is the normalised mean vector
+    m = latlon_to_xyz(a[0], a[1]).mean(0)
+    m /= np.linalg.norm(m)
+    assert np.allclose(latlon_to_xyz(est.lat, est.lon), m, atol=1e-9)
+    assert (est.labels[:7] == est.cluster).all()
+
+
+def test_cluster_ties_go_to_similarity():
+    labels = np.array([0, 0, 1, 1, 2])
+    assert largest_cluster(labels, [0.1, 0.1, 0.5, 0.5, 0.99]) == 1
+    assert largest_cluster(np.array([-1, -1]), [0.3, 0.4]) == -1
+
+
+def test_all_noise_falls_back_to_most_similar():
+    est = estimate_from_neighbors([0.0, 10.0, 20.0], [0.0, 10.0, 20.0], [0.2, 0.9, 0.1], eps_km=1.0, min_samples=2)
+    assert est.cluster == -1 and (est.lat, est.lon) == (10.0, 10.0)
+
+
+def test_prediction_density():
+    cells = latlon_to_xyz([48.85, 48.95, 52.52, -33.86], [2.35, 2.35, 13.40, 151.2])  # Paris, +11 km, Berlin, Sydney
+    probs = np.array([0.4, 0.3, 0.2, 0.1])
+    assert prediction_density(probs, cells, 0, 25.0) == pytest.approx(0.7)
+    assert prediction_density(probs, cells, 0, 1000.0) == pytest.approx(0.9)
+    assert prediction_density(probs, cells, 3, 0.0) == pytest.approx(0.1)
