@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mvmf-dropout", type=float, default=HeadConfig.mvmf_dropout)
     p.add_argument("--k", type=int, default=SearchConfig.k)
     p.add_argument("--eps-km", type=float, default=SearchConfig.eps_km)
+    p.add_argument("--select-km", type=float, default=SearchConfig.select_km)
     p.add_argument("--same-author-positives", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 folds, few epochs: a smoke run")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         train_cfg = dataclasses.replace(train_cfg, epochs=3)
         folds_n = 2
-    search = SearchConfig(k=args.k, eps_km=args.eps_km)
+    search = SearchConfig(k=args.k, eps_km=args.eps_km, select_km=args.select_km)
     heads = HeadConfig(mvmf_hidden=args.mvmf_hidden, mvmf_dropout=args.mvmf_dropout)
     fold = author_folds(feats.authors, folds_n)
     methods = ["swc", "classification", "retrieval", "raw 1-NN"]

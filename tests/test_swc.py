@@ -61,3 +61,16 @@ def test_prediction_density():
     assert prediction_density(probs, cells, 0, 25.0) == pytest.approx(0.7)
     assert prediction_density(probs, cells, 0, 1000.0) == pytest.approx(0.9)
     assert prediction_density(probs, cells, 3, 0.0) == pytest.approx(0.1)
+
+
+def test_neighborhood_matrix_and_cell_selection():
+    from geoswc.swc import neighborhood, select_cell
+
+    cells = latlon_to_xyz([48.85, 48.95, 52.52, -33.86], [2.35, 2.35, 13.40, 151.2])
+    probs = np.array([0.3, 0.3, 0.05, 0.35])
+    hood = neighborhood(cells, 25.0)
+    assert hood.shape == (4, 4) and hood.diagonal().tolist() == [1, 1, 1, 1]
+    for c in range(4):
+        assert hood[c].dot(probs)[0] == pytest.approx(prediction_density(probs, cells, c, 25.0))
+    assert select_cell(probs) == 3  # the most probable cell: Sydney
+    assert select_cell(probs, hood) in (0, 1)  # but 60 % of the mass is around Paris

@@ -25,7 +25,7 @@ from .images import DEFAULT_LIMITS, ImageLimits, ImageSource, read_gps
 from .index import Gallery
 from .model import GeoModel
 from .places import Place, nearest_places
-from .swc import estimate_from_neighbors, prediction_density
+from .swc import estimate_from_neighbors, neighborhood, select_cell
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,16 @@ def default_model_dir() -> Path:
 
 @dataclass
 class CellProbability:
+    """A cell and the classifier's probability for it."""
+
     token: str
+    """S2 cell token."""
     lat: float
     lon: float
+    """Centroid of the cell's photos (the vMF mean direction)."""
     probability: float
+    polygon: list[tuple[float, float]]
+    """The cell's four corners as ``(lat, lon)``, counter-clockwise (for maps)."""
 
 
 @dataclass
@@ -138,7 +144,13 @@ class Geolocator:
         self.search = search or model.config.search
         self.device = torch.device(device)
         self.limits = limits
-        self._cells_xyz = model.cells.xyz
+        self._hoods: dict[float, Any] = {}
+
+    def _hood(self, r_km: float):
+        """Cached cell neighbourhood matrix for a radius (prediction density, cell selection)."""
+        if r_km not in self._hoods:
+            self._hoods[r_km] = neighborhood(self.model.cells.xyz, r_km)
+        return self._hoods[r_km]
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, index_dir: str | Path | None = None, *,
@@ -205,14 +217,14 @@ class Geolocator:
     def _search_one(self, probs: np.ndarray, emb: np.ndarray, method: str, name: str,
                     exclude: np.ndarray | None) -> Prediction:
         cells, cfg = self.model.cells, self.search
-        chosen = int(np.argmax(probs))
+        chosen = select_cell(probs, self._hood(cfg.select_km) if cfg.select_km > 0 else None)
         top = np.argsort(-probs)[: cfg.top_cells]
         pred = Prediction(
             image=name, lat=float(cells.lat[chosen]), lon=float(cells.lon[chosen]),
-            confidence=prediction_density(probs, self._cells_xyz, chosen, cfg.r_km), method=method,
+            confidence=float(np.clip(self._hood(cfg.r_km)[chosen].dot(probs)[0], 0.0, 1.0)), method=method,
             cell=cells.tokens[chosen], cell_probability=float(probs[chosen]),
-            top_cells=[CellProbability(cells.tokens[c], float(cells.lat[c]), float(cells.lon[c]), float(probs[c]))
-                       for c in top],
+            top_cells=[CellProbability(cells.tokens[c], float(cells.lat[c]), float(cells.lon[c]), float(probs[c]),
+                                       cells.polygon(int(c))) for c in top],
         )
         if method == "classification" or self.gallery is None:
             return pred

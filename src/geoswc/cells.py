@@ -135,6 +135,15 @@ class CellTable:
         ok = (pos >= 0) & (leaves <= hi[np.clip(pos, 0, None)])
         return np.where(ok, order[np.clip(pos, 0, None)], -1)
 
+    def polygon(self, i: int) -> list[tuple[float, float]]:
+        """The four corners ``(lat, lon)`` of cell ``i``, counter-clockwise."""
+        cell = s2sphere.Cell(s2sphere.CellId.from_token(self.tokens[i]))
+        out = []
+        for k in range(4):
+            ll = s2sphere.LatLng.from_point(cell.get_vertex(k))
+            out.append((round(ll.lat().degrees, 6), round(ll.lng().degrees, 6)))
+        return out
+
     def nearest(self, lat: ArrayLike, lon: ArrayLike) -> NDArray[np.int64]:
         """Index of the cell whose centroid is nearest to each point, ``(N,)``."""
         q = latlon_to_xyz(np.atleast_1d(lat), np.atleast_1d(lon))

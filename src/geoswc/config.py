@@ -129,6 +129,10 @@ class SearchConfig:
     """Prediction density radius: confidence is the probability mass of cells within r_km."""
     top_cells: int = 5
     """How many of the most probable cells a prediction lists."""
+    select_km: float = 0.0
+    """0: search the most probable cell (the paper). >0: search the cell with the most probability mass
+    within select_km of its centroid, the Bayes-optimal choice for accuracy at that radius when the
+    classifier's probability is spread over many small cells."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -139,6 +143,8 @@ class SearchConfig:
             raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
         if not self.r_km >= 0:
             raise ValueError(f"r_km must be >= 0, got {self.r_km}")
+        if not self.select_km >= 0:
+            raise ValueError(f"select_km must be >= 0, got {self.select_km}")
         if self.top_cells < 1:
             raise ValueError(f"top_cells must be >= 1, got {self.top_cells}")
 

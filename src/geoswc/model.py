@@ -49,15 +49,17 @@ class GeoModel(nn.Module):
         self.backbone = backbone
         dim = config.backbone.feature_dim
         count = torch.as_tensor(cells.count, dtype=torch.float64)
-        self.mvmf = MvMFHead(
-            dim,
-            torch.as_tensor(cells.xyz, dtype=torch.float32),
-            kappa_from_spread(torch.as_tensor(cells.spread_km, dtype=torch.float32)),
-            log_prior=torch.log(count / count.sum()).float(),
-            hidden=config.heads.mvmf_hidden,
-            dropout=config.heads.mvmf_dropout,
-        )
-        self.rrm = ResidualRetrievalModule(dim, config.heads.rrm_hidden)
+        with torch.random.fork_rng(devices=[]):  # the heads' initial weights depend on the seed only
+            torch.manual_seed(config.train.seed)
+            self.mvmf = MvMFHead(
+                dim,
+                torch.as_tensor(cells.xyz, dtype=torch.float32),
+                kappa_from_spread(torch.as_tensor(cells.spread_km, dtype=torch.float32)),
+                log_prior=torch.log(count / count.sum()).float(),
+                hidden=config.heads.mvmf_hidden,
+                dropout=config.heads.mvmf_dropout,
+            )
+            self.rrm = ResidualRetrievalModule(dim, config.heads.rrm_hidden)
 
     @classmethod
     def create(cls, config: ModelConfig, cells: CellTable, with_backbone: bool = True) -> GeoModel:

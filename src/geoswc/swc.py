@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy import sparse
 from sklearn.cluster import DBSCAN
+from sklearn.neighbors import BallTree
 
-from .geo import EARTH_RADIUS_KM, latlon_to_xyz, spherical_mean
+from .geo import EARTH_RADIUS_KM, spherical_mean
 
 
 def cluster_positions(lat: ArrayLike, lon: ArrayLike, eps_km: float, min_samples: int = 1) -> NDArray[np.int64]:
@@ -81,10 +83,23 @@ def prediction_density(probs: ArrayLike, cells_xyz: ArrayLike, chosen: int, r_km
     return float(np.clip(probs[near].sum(), 0.0, 1.0))
 
 
-def prediction_density_batch(probs: NDArray, cells_xyz: NDArray, chosen: NDArray, r_km: float) -> NDArray:
-    """:func:`prediction_density` for ``probs (B, C)`` and ``chosen (B,)``."""
-    return np.array([prediction_density(p, cells_xyz, int(c), r_km) for p, c in zip(probs, chosen, strict=True)])
+def neighborhood(cells_xyz: ArrayLike, r_km: float) -> sparse.csr_matrix:
+    """Sparse ``(C, C)`` 0/1 matrix: entry ``(i, j)`` is 1 when cell j's centroid lies within ``r_km`` of cell
+    i's (the diagonal always). ``neighborhood @ probs`` gives every cell's prediction density at once."""
+    xyz = np.asarray(cells_xyz, np.float64)
+    lat, lon = np.degrees(np.arcsin(np.clip(xyz[:, 2], -1, 1))), np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0]))
+    tree = BallTree(np.radians(np.stack([lat, lon], 1)), metric="haversine")
+    rows = tree.query_radius(np.radians(np.stack([lat, lon], 1)), r=max(r_km, 0.0) / EARTH_RADIUS_KM)
+    indptr = np.cumsum([0] + [len(r) + 1 for r in rows])
+    indices = np.concatenate([np.append(r, i) for i, r in enumerate(rows)]) if len(rows) else np.zeros(0, int)
+    m = sparse.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(len(rows), len(rows)))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
 
 
-def unit_vectors(lat: ArrayLike, lon: ArrayLike) -> NDArray[np.float64]:
-    return latlon_to_xyz(lat, lon)
+def select_cell(probs: ArrayLike, hood: sparse.csr_matrix | None = None) -> int:
+    """The cell to search in: the most probable one (``hood`` None, as in the paper), or the cell with the
+    most probability mass within the neighbourhood radius, the Bayes choice for accuracy at that radius."""
+    p = np.asarray(probs, np.float64)
+    return int(np.argmax(p if hood is None else hood @ p))

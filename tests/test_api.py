@@ -1,0 +1,112 @@
+"""The Python API on the tiny model: every input kind, the methods, the leakage guard, the fallback."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geoswc import Geolocator
+from geoswc.api import LocateFailure
+from geoswc.errors import ImageError, InputError
+from geoswc.features import FeatureSet
+from geoswc.geo import haversine_km
+
+from .conftest import DEV_IMAGES, KAUAI, gps_exif, jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def geo(tiny_workspace):
+    return Geolocator.load(tiny_workspace["model"])
+
+
+def test_sources_agree(geo):
+    data = KAUAI.read_bytes()
+    a = geo.locate(KAUAI, with_place=False)
+    b = geo.locate(data, with_place=False)
+    c = geo.locate(io.BytesIO(data), with_place=False)
+    d = geo.locate(Image.open(KAUAI).convert("RGB"), with_place=False)
+    for p in (b, c, d):
+        assert (p.lat, p.lon, p.cell) == pytest.approx((a.lat, a.lon, a.cell), abs=1e-6) or p.cell == a.cell
+    assert a.image == str(KAUAI) and b.image == "<image>"
+
+
+def test_prediction_contents(geo):
+    p = geo.locate(KAUAI)
+    assert -90 <= p.lat <= 90 and -180 <= p.lon <= 180
+    assert 0 < p.confidence <= 1 and p.cell_probability <= 1
+    probs = [c.probability for c in p.top_cells]
+    assert probs == sorted(probs, reverse=True) and len(probs) == 5
+    assert p.top_cells[0].token == p.cell  # select_km = 0: the most probable cell
+    assert p.place is not None and p.place.country and p.place.distance_km >= 0
+    if not p.fallback:
+        sims = [n.similarity for n in p.neighbors]
+        assert sims == sorted(sims, reverse=True) and len(sims) <= geo.search.k
+        members = [n for n in p.neighbors if n.cluster == p.cluster]
+        assert members and max(haversine_km(p.lat, p.lon, n.lat, n.lon) for n in members) < 5 * geo.search.eps_km
+    d = p.to_dict()
+    assert set(d) >= {"lat", "lon", "confidence", "top_cells", "neighbors", "place", "exif", "cluster"}
+
+
+def test_exif_gps_is_reported(geo):
+    p = geo.locate(jpeg_bytes((300, 200), exif=gps_exif(21.9, -159.6)), with_place=False)
+    assert p.exif is not None
+    assert p.exif.lat == pytest.approx(21.9, abs=1e-5)
+    assert p.exif.distance_km == pytest.approx(haversine_km(p.lat, p.lon, 21.9, -159.6))
+
+
+def test_bad_input_raises_clear_error_and_batch_carries_on(geo, tmp_path):
+    with pytest.raises(ImageError, match="empty"):
+        geo.locate(b"")
+    out = list(geo.locate_batch([b"not an image", KAUAI, b""], with_place=False))
+    assert isinstance(out[0], LocateFailure) and out[0].kind == "unsupported"
+    assert not isinstance(out[1], LocateFailure)
+    assert isinstance(out[2], LocateFailure) and out[2].kind == "empty"
+
+
+def test_methods_and_leakage_guard(geo, tiny_workspace):
+    fs = FeatureSet.load(tiny_workspace["features"])
+    feats = fs.features[:8, 0]
+    # without the guard, a gallery photo finds itself: similarity ~1, zero error
+    open_ = geo.predict_features(feats, "retrieval")
+    assert all(p.neighbors[0].similarity > 0.99 for p in open_)
+    assert np.allclose([p.neighbors[0].lat for p in open_], fs.lat[:8], atol=1e-6)
+    guarded = geo.predict_features(feats, "retrieval", names=fs.names[:8])
+    for p, name in zip(guarded, fs.names[:8], strict=True):
+        assert name not in [n.image for n in p.neighbors]
+    by_author = geo.predict_features(feats, "swc", names=fs.names[:8], authors=fs.authors[:8],
+                                     exclude_same_author=True)
+    items = dict(zip(geo.gallery.names, geo.gallery.authors, strict=True))
+    for p, a in zip(by_author, fs.authors[:8], strict=True):
+        assert all(items[n.image] != a for n in p.neighbors)
+    cls = geo.predict_features(feats, "classification")
+    assert all(not p.neighbors for p in cls)
+    with pytest.raises(InputError, match="unknown method"):
+        geo.predict_features(feats, "nearest")
+
+
+def test_empty_cell_falls_back_to_centroid(geo, tiny_workspace):
+    sizes = geo.gallery.cell_sizes()
+    empty = int(np.nonzero(sizes == 0)[0][0])
+    # steer the classifier to the empty cell: a feature vector that only its logit row likes
+    w = geo.model.mvmf.fc.weight.detach()
+    x = (w[empty] - w.mean(0)) * 1e4
+    p = geo.predict_features(x[None], "swc")[0]
+    assert p.cell == geo.model.cells.tokens[empty]
+    assert p.fallback and not p.neighbors
+    assert (p.lat, p.lon) == (geo.model.cells.lat[empty], geo.model.cells.lon[empty])
+
+
+def test_no_gallery_only_classification(tiny_workspace):
+    geo = Geolocator.load(tiny_workspace["model"], index_dir=None)
+    geo.gallery = None
+    with pytest.raises(InputError, match="needs a gallery"):
+        geo.predict_features(torch.zeros(1, 1280), "swc")
+    assert geo.predict_features(torch.zeros(1, 1280), "classification")[0].cell
+
+
+def test_real_photo_batch(geo):
+    photos = sorted(DEV_IMAGES.iterdir())[:5]
+    out = list(geo.locate_batch(photos, batch_size=2, with_place=False))
+    assert [p.image for p in out] == [str(p) for p in photos]

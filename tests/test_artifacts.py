@@ -1,0 +1,109 @@
+"""Saved models, indexes, feature caches and cell tables: round trips, and refusals of damaged or foreign files."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from geoswc.api import Geolocator
+from geoswc.cells import CellTable, build_cells
+from geoswc.config import CellConfig
+from geoswc.errors import ArtifactError, ModelMismatchError
+from geoswc.features import FeatureSet
+from geoswc.index import Gallery
+from geoswc.model import GeoModel
+
+from .conftest import MP16
+
+
+def test_cells_build_save_load_round_trip(tmp_path):
+    a = np.loadtxt(MP16, delimiter=",", skiprows=1)
+    table = build_cells(a[:, 0], a[:, 1], CellConfig(max_per_cell=2000, min_per_cell=100))
+    assert 50 < len(table) < 400
+    assert table.count.max() <= 2000 and table.count.min() >= 100
+    table.save(tmp_path / "c.csv")
+    again = CellTable.load(tmp_path / "c.csv")
+    assert again.fingerprint == table.fingerprint
+    # every point is assigned to the cell that contains it; its centroid is near
+    idx = again.assign(a[:500, 0], a[:500, 1])
+    kept = idx >= 0
+    assert kept.mean() > 0.9
+    counts = np.bincount(again.assign(a[:, 0], a[:, 1])[again.assign(a[:, 0], a[:, 1]) >= 0], minlength=len(again))
+    assert (counts == again.count).all()
+
+
+def test_model_round_trip(tiny_workspace, tmp_path):
+    m = GeoModel.load(tiny_workspace["model"])
+    out = tmp_path / "copy"
+    fp = m.save(out)
+    assert fp == m.fingerprint
+    m2 = GeoModel.load(out)
+    assert m2.fingerprint == fp
+    x = torch.randn(2, 1280)
+    assert torch.allclose(m.heads(x)[0], m2.heads(x)[0])
+
+
+@pytest.mark.parametrize("target,damage", [
+    ("heads.safetensors", "flip"), ("heads.safetensors", "truncate"), ("cells.csv", "flip"),
+    ("config.json", "edit"), ("config.json", "truncate"), ("heads.safetensors", "delete"),
+])
+def test_damaged_model_is_refused(tiny_workspace, tmp_path, target, damage):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_workspace["model"], d, ignore=shutil.ignore_patterns("checkpoint*"))
+    p = d / target
+    if damage == "flip":
+        b = bytearray(p.read_bytes())
+        b[len(b) // 2] ^= 0x01
+        p.write_bytes(bytes(b))
+    elif damage == "truncate":
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif damage == "delete":
+        p.unlink()
+    else:
+        cfg = json.loads(p.read_text())
+        cfg["config"]["search"]["k"] = 99
+        p.write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError):
+        GeoModel.load(d)
+
+
+def test_damaged_index_is_refused(tiny_workspace, tmp_path):
+    d = tmp_path / "idx"
+    shutil.copytree(tiny_workspace["model"] / "index", d)
+    fp = json.loads((tiny_workspace["model"] / "config.json").read_text())["fingerprint"]
+    Gallery.load(d, fp)  # intact: fine
+    with pytest.raises(ModelMismatchError, match="rebuild it"):
+        Gallery.load(d, "0123456789abcdef")
+    (d / "items.csv").write_text("image,author\nx,y\n")
+    with pytest.raises(ArtifactError, match="damaged"):
+        Gallery.load(d, fp)
+
+
+def test_geolocator_refuses_foreign_gallery(tiny_workspace):
+    geo = Geolocator.load(tiny_workspace["model"])
+    gallery = geo.gallery
+    gallery.model_fingerprint = "somebodyelse0000"
+    with pytest.raises(ArtifactError, match="rebuild it"):
+        Geolocator(geo.model, gallery)
+
+
+def test_feature_cache_round_trip_and_damage(tiny_workspace, tmp_path):
+    fs = FeatureSet.load(tiny_workspace["features"])
+    assert fs.features.shape[1] == 2 and len(fs) == len(fs.names)
+    d = tmp_path / "f"
+    fs.save(d)
+    again = FeatureSet.load(d)
+    assert torch.allclose(again.features, fs.features) and again.names == fs.names
+    (d / "items.csv").write_text("image,author,lat,lon\n")
+    with pytest.raises(ArtifactError):
+        FeatureSet.load(d)
+
+
+def test_not_a_model(tmp_path):
+    with pytest.raises(ArtifactError, match="config.json"):
+        Geolocator.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ArtifactError, match="not a geoswc model"):
+        GeoModel.load(tmp_path)

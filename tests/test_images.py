@@ -1,0 +1,111 @@
+"""Image decoding: odd modes, orientation, and every kind of bad input gets a clear ImageError."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geoswc.errors import ImageError
+from geoswc.images import ImageLimits, load_image, read_gps
+
+from .conftest import gps_exif, jpeg_bytes
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
+                                      ("LA", "PNG"), ("I;16", "PNG"), ("1", "PNG"), ("RGB", "WEBP"),
+                                      ("RGB", "BMP"), ("RGB", "TIFF")])
+def test_modes_decode_to_rgb(mode, fmt):
+    img = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
+    out = load_image(encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (40, 30)
+
+
+def test_16bit_is_scaled_not_clipped():
+    a = np.full((10, 10), 40000, np.uint16)
+    out = load_image(encode(Image.fromarray(a), "PNG"))
+    assert 150 < np.asarray(out)[0, 0, 0] < 160  # 40000 / 257 = 155.6, not 255
+
+
+def test_alpha_is_composited_on_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert np.asarray(load_image(encode(img, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (60, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    out = load_image(encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 60)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("P", (8, 8), i) for i in (1, 2, 3)]
+    data = io.BytesIO()
+    frames[0].save(data, format="GIF", save_all=True, append_images=frames[1:])
+    assert load_image(data.getvalue()).size == (8, 8)
+
+
+def test_jpeg_draft_decodes_smaller():
+    big = Image.new("RGB", (2000, 1500), (1, 2, 3))
+    out = load_image(encode(big, "JPEG"), draft_size=224)
+    assert 224 <= min(out.size) < 750
+
+
+@pytest.mark.parametrize("data,kind,msg", [
+    (b"", "empty", "empty"),
+    (b"hello, I am text", "unsupported", "not an image"),
+    (b"%PDF-1.4 fake", "unsupported", "not an image"),
+])
+def test_bad_bytes(data, kind, msg):
+    with pytest.raises(ImageError, match=msg) as e:
+        load_image(data)
+    assert e.value.kind == kind
+
+
+def test_truncated_jpeg():
+    data = jpeg_bytes((256, 256))
+    with pytest.raises(ImageError, match="truncated|corrupt") as e:
+        load_image(data[: len(data) // 2])
+    assert e.value.kind == "corrupt"
+
+
+def test_limits(tmp_path):
+    data = encode(Image.new("RGB", (300, 300)), "PNG")
+    with pytest.raises(ImageError, match="MP") as e:
+        load_image(data, ImageLimits(max_pixels=300 * 299))
+    assert e.value.kind == "too_large"
+    with pytest.raises(ImageError, match="MiB") as e:
+        load_image(data, ImageLimits(max_bytes=100))
+    assert e.value.kind == "too_large"
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # A PNG whose header claims 30000 x 30000 pixels, made small by being a constant image.
+    bomb = encode(Image.new("1", (30000, 30000)), "PNG")
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageError) as e:
+        load_image(bomb)
+    assert e.value.kind == "too_large"
+
+
+def test_paths(tmp_path):
+    with pytest.raises(ImageError, match="directory"):
+        load_image(tmp_path)
+    with pytest.raises(ImageError, match="cannot be read"):
+        load_image(tmp_path / "missing.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(tmp_path / "empty.jpg")
+
+
+def test_read_gps():
+    assert read_gps(jpeg_bytes(exif=gps_exif(-22.5, -159.25))) == pytest.approx((-22.5, -159.25), abs=1e-6)
+    assert read_gps(jpeg_bytes()) is None
