@@ -52,7 +52,7 @@ class CellProbability:
     """Centroid of the cell's photos (the vMF mean direction)."""
     probability: float
     polygon: list[tuple[float, float]]
-    """The cell's four corners as ``(lat, lon)``, counter-clockwise (for maps)."""
+    """The cell's outline as ``(lat, lon)`` points, counter-clockwise (for maps)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import storage
 from .config import CellConfig, digest
 from .errors import ArtifactError, InputError
-from .geo import haversine_km, latlon_to_xyz, spherical_mean, validate_latlon
+from .geo import haversine_km, latlon_to_xyz, spherical_mean, validate_latlon, xyz_to_latlon
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +136,19 @@ class CellTable:
         return np.where(ok, order[np.clip(pos, 0, None)], -1)
 
     def polygon(self, i: int) -> list[tuple[float, float]]:
-        """The four corners ``(lat, lon)`` of cell ``i``, counter-clockwise."""
+        """Outline ``(lat, lon)`` of cell ``i``, counter-clockwise: its four corners, with points added
+        along the (geodesic) edges of large cells so they draw right on a flat map."""
         cell = s2sphere.Cell(s2sphere.CellId.from_token(self.tokens[i]))
-        out = []
+        corners = [np.array([v[0], v[1], v[2]]) for v in (cell.get_vertex(k) for k in range(4))]
+        steps = 1 if int(self.level[i]) >= 8 else 8
+        pts = []
         for k in range(4):
-            ll = s2sphere.LatLng.from_point(cell.get_vertex(k))
-            out.append((round(ll.lat().degrees, 6), round(ll.lng().degrees, 6)))
-        return out
+            a, b = corners[k], corners[(k + 1) % 4]
+            for t in np.arange(steps) / steps:
+                p = (1 - t) * a + t * b
+                pts.append(p / np.linalg.norm(p))
+        lat, lon = xyz_to_latlon(np.array(pts))
+        return [(round(float(a), 6), round(float(b), 6)) for a, b in zip(lat, lon, strict=True)]
 
     def nearest(self, lat: ArrayLike, lon: ArrayLike) -> NDArray[np.int64]:
         """Index of the cell whose centroid is nearest to each point, ``(N,)``."""
