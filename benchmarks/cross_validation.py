@@ -62,7 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for f in dataclasses.fields(TrainConfig):
         if f.type in ("int", "float") and f.name not in ("seed", "checkpoint_every"):
             p.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type == "int" else float, default=None)
-    p.add_argument("--rrm-epochs", type=int, default=None)
     p.add_argument("--mvmf-hidden", type=int, default=HeadConfig.mvmf_hidden)
     p.add_argument("--mvmf-dropout", type=float, default=HeadConfig.mvmf_dropout)
     p.add_argument("--k", type=int, default=SearchConfig.k)
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = dataclasses.replace(TrainConfig(), **overrides)
     folds_n = args.folds
     if args.quick:
-        train_cfg = dataclasses.replace(train_cfg, epochs=3)
+        train_cfg = dataclasses.replace(train_cfg, epochs=2, rrm_epochs=2)
         folds_n = 2
     search = SearchConfig(k=args.k, eps_km=args.eps_km, select_km=args.select_km)
     heads = HeadConfig(mvmf_hidden=args.mvmf_hidden, mvmf_dropout=args.mvmf_dropout)
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ModelConfig(backbone=feats.backbone, heads=heads, train=train_cfg, search=search,
                           cells=CellConfig(args.max_per_cell, args.min_per_cell))
         model = GeoModel(cfg, cells)
-        train_heads(model, train, train_cfg, progress=False, rrm_epochs=args.rrm_epochs)
+        train_heads(model, train, train_cfg, progress=False)
         gallery = build_gallery(model, train.features[:, 0], train.lat, train.lon, train.names, train.authors)
         geo = Geolocator(model, gallery, search)
         for m in methods[:3]:
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": feats.backbone.name, "image_size": feats.backbone.preprocess.image_size,
         "resize": feats.backbone.preprocess.resize, "views": feats.views,
         "cell_config": {"max_per_cell": args.max_per_cell, "min_per_cell": args.min_per_cell},
-        "train": dataclasses.asdict(train_cfg), "rrm_epochs": args.rrm_epochs, "heads": dataclasses.asdict(heads),
+        "train": dataclasses.asdict(train_cfg), "heads": dataclasses.asdict(heads),
         "search": dataclasses.asdict(search), "methods": rows, "seconds": round(time.time() - t0, 1),
         "command": "python benchmarks/cross_validation.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -9,6 +9,7 @@ copies the model folder (without checkpoints) into src/geoswc/assets/default/.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -25,6 +26,38 @@ ASSET = ROOT / "src" / "geoswc" / "assets" / "default"
 
 def recipe_digest(recipe: dict) -> str:
     return digest(canonical_json(recipe))
+
+
+def folder_sha256(folder: Path) -> str:
+    """Digest of a folder's files: names and contents, in name order."""
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        h.update(p.name.encode())
+        h.update(bytes.fromhex(sha256_file(p)))
+    return h.hexdigest()
+
+
+def check_data(shared: Path, data: dict) -> list[str]:
+    """Mismatches between ../shared/data and the digests the recipe records."""
+    bad = []
+    for key, rel in data["files"].items():
+        if sha256_file(shared / rel) != data["sha256"][key]:
+            bad.append(str(shared / rel))
+    if folder_sha256(shared / data["images"]) != data["sha256"]["images"]:
+        bad.append(str(shared / data["images"]))
+    return bad
+
+
+def features_match(folder: Path, recipe: dict) -> bool:
+    """Whether a feature cache already holds what the recipe's features step would extract."""
+    if not (folder / "features.json").is_file():
+        return False
+    meta = json.loads((folder / "features.json").read_text())
+    want = recipe["backbone"]
+    pre = meta["backbone"]["preprocess"]
+    return (meta["backbone"]["name"] == want["backbone"] and pre["image_size"] == want["image_size"]
+            and pre["resize"] == want["resize"] and meta["views"] == recipe["features"]["views"]
+            and meta.get("seed", 0) == recipe["features"]["seed"])
 
 
 def flags(options: dict) -> list[str]:
@@ -47,12 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     recipe = json.loads(RECIPE.read_text())
     data = recipe["data"]
-    for key, rel in data["files"].items():
-        actual = sha256_file(args.shared / rel)
-        if actual != data["sha256"][key]:
-            print(f"error: {args.shared / rel} is not the file the recipe names (sha256 {actual[:12]}…)",
-                  file=sys.stderr)
-            return 2
+    bad = check_data(args.shared, data)
+    if bad:
+        print(f"error: {', '.join(bad)} differ from the data the recipe names (sha256)", file=sys.stderr)
+        return 2
     w = args.work
     csv, images = args.shared / data["files"]["train_csv"], args.shared / data["images"]
     steps = [
@@ -65,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
          "--recipe", canonical_json({**recipe, "digest": recipe_digest(recipe)})],
         ["index", "--model", str(w / "model"), "--features", str(w / "features")],
     ]
+    if features_match(w / "features", recipe):
+        print(f"reusing the matching feature cache in {w / 'features'}")
+        steps.pop(1)
     for step in steps:
         print("+ geoswc", " ".join(s if len(s) < 80 else s[:60] + "…" for s in step), flush=True)
         rc = geoswc(step)

@@ -74,6 +74,6 @@ def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
     assert main(["features", "--csv", str(csv_path), "--images", str(DEV_IMAGES), "--out", str(w / "features"),
                  "--views", "2"]) == 0
     assert main(["train", "--features", str(w / "features"), "--cells", str(w / "cells.csv"), "--out",
-                 str(w / "model"), "--epochs", "3", "--batch-size", "16"]) == 0
+                 str(w / "model"), "--epochs", "3", "--rrm-epochs", "3", "--batch-size", "16"]) == 0
     assert main(["index", "--model", str(w / "model"), "--features", str(w / "features")]) == 0
     return {"dir": w, "csv": csv_path, "model": w / "model", "features": w / "features", "cells": w / "cells.csv"}

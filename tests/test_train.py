@@ -17,7 +17,7 @@ from .conftest import DEV_IMAGES
 def _setup(ws, **kw):
     fs = FeatureSet.load(ws["features"])
     cells = CellTable.load(ws["cells"])
-    cfg = TrainConfig(epochs=4, batch_size=16, **kw)
+    cfg = TrainConfig(epochs=4, rrm_epochs=4, batch_size=16, **kw)
     return fs, cells, cfg, GeoModel(ModelConfig(backbone=fs.backbone, train=cfg), cells)
 
 

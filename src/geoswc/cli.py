@@ -224,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if model.backbone_fingerprint != feats.backbone_fingerprint:
             raise ModelMismatchError("the features were extracted with another backbone than the one configured")
     out = Path(args.out)
-    history = train_heads(model, feats, train_cfg, checkpoint_dir=out / "checkpoint", rrm_epochs=args.rrm_epochs)
+    history = train_heads(model, feats, train_cfg, checkpoint_dir=out / "checkpoint")
     if train_cfg.finetune:
         if not (args.csv or args.images):
             raise InputError("--finetune trains on images: give --csv and --images")
@@ -355,7 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--features", type=Path, required=True, help="feature cache from `geoswc features`")
     sp.add_argument("--cells", type=Path, required=True, help="cell table from `geoswc cells`")
     sp.add_argument("--out", type=Path, required=True, help="model folder to write (checkpoints go inside)")
-    sp.add_argument("--rrm-epochs", type=int, default=None, help="epochs of the RRM phase (default: --epochs)")
     sp.add_argument("--recipe", default=None, help=argparse.SUPPRESS)
     data_args(sp)
     sp.add_argument("--workers", type=int, default=0, help="decoding processes for --finetune")

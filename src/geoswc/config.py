@@ -88,8 +88,10 @@ class HeadConfig:
 class TrainConfig:
     """Optimisation of the heads (and, with ``finetune``, of the backbone)."""
 
-    epochs: int = 60
-    """Passes over the training photos (MvMF phase, and RRM phase unless set apart)."""
+    epochs: int = 10
+    """Passes over the training photos of the MvMF phase."""
+    rrm_epochs: int = 30
+    """Passes over the training photos of the RRM phase."""
     batch_size: int = 128
     """Photos per optimisation step."""
     lr: float = 1e-3

@@ -41,6 +41,8 @@ class FeatureSet:
     lon: np.ndarray
     backbone: BackboneConfig
     backbone_fingerprint: str
+    seed: int = 0
+    """Seed of the augmented views."""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -53,7 +55,7 @@ class FeatureSet:
         rows = np.asarray(rows, np.int64)
         return FeatureSet(self.features[torch.from_numpy(rows)], [self.names[i] for i in rows],
                           [self.authors[i] for i in rows], self.lat[rows], self.lon[rows], self.backbone,
-                          self.backbone_fingerprint)
+                          self.backbone_fingerprint, self.seed)
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -69,7 +71,7 @@ class FeatureSet:
             "format": FEATURES_FORMAT,
             "backbone_fingerprint": self.backbone_fingerprint,
             "backbone": to_dict(self.backbone),
-            "size": len(self), "views": self.views, "dim": int(self.features.shape[2]),
+            "size": len(self), "views": self.views, "seed": self.seed, "dim": int(self.features.shape[2]),
             "tensors_sha256": sha, "items_sha256": storage.sha256_bytes(items),
         })
 
@@ -89,7 +91,8 @@ class FeatureSet:
             raise ArtifactError(f"feature cache {folder} is inconsistent; re-extract features")
         return cls(feats, [r[0] for r in rows], [r[1] for r in rows],
                    np.array([float(r[2]) for r in rows]), np.array([float(r[3]) for r in rows]),
-                   from_dict(BackboneConfig, meta["backbone"]), str(meta["backbone_fingerprint"]))
+                   from_dict(BackboneConfig, meta["backbone"]), str(meta["backbone_fingerprint"]),
+                   int(meta.get("seed", 0)))
 
 
 @torch.inference_mode()
@@ -137,5 +140,5 @@ def extract_features(
     recs = [records[i] for i in keep]
     fs = FeatureSet(out[torch.from_numpy(keep)], [r.image for r in recs], [r.author for r in recs],
                     np.array([r.lat for r in recs]), np.array([r.lon for r in recs]), backbone_cfg,
-                    fingerprint or backbone_fingerprint(backbone_cfg))
+                    fingerprint or backbone_fingerprint(backbone_cfg), seed)
     return fs, report

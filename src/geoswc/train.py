@@ -191,7 +191,7 @@ def _pair_batches(n: int, batch_pairs: int, pos: list[np.ndarray], views: int,
 
 
 def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint_dir: str | Path | None = None,
-                progress: bool = True, rrm_epochs: int | None = None) -> dict[str, list[float]]:
+                progress: bool = True) -> dict[str, list[float]]:
     """Train the MvMF head and the RRM of ``model`` on cached features (the backbone is not touched).
 
     Args:
@@ -199,7 +199,6 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
         feats: features ``(N, V, D)`` with positions; must come from the model's backbone.
         cfg: epochs, batch size, learning rate, contrastive settings, seed.
         checkpoint_dir: where per-epoch checkpoints go (resumed from when present).
-        rrm_epochs: epochs of the RRM phase (default ``cfg.epochs``).
 
     Returns:
         Mean loss per epoch of each phase.
@@ -214,7 +213,7 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
     xyz = torch.from_numpy(latlon_to_xyz(feats.lat, feats.lon)).float()
     authors = _author_ids(feats.authors)
     run_key = digest(canonical_json({"train": to_dict(cfg), "model": to_dict(model.config.heads),
-                                     "cells": model.config.cells_fingerprint, "rrm_epochs": rrm_epochs,
+                                     "cells": model.config.cells_fingerprint,
                                      "data": feats.backbone_fingerprint, "names": digest(*feats.names)}))
     ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, run_key)
     modules = {"mvmf": model.mvmf, "rrm": model.rrm}
@@ -257,7 +256,7 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
         return geo_contrastive_loss(emb, xyz[it], it, authors_t[it], cfg.positive_km, cfg.temperature,
                                     cfg.same_author_positives)
 
-    _run_phase("rrm", cfg.epochs if rrm_epochs is None else rrm_epochs, math.ceil(n / pairs),
+    _run_phase("rrm", cfg.rrm_epochs, math.ceil(n / pairs),
                lambda rng: _pair_batches(n, pairs, pos, views, rng), rrm_step, opt, [cfg.lr], ckpt, modules,
                cfg.seed, history, progress, [rrm])
     model.eval()
