@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: setup demo test test-fast lint default-model cross-validation clean
+.PHONY: setup browser demo test test-fast lint default-model cross-validation clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,7 +18,13 @@ setup: $(VENV)/.installed
 demo: setup  ## locate the example photo with the embedded model
 	$(VENV)/bin/geoswc locate examples/kauai.png
 
-test: setup  ## the whole test suite (what CI runs)
+browser:  ## headless Chromium for tests/test_browser.py (Debian's chromium + chromium-driver)
+	@if [ ! -x /usr/bin/chromium ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
+
+test: setup browser  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -30,8 +36,10 @@ lint: setup
 default-model: setup  ## rebuild the embedded model from $(SHARED)
 	$(PY) scripts/build_default_model.py --shared $(SHARED)
 
-cross-validation: setup  ## the README's cross-validation table
-	$(PY) benchmarks/cross_validation.py --out benchmarks/results/cross_validation.json
+cross-validation: setup  ## the README's cross-validation table (reuses the default model's feature cache if built)
+	$(PY) benchmarks/cross_validation.py --recipe recipes/default.json \
+		$(if $(wildcard work/default-model/features/features.json),--features work/default-model/features) \
+		--out benchmarks/results/cross_validation.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

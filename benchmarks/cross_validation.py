@@ -4,7 +4,7 @@ development split in ../shared/data).
 For each fold, the heads are trained on the other folds' cached features, the other folds form the
 gallery, and the fold's photos are located with every method:
 
-- ``swc``: search within the most probable cell (the method),
+- ``swc``: search within the chosen cell (the most probable one, or with ``--select-km`` the densest region's),
 - ``classification``: centroid of the most probable cell,
 - ``retrieval``: SwC's clustering over the top-k of the whole gallery, no cell constraint,
 - ``raw 1-NN``: the nearest gallery photo by cosine similarity of raw backbone features (no training).
@@ -43,7 +43,8 @@ log = logging.getLogger("cross_validation")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON results file (a .md table is written beside it)")
     p.add_argument("--csv", type=Path, default=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv")
     p.add_argument("--images", type=Path, default=SHARED / "im2gps3k-dev" / "images")
@@ -70,7 +71,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--same-author-positives", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 folds, few epochs: a smoke run")
+    p.add_argument("--recipe", type=Path, default=None,
+                   help="take the settings of a model recipe (e.g. recipes/default.json); flags still override")
+    known, _ = p.parse_known_args(argv)
+    if known.recipe is not None:
+        p.set_defaults(**recipe_defaults(json.loads(known.recipe.read_text())))
     return p.parse_args(argv)
+
+
+def recipe_defaults(recipe: dict) -> dict:
+    """Flag defaults from a recipe's sections (the keys are the flags' names)."""
+    out: dict = {}
+    for section in ("cells", "backbone", "features", "train", "heads", "search"):
+        out |= recipe.get(section, {})
+    out["image_size"] = out.pop("image_size", None)
+    return {k: v for k, v in out.items() if k not in ("r_km", "min_samples")}
 
 
 def load_coords(path: Path) -> tuple[np.ndarray, np.ndarray]:

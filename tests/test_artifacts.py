@@ -26,12 +26,28 @@ def test_cells_build_save_load_round_trip(tmp_path):
     table.save(tmp_path / "c.csv")
     again = CellTable.load(tmp_path / "c.csv")
     assert again.fingerprint == table.fingerprint
+    assert again.config == CellConfig(max_per_cell=2000, min_per_cell=100)  # from the .json sidecar
     # every point is assigned to the cell that contains it; its centroid is near
     idx = again.assign(a[:500, 0], a[:500, 1])
     kept = idx >= 0
     assert kept.mean() > 0.9
     counts = np.bincount(again.assign(a[:, 0], a[:, 1])[again.assign(a[:, 0], a[:, 1]) >= 0], minlength=len(again))
     assert (counts == again.count).all()
+
+
+def test_cell_sidecar_of_another_table_is_ignored(tmp_path):
+    a = np.loadtxt(MP16, delimiter=",", skiprows=1)[:5000]
+    build_cells(a[:, 0], a[:, 1], CellConfig(max_per_cell=500, min_per_cell=10)).save(tmp_path / "c.csv")
+    other = build_cells(a[:, 0], a[:, 1], CellConfig(max_per_cell=1000, min_per_cell=10))
+    (tmp_path / "c.csv").write_text(other.to_csv())  # the CSV replaced, the sidecar left behind
+    assert CellTable.load(tmp_path / "c.csv").config is None
+
+
+def test_model_records_the_cell_thresholds(tiny_workspace):
+    """The tiny workspace's cells were built with 5000/200: the model config says so."""
+    m = GeoModel.load(tiny_workspace["model"])
+    assert m.config.cells == CellConfig(max_per_cell=5000, min_per_cell=200)
+    assert m.cells.config == m.config.cells
 
 
 def test_model_round_trip(tiny_workspace, tmp_path):

@@ -15,7 +15,7 @@ from numpy.typing import ArrayLike, NDArray
 from tqdm.auto import tqdm
 
 from . import storage
-from .config import CellConfig, digest
+from .config import CellConfig, digest, from_dict, to_dict
 from .errors import ArtifactError, InputError
 from .geo import haversine_km, latlon_to_xyz, spherical_mean, validate_latlon, xyz_to_latlon
 
@@ -45,6 +45,7 @@ class CellTable:
         lat, lon: centroid of the member points (spherical mean), degrees, ``(C,)``.
         count: member points, ``(C,)``.
         spread_km: RMS distance of members to the centroid, ``(C,)``; seeds the vMF concentrations.
+        config: the thresholds the table was built with, when known (kept in a ``.json`` beside the CSV).
     """
 
     tokens: list[str]
@@ -53,6 +54,7 @@ class CellTable:
     lon: NDArray[np.float64]
     count: NDArray[np.int64]
     spread_km: NDArray[np.float64]
+    config: CellConfig | None = field(default=None, compare=False)
     _ranges: tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.int64]] | None = field(
         default=None, repr=False, compare=False
     )
@@ -82,7 +84,12 @@ class CellTable:
         return digest(self.to_csv())
 
     def save(self, path: str | Path) -> None:
+        """Write the CSV and, when the build thresholds are known, a ``.json`` sidecar naming them."""
+        path = Path(path)
         storage.write_text(path, self.to_csv())
+        if self.config is not None:
+            storage.write_json(path.with_suffix(".json"), {"format": "geoswc-cells/1", "fingerprint": self.fingerprint,
+                                                           "config": to_dict(self.config)})
 
     @classmethod
     def load(cls, path: str | Path) -> CellTable:
@@ -115,8 +122,10 @@ class CellTable:
             raise ArtifactError(f"cell table {path} has no cells")
         if not validate_latlon(lat, lon).all():
             raise ArtifactError(f"cell table {path} has centroids out of range")
-        return cls(tokens, np.array(level, np.int64), np.array(lat), np.array(lon),
-                   np.array(count, np.int64), np.array(spread))
+        table = cls(tokens, np.array(level, np.int64), np.array(lat), np.array(lon),
+                    np.array(count, np.int64), np.array(spread))
+        table.config = _sidecar_config(path, table.fingerprint)
+        return table
 
     def _range_index(self) -> tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.int64]]:
         if self._ranges is None:
@@ -154,6 +163,19 @@ class CellTable:
         """Index of the cell whose centroid is nearest to each point, ``(N,)``."""
         q = latlon_to_xyz(np.atleast_1d(lat), np.atleast_1d(lon))
         return np.argmax(q @ self.xyz.T, axis=1)
+
+
+def _sidecar_config(path: Path, fingerprint: str) -> CellConfig | None:
+    """The build thresholds from the ``.json`` beside a cell CSV, if it is there and describes this table."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None
+    meta = storage.read_json(side, "cell table metadata")
+    if meta.get("fingerprint") != fingerprint:
+        log.warning("%s describes another cell table (fingerprint %s, the CSV has %s); ignoring it",
+                    side, meta.get("fingerprint"), fingerprint)
+        return None
+    return from_dict(CellConfig, meta.get("config", {}))
 
 
 def build_cells(lat: ArrayLike, lon: ArrayLike, config: CellConfig | None = None,
@@ -227,4 +249,4 @@ def build_cells(lat: ArrayLike, lon: ArrayLike, config: CellConfig | None = None
                       np.array(count, np.int64), np.array(spread))
     # Round to the CSV's precision so a built table and its saved copy are identical.
     return CellTable(table.tokens, table.level, np.round(table.lat, 6), np.round(table.lon, 6),
-                     table.count, np.round(table.spread_km, 3))
+                     table.count, np.round(table.spread_km, 3), config=cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -83,6 +84,12 @@ class HeadConfig:
     rrm_hidden: int = 0
     """Width of the RRM's inner layer; 0 means the feature width."""
 
+    def __post_init__(self) -> None:
+        if self.mvmf_hidden < 0 or self.rrm_hidden < 0:
+            raise ValueError(f"mvmf_hidden and rrm_hidden must be >= 0, got {self.mvmf_hidden}, {self.rrm_hidden}")
+        if not 0 <= self.mvmf_dropout < 1:
+            raise ValueError(f"mvmf_dropout must be in [0, 1), got {self.mvmf_dropout}")
+
 
 @dataclass
 class TrainConfig:
@@ -115,6 +122,20 @@ class TrainConfig:
     """Peak learning rate of the backbone while fine-tuning (the heads get 10x)."""
     checkpoint_every: int = 1
     """Save a checkpoint every this many epochs (fine-tuning)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "rrm_epochs", "finetune_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "finetune_lr", "temperature"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("weight_decay", "positive_km"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -159,7 +180,8 @@ class ModelConfig:
     heads: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    cells: CellConfig = field(default_factory=CellConfig)
+    cells: CellConfig | None = None
+    """Thresholds the cell table was built with (``None`` when the table came without them)."""
     cells_fingerprint: str = ""
     num_cells: int = 0
     backbone_finetuned: bool = False
@@ -203,6 +225,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ArtifactError(f"{where}: expected a list, got {value!r}")
         return tuple(float(v) for v in value)
     if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value)
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

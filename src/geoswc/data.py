@@ -20,7 +20,7 @@ from PIL import Image
 
 from .config import Preprocess
 from .errors import ImageError, InputError
-from .images import DEFAULT_LIMITS, ImageLimits, ImageSource, load_image, read_gps
+from .images import DEFAULT_LIMITS, ImageLimits, ImageSource, _check_size, load_image, read_gps
 from .transforms import augment, preprocess
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class LoadReport:
 
     def log(self) -> None:
         (log.warning if self.skipped else log.info)("%s", self.summary())
+
+
+DRAFT_HEADROOM = 2
+"""JPEGs are draft-decoded to at least this multiple of the input size before resizing."""
 
 
 def _parse_coord(text: str | None, name: str, bound: float) -> float:
@@ -221,24 +225,42 @@ class ImageDataset(torch.utils.data.Dataset):
     def _decode(self, i: int) -> Image.Image:
         src = self.paths[i]
         if isinstance(src, Image.Image):
-            return src if src.mode == "RGB" else src.convert("RGB")
-        # Augmented crops need more than the final size: keep 2x head-room for the draft decode.
-        augmenting = self.train_augment or self.views > 1
-        return load_image(src, self.limits, draft_size=self.pre.image_size * (2 if augmenting else 1))
+            _check_size(src, f"<image {i + 1}>", self.limits)  # no pixels, or a pixel bomb: ImageError
+            try:
+                return src if src.mode == "RGB" else src.convert("RGB")
+            except (OSError, ValueError) as e:
+                raise ImageError(f"<image {i + 1}> (mode {src.mode}) cannot be converted to RGB: {e}") from e
+        # JPEG draft decoding with 2x head-room: enough for augmented crops, and the same decode for every
+        # view, so a cached plain view equals what inference computes for the photo.
+        return load_image(src, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, ImageError | None]:
         try:
             img = self._decode(i)
         except ImageError as e:
             return i, None, e
-        if self.train_augment:
-            rng = np.random.default_rng((self.seed, self.epoch, i))
-            return i, augment(img, self.pre, rng), None
-        if self.views == 1:
-            return i, preprocess(img, self.pre), None
-        rng = np.random.default_rng((self.seed, i))
-        views = [preprocess(img, self.pre)] + [augment(img, self.pre, rng) for _ in range(self.views - 1)]
-        return i, torch.stack(views), None
+        return i, make_views(img, self.pre, i, views=self.views, seed=self.seed, train_augment=self.train_augment,
+                             epoch=self.epoch), None
+
+
+def make_views(img: Image.Image, pre: Preprocess, index: int, *, views: int = 1, seed: int = 0,
+               train_augment: bool = False, epoch: int = 0) -> torch.Tensor:
+    """The input tensor(s) of photo number ``index``, as :class:`ImageDataset` (and the shard reader) make them.
+
+    Returns:
+        ``(3, S, S)`` for one view; ``(V, 3, S, S)`` for ``views > 1``: the plain view, then augmentations
+        seeded by ``(seed, index)``. With ``train_augment``, random training views seeded by
+        ``(seed, epoch, index)`` instead: one ``(3, S, S)``, or ``views`` of them stacked.
+    """
+    if train_augment:
+        rng = np.random.default_rng((seed, epoch, index))
+        if views == 1:
+            return augment(img, pre, rng)
+        return torch.stack([augment(img, pre, rng) for _ in range(views)])
+    if views == 1:
+        return preprocess(img, pre)
+    rng = np.random.default_rng((seed, index))
+    return torch.stack([preprocess(img, pre)] + [augment(img, pre, rng) for _ in range(views - 1)])
 
 
 def collate(items: Iterable[tuple[int, torch.Tensor | None, ImageError | None]]):

@@ -104,7 +104,7 @@ class GeoModel(nn.Module):
         """Write the model folder atomically file by file (config last). Returns the fingerprint."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.cells.save(folder / "cells.csv")
+        storage.write_text(folder / "cells.csv", self.cells.to_csv())
         files = {"heads.safetensors": storage.save_tensors(folder / "heads.safetensors", self._head_tensors())}
         if self.config.backbone_finetuned:
             if self.backbone is None:
@@ -135,11 +135,17 @@ class GeoModel(nn.Module):
         meta = storage.read_json(folder / "config.json", "model config")
         if meta.get("format") != MODEL_FORMAT:
             raise ArtifactError(f"{folder} is not a geoswc model (format {meta.get('format')!r})")
-        config = from_dict(ModelConfig, meta.get("config", {}))
-        files = meta.get("files_sha256", {})
+        storage.require_keys(meta, ("fingerprint", "backbone_fingerprint", "files_sha256", "cells_sha256", "config"),
+                             "model config", folder / "config.json")
+        config = from_dict(ModelConfig, meta["config"])
+        files = meta["files_sha256"]
+        needed = ("heads.safetensors", "backbone.safetensors") if config.backbone_finetuned else ("heads.safetensors",)
+        storage.require_keys(files if isinstance(files, dict) else {}, needed, "model config (files_sha256)",
+                             folder / "config.json")
         if storage.sha256_file(folder / "cells.csv") != meta.get("cells_sha256"):
             raise ArtifactError(f"{folder / 'cells.csv'} is damaged or was changed; restore the model folder")
         cells = CellTable.load(folder / "cells.csv")
+        cells.config = config.cells
         backbone = None
         if with_backbone:
             if config.backbone_finetuned:
@@ -157,7 +163,7 @@ class GeoModel(nn.Module):
         except RuntimeError as e:
             raise ArtifactError(f"model heads in {folder} do not fit its config: {e}") from e
         model.compute_fingerprints()
-        if model.fingerprint != meta.get("fingerprint"):
+        if model.fingerprint != meta.get("fingerprint") or model.backbone_fingerprint != meta["backbone_fingerprint"]:
             raise ArtifactError(
                 f"model {folder} does not match its recorded fingerprint ({meta.get('fingerprint')} vs "
                 f"{model.fingerprint}): the config or weights were changed; rebuild or restore it"

@@ -1,0 +1,525 @@
+/* geoswc map page: upload photos to POST api/locate and draw each prediction on a Leaflet map.
+ * Works offline: Leaflet and the Natural Earth outlines are served from static/vendor/. */
+(function () {
+  'use strict';
+
+  var TOKEN_KEY = 'geoswc.token';
+  var BAND = 240; // the map shows longitudes -240..240; the base map is copied across the antimeridian
+  var CLUSTER_COLORS = ['#e64980', '#12b886', '#7048e8', '#f08c00', '#1098ad', '#d6336c', '#5c940d',
+    '#ae3ec9', '#e8590c', '#1971c2'];
+  var NOISE_COLOR = '#868e96';
+  var CELL_COLOR = '#e8590c';
+
+  var state = { config: null, items: [], selected: -1, map: null, overlay: null, basemap: null, retries: 0 };
+  var $ = function (id) { return document.getElementById(id); };
+
+  // -- geometry ------------------------------------------------------------------------------------
+
+  /** The longitude equal to `lon` modulo 360 that is nearest to `ref`. */
+  function nearLon(lon, ref) {
+    var d = ((lon - ref) % 360 + 540) % 360 - 180;
+    return ref + d;
+  }
+
+  /** Confidence -> circle radius in km: 25 km x 100^(1 - confidence), i.e. 25 km when the model is sure,
+   * 250 km at 0.5, 2500 km (a continent) at 0. Lower confidence, bigger circle, on a log scale. */
+  function radiusKm(confidence) {
+    var c = Math.min(1, Math.max(0, Number(confidence) || 0));
+    return 25 * Math.pow(100, 1 - c);
+  }
+
+  /** Make a ring's longitudes continuous (no jump over 180 degrees between neighbours). A ring around a
+   * pole (its longitudes wind by 360 degrees) is closed along that pole, so that it fills the polar cap
+   * instead of drawing a band across the map. `ring` is [[lat, lon], ...]; returns a new ring. */
+  function unwrapRing(ring) {
+    if (!ring.length) return [];
+    var out = [[ring[0][0], ring[0][1]]];
+    var prev = ring[0][1];
+    var latSum = ring[0][0];
+    for (var i = 1; i < ring.length; i++) {
+      var lon = nearLon(ring[i][1], prev);
+      out.push([ring[i][0], lon]);
+      latSum += ring[i][0];
+      prev = lon;
+    }
+    var first = out[0][1];
+    var winding = nearLon(first, prev) - first; // 0 for an ordinary ring, +-360 around a pole
+    if (Math.abs(winding) > 180) {
+      var pole = latSum / ring.length < 0 ? -90 : 90;
+      out.push([out[0][0], first + winding], [pole, first + winding], [pole, first]);
+    }
+    return out;
+  }
+
+  function lonRange(ring) {
+    var lo = Infinity, hi = -Infinity;
+    for (var i = 0; i < ring.length; i++) {
+      if (ring[i][1] < lo) lo = ring[i][1];
+      if (ring[i][1] > hi) hi = ring[i][1];
+    }
+    return [lo, hi];
+  }
+
+  function shiftRing(ring, dLon) {
+    return ring.map(function (p) { return [p[0], p[1] + dLon]; });
+  }
+
+  /** A polygon ([outer, holes...], unwrapped) and its copies shifted by 360 degrees, keeping those that
+   * overlap longitudes [lo, hi]: a country crossing the antimeridian shows on both sides of it. */
+  function polygonCopies(poly, lo, hi) {
+    var r = lonRange(poly[0]);
+    var out = [];
+    [-360, 0, 360].forEach(function (k) {
+      if (r[1] + k > lo && r[0] + k < hi) {
+        out.push(poly.map(function (ring) { return shiftRing(ring, k); }));
+      }
+    });
+    return out;
+  }
+
+  /** GeoJSON (Multi)Polygon coordinates -> unwrapped Leaflet polygons [[outer, holes...], ...], copied
+   * across the antimeridian where needed. */
+  function geometryPolygons(geom) {
+    if (!geom) return [];
+    var polys = geom.type === 'Polygon' ? [geom.coordinates] : geom.type === 'MultiPolygon' ? geom.coordinates : [];
+    var out = [];
+    polys.forEach(function (poly) {
+      var outer = unwrapRing(poly[0].map(function (c) { return [c[1], c[0]]; }));
+      var anchor = outer.length ? outer[0][1] : 0;
+      var rings = [outer].concat(poly.slice(1).map(function (hole) {
+        var h = hole.map(function (c) { return [c[1], c[0]]; });
+        if (h.length) h[0] = [h[0][0], nearLon(h[0][1], anchor)];
+        return unwrapRing(h);
+      }));
+      out = out.concat(polygonCopies(rings, -BAND, BAND));
+    });
+    return out;
+  }
+
+  /** Points along the great circle from a to b ([lat, lon] degrees), longitudes continuous from a's. */
+  function greatCircle(a, b, n) {
+    var rad = Math.PI / 180;
+    function xyz(p) {
+      var la = p[0] * rad, lo = p[1] * rad;
+      return [Math.cos(la) * Math.cos(lo), Math.cos(la) * Math.sin(lo), Math.sin(la)];
+    }
+    var u = xyz(a), v = xyz(b);
+    var dot = Math.max(-1, Math.min(1, u[0] * v[0] + u[1] * v[1] + u[2] * v[2]));
+    var omega = Math.acos(dot);
+    if (omega < 1e-6 || Math.PI - omega < 1e-6) return [a, [b[0], nearLon(b[1], a[1])]];
+    var out = [], prev = a[1];
+    for (var i = 0; i <= n; i++) {
+      var t = i / n, s = Math.sin(omega);
+      var f = Math.sin((1 - t) * omega) / s, g = Math.sin(t * omega) / s;
+      var x = f * u[0] + g * v[0], y = f * u[1] + g * v[1], z = f * u[2] + g * v[2];
+      var lon = nearLon(Math.atan2(y, x) / rad, prev);
+      out.push([Math.atan2(z, Math.sqrt(x * x + y * y)) / rad, lon]);
+      prev = lon;
+    }
+    return out;
+  }
+
+  /** Largest longitude step between consecutive vertices of the drawn base map (a stray band means ~360). */
+  function basemapMaxJump() {
+    var worst = 0;
+    if (!state.basemap) return null;
+    state.basemap.eachLayer(function (layer) {
+      var stack = [layer.getLatLngs()];
+      while (stack.length) {
+        var a = stack.pop();
+        if (a.length && a[0].lat === undefined) { a.forEach(function (x) { stack.push(x); }); continue; }
+        for (var i = 0; i < a.length; i++) {
+          var b = a[(i + 1) % a.length];
+          // Edges along a pole (closing a ring around it) lie off the Mercator map: not a band.
+          if (Math.abs(a[i].lat) > 85 && Math.abs(b.lat) > 85) continue;
+          worst = Math.max(worst, Math.abs(b.lng - a[i].lng));
+        }
+      }
+    });
+    return worst;
+  }
+
+  // -- map -----------------------------------------------------------------------------------------
+
+  function initMap(config) {
+    var map = L.map('map', {
+      center: [20, 0], zoom: 2, minZoom: 1, maxZoom: config.tiles ? 18 : 12, worldCopyJump: false,
+      maxBounds: [[-89, -BAND], [89, BAND]], maxBoundsViscosity: 0.8, zoomSnap: 0.5,
+    });
+    map.attributionControl.setPrefix('<a href="https://leafletjs.com">Leaflet</a>');
+    var baseLayers = {};
+    var outlines = L.layerGroup();
+    baseLayers['Natural Earth (offline)'] = outlines;
+    if (config.tiles) {
+      var tiles = L.tileLayer(config.tiles, { attribution: config.tiles_attribution || '', maxZoom: 18 });
+      baseLayers['Tiles'] = tiles;
+      tiles.addTo(map);
+      L.control.layers(baseLayers, null, { collapsed: true }).addTo(map);
+    } else {
+      outlines.addTo(map);
+    }
+    state.map = map;
+    state.basemap = outlines;
+    state.overlay = L.featureGroup().addTo(map);
+    L.control.scale({ imperial: false }).addTo(map);
+    loadOutlines(outlines);
+  }
+
+  function loadOutlines(group) {
+    var renderer = L.canvas({ padding: 0.5 });
+    fetch('static/vendor/world-atlas/countries-50m.json')
+      .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.json(); })
+      .then(function (topo) {
+        var fc = topojson.feature(topo, topo.objects.countries);
+        fc.features.forEach(function (f) {
+          var polys = geometryPolygons(f.geometry);
+          if (!polys.length) return;
+          L.polygon(polys, {
+            renderer: renderer, color: '#a59e8c', weight: 0.6, fillColor: '#f3efe4', fillOpacity: 1,
+            interactive: false, smoothFactor: 0.6,
+          }).addTo(group);
+        });
+        state.map.attributionControl.addAttribution('Made with <a href="https://www.naturalearthdata.com/">Natural Earth</a>');
+        $('map').dataset.basemap = 'ready';
+      })
+      .catch(function (e) {
+        $('map').dataset.basemap = 'failed';
+        setStatus('The base map could not be loaded: ' + e.message, true);
+      });
+  }
+
+  function clusterColor(c) {
+    return c < 0 ? NOISE_COLOR : CLUSTER_COLORS[c % CLUSTER_COLORS.length];
+  }
+
+  function esc(s) {
+    return String(s).replace(/[&<>"']/g, function (ch) {
+      return { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[ch];
+    });
+  }
+
+  function placeLabel(p) {
+    if (!p) return '';
+    return [p.name, p.admin1, p.country].filter(Boolean).join(', ');
+  }
+
+  function fmtKm(km) {
+    return km < 10 ? km.toFixed(1) + ' km' : Math.round(km).toLocaleString('en') + ' km';
+  }
+
+  /** Draw one prediction: top cells, confidence circle, neighbours, estimate marker and the photo's GPS. */
+  function drawPrediction(p) {
+    var map = state.map, group = state.overlay;
+    group.clearLayers();
+    var lat = p.lat, lon = nearLon(p.lon, 0);
+    var pmax = Math.max.apply(null, p.top_cells.map(function (c) { return c.probability; }).concat([1e-9]));
+    var context = null; // the top cell's outline, to frame the view when it is not huge
+    p.top_cells.slice().reverse().forEach(function (c) {
+      var ring = unwrapRing(c.polygon);
+      var r = lonRange(ring);
+      var mid = (r[0] + r[1]) / 2;
+      ring = shiftRing(ring, nearLon(mid, lon) - mid);
+      var rank = p.top_cells.indexOf(c) + 1;
+      if (rank === 1 && r[1] - r[0] <= 90) context = ring;
+      polygonCopies([ring], lon - 180, lon + 180).forEach(function (poly) {
+        L.polygon(poly, {
+          color: CELL_COLOR, weight: rank === 1 ? 2 : 1, fillColor: CELL_COLOR,
+          fillOpacity: 0.04 + 0.3 * c.probability / pmax, className: 'geoswc-cell',
+        }).bindTooltip('#' + rank + ' cell ' + esc(c.token) + ': ' + (100 * c.probability).toFixed(1) + ' %', { sticky: true })
+          .addTo(group);
+      });
+    });
+    var radius = radiusKm(p.confidence);
+    var circle = L.circle([lat, lon], {
+      radius: radius * 1000, color: '#1c7ed6', weight: 2, dashArray: '6 5', fillColor: '#1c7ed6', fillOpacity: 0.08,
+      className: 'geoswc-confidence', interactive: false,
+    }).addTo(group);
+    p.neighbors.forEach(function (n) {
+      var same = n.cluster === p.cluster && n.cluster >= 0;
+      L.circleMarker([n.lat, nearLon(n.lon, lon)], {
+        radius: same ? 6 : 5, color: same ? '#212529' : '#fff', weight: same ? 2 : 1,
+        fillColor: clusterColor(n.cluster), fillOpacity: 0.9, className: 'geoswc-neighbor',
+      }).bindTooltip(esc(n.image) + '<br>similarity ' + n.similarity.toFixed(3) + ', cluster ' +
+        (n.cluster < 0 ? 'none (noise)' : n.cluster)).addTo(group);
+    });
+    var bounds = circle.getBounds();
+    if (context) bounds.extend(L.latLngBounds(context.map(function (q) { return [Math.max(-85, Math.min(85, q[0])), q[1]]; })));
+    if (p.exif) {
+      var path = greatCircle([lat, lon], [p.exif.lat, p.exif.lon], 64);
+      var ex = path[path.length - 1];
+      L.polyline(path, { color: '#2b8a3e', weight: 2, dashArray: '2 6', className: 'geoswc-exif-line' })
+        .addTo(group);
+      L.circleMarker(ex, {
+        radius: 7, color: '#fff', weight: 2, fillColor: '#2b8a3e', fillOpacity: 1, className: 'geoswc-exif',
+      }).bindTooltip("The photo's own GPS: " + fmtKm(p.exif.distance_km) + ' from the estimate').addTo(group);
+      path.forEach(function (q) { bounds.extend([Math.max(-85, Math.min(85, q[0])), q[1]]); });
+    }
+    var label = placeLabel(p.place);
+    var marker = L.marker([lat, lon], { title: label || 'estimate', alt: 'estimate', riseOnHover: true })
+      .bindPopup('<b>' + esc(label || 'Estimate') + '</b><br>' + lat.toFixed(4) + ', ' + p.lon.toFixed(4) +
+        '<br>confidence ' + (100 * p.confidence).toFixed(0) + ' %')
+      .addTo(group);
+    marker.getElement().classList.add('geoswc-estimate');
+    map.fitBounds(bounds, { padding: [30, 30], maxZoom: 9 });
+  }
+
+  // -- the list and the details ----------------------------------------------------------------------
+
+  function setStatus(text, isError) {
+    var s = $('status');
+    s.textContent = text || '';
+    s.className = isError ? 'error' : '';
+  }
+
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  function renderList() {
+    var ul = $('results');
+    ul.textContent = '';
+    state.items.forEach(function (it, i) {
+      var li = el('li');
+      li.dataset.index = String(i);
+      li.dataset.status = it.status;
+      if (it.status === 'error') li.classList.add('error');
+      if (i === state.selected) li.classList.add('selected');
+      var img = el('img');
+      img.alt = '';
+      img.src = it.url;
+      img.onerror = function () { img.replaceWith(el('span', 'thumb')); };
+      var text = el('div', 'text');
+      text.appendChild(el('div', 'name', it.name));
+      var sub;
+      if (it.status === 'pending') sub = 'locating…';
+      else if (it.status === 'error') sub = it.error;
+      else sub = (placeLabel(it.result.place) || it.result.lat.toFixed(3) + ', ' + it.result.lon.toFixed(3)) +
+        ' · ' + (100 * it.result.confidence).toFixed(0) + ' %';
+      text.appendChild(el('div', 'sub', sub));
+      li.appendChild(img);
+      li.appendChild(text);
+      if (it.status === 'done') {
+        li.tabIndex = 0;
+        li.addEventListener('click', function () { select(i); });
+        li.addEventListener('keydown', function (e) { if (e.key === 'Enter' || e.key === ' ') select(i); });
+      }
+      ul.appendChild(li);
+    });
+  }
+
+  function row(dl, key, value) {
+    dl.appendChild(el('dt', null, key));
+    var dd = el('dd');
+    if (value instanceof Node) dd.appendChild(value); else dd.textContent = value;
+    dl.appendChild(dd);
+  }
+
+  function renderDetails(p) {
+    var d = $('details');
+    d.textContent = '';
+    d.hidden = false;
+    d.appendChild(el('h2', null, p.image));
+    var place = el('div', 'place');
+    if (p.place) {
+      place.appendChild(document.createTextNode('Near '));
+      place.appendChild(el('strong', 'place-name', placeLabel(p.place)));
+      place.appendChild(document.createTextNode(' (' + fmtKm(p.place.distance_km) + ' away)'));
+    } else {
+      place.appendChild(el('span', 'place-name', 'no named place'));
+    }
+    d.appendChild(place);
+    var dl = el('dl');
+    row(dl, 'estimate', p.lat.toFixed(5) + ', ' + p.lon.toFixed(5));
+    row(dl, 'confidence', (100 * p.confidence).toFixed(1) + ' % (circle ' + fmtKm(radiusKm(p.confidence)) + ')');
+    row(dl, 'method', p.method);
+    row(dl, 'cell', p.cell + ' (' + (100 * p.cell_probability).toFixed(1) + ' %)');
+    if (p.fallback) {
+      row(dl, 'evidence', 'the cell holds no gallery photo: its centroid is the estimate');
+    } else if (p.neighbors.length) {
+      var agree = p.neighbors.filter(function (n) { return n.cluster === p.cluster; }).length;
+      row(dl, 'evidence', agree + ' of ' + p.neighbors.length + ' retrieved photos agree (best similarity ' +
+        p.neighbors[0].similarity.toFixed(2) + ')');
+    }
+    var gps = el('span', 'exif');
+    gps.textContent = p.exif
+      ? p.exif.lat.toFixed(5) + ', ' + p.exif.lon.toFixed(5) + ': the estimate is ' + fmtKm(p.exif.distance_km) + ' off'
+      : 'none in the photo';
+    row(dl, 'photo GPS', gps);
+    d.appendChild(dl);
+    var table = el('table');
+    var head = el('tr');
+    ['#', 'top cell', 'probability'].forEach(function (h) { head.appendChild(el('th', null, h)); });
+    table.appendChild(head);
+    p.top_cells.forEach(function (c, i) {
+      var tr = el('tr');
+      tr.appendChild(el('td', null, String(i + 1)));
+      tr.appendChild(el('td', null, c.token));
+      tr.appendChild(el('td', 'num', (100 * c.probability).toFixed(1) + ' %'));
+      table.appendChild(tr);
+    });
+    d.appendChild(table);
+  }
+
+  function select(i) {
+    var it = state.items[i];
+    if (!it || it.status !== 'done') return;
+    state.selected = i;
+    renderList();
+    renderDetails(it.result);
+    drawPrediction(it.result);
+  }
+
+  // -- uploads ----------------------------------------------------------------------------------------
+
+  function token() {
+    return ($('token').value || '').trim();
+  }
+
+  function fmtMiB(bytes) {
+    return (bytes / 1048576).toFixed(bytes < 10485760 ? 1 : 0) + ' MiB';
+  }
+
+  function sleep(ms) {
+    return new Promise(function (resolve) { setTimeout(resolve, ms); });
+  }
+
+  function fail(items, message) {
+    items.forEach(function (it) { it.status = 'error'; it.error = message; });
+  }
+
+  /** POST one batch (at most limits.max_files files); retries a few times on 503 after Retry-After. */
+  async function send(batch) {
+    var headers = {};
+    if (token()) headers.Authorization = 'Bearer ' + token();
+    for (var attempt = 0; ; attempt++) {
+      var fd = new FormData();
+      batch.forEach(function (it) { fd.append('files', it.file, it.file.name); });
+      var resp;
+      try {
+        resp = await fetch('api/locate', { method: 'POST', body: fd, headers: headers });
+      } catch (e) {
+        fail(batch, 'network error: ' + e.message);
+        return;
+      }
+      var body = null;
+      try { body = await resp.json(); } catch (e) { body = null; }
+      if (resp.status === 503 && attempt < 3) {
+        var wait = Math.min(30, Number(resp.headers.get('Retry-After')) || 2);
+        setStatus('The server is busy; retrying in ' + wait + ' s…');
+        await sleep(wait * 1000);
+        continue;
+      }
+      if (resp.status === 401) {
+        $('auth').classList.add('required', 'missing');
+        $('token').focus();
+        fail(batch, 'the server needs an API token: enter it at the top right and try again');
+        return;
+      }
+      if (resp.ok && Array.isArray(body) && body.length === batch.length) {
+        body.forEach(function (r, i) {
+          var it = batch[i];
+          if (r.error !== undefined) {
+            it.status = 'error';
+            it.error = r.error + ' (' + r.status + ')';
+          } else {
+            it.status = 'done';
+            it.result = r;
+          }
+        });
+        return;
+      }
+      fail(batch, (body && body.error ? body.error : 'HTTP ' + resp.status + ' ' + resp.statusText) +
+        ' (' + resp.status + ')');
+      return;
+    }
+  }
+
+  async function locateFiles(fileList) {
+    var files = Array.prototype.slice.call(fileList);
+    if (!files.length) return;
+    var limits = state.config.limits;
+    var fresh = files.map(function (f) {
+      var it = { file: f, name: f.name, url: URL.createObjectURL(f), status: 'pending' };
+      if (f.size > limits.max_upload_bytes) {
+        it.status = 'error';
+        it.error = 'larger than the server limit of ' + fmtMiB(limits.max_upload_bytes) + ' (413)';
+      }
+      return it;
+    });
+    var first = state.items.length;
+    state.items = state.items.concat(fresh);
+    renderList();
+    var todo = fresh.filter(function (it) { return it.status === 'pending'; });
+    setStatus('Locating ' + todo.length + ' photo' + (todo.length === 1 ? '' : 's') + '…');
+    for (var i = 0; i < todo.length; i += limits.max_files) {
+      await send(todo.slice(i, i + limits.max_files));
+      renderList();
+    }
+    var done = fresh.filter(function (it) { return it.status === 'done'; }).length;
+    var failed = fresh.length - done;
+    setStatus(done + ' located' + (failed ? ', ' + failed + ' failed' : ''), failed > 0 && done === 0);
+    for (var j = first; j < state.items.length; j++) {
+      if (state.items[j].status === 'done') { select(j); break; }
+    }
+  }
+
+  function initUpload() {
+    var drop = $('drop'), input = $('file');
+    input.addEventListener('change', function () {
+      locateFiles(input.files).finally(function () { input.value = ''; });
+    });
+    ['dragenter', 'dragover'].forEach(function (t) {
+      drop.addEventListener(t, function (e) { e.preventDefault(); drop.classList.add('over'); });
+    });
+    ['dragleave', 'drop'].forEach(function (t) {
+      drop.addEventListener(t, function (e) { e.preventDefault(); drop.classList.remove('over'); });
+    });
+    drop.addEventListener('drop', function (e) {
+      if (e.dataTransfer && e.dataTransfer.files.length) locateFiles(e.dataTransfer.files);
+    });
+    drop.addEventListener('keydown', function (e) { if (e.key === 'Enter' || e.key === ' ') input.click(); });
+    // Dropping a photo elsewhere on the page must not navigate away from it.
+    ['dragover', 'drop'].forEach(function (t) {
+      window.addEventListener(t, function (e) { e.preventDefault(); });
+    });
+  }
+
+  function initToken(config) {
+    var input = $('token');
+    try { input.value = localStorage.getItem(TOKEN_KEY) || ''; } catch (e) { /* storage disabled */ }
+    if (config.auth_required) {
+      $('auth').classList.add('required');
+      input.placeholder = 'required';
+      if (!input.value) $('auth').classList.add('missing');
+    }
+    input.addEventListener('change', function () {
+      try { localStorage.setItem(TOKEN_KEY, token()); } catch (e) { /* storage disabled */ }
+      $('auth').classList.toggle('missing', config.auth_required && !token());
+    });
+  }
+
+  function start() {
+    fetch('config.json')
+      .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.json(); })
+      .then(function (config) {
+        state.config = config;
+        var l = config.limits;
+        $('limits').textContent = 'up to ' + l.max_files + ' photos at a time, ' + fmtMiB(l.max_upload_bytes) +
+          ' each; JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC';
+        initToken(config);
+        initMap(config);
+        initUpload();
+        document.body.dataset.ready = 'true';
+      })
+      .catch(function (e) { setStatus('Cannot reach the service: ' + e.message, true); });
+  }
+
+  window.geoswc = {
+    state: state, nearLon: nearLon, unwrapRing: unwrapRing, radiusKm: radiusKm,
+    geometryPolygons: geometryPolygons, greatCircle: greatCircle, basemapMaxJump: basemapMaxJump, select: select,
+  };
+  start();
+}());

@@ -1,0 +1,150 @@
+"""The map page in a real headless Chromium: `geoswc serve` on a free localhost port, photos uploaded through
+the page's file input, the estimate drawn on the offline map. Needs /usr/bin/chromium (`make browser`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from .conftest import KAUAI, ROOT, gps_exif
+
+log = logging.getLogger(__name__)
+
+CHROMIUM = Path("/usr/bin/chromium")
+START_TIMEOUT_S = 90
+ANTIMERIDIAN_JS = """() => {
+  const cell = {token: 'fiji', lat: -17.5, lon: 179.5, probability: 0.5,
+                polygon: [[-20, 175], [-20, -175], [-15, -175], [-15, 175]]};
+  const p = {image: 'fiji.jpg', lat: -17.7, lon: 179.3, confidence: 0.4, method: 'swc', cell: 'fiji',
+             cell_probability: 0.5, cluster: -1, fallback: false, place: null, exif: null, neighbors: [],
+             top_cells: [cell]};
+  const s = geoswc.state;
+  s.items.push({name: p.image, url: '', status: 'done', result: p});
+  geoswc.select(s.items.length - 1);
+  const spans = [];
+  s.overlay.eachLayer(l => {
+    if (l instanceof L.Polygon) { const b = l.getBounds(); spans.push(b.getEast() - b.getWest()); }
+  });
+  return spans;
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``geoswc serve`` (the real command, embedded model) in a subprocess; yields its base URL."""
+    port = _free_port()
+    logfile = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOSWC_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "geoswc.cli", "serve", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"`geoswc serve` exited with {proc.returncode}:\n{logfile.read_text()}")
+            try:
+                with urllib.request.urlopen(url + "api/health", timeout=2) as r:
+                    assert json.load(r)["status"] == "ok"
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"`geoswc serve` did not answer within {START_TIMEOUT_S} s:\n{logfile.read_text()}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The browser's path; fails (never skips) when it is missing."""
+    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (installs Debian's chromium and chromium-driver)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.fail("the playwright package is missing: pip install -e '.[dev]'")
+    return str(CHROMIUM)
+
+
+def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    gps_photo = tmp_path / "kauai_gps.jpg"  # the same photo with its GPS position in EXIF
+    Image.open(KAUAI).convert("RGB").save(gps_photo, quality=90, exif=gps_exif(22.0964, -159.5261))
+    page_errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.on("requestfailed", lambda r: page_errors.append(f"request failed: {r.url}"))
+            page.goto(server)
+            page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+            page.wait_for_selector("#map[data-basemap=ready]", timeout=30_000)
+            jump = page.evaluate("geoswc.basemapMaxJump()")
+            assert jump is not None and jump < 180, f"country outlines cross the map as bands (jump {jump}°)"
+            ring = page.evaluate("geoswc.unwrapRing([[-10, 179], [-10, -179], [-12, -179], [-12, 179]])")
+            assert max(abs(a[1] - b[1]) for a, b in zip(ring, ring[1:], strict=False)) < 180
+
+            page.set_input_files("#file", [str(KAUAI), str(gps_photo)])
+            page.wait_for_selector(".geoswc-estimate", timeout=60_000)
+            page.wait_for_selector("#details .place-name", timeout=10_000)
+            page.wait_for_function("document.querySelectorAll('#results li[data-status=done]').length === 2")
+            place = page.inner_text("#details .place-name").strip()
+            assert place and place != "no named place"
+            assert page.inner_text("#details h2") == "kauai.png"
+            assert page.locator("path.geoswc-cell").count() >= 5
+            assert page.locator("path.geoswc-confidence").count() == 1
+            assert page.locator("path.geoswc-neighbor").count() >= 1
+            assert [t.strip() for t in page.locator("#results li .name").all_inner_texts()] == [
+                "kauai.png", "kauai_gps.jpg"]
+            page.wait_for_timeout(400)  # let fitBounds' animation settle
+            shot = tmp_path / "kauai.png"
+            page.screenshot(path=str(shot))
+
+            page.locator("#results li").nth(1).click()
+            page.wait_for_selector("path.geoswc-exif", timeout=10_000)
+            assert "km off" in page.inner_text("#details")
+            page.wait_for_timeout(400)
+            shot_gps = tmp_path / "kauai_gps.png"
+            page.screenshot(path=str(shot_gps))
+
+            # A cell across the antimeridian (Fiji) must be drawn as one 10°-wide polygon, not a 350° band.
+            spans = page.evaluate(ANTIMERIDIAN_JS)
+            assert spans and max(spans) < 20, spans
+        finally:
+            browser.close()
+    assert not page_errors, page_errors
+    assert shot.stat().st_size > 20_000 and shot_gps.stat().st_size > 20_000
+    log.info("screenshots: %s, %s", shot, shot_gps)
+    if keep := os.environ.get("GEOSWC_SCREENSHOT_DIR"):
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for s in (shot, shot_gps):
+            shutil.copy(s, Path(keep) / s.name)
