@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=SearchConfig.k)
     p.add_argument("--eps-km", type=float, default=SearchConfig.eps_km)
     p.add_argument("--select-km", type=float, default=SearchConfig.select_km)
+    p.add_argument("--search-km", type=float, default=SearchConfig.search_km)
+    p.add_argument("--also", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                   help="an extra swc row with these search settings changed, e.g. select_km=0 (repeatable)")
     p.add_argument("--same-author-positives", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 folds, few epochs: a smoke run")
@@ -86,6 +89,18 @@ def recipe_defaults(recipe: dict) -> dict:
         out |= recipe.get(section, {})
     out["image_size"] = out.pop("image_size", None)
     return {k: v for k, v in out.items() if k not in ("r_km", "min_samples")}
+
+
+def parse_spec(spec: str) -> dict:
+    """``"select_km=0,k=5"`` -> ``{"select_km": 0.0, "k": 5}`` (SearchConfig fields)."""
+    types = {f.name: f.type for f in dataclasses.fields(SearchConfig)}
+    out = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key not in types:
+            raise SystemExit(f"--also: unknown search setting {key!r}; known: {', '.join(types)}")
+        out[key] = int(value) if types[key] == "int" else float(value)
+    return out
 
 
 def load_coords(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -135,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         train_cfg = dataclasses.replace(train_cfg, epochs=2, rrm_epochs=2)
         folds_n = 2
-    search = SearchConfig(k=args.k, eps_km=args.eps_km, select_km=args.select_km)
+    search = SearchConfig(k=args.k, eps_km=args.eps_km, select_km=args.select_km, search_km=args.search_km)
+    variants = {f"swc {spec}": dataclasses.replace(search, **parse_spec(spec)) for spec in args.also}
     heads = HeadConfig(mvmf_hidden=args.mvmf_hidden, mvmf_dropout=args.mvmf_dropout)
     fold = author_folds(feats.authors, folds_n)
-    methods = ["swc", "classification", "retrieval", "raw 1-NN"]
+    methods = ["swc", *variants, "classification", "retrieval", "raw 1-NN"]
     errors: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for f in range(folds_n):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
@@ -149,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         train_heads(model, train, train_cfg, progress=False)
         gallery = build_gallery(model, train.features[:, 0], train.lat, train.lon, train.names, train.authors)
         geo = Geolocator(model, gallery, search)
-        for m in methods[:3]:
-            preds = geo.predict_features(test.features[:, 0], m, names=test.names)  # type: ignore[arg-type]
+        for m in methods[:-1]:
+            geo.search = variants.get(m, search)
+            preds = geo.predict_features(test.features[:, 0], m.split()[0], names=test.names)  # type: ignore[arg-type]
             errors[m].append(errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds]))
         plat, plon = raw_nn(train, test)
         errors["raw 1-NN"].append(errors_km(test.lat, test.lon, plat, plon))

@@ -102,3 +102,45 @@ def test_gallery_embeddings_are_the_models_embeddings_of_the_dev_photos(geo):
     shipped = np.asarray(gallery.embeddings[rows], np.float32)
     cos = (emb.numpy() * shipped).sum(1)
     assert np.all(cos > 0.999), cos
+
+
+EASY = [  # Venice photos: other authors' photos of the same places are in the gallery
+    "384022275_0c6972dc9d_170_35271748@N00.jpg",
+    "1191410915_2c99edb131_1099_47311799@N00.jpg",
+    "288009071_11b5e29ebf_104_36093984@N00.jpg",
+    "87329543_0dc6b7bb4d_36_69567805@N00.jpg",
+    "32680386_660c626f40_23_49503208420@N01.jpg",
+    "482973491_fdc5768f9f_182_7885919@N07.jpg",
+]
+
+
+@pytest.mark.slow
+def test_evaluate_real_photos_with_the_shipped_model(tmp_path):
+    """End to end on real photos: `geoswc evaluate --exclude-same-author` with the embedded model.
+
+    The easy photos were chosen from a full evaluation of the development set; the query and every photo
+    of its author are hidden from the gallery, so a right answer comes from other people's photos.
+    """
+    from geoswc.cli import main
+
+    with (DEV / "im2gps3k-dev.csv").open(newline="") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    hard = [name for name in sorted(rows) if name not in EASY][:4]  # whatever the model makes of them
+    sub = tmp_path / "sub.csv"
+    with sub.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(next(iter(rows.values()))))
+        w.writeheader()
+        w.writerows(rows[n] for n in EASY + hard)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--csv", str(sub), "--images", str(DEV / "images"), "--out", str(out),
+                 "--exclude-same-author"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == len(EASY) + len(hard) and metrics["missing"] == 0
+    assert metrics["model"] == Geolocator.load().fingerprint
+    with (out / "predictions.csv").open(newline="") as f:
+        preds = {r["image"]: r for r in csv.DictReader(f)}
+    for name in EASY:
+        p, t = preds[name], rows[name]
+        err = haversine_km(float(t["lat"]), float(t["lon"]), float(p["pred_lat"]), float(p["pred_lon"]))
+        assert float(p["error_km"]) == pytest.approx(float(err), abs=1e-2)
+        assert err < 25, f"{name}: {err:.0f} km off"

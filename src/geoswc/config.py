@@ -156,6 +156,9 @@ class SearchConfig:
     """0: search the most probable cell (the paper). >0: search the cell with the most probability mass
     within select_km of its centroid, the Bayes-optimal choice for accuracy at that radius when the
     classifier's probability is spread over many small cells."""
+    search_km: float = 0.0
+    """0: retrieve from the chosen cell only (the paper). >0: also from the cells whose centroids lie within
+    search_km of the chosen cell's (its neighbours)."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -166,8 +169,9 @@ class SearchConfig:
             raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
         if not self.r_km >= 0:
             raise ValueError(f"r_km must be >= 0, got {self.r_km}")
-        if not self.select_km >= 0:
-            raise ValueError(f"select_km must be >= 0, got {self.select_km}")
+        for name in ("select_km", "search_km"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
         if self.top_cells < 1:
             raise ValueError(f"top_cells must be >= 1, got {self.top_cells}")
 
