@@ -95,7 +95,8 @@ def test_index_refuses_features_of_another_backbone(tiny_workspace, tmp_path, ca
     assert main(["features", "--csv", str(csv_path), "--images", str(DEV_IMAGES), "--out", str(feats),
                  "--image-size", "192"]) == 0
     capsys.readouterr()
-    rc = main(["index", "--model", str(tiny_workspace["model"]), "--features", str(feats), "--out", str(tmp_path / "i")])
+    rc = main(["index", "--model", str(tiny_workspace["model"]), "--features", str(feats),
+               "--out", str(tmp_path / "i")])
     assert rc == 2
     assert "come from backbone" in capsys.readouterr().err
 

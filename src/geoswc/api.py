@@ -3,14 +3,16 @@ call :meth:`Geolocator.locate_batch`, the one prediction path."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import torch
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 Method = Literal["swc", "classification", "retrieval"]
 METHODS: tuple[str, ...] = ("swc", "classification", "retrieval")
+Runtime = Literal["torch", "onnx"]
+RUNTIMES: tuple[str, ...] = ("torch", "onnx")
 
 
 def default_model_dir() -> Path:
@@ -88,7 +92,8 @@ class Prediction:
     """Prediction density: probability mass of the cells within ``r_km`` of the chosen cell."""
     method: str
     cell: str
-    """S2 token of the chosen (most probable) cell."""
+    """S2 token of the searched cell: the most probable one, or with ``select_km`` > 0 the cell whose
+    ``select_km`` neighbourhood holds the most probability mass."""
     cell_probability: float
     top_cells: list[CellProbability]
     neighbors: list[Neighbor] = field(default_factory=list)
@@ -139,6 +144,11 @@ class Geolocator:
                     f"the gallery was built with model {gallery.model_fingerprint}, not with this model "
                     f"({model.fingerprint}); rebuild it with `geoswc index`"
                 )
+            if gallery.cells_fingerprint != model.cells.fingerprint or gallery.num_cells != len(model.cells):
+                raise ArtifactError(
+                    f"the gallery's cell table ({gallery.cells_fingerprint}, {gallery.num_cells} cells) is not the "
+                    f"model's ({model.cells.fingerprint}, {len(model.cells)} cells); rebuild it with `geoswc index`"
+                )
         self.model = model.to(device).eval()
         self.gallery = gallery
         self.search = search or model.config.search
@@ -155,7 +165,8 @@ class Geolocator:
     @classmethod
     def load(cls, model_dir: str | Path | None = None, index_dir: str | Path | None = None, *,
              search: SearchConfig | None = None, device: str | torch.device = "cpu",
-             with_backbone: bool = True, limits: ImageLimits = DEFAULT_LIMITS) -> Geolocator:
+             with_backbone: bool = True, limits: ImageLimits = DEFAULT_LIMITS,
+             runtime: Runtime = "torch") -> Geolocator:
         """Load a model folder (default: the embedded model) and its gallery index.
 
         Args:
@@ -163,6 +174,8 @@ class Geolocator:
             index_dir: a folder written by ``geoswc index``; None uses ``<model_dir>/index`` if present.
             search: override the model's search settings.
             with_backbone: False for a heads-only locator that works on cached features.
+            runtime: ``torch`` (eager) or ``onnx`` (the backbone exported once and run by onnxruntime, several
+                times faster on CPU; needs ``pip install 'geoswc[fast]'``). See :meth:`use_runtime`.
         """
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (model_dir / "config.json").is_file():
@@ -173,7 +186,36 @@ class Geolocator:
         gallery = Gallery.load(index_dir, model.fingerprint) if index_dir is not None else None
         if gallery is None:
             log.warning("no gallery index: only the 'classification' method is available")
-        return cls(model, gallery, search, device, limits)
+        geo = cls(model, gallery, search, device, limits)
+        if with_backbone:
+            geo.use_runtime(runtime)
+        return geo
+
+    _fast_backbone: Any = None
+    """The backbone :meth:`use_runtime` installed (None: the model's own, eager PyTorch)."""
+
+    def use_runtime(self, runtime: Runtime, cache_dir: str | Path | None = None) -> None:
+        """Run the backbone with ``torch`` (eager) or ``onnx`` (onnxruntime, CPU only; the export is cached
+        under ``cache_dir``, default ``~/.cache/geoswc/onnx``, keyed by the backbone fingerprint).
+
+        Raises:
+            InputError: an unknown runtime, or ``onnx`` on a non-CPU device.
+            GeoswcError: ``onnx`` without the ``fast`` extra installed.
+        """
+        if runtime not in RUNTIMES:
+            raise InputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        if runtime == "torch":
+            self._fast_backbone = None
+            return
+        if self.device.type != "cpu":
+            raise InputError("the onnx runtime runs on the CPU; use runtime='torch' on other devices")
+        if self.model.backbone is None:
+            raise GeoswcError("this Geolocator was loaded without a backbone")
+        from .onnx_runtime import OnnxBackbone
+
+        self._fast_backbone = OnnxBackbone.from_backbone(
+            self.model.backbone, self.model.backbone_fingerprint, self.model.config.backbone.preprocess.image_size,
+            cache_dir)
 
     @property
     def fingerprint(self) -> str:
@@ -229,8 +271,10 @@ class Geolocator:
         if method == "classification" or self.gallery is None:
             return pred
         g = self.gallery
-        rows = g.cell_rows(chosen) if method == "swc" else None
-        idx, sim = g.search(emb, cfg.k, rows=rows, exclude=exclude)
+        if method == "swc" and cfg.search_km > 0:
+            idx, sim = g.search_cells(emb, cfg.k, self._hood(cfg.search_km)[chosen].indices, exclude=exclude)
+        else:
+            idx, sim = g.search(emb, cfg.k, rows=g.cell_rows(chosen) if method == "swc" else None, exclude=exclude)
         if idx.size == 0:
             pred.fallback = True
             return pred
@@ -274,8 +318,9 @@ class Geolocator:
             for i in sorted(results):
                 yield results[i]
 
-    def iter_features(self, sources: Sequence[ImageSource], batch_size: int = 16, num_workers: int = 0,
-                      progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, ImageError]]]]:
+    def iter_features(
+        self, sources: Sequence[ImageSource], batch_size: int = 16, num_workers: int = 0, progress: bool = False,
+    ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, ImageError]]]]:
         """Decode, preprocess and run the backbone over photos, in order, batch by batch.
 
         Yields:
@@ -290,9 +335,48 @@ class Geolocator:
                 feats = None
                 if x is not None:
                     with torch.inference_mode():
-                        feats = self.model.backbone(x.to(self.device)).float().cpu()
+                        backbone = self._fast_backbone or self.model.backbone
+                        feats = backbone(x.to(self.device)).float().cpu()
                 yield idx.tolist(), feats, bad
                 bar.update(len(idx) + len(bad))
+
+    def locate_shards(
+        self, shards: str | Path | Sequence[str | Path], *, method: Method = "swc", with_place: bool = True,
+        with_exif: bool = True, batch_size: int = 16, num_workers: int = 0, progress: bool = False,
+    ) -> Iterator[Prediction | LocateFailure]:
+        """Locate the photos of WebDataset shards (see :mod:`geoswc.shards`), streamed batch by batch.
+
+        Photos are named by their JSON's ``image`` (which also guards against retrieving themselves from the
+        gallery). With ``num_workers > 1`` the shards are split across the workers and results come in the
+        order the workers deliver them. Unreadable samples yield a :class:`LocateFailure` and the rest carry on.
+        """
+        from .shards import ShardDataset, collate_samples, resolve_shards, shard_sizes
+
+        if self.model.backbone is None:
+            raise GeoswcError("this Geolocator was loaded without a backbone; it can only use predict_features")
+        urls = resolve_shards(shards)
+        sizes = shard_sizes(urls)
+        ds = ShardDataset(urls, self.model.config.backbone.preprocess, limits=self.limits, read_exif=with_exif,
+                          split_ranks=False)
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate_samples)
+        backbone = getattr(self, "_fast_backbone", None) or self.model.backbone
+        total = None if None in sizes else sum(n or 0 for n in sizes)
+        with tqdm(total=total, desc="locate", unit="img", disable=not progress) as bar:
+            for _, x, metas, bad in dl:
+                for _, meta, err in bad:
+                    yield LocateFailure(meta.image, str(err), getattr(err, "kind", "corrupt"))
+                if x is not None:
+                    with torch.inference_mode():
+                        feats = backbone(x.to(self.device)).float().cpu()
+                    preds = self.predict_features(feats, method, names=[m.image for m in metas])
+                    self._decorate([(m.image, p) for m, p in zip(metas, preds, strict=True)], with_place, False)
+                    for m, p in zip(metas, preds, strict=True):
+                        if m.gps is not None:
+                            p.exif = ExifPosition(m.gps[0], m.gps[1],
+                                                  float(haversine_km(p.lat, p.lon, m.gps[0], m.gps[1])))
+                    yield from preds
+                bar.update(len(metas) + len(bad))
 
     def _decorate(self, items: list[tuple[ImageSource, Prediction]], with_place: bool, with_exif: bool) -> None:
         if with_place and items:
@@ -321,3 +405,91 @@ class Geolocator:
         if isinstance(result, LocateFailure):
             raise ImageError(result.error, kind=result.kind)
         return result
+
+
+# -- batch output files -------------------------------------------------------------------------------
+
+OUTPUT_FORMATS: dict[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".geojson": "geojson"}
+"""File extension -> output format of :class:`PredictionWriter`."""
+
+CSV_COLUMNS = ("image", "lat", "lon", "confidence", "method", "cell", "cell_probability", "fallback", "place",
+               "country", "exif_lat", "exif_lon", "exif_distance_km", "error", "kind")
+
+
+def output_format(path: str | Path | None, fmt: str | None = None) -> str:
+    """``fmt`` when given, else the format of ``path``'s extension (``.jsonl``, ``.csv``, ``.geojson``)."""
+    if fmt is not None:
+        if fmt not in set(OUTPUT_FORMATS.values()):
+            raise InputError(f"unknown output format {fmt!r}; choose jsonl, csv or geojson")
+        return fmt
+    suffix = Path(path).suffix.lower() if path is not None else ""
+    if suffix not in OUTPUT_FORMATS:
+        raise InputError(f"cannot tell the output format from {str(path)!r}: name it .jsonl, .csv or .geojson, "
+                         "or give --format")
+    return OUTPUT_FORMATS[suffix]
+
+
+def prediction_row(result: Prediction | LocateFailure) -> dict[str, Any]:
+    """A flat record of one result (the CSV row, the GeoJSON properties); failures fill ``error``/``kind``."""
+    row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, "")
+    row["image"] = result.image
+    if isinstance(result, LocateFailure):
+        row.update(error=result.error, kind=result.kind)
+        return row
+    row.update(lat=round(result.lat, 6), lon=round(result.lon, 6), confidence=round(result.confidence, 4),
+               method=result.method, cell=result.cell, cell_probability=round(result.cell_probability, 4),
+               fallback=result.fallback)
+    if result.place is not None:
+        row.update(place=result.place.label(), country=result.place.country)
+    if result.exif is not None:
+        row.update(exif_lat=result.exif.lat, exif_lon=result.exif.lon,
+                   exif_distance_km=round(result.exif.distance_km, 3))
+    return row
+
+
+class PredictionWriter:
+    """Streams results to a text file: JSON Lines (:meth:`Prediction.to_dict`, failures as
+    ``{"image", "error", "kind"}``), CSV (:data:`CSV_COLUMNS`) or a GeoJSON FeatureCollection (points at
+    the estimates, :func:`prediction_row` as properties; failures have a null geometry).
+
+    Use as a context manager, or call :meth:`close` to finish the file (GeoJSON needs its closing brackets).
+    """
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        self.stream, self.fmt = stream, output_format(None, fmt)
+        self.located = self.failed = 0
+        if fmt == "csv":
+            self._csv = csv.DictWriter(stream, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+            self._csv.writeheader()
+        elif fmt == "geojson":
+            stream.write('{"type": "FeatureCollection", "features": [\n')
+
+    def write(self, result: Prediction | LocateFailure) -> None:
+        ok = isinstance(result, Prediction)
+        if self.fmt == "jsonl":
+            data = result.to_dict() if ok else {"image": result.image, "error": result.error, "kind": result.kind}
+            self.stream.write(json.dumps(data, ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            self._csv.writerow(prediction_row(result))
+        else:
+            row = {k: v for k, v in prediction_row(result).items() if v != "" and k not in ("lat", "lon")}
+            geometry = {"type": "Point", "coordinates": [round(result.lon, 6), round(result.lat, 6)]} if ok else None
+            sep = ",\n" if self.located + self.failed else ""
+            feature = {"type": "Feature", "geometry": geometry, "properties": row}
+            self.stream.write(sep + json.dumps(feature, ensure_ascii=False))
+        if ok:
+            self.located += 1
+        else:
+            self.failed += 1
+
+    def close(self) -> None:
+        if self.fmt == "geojson":
+            self.stream.write("\n]}\n")
+        self.stream.flush()
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()

@@ -10,6 +10,7 @@ import csv
 import io
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,9 @@ DRAFT_HEADROOM = 2
 """JPEGs are draft-decoded to at least this multiple of the input size before resizing."""
 
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _parse_coord(text: str | None, name: str, bound: float) -> float:
     if text is None or not text.strip():
         raise ValueError(f"missing {name}")
@@ -79,6 +83,8 @@ def _parse_coord(text: str | None, name: str, bound: float) -> float:
         raise ValueError(f"{name} {text!r} is not a number") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} {text!r} is not finite")
+    if not _DECIMAL.fullmatch(text.strip()):  # float() also takes '1_0' (= 10) and non-ASCII digits
+        raise ValueError(f"{name} {text!r} is not a plain decimal number (like -12.345)")
     if abs(v) > bound:
         raise ValueError(f"{name} {v} is outside ±{bound:g}")
     return v
@@ -141,7 +147,7 @@ def read_locations_csv(
         for line, row in enumerate(reader, start=2):
             report.total += 1
             image = (row.get("image") or "").strip()
-            label = image or f"line {line}"
+            label = (image if len(image) <= 200 else image[:200] + "…") or f"line {line}"
             if not image:
                 report.skip(label, "empty image name")
                 continue
@@ -155,8 +161,13 @@ def read_locations_csv(
                 report.skip(f"{label} (line {line})", "duplicate image id")
                 continue
             path = root / image
-            if check_images and not path.is_file():
-                report.skip(label, "image file not found" if not path.exists() else "not a regular file")
+            try:
+                problem = "" if not check_images or path.is_file() else (
+                    "image file not found" if not path.exists() else "not a regular file")
+            except OSError as e:  # e.g. a name longer than the file system allows
+                problem = f"unusable image path ({e.strerror or e})"
+            if problem:
+                report.skip(label, problem)
                 continue
             seen.add(image)
             author = (row.get("author") or "").strip()
@@ -186,6 +197,38 @@ def scan_exif_folder(folder: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -
             report.skip(rel, "no GPS position in its EXIF")
             continue
         records.append(Record(rel, path, gps[0], gps[1]))
+    report.log()
+    return records, report
+
+
+def read_photo_list(csv_path: str | Path, images_dir: str | Path | None = None) -> tuple[list[Record], LoadReport]:
+    """The photos a CSV names in its ``image`` column, for locating them: positions are read as
+    :func:`read_locations_csv` does when the CSV has ``lat``/``lon``, else left NaN. Missing image files and
+    duplicate ids are reported and skipped."""
+    csv_path = Path(csv_path)
+    text = _read_text(csv_path)
+    header = [h.strip().lower() for h in next(csv.reader(io.StringIO(text)), [])]
+    if "lat" in header and "lon" in header:
+        return read_locations_csv(csv_path, images_dir)
+    if "image" not in header:
+        raise InputError(f"CSV {csv_path} lacks an 'image' column; its header is {header}")
+    root = Path(images_dir) if images_dir is not None else csv_path.parent
+    report = LoadReport(str(csv_path))
+    records: list[Record] = []
+    seen: set[str] = set()
+    reader = csv.DictReader(io.StringIO(text), fieldnames=header)
+    next(reader, None)
+    for line, row in enumerate(reader, start=2):
+        report.total += 1
+        image = (row.get("image") or "").strip()
+        if not image or image in seen:
+            report.skip(image or f"line {line}", "duplicate image id" if image else "empty image name")
+            continue
+        if not (root / image).is_file():
+            report.skip(image, "image file not found")
+            continue
+        seen.add(image)
+        records.append(Record(image, root / image, math.nan, math.nan, (row.get("author") or "").strip()))
     report.log()
     return records, report
 

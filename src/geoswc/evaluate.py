@@ -115,6 +115,7 @@ def evaluate(
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    out = storage.ensure_dir(out_dir, create=False)  # a bad --out fails now, not after the inference
     records, report = read_locations_csv(csv_path, images_dir)
     if exclude_same_author and not any(r.author for r in records):
         raise InputError(f"--exclude-same-author needs an 'author' column in {csv_path}")
@@ -140,8 +141,10 @@ def evaluate(
                                             exclude_same_author=exclude_same_author)  # type: ignore[arg-type]
         results.append(MethodResult(m, names, tlat, tlon, preds))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.ensure_dir(out)
+    # metrics.json marks a complete run: drop the old one before rewriting the files it describes, so a
+    # run killed half-way never leaves new predictions beside old metrics.
+    (out / "metrics.json").unlink(missing_ok=True)
     missing = len(report.skipped) + len(decode.skipped)
     primary = results[0]
     metrics: dict[str, Any] = {"n": len(kept), "missing": missing, "method": primary.method,

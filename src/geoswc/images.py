@@ -59,7 +59,7 @@ def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
     name = _name(source)
     _register_optional_codecs()
     if isinstance(source, Image.Image):
-        return source
+        return _check_size(source, name, limits)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -68,6 +68,9 @@ def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
             size = path.stat().st_size
         except OSError as e:
             raise ImageError(f"{name} cannot be read: {e.strerror or e}", kind="unreadable") from e
+        if not path.is_file():  # a pipe would block the read, a device never ends
+            raise ImageError(f"{name} is not a regular file (a device, pipe or socket); give an image file",
+                             kind="unsupported")
         if size == 0:
             raise ImageError(f"{name} is an empty file (0 bytes)", kind="empty")
         if size > limits.max_bytes:
@@ -89,8 +92,11 @@ def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
                 kind="too_large",
             )
         fp = io.BytesIO(source)
-    else:
+    elif hasattr(source, "read"):
         fp = source
+    else:
+        raise ImageError(f"{name} is a {type(source).__name__}, not a path, bytes, a binary file or a PIL image",
+                         kind="unsupported")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below decides; Pillow's hard limit (2 x MAX_IMAGE_PIXELS) stays.
@@ -106,6 +112,10 @@ def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
         ) from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{name} is corrupt: {e}", kind="corrupt") from e
+    return _check_size(img, name, limits)
+
+
+def _check_size(img: Image.Image, name: str, limits: ImageLimits) -> Image.Image:
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError(f"{name} has no pixels ({w}x{h})", kind="corrupt")
@@ -166,8 +176,10 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS,
         return _to_rgb(img)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        msg = str(e)
+    except MemoryError as e:
+        raise ImageError(f"{name} needs more memory to decode than is available", kind="too_large") from e
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types (TypeError, struct.error, ...)
+        msg = str(e) or type(e).__name__
         hint = "truncated" if "truncated" in msg.lower() else "corrupt"
         raise ImageError(f"{name} is {hint}: {msg}", kind="corrupt") from e
 

@@ -134,17 +134,27 @@ class GeoModel(nn.Module):
         folder = Path(folder)
         meta = storage.read_json(folder / "config.json", "model config")
         if meta.get("format") != MODEL_FORMAT:
-            raise ArtifactError(f"{folder} is not a geoswc model (format {meta.get('format')!r})")
+            raise ArtifactError(f"{folder} is not a geoswc model (format {meta.get('format')!r}); rebuild it with "
+                                "`geoswc train`, or restore its config.json")
         storage.require_keys(meta, ("fingerprint", "backbone_fingerprint", "files_sha256", "cells_sha256", "config"),
                              "model config", folder / "config.json")
-        config = from_dict(ModelConfig, meta["config"])
+        try:
+            config = from_dict(ModelConfig, meta["config"])
+        except ArtifactError as e:
+            raise ArtifactError(f"model config {folder / 'config.json'} is damaged or of another version ({e}); "
+                                "restore the model folder or rebuild it") from e
         files = meta["files_sha256"]
         needed = ("heads.safetensors", "backbone.safetensors") if config.backbone_finetuned else ("heads.safetensors",)
         storage.require_keys(files if isinstance(files, dict) else {}, needed, "model config (files_sha256)",
                              folder / "config.json")
+        if not (folder / "cells.csv").is_file():
+            raise ArtifactError(f"{folder / 'cells.csv'} is missing; restore the model folder")
         if storage.sha256_file(folder / "cells.csv") != meta.get("cells_sha256"):
             raise ArtifactError(f"{folder / 'cells.csv'} is damaged or was changed; restore the model folder")
         cells = CellTable.load(folder / "cells.csv")
+        if config.num_cells != len(cells):
+            raise ArtifactError(f"{folder / 'config.json'} records {config.num_cells} cells, {folder / 'cells.csv'} "
+                                f"holds {len(cells)}: the folder is damaged or mixed; restore or rebuild the model")
         cells.config = config.cells
         backbone = None
         if with_backbone:
@@ -155,7 +165,10 @@ class GeoModel(nn.Module):
                 backbone.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
             else:
                 backbone, _ = create_backbone(config.backbone)
-        model = cls(config, cells, backbone)
+        try:
+            model = cls(config, cells, backbone)
+        except ModelMismatchError as e:
+            raise ArtifactError(f"model {folder} is damaged or mixed: {e}; restore or rebuild it") from e
         heads = storage.load_tensors(folder / "heads.safetensors", "model heads", files.get("heads.safetensors"))
         try:
             model.mvmf.load_state_dict({k[5:]: v for k, v in heads.items() if k.startswith("mvmf.")})

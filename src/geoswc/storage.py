@@ -16,14 +16,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 
 
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory; give a file name")
+    ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
@@ -36,6 +38,22 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def ensure_dir(folder: str | Path, create: bool = True) -> Path:
+    """Create ``folder`` (and its parents) for output; a path that is a file is an InputError, not a traceback.
+
+    With ``create=False``, only check (commands call it before long work, so a bad ``--out`` fails at once).
+    """
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"cannot write into {folder}: {p} is a file, not a folder; choose another output path")
+            break
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _umask() -> int:
@@ -69,6 +87,42 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ArtifactError(f"{what} {path} is not a JSON object; rebuild it")
     return data
+
+
+def require_keys(meta: dict[str, Any], keys: tuple[str, ...], what: str, path: str | Path) -> None:
+    """Refuse metadata lacking a key (a damaged key name would otherwise switch its check off)."""
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise ArtifactError(f"{what} {path} is damaged or of another version: it lacks {', '.join(missing)}; "
+                            "rebuild it or restore the original file")
+
+
+SEAL_KEY = "meta_sha256"
+
+
+def seal(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` plus the sha256 of its canonical JSON, so that a change to any field of the file is detected."""
+    body = json.loads(json.dumps(meta, allow_nan=False))
+    return {**body, SEAL_KEY: sha256_bytes(_canonical(body))}
+
+
+def check_seal(meta: dict[str, Any], known: tuple[str, ...], what: str, path: str | Path) -> None:
+    """Verify a :func:`seal`. Files written before seals existed have none: then every key must be a known
+    one (a damaged key name, the seal's included, shows up as an unknown key)."""
+    if SEAL_KEY in meta:
+        body = {k: v for k, v in meta.items() if k != SEAL_KEY}
+        if sha256_bytes(_canonical(body)) != meta[SEAL_KEY]:
+            raise ArtifactError(f"{what} {path} is damaged or was changed (its fields do not match their "
+                                "checksum); rebuild it or restore the original file")
+        return
+    unknown = sorted(set(meta) - set(known))
+    if unknown:
+        raise ArtifactError(f"{what} {path} is damaged or of another version: unknown field(s) {unknown}; "
+                            "rebuild it or restore the original file")
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -8,6 +8,7 @@ resumes where it stopped and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from sklearn.neighbors import BallTree
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import storage
+from . import distributed, storage
 from .config import TrainConfig, canonical_json, digest, to_dict
 from .data import ImageDataset, Record
 from .errors import ArtifactError, InputError
@@ -75,14 +76,22 @@ class Checkpointer:
         """Load the last checkpoint into ``modules``; returns its progress record (empty if none)."""
         if self.folder is None or not (self.folder / "checkpoint.json").is_file():
             return {}
-        meta = storage.read_json(self.folder / "checkpoint.json", "training checkpoint")
+        try:
+            meta = storage.read_json(self.folder / "checkpoint.json", "training checkpoint")
+        except ArtifactError as e:
+            raise ArtifactError(f"{e}; or delete {self.folder} to start the training over") from e
         if meta.get("run_key") != self.run_key:
             raise ArtifactError(
                 f"the checkpoint in {self.folder} belongs to a run with other data or settings; "
                 "use another --out folder, or delete that checkpoint to start over"
             )
-        t = storage.load_tensors(self.folder / "checkpoint.safetensors", "training checkpoint",
-                                 meta.get("tensors_sha256"))
+        name = str(meta.get("tensors_file", "checkpoint.safetensors"))
+        if Path(name).name != name:
+            raise ArtifactError(f"the checkpoint in {self.folder} names an odd tensors file {name!r}; delete it")
+        try:
+            t = storage.load_tensors(self.folder / name, "training checkpoint", meta.get("tensors_sha256"))
+        except ArtifactError as e:
+            raise ArtifactError(f"{e}; or delete {self.folder} to start the training over") from e
         for name, mod in modules.items():
             prefix = f"{name}."
             mod.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
@@ -93,7 +102,7 @@ class Checkpointer:
 
     def save(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
              progress: dict[str, Any]) -> None:
-        if self.folder is None:
+        if self.folder is None or not distributed.context().is_main:  # under torchrun only rank 0 writes
             return
         tensors = {f"{n}.{k}": v.detach().cpu() for n, m in modules.items() for k, v in m.state_dict().items()}
         opt_meta: dict[str, Any] = {}
@@ -103,9 +112,16 @@ class Checkpointer:
                 for k, v in st.items():
                     tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu()
             opt_meta = {"param_groups": sd["param_groups"]}
-        sha = storage.save_tensors(self.folder / "checkpoint.safetensors", tensors)
-        storage.write_json(self.folder / "checkpoint.json",
-                           {"run_key": self.run_key, "tensors_sha256": sha, "optimizer": opt_meta, **progress})
+        # A new file name per save: a kill between the two writes leaves checkpoint.json naming the previous
+        # tensors, still there and intact, so the re-run resumes from it (one file would mismatch its digest).
+        name = f"checkpoint-{progress.get('phase', 'x')}-{progress.get('epoch', 0)}.safetensors"
+        sha = storage.save_tensors(self.folder / name, tensors)
+        storage.write_json(self.folder / "checkpoint.json", {"run_key": self.run_key, "tensors_file": name,
+                                                             "tensors_sha256": sha, "optimizer": opt_meta,
+                                                             **progress})
+        for old in self.folder.glob("checkpoint*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def restore_optimizer(self, optimizer: torch.optim.Optimizer, phase: str) -> None:
         if self.state.get("phase") != phase or not self.state.get("optimizer"):
@@ -124,8 +140,16 @@ def _run_phase(
     phase: str, epochs: int, steps_per_epoch: int, make_batches: Callable[[np.random.Generator], list],
     step: Callable[[Any], torch.Tensor], optimizer: torch.optim.Optimizer, base_lrs: list[float],
     ckpt: Checkpointer, modules: dict[str, nn.Module], seed: int, history: dict[str, list[float]],
-    progress: bool, train_modules: Sequence[nn.Module],
+    progress: bool, train_modules: Sequence[nn.Module], sync_gradients: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
+    """Train one phase, epoch by epoch from the checkpoint's progress.
+
+    Under torchrun, ``sync_gradients`` averages the gradients of ``train_modules`` over the ranks after
+    each backward pass (left False when DDP does it); ``scaler`` scales fp16 losses.
+    """
+    ctx = distributed.context()
+    params = [p for m in train_modules for p in m.parameters()]
     done = ckpt.state.get("phase_epochs", {}).get(phase, 0)
     if done >= epochs:
         return
@@ -141,17 +165,29 @@ def _run_phase(
             m.train()
         losses = []
         batches = make_batches(rng)
-        bar = tqdm(batches, desc=f"{phase} {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"{phase} {epoch + 1}/{epochs}", unit="batch", leave=False,
+                   total=len(batches) if hasattr(batches, "__len__") else steps_per_epoch,
+                   disable=not progress or not ctx.is_main)
         for b_i, batch in enumerate(bar):
             for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = _cosine_lr(base, epoch * steps_per_epoch + b_i, total, warmup)
             loss = step(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if sync_gradients:
+                distributed.average_gradients(params)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        mean = float(np.mean(losses)) if losses else float("nan")
+        # Each rank's loss is scaled so that their mean is the loss of the global batch.
+        mean = distributed.all_reduce_mean(float(np.mean(losses))) if losses else float("nan")
         history.setdefault(phase, []).append(mean)
         log.info("%s epoch %d/%d: loss %.4f", phase, epoch + 1, epochs, mean)
         phase_epochs = dict(ckpt.state.get("phase_epochs", {}), **{phase: epoch + 1})
@@ -191,14 +227,21 @@ def _pair_batches(n: int, batch_pairs: int, pos: list[np.ndarray], views: int,
 
 
 def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint_dir: str | Path | None = None,
-                progress: bool = True) -> dict[str, list[float]]:
+                progress: bool = True, device: str | torch.device | None = None) -> dict[str, list[float]]:
     """Train the MvMF head and the RRM of ``model`` on cached features (the backbone is not touched).
+
+    Under torchrun every rank builds the same global batches; each computes the loss terms of its slice
+    (the MvMF dropout masks are drawn for the whole batch, and the RRM's InfoNCE runs on the gathered
+    embeddings of the whole batch) and the gradients are averaged, so N processes train the model one
+    process trains. Only rank 0 writes checkpoints.
 
     Args:
         model: its heads are trained in place.
         feats: features ``(N, V, D)`` with positions; must come from the model's backbone.
         cfg: epochs, batch size, learning rate, contrastive settings, seed.
         checkpoint_dir: where per-epoch checkpoints go (resumed from when present).
+        device: where the heads train (default: the torchrun context's device, else the CPU); the
+            features stay in host memory and go over batch by batch.
 
     Returns:
         Mean loss per epoch of each phase.
@@ -220,6 +263,12 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
     ckpt.resume(modules)
     history: dict[str, list[float]] = ckpt.state.get("history", {})
     bs = min(cfg.batch_size, n)
+    ctx = distributed.context()
+    dev = torch.device(device) if device is not None else ctx.device
+    for m in modules.values():
+        m.to(dev)
+        distributed.broadcast_module(m)
+    xyz = xyz.to(dev)
 
     # Phase 1: MvMF, NLL of the true coordinates.
     mv = model.mvmf
@@ -234,11 +283,18 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
 
     def mvmf_step(batch: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
         rows, v = batch
-        f = X[torch.from_numpy(rows), torch.from_numpy(v)]
-        return mv.nll(mv(f), xyz[torch.from_numpy(rows)])
+        f = X[torch.from_numpy(rows), torch.from_numpy(v)].to(dev)
+        if not ctx.enabled:
+            return mv.nll(mv(f), xyz[torch.from_numpy(rows)])
+        # Dropout (and the optional hidden layer) on the whole batch draws the masks one process would;
+        # the classifier and the likelihood run on this rank's slice only.
+        lo, hi = distributed.shard_range(len(rows), ctx)
+        h = mv.mlp(mv.dropout(f))[lo:hi]
+        log_p = mv.log_prob(mv.fc(h), xyz[torch.from_numpy(rows[lo:hi])])
+        return -log_p.sum() * (ctx.world_size / len(rows))
 
     _run_phase("mvmf", cfg.epochs, math.ceil(n / bs), mvmf_batches, mvmf_step, opt, lrs, ckpt, modules,
-               cfg.seed, history, progress, [mv])
+               cfg.seed, history, progress, [mv], sync_gradients=ctx.enabled)
 
     # Phase 2: RRM, geodesic InfoNCE on anchor/partner pairs.
     rrm = model.rrm
@@ -246,29 +302,106 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
     log.info("RRM: %d of %d photos have a geographic positive within %g km",
              sum(len(p) > 0 for p in pos), n, cfg.positive_km)
     opt = torch.optim.AdamW(rrm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    authors_t = torch.from_numpy(authors)
+    authors_t = torch.from_numpy(authors).to(dev)
     pairs = max(2, bs // 2)
 
     def rrm_step(batch: tuple[np.ndarray, ...]) -> torch.Tensor:
         idx, v, _, _ = batch
         it = torch.from_numpy(idx)
-        emb = rrm(X[it, torch.from_numpy(v)])
-        return geo_contrastive_loss(emb, xyz[it], it, authors_t[it], cfg.positive_km, cfg.temperature,
+        if not ctx.enabled:
+            emb = rrm(X[it, torch.from_numpy(v)].to(dev))
+        else:  # embed this rank's slice; every rank computes the loss of the gathered batch
+            lo, hi = distributed.shard_range(len(idx), ctx)
+            emb = distributed.gather_rows(rrm(X[it[lo:hi], torch.from_numpy(v[lo:hi])].to(dev)))
+        itd = it.to(dev)
+        return geo_contrastive_loss(emb, xyz[itd], itd, authors_t[itd], cfg.positive_km, cfg.temperature,
                                     cfg.same_author_positives)
 
     _run_phase("rrm", cfg.rrm_epochs, math.ceil(n / pairs),
                lambda rng: _pair_batches(n, pairs, pos, views, rng), rrm_step, opt, [cfg.lr], ckpt, modules,
-               cfg.seed, history, progress, [rrm])
+               cfg.seed, history, progress, [rrm], sync_gradients=ctx.enabled)
     model.eval()
     return history
 
 
+class _FinetuneNet(nn.Module):
+    """The backbone (under autocast on GPUs) then the heads in float32: the module DDP wraps."""
+
+    def __init__(self, model: GeoModel, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images (B, 3, S, S)`` -> ``(logits (B, C), embeddings (B, D))``."""
+        assert self.model.backbone is not None
+        with distributed.autocast(x.device, self.dtype):
+            f = self.model.backbone(x)
+        return self.model.heads(f.float())
+
+
+def _finetune_setup(model: GeoModel, cfg: TrainConfig, device: str | torch.device | None, precision: str):
+    """Device, (DDP-wrapped) network, optimizer, learning rates and fp16 loss scaler of a fine-tuning run."""
+    ctx = distributed.context()
+    dev = torch.device(device) if device is not None else ctx.device
+    dtype = distributed.resolve_precision(dev, precision)
+    if ctx.enabled and dev.type == "cuda":  # batch statistics over the global batch, as one process has them
+        model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+    model.to(dev)
+    net: nn.Module = _FinetuneNet(model, dtype)
+    if ctx.enabled:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None)
+    opt = torch.optim.AdamW([
+        {"params": model.backbone.parameters(), "weight_decay": cfg.weight_decay},
+        {"params": list(model.mvmf.parameters()) + list(model.rrm.parameters()), "weight_decay": cfg.weight_decay},
+    ], lr=cfg.finetune_lr)
+    scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
+    return dev, net, opt, [cfg.finetune_lr, cfg.finetune_lr * 10], scaler
+
+
+def _finetune_loss(net: nn.Module, model: GeoModel, x: torch.Tensor | None, xyz: torch.Tensor, src: torch.Tensor,
+                   author: torch.Tensor, cfg: TrainConfig, dev: torch.device) -> torch.Tensor:
+    """MvMF NLL + geodesic InfoNCE of this rank's images ``x (b, 3, S, S)`` (None: all failed to decode).
+
+    Under torchrun the NLL is scaled so that the mean over ranks is the global batch's mean, and the
+    InfoNCE runs on the embeddings gathered from every rank.
+    """
+    ctx = distributed.context()
+    if not ctx.enabled:
+        if x is None or x.shape[0] < 2:
+            return sum(p.sum() * 0.0 for p in model.mvmf.parameters())  # type: ignore[return-value]
+        logits, emb = net(x.to(dev))
+        xyz = xyz.to(dev)
+        return model.mvmf.nll(logits, xyz) + geo_contrastive_loss(
+            emb, xyz, src.to(dev), author.to(dev), cfg.positive_km, cfg.temperature, cfg.same_author_positives)
+    n = int(distributed.all_reduce_sum(torch.tensor([0 if x is None else x.shape[0]])).item())
+    real = x is not None
+    if x is None:  # a stand-in image keeps every parameter in DDP's graph; its terms have weight 0
+        size = model.config.backbone.preprocess.image_size
+        x, xyz = torch.zeros(1, 3, size, size), torch.tensor([[0.0, 0.0, 1.0]])
+        src, author = torch.tensor([-1]), torch.tensor([-1])
+    logits, emb = net(x.to(dev))
+    xyz = xyz.to(dev)
+    log_p = model.mvmf.log_prob(logits, xyz)
+    if n < 2:  # the same decision on every rank
+        return (log_p.sum() + emb.sum()) * 0.0
+    keep = slice(None) if real else slice(0, 0)
+    nll = -log_p[keep].sum() * (ctx.world_size / n)
+    con = geo_contrastive_loss(
+        distributed.gather_rows(emb[keep]), distributed.gather_rows(xyz[keep]),
+        distributed.gather_rows(src[keep].to(dev)), distributed.gather_rows(author[keep].to(dev)),
+        cfg.positive_km, cfg.temperature, cfg.same_author_positives)
+    return nll + con
+
+
 def finetune(model: GeoModel, records: Sequence[Record], cfg: TrainConfig, checkpoint_dir: str | Path | None = None,
-             progress: bool = True, num_workers: int = 0, device: str | torch.device = "cpu") -> dict[str, list[float]]:
+             progress: bool = True, num_workers: int = 0, device: str | torch.device | None = None,
+             precision: str = "auto") -> dict[str, list[float]]:
     """End-to-end fine-tuning of backbone + heads on augmented images (MvMF NLL + geodesic InfoNCE).
 
     Slow on a CPU (minutes per epoch for a few thousand photos); meant for GPUs. Photos that fail to
-    decode are skipped batch by batch.
+    decode are skipped batch by batch. Under torchrun each rank decodes and runs its slice of every
+    global batch (DDP; SyncBatchNorm on GPUs). ``precision``: autocast of the backbone on GPUs
+    (``auto`` = bf16 where supported, else fp16; ``fp32``).
     """
     if model.backbone is None:
         raise InputError("fine-tuning needs a model with a backbone")
@@ -283,40 +416,105 @@ def finetune(model: GeoModel, records: Sequence[Record], cfg: TrainConfig, check
     ds = ImageDataset([r.path for r in records], model.config.backbone.preprocess, seed=cfg.seed,
                       train_augment=True)
     run_key = digest(canonical_json({"finetune": to_dict(cfg), "heads": to_dict(model.config.heads),
-                                     "cells": model.config.cells_fingerprint, "names": digest(*[r.image for r in records])}))
+                                     "cells": model.config.cells_fingerprint,
+                                     "names": digest(*[r.image for r in records])}))
     ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, run_key)
     modules = {"backbone": model.backbone, "mvmf": model.mvmf, "rrm": model.rrm}
     ckpt.resume(modules)
     history: dict[str, list[float]] = ckpt.state.get("history", {})
-    model.to(device)
-    opt = torch.optim.AdamW([
-        {"params": model.backbone.parameters(), "weight_decay": cfg.weight_decay},
-        {"params": list(model.mvmf.parameters()) + list(model.rrm.parameters()), "weight_decay": cfg.weight_decay},
-    ], lr=cfg.finetune_lr)
-    lrs = [cfg.finetune_lr, cfg.finetune_lr * 10]
+    dev, net, opt, lrs, scaler = _finetune_setup(model, cfg, device, precision)
+    modules["backbone"] = model.backbone  # SyncBatchNorm may have replaced it (same state dict)
     pairs = max(2, min(cfg.batch_size, n) // 2)
     authors_t = torch.from_numpy(authors)
 
     def step(batch: tuple[np.ndarray, ...]) -> torch.Tensor:
         idx = batch[0]
-        items = [ds[int(i)] for i in idx]
+        lo, hi = distributed.shard_range(len(idx))
+        items = [ds[int(i)] for i in idx[lo:hi]]
         ok = [(int(i), t) for i, t, _ in items if t is not None]
-        if len(ok) < 2:
-            return sum(p.sum() * 0.0 for p in model.mvmf.parameters())
-        it = torch.tensor([i for i, _ in ok])
-        x = torch.stack([t for _, t in ok]).to(device)
-        logits, emb = model(x)
-        nll = model.mvmf.nll(logits, xyz[it].to(device))
-        con = geo_contrastive_loss(emb, xyz[it].to(device), it.to(device), authors_t[it].to(device),
-                                   cfg.positive_km, cfg.temperature, cfg.same_author_positives)
-        return nll + con
+        it = torch.tensor([i for i, _ in ok], dtype=torch.long)
+        x = torch.stack([t for _, t in ok]) if ok else None
+        return _finetune_loss(net, model, x, xyz[it], it, authors_t[it], cfg, dev)
 
     def batches(rng: np.random.Generator) -> list:
         ds.epoch = int(rng.integers(1 << 30))
         return _pair_batches(n, pairs, pos, 1, rng)
 
     _run_phase("finetune", cfg.finetune_epochs, math.ceil(n / pairs), batches, step, opt, lrs, ckpt, modules,
-               cfg.seed, history, progress, [model])
+               cfg.seed, history, progress, [model], scaler=scaler)
+    model.config.backbone_finetuned = True
+    model.eval()
+    return history
+
+
+def _author_hash(author: str) -> int:
+    """A stable id for an author name (-1: unknown), for streams where no global author table exists."""
+    return int(digest(author, length=15), 16) if author else -1
+
+
+def finetune_shards(model: GeoModel, shards: str | Path | Sequence[str | Path], cfg: TrainConfig,
+                    checkpoint_dir: str | Path | None = None, progress: bool = True, num_workers: int = 0,
+                    device: str | torch.device | None = None, precision: str = "auto", samples: int | None = None,
+                    shuffle_buffer: int = 1000) -> dict[str, list[float]]:
+    """:func:`finetune` streamed from WebDataset shards, for data sets too large to index in memory.
+
+    A step's global batch holds ``batch_size // 2`` photos with two augmented views each (the views are
+    each other's positives, as are photos of the batch taken within ``positive_km``). Every epoch the
+    shards are reshuffled and dealt round-robin to the ranks and their DataLoader workers; each rank
+    streams its own shards (cycling them) and contributes its share of every batch. An epoch is
+    ``samples // (batch_size // 2)`` steps; ``samples`` defaults to the count in ``shards.json`` (else
+    the shards are counted). Epoch ``e`` depends only on ``(seed, e)``, so a killed run resumes from its
+    last per-epoch checkpoint.
+    """
+    from .shards import ShardDataset, collate_samples, count_samples, resolve_shards
+
+    if model.backbone is None:
+        raise InputError("fine-tuning needs a model with a backbone")
+    urls = resolve_shards(shards)
+    ctx = distributed.context()
+    if len(urls) < ctx.world_size:
+        raise InputError(f"{len(urls)} shards cannot feed {ctx.world_size} ranks; write smaller shards")
+    total = samples if samples is not None else count_samples(urls)
+    photos = max(2, cfg.batch_size // 2)
+    lo, hi = distributed.shard_range(photos, ctx)
+    if hi <= lo:
+        raise InputError(f"a batch of {photos} photos cannot be split over {ctx.world_size} ranks")
+    steps = max(1, total // photos)
+    ds = ShardDataset(urls, model.config.backbone.preprocess, views=2, seed=cfg.seed, train_augment=True,
+                      shuffle=True, shuffle_buffer=shuffle_buffer, repeat=True)
+    run_key = digest(canonical_json({"finetune": to_dict(cfg), "heads": to_dict(model.config.heads),
+                                     "cells": model.config.cells_fingerprint, "samples": total,
+                                     "shards": digest(*[Path(u).name for u in urls])}))
+    ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, run_key)
+    modules = {"backbone": model.backbone, "mvmf": model.mvmf, "rrm": model.rrm}
+    ckpt.resume(modules)
+    history: dict[str, list[float]] = ckpt.state.get("history", {})
+    dev, net, opt, lrs, scaler = _finetune_setup(model, cfg, device, precision)
+    modules["backbone"] = model.backbone
+    skipped: list[tuple[str, str]] = []
+
+    def step(batch: Any) -> torch.Tensor:
+        orders, x, metas, bad = batch
+        skipped.extend((m.image, str(e)) for _, m, e in bad)
+        if x is None:
+            return _finetune_loss(net, model, None, torch.zeros(0, 3), orders, orders, cfg, dev)
+        xyz = torch.from_numpy(latlon_to_xyz(np.array([m.lat for m in metas]), np.array([m.lon for m in metas])))
+        author = torch.tensor([_author_hash(m.author) for m in metas], dtype=torch.long)
+        two = 2 * torch.ones(len(metas), dtype=torch.long)  # (b, 2, 3, S, S) -> (2b, 3, S, S), views adjacent
+        return _finetune_loss(net, model, x.flatten(0, 1), xyz.float().repeat_interleave(two, 0),
+                              orders.repeat_interleave(two), author.repeat_interleave(two), cfg, dev)
+
+    def batches(rng: np.random.Generator) -> Any:
+        ds.set_epoch(int(rng.integers(1 << 30)))
+        loader = torch.utils.data.DataLoader(ds, batch_size=hi - lo, num_workers=num_workers,
+                                             collate_fn=collate_samples)
+        return itertools.islice(loader, steps)
+
+    _run_phase("finetune", cfg.finetune_epochs, steps, batches, step, opt, lrs, ckpt, modules, cfg.seed, history,
+               progress, [model], scaler=scaler)
+    if skipped:
+        log.warning("fine-tuning skipped %d unreadable samples (rank %d), e.g. %s: %s", len(skipped), ctx.rank,
+                    *skipped[0])
     model.config.backbone_finetuned = True
     model.eval()
     return history

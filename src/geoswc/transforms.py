@@ -8,12 +8,22 @@ from PIL import Image, ImageEnhance
 
 from .config import Preprocess
 
+_MAX_ASPECT = 8
+"""Beyond this aspect ratio, center_crop crops before resizing (bounded memory)."""
+
 
 def _resize(img: Image.Image, pre: Preprocess) -> Image.Image:
     s = pre.image_size
     if pre.resize == "squash":
         return img.resize((s, s), Image.Resampling.BICUBIC, reducing_gap=3.0)
     w, h = img.size
+    if max(w, h) > _MAX_ASPECT * min(w, h):
+        # A 1 x 30000 image would be scaled to 224 x 6.7M pixels before the crop (GBs of memory): crop the
+        # central square first. Ordinary photos keep the resize-then-crop path (bit-identical features).
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        w, h = img.size
     scale = s / min(w, h)
     nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
     img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)

@@ -1,0 +1,242 @@
+"""End-to-end locate throughput of the default model, side by side with a GeoCLIP-style pipeline, in one run.
+
+geoswc: ``Geolocator.locate_batch`` on real photos (../shared/data/im2gps3k-dev, read in place): decoding,
+preprocessing, backbone (torch and onnx runtimes), heads, search within the cell, clustering and the nearest
+place. Throughput is photos/s at ``--batch-size``; latency is ``Geolocator.locate`` on one photo.
+
+GeoCLIP-style (Vivanco Cepeda et al., NeurIPS 2023): the CLIP ViT-L/14 image tower from ``transformers``
+(randomly initialised from its config: the cost is the architecture's, no weights are downloaded), GeoCLIP's
+768->768->512 image MLP, and its location encoder (Equal Earth projection, random Fourier features at
+three scales, three 512->1024->1024->1024->512 MLPs, summed) scoring a gallery of 100k GPS coordinates (the
+MP-16 coordinates in ../shared/data/priors, which are GeoCLIP's own gallery). The gallery's location features
+are computed once and cached (``geoclip_gallery_encode_s``; GeoCLIP's ``predict`` recomputes them on every
+call), then a photo costs the image tower plus one (100k, 512) product and a top-k. Same decoding and
+center-crop preprocessing as geoswc, CLIP's mean/std.
+
+Run:  python benchmarks/locate_throughput.py --out benchmarks/results/locate_throughput.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from geoswc.api import Geolocator, LocateFailure
+from geoswc.config import Preprocess
+from geoswc.data import ImageDataset, collate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
+    p.add_argument("--quick", action="store_true", help="fewer photos (under 2 minutes)")
+    p.add_argument("--images", type=Path, default=SHARED / "im2gps3k-dev" / "images")
+    p.add_argument("--coords", type=Path, default=SHARED / "priors" / "mp16-coordinates-100k.csv")
+    p.add_argument("--photos", type=int, default=None, help="photos for geoswc throughput (default 256; quick 48)")
+    p.add_argument("--geoclip-photos", type=int, default=None, help="photos for GeoCLIP (default 32; quick 4)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and onnxruntime threads for both pipelines (default 1: on a shared machine a second "
+                   "OpenMP thread that is not scheduled stalls every parallel op; scale out with processes)")
+    p.add_argument("--runtime", default="onnx", choices=["torch", "onnx"],
+                   help="the geoswc runtime reported at the top level (both are measured)")
+    return p.parse_args(argv)
+
+
+# -- GeoCLIP-style pipeline ---------------------------------------------------------------------------
+
+
+def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
+    """Equal Earth projection of ``(N, 2)`` degrees, scaled as in GeoCLIP: ``(N, 2)``."""
+    a1, a2, a3, a4 = 1.340264, -0.081106, 0.000893, 0.003796
+    lat, lon = torch.deg2rad(latlon[:, 0]), torch.deg2rad(latlon[:, 1])
+    theta = torch.asin(math.sqrt(3) / 2 * torch.sin(lat))
+    x = 2 * math.sqrt(3) * lon * torch.cos(theta) / (3 * (9 * a4 * theta**8 + 7 * a3 * theta**6
+                                                           + 3 * a2 * theta**2 + a1))
+    y = a4 * theta**9 + a3 * theta**7 + a2 * theta**3 + a1 * theta
+    return torch.stack([x, y], 1) * 66.50336 / 180
+
+
+class FourierCapsule(nn.Module):
+    """Random Fourier features at one scale, then an MLP: ``(N, 2)`` -> ``(N, 512)``."""
+
+    def __init__(self, sigma: float, g: torch.Generator) -> None:
+        super().__init__()
+        self.register_buffer("b", torch.randn(256, 2, generator=g) * sigma)
+        self.mlp = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                                 nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        p = 2 * math.pi * v @ self.b.T
+        return self.mlp(torch.cat([torch.cos(p), torch.sin(p)], 1))
+
+
+class LocationEncoder(nn.Module):
+    """GeoCLIP's location encoder shape (9.4M parameters): ``(N, 2)`` degrees -> ``(N, 512)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.capsules = nn.ModuleList(FourierCapsule(s, g) for s in (2.0**0, 2.0**4, 2.0**8))
+
+    def forward(self, latlon: torch.Tensor) -> torch.Tensor:
+        v = equal_earth(latlon)
+        return sum(c(v) for c in self.capsules)
+
+
+class GeoClipStyle(nn.Module):
+    """CLIP ViT-L/14 image tower + image MLP, scored against a cached GPS gallery."""
+
+    def __init__(self, coords: np.ndarray) -> None:
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
+                               num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu")
+        self.clip = CLIPVisionModelWithProjection(cfg).eval()
+        self.image_mlp = nn.Sequential(nn.Linear(768, 768), nn.ReLU(), nn.Linear(768, 512))
+        self.location_encoder = LocationEncoder()
+        self.logit_scale = math.log(1 / 0.07)
+        self.coords = torch.as_tensor(coords, dtype=torch.float32)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            feats = torch.cat([self.location_encoder(c) for c in self.coords.split(8192)])
+        self.gallery = nn.functional.normalize(feats, dim=1)  # (G, 512)
+        self.gallery_encode_s = time.perf_counter() - t0
+        self.params = sum(p.numel() for p in self.clip.parameters())
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, 224, 224)`` -> top-k GPS ``(B, k, 2)`` and probabilities ``(B, k)``."""
+        img = nn.functional.normalize(self.image_mlp(self.clip(pixel_values=x).image_embeds), dim=1)
+        probs = torch.softmax(math.exp(self.logit_scale) * img @ self.gallery.T, dim=1)
+        p, i = probs.topk(top_k, dim=1)
+        return self.coords[i], p
+
+
+def geoclip_run(model: GeoClipStyle, photos: list[Path], batch_size: int) -> float:
+    """Photos/s end to end: decode, preprocess, predict."""
+    pre = Preprocess(224, CLIP_MEAN, CLIP_STD, "center_crop")
+    dl = torch.utils.data.DataLoader(ImageDataset(photos, pre), batch_size=batch_size, collate_fn=collate)
+    t0 = time.perf_counter()
+    n = 0
+    for _, x, _ in dl:
+        if x is not None:
+            model.predict(x)
+            n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+# -- geoswc -------------------------------------------------------------------------------------------
+
+
+def geoswc_run(geo: Geolocator, photos: list[Path], batch_size: int) -> float:
+    t0 = time.perf_counter()
+    out = list(geo.locate_batch(photos, batch_size=batch_size))
+    dt = time.perf_counter() - t0
+    bad = [r for r in out if isinstance(r, LocateFailure)]
+    if bad:
+        raise RuntimeError(f"{len(bad)} photos failed: {bad[0].error}")
+    return len(out) / dt
+
+
+def latencies_ms(fn, photos: list[Path]) -> np.ndarray:
+    ts = []
+    for p in photos:
+        t0 = time.perf_counter()
+        fn(p)
+        ts.append(1000 * (time.perf_counter() - t0))
+    return np.array(ts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)  # onnxruntime sessions follow torch's thread count
+    all_photos = sorted(args.images.glob("*.jpg"))
+    n_ours = args.photos or (48 if args.quick else 256)
+    n_clip = args.geoclip_photos or (4 if args.quick else 32)
+    n_lat = 10 if args.quick else 40
+    n_clip_lat = 2 if args.quick else 5
+    photos = all_photos[:n_ours]
+    lat_photos = all_photos[-n_lat:]
+    bs = args.batch_size
+
+    runtimes: dict[str, dict] = {}
+    for runtime in ("torch", "onnx"):
+        t0 = time.perf_counter()
+        try:
+            geo = Geolocator.load(runtime=runtime)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - report a missing extra and go on
+            print(f"runtime {runtime} unavailable: {e}", file=sys.stderr)
+            continue
+        load_s = time.perf_counter() - t0
+        geo.locate(lat_photos[0])  # warm-up: the place lookup table, allocator
+        ips = geoswc_run(geo, photos, bs)
+        lat = latencies_ms(lambda p, g=geo: g.locate(p), lat_photos)
+        runtimes[runtime] = {"images_per_s": ips, "p50_latency_ms": float(np.median(lat)),
+                             "p90_latency_ms": float(np.percentile(lat, 90)), "load_s": load_s,
+                             "photos": len(photos), "latency_photos": len(lat_photos)}
+        print(f"geoswc/{runtime}: {json.dumps(runtimes[runtime])}", file=sys.stderr, flush=True)
+        del geo
+
+    coords = np.loadtxt(args.coords, delimiter=",", skiprows=1)
+    t0 = time.perf_counter()
+    clip = GeoClipStyle(coords)
+    build_s = time.perf_counter() - t0
+    print(f"GeoCLIP-style ready in {build_s:.1f}s (gallery of {len(coords):,} encoded in "
+          f"{clip.gallery_encode_s:.1f}s)", file=sys.stderr, flush=True)
+    clip_photos = all_photos[n_ours:n_ours + n_clip]
+    geoclip_run(clip, clip_photos[:1], 1)  # warm-up
+    clip_ips = geoclip_run(clip, clip_photos, min(bs, n_clip))
+    pre = Preprocess(224, CLIP_MEAN, CLIP_STD, "center_crop")
+    clip_lat = latencies_ms(lambda p: geoclip_run(clip, [p], 1), lat_photos[:n_clip_lat])
+
+    main_rt = args.runtime if args.runtime in runtimes else next(iter(runtimes))
+    ours = runtimes[main_rt]
+    print(f"\n| pipeline | images/s (batch {bs}) | p50 single-photo latency ms |")
+    print("|---|---:|---:|")
+    for rt, r in runtimes.items():
+        print(f"| geoswc default model, {rt} runtime | {r['images_per_s']:.2f} | {r['p50_latency_ms']:.0f} |")
+    print(f"| GeoCLIP-style (ViT-L/14 + 100k GPS gallery) | {clip_ips:.3f} | {np.median(clip_lat):.0f} |")
+    print(f"\nratio geoswc ({main_rt}) / GeoCLIP-style: {ours['images_per_s'] / clip_ips:.1f}x images/s")
+    result = {
+        "benchmark": "locate_throughput", "quick": args.quick, "batch_size": bs, "runtime": main_rt,
+        "images_per_s": ours["images_per_s"], "p50_latency_ms": ours["p50_latency_ms"],
+        "geoclip_style_images_per_s": clip_ips, "geoclip_style_p50_latency_ms": float(np.median(clip_lat)),
+        "ratio": ours["images_per_s"] / clip_ips,
+        "runtimes": runtimes,
+        "geoclip_style": {"images_per_s": clip_ips, "photos": len(clip_photos),
+                          "p50_latency_ms": float(np.median(clip_lat)), "latency_photos": len(clip_lat),
+                          "image_tower_params": clip.params, "gallery_size": len(coords),
+                          "gallery_encode_s": clip.gallery_encode_s, "build_s": build_s,
+                          "preprocess": {"image_size": pre.image_size, "mean": CLIP_MEAN, "std": CLIP_STD}},
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "torch": torch.__version__, "load_average": os.getloadavg(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

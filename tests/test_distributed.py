@@ -1,0 +1,194 @@
+"""Data-parallel training and extraction: a 2-process gloo job on localhost (as ``torchrun --nproc-per-node 2``
+would run it) trains the same heads as one process, resumes from rank 0's checkpoint, and extracts the same
+features; fine-tuning streams from shards on both ranks. Tiny synthetic data, so it takes seconds."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from geoswc import distributed, storage
+from geoswc.cells import build_cells
+from geoswc.config import BackboneConfig, CellConfig, HeadConfig, ModelConfig, Preprocess, TrainConfig
+from geoswc.data import Record
+from geoswc.features import FeatureSet, extract_and_save
+from geoswc.model import GeoModel
+from geoswc.shards import write_shards
+from geoswc.train import finetune_shards, train_heads
+
+from .conftest import jpeg_bytes
+
+DIM = 16
+BB = BackboneConfig(name="tiny", weights="none", feature_dim=DIM, preprocess=Preprocess(image_size=32))
+CFG = TrainConfig(epochs=4, rrm_epochs=3, batch_size=32, lr=3e-3, finetune_epochs=1, seed=3)
+
+
+class TinyBackbone(nn.Module):
+    """``(B, 3, 32, 32)`` -> ``(B, 16)``; the same weights in every process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 8, 5, stride=4)
+            self.fc = nn.Linear(8, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _data() -> tuple[FeatureSet, object]:
+    """101 photos around 4 places, features that encode the place (+ noise), 2 views each."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[48.85, 2.35], [40.7, -74.0], [-33.9, 151.2], [35.7, 139.7]])
+    which = rng.integers(4, size=101)
+    lat = centres[which, 0] + rng.normal(0, 0.05, 101)
+    lon = centres[which, 1] + rng.normal(0, 0.05, 101)
+    proto = rng.normal(size=(4, DIM))
+    feats = proto[which][:, None, :] + 0.3 * rng.normal(size=(101, 2, DIM))
+    authors = [f"u{i % 9}" if i % 5 else "" for i in range(101)]
+    fs = FeatureSet(torch.tensor(feats, dtype=torch.float32), [f"p{i}.jpg" for i in range(101)], authors, lat, lon,
+                    BB, "tiny-fp")
+    pts = np.concatenate([lat, rng.uniform(-60, 70, 200)]), np.concatenate([lon, rng.uniform(-180, 180, 200)])
+    cells = build_cells(*pts, CellConfig(max_per_cell=30, min_per_cell=1))
+    return fs, cells
+
+
+def _model(cells, backbone: nn.Module | None = None) -> GeoModel:
+    return GeoModel(ModelConfig(backbone=BB, heads=HeadConfig(mvmf_dropout=0.2), train=CFG), cells, backbone)
+
+
+def _heads(m: GeoModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m._head_tensors().items()}  # noqa: SLF001
+
+
+class _Stop(Exception):
+    pass
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = distributed.init_distributed("cpu")
+    assert ctx.enabled and ctx.rank == rank and ctx.world_size == world
+    tmp_path = Path(tmp)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        fs, cells = _data()
+        writes = {"n": 0}
+        save = storage.save_tensors
+
+        def counting_save(*a, **k):
+            writes["n"] += 1
+            return save(*a, **k)
+
+        storage.save_tensors = counting_save
+        try:
+            m = _model(cells)
+            train_heads(m, fs, CFG, checkpoint_dir=tmp_path / "ckpt", progress=False)
+        finally:
+            storage.save_tensors = save
+        out |= {f"full.{k}": v for k, v in _heads(m).items()}
+        out["writes"] = torch.tensor(writes["n"])
+
+        # killed during the 3rd MvMF epoch on both ranks, then resumed from rank 0's checkpoint
+        step, calls = torch.optim.AdamW.step, {"n": 0}
+
+        def dying(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] > 9:
+                raise _Stop
+            return step(self, *a, **k)
+
+        torch.optim.AdamW.step = dying
+        try:
+            train_heads(_model(cells), fs, CFG, checkpoint_dir=tmp_path / "ckpt2", progress=False)
+        except _Stop:
+            pass
+        finally:
+            torch.optim.AdamW.step = step
+        distributed.barrier()
+        resumed = _model(cells)
+        train_heads(resumed, fs, CFG, checkpoint_dir=tmp_path / "ckpt2", progress=False)
+        out |= {f"resumed.{k}": v for k, v in _heads(resumed).items()}
+
+        # feature extraction: shards and records split over the ranks, merged by rank 0
+        extract_and_save(tmp_path / "f-shards", TinyBackbone(), BB, shards=str(tmp_path / "shards"), views=2,
+                         batch_size=3, progress=False)
+        recs = [Record(p.name, p, 1.0, 2.0, "") for p in sorted((tmp_path / "img").iterdir())]
+        extract_and_save(tmp_path / "f-records", TinyBackbone(), BB, records=recs, batch_size=3, progress=False)
+
+        # fine-tuning streamed from shards (DDP over gloo): runs, and leaves the ranks with equal weights
+        ft = _model(cells, TinyBackbone())
+        hist = finetune_shards(ft, tmp_path / "shards", CFG, checkpoint_dir=tmp_path / "ckpt-ft", progress=False)
+        out["ft_loss"] = torch.tensor(hist["finetune"])
+        out |= {f"ft.{k}": v.detach().clone() for k, v in ft.backbone.state_dict().items()}
+        torch.save(out, tmp_path / f"rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    (tmp / "img").mkdir()
+    rng = np.random.default_rng(1)
+    recs = []
+    for i in range(11):
+        p = tmp / "img" / f"{i:02d}.jpg"
+        p.write_bytes(jpeg_bytes((40 + 3 * i, 36), color=tuple(int(c) for c in rng.integers(0, 255, 3))))
+        recs.append(Record(p.name, p, float(rng.uniform(-50, 50)), float(rng.uniform(-150, 150)), f"a{i % 3}"))
+    (tmp / "img" / "05.jpg").write_bytes(jpeg_bytes((40, 36))[:700])  # truncated: kept in shards, fails to decode
+    write_shards(recs, tmp / "shards", samples_per_shard=3, verify=False, progress=False)
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    return tmp, [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_processes_train_the_one_process_model(two_ranks, tmp_path):
+    _, (r0, r1) = two_ranks
+    fs, cells = _data()
+    single = _model(cells)
+    train_heads(single, fs, CFG, progress=False)
+    for k, v in _heads(single).items():
+        assert torch.equal(r0[f"full.{k}"], r1[f"full.{k}"]), k  # ranks agree exactly
+        assert torch.allclose(r0[f"full.{k}"], v, rtol=1e-3, atol=1e-4), (k, (r0[f"full.{k}"] - v).abs().max())
+    assert int(r0["writes"]) > 0 and int(r1["writes"]) == 0  # only rank 0 writes checkpoints
+
+
+def test_resume_after_a_kill_under_ddp(two_ranks):
+    _, (r0, r1) = two_ranks
+    for k in [k for k in r0 if k.startswith("full.")]:
+        assert torch.allclose(r0[k], r0[k.replace("full.", "resumed.")], rtol=1e-5, atol=1e-6), k
+        assert torch.equal(r0[k.replace("full.", "resumed.")], r1[k.replace("full.", "resumed.")]), k
+
+
+def test_distributed_features_equal_one_process(two_ranks, tmp_path):
+    tmp, _ = two_ranks
+    recs = [Record(p.name, p, 1.0, 2.0, "") for p in sorted((tmp / "img").iterdir())]
+    for name, kw in (("f-shards", {"shards": str(tmp / "shards"), "views": 2}), ("f-records", {"records": recs})):
+        one, report = extract_and_save(tmp_path / name, TinyBackbone(), BB, batch_size=4, progress=False, **kw)
+        two = FeatureSet.load(tmp / name)
+        assert len(one) == 10 and two.names == one.names and two.authors == one.authors
+        assert (two.lat == one.lat).all() and report.skipped[0][0].startswith("05.jpg")
+        assert torch.allclose(two.features, one.features.half().float(), rtol=1e-3, atol=1e-4)
+    assert not (tmp / "f-shards" / ".parts").exists()
+
+
+def test_streamed_finetune_under_ddp(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert np.isfinite(r0["ft_loss"].numpy()).all() and torch.equal(r0["ft_loss"], r1["ft_loss"])
+    for k in [k for k in r0 if k.startswith("ft.")]:
+        assert torch.equal(r0[k], r1[k]), k
