@@ -127,8 +127,8 @@ def get_features(args: argparse.Namespace) -> FeatureSet:
 
 
 def raw_nn(train: FeatureSet, test: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-    g = torch.nn.functional.normalize(train.features[:, 0], dim=-1)
-    q = torch.nn.functional.normalize(test.features[:, 0], dim=-1)
+    g = torch.nn.functional.normalize(train.features[:, 0].float(), dim=-1)
+    q = torch.nn.functional.normalize(test.features[:, 0].float(), dim=-1)
     nn_idx = (q @ g.T).argmax(1).numpy()
     return train.lat[nn_idx], train.lon[nn_idx]
 

@@ -111,7 +111,14 @@ def test_feature_cache_round_trip_and_damage(tiny_workspace, tmp_path):
     d = tmp_path / "f"
     fs.save(d)
     again = FeatureSet.load(d)
-    assert torch.allclose(again.features, fs.features) and again.names == fs.names
+    assert torch.equal(again.features, fs.features) and again.names == fs.names
+    # loaded caches stay float16 on disk, memory-mapped copy-on-write: writing to them leaves the file alone
+    assert again.features.dtype == torch.float16
+    before = (d / "features.safetensors").read_bytes()
+    again.features[0, 0, 0] = 123.0
+    del again
+    assert (d / "features.safetensors").read_bytes() == before
+    assert torch.equal(FeatureSet.load(d).features, fs.features)
     (d / "items.csv").write_text("image,author,lat,lon\n")
     with pytest.raises(ArtifactError):
         FeatureSet.load(d)

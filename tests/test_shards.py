@@ -118,4 +118,4 @@ def test_features_from_shards_equal_features_from_folder(dev_records, tmp_path, 
     assert "features of 7 photos (2 view(s), 1280-d)" in capsys.readouterr().out
     cached = FeatureSet.load(tmp_path / "f")
     assert cached.names == folder.names
-    assert torch.allclose(cached.features, folder.features.half().float(), rtol=1e-3, atol=1e-4)  # float16
+    assert torch.allclose(cached.features.float(), folder.features.half().float(), rtol=1e-3, atol=1e-4)  # float16

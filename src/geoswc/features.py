@@ -37,7 +37,10 @@ _Batch = tuple[torch.Tensor, torch.Tensor | None, list[Any], list[tuple[int, str
 
 @dataclass
 class FeatureSet:
-    """Cached features ``(N, V, D)`` float32 with each photo's id, author and position ``(N,)``."""
+    """Cached features ``(N, V, D)`` with each photo's id, author and position ``(N,)``.
+
+    Loaded caches are float16 and memory-mapped (MP-16 does not fit in memory as float32): cast the rows you
+    use with ``.float()``."""
 
     features: torch.Tensor
     names: list[str]
@@ -91,12 +94,12 @@ class FeatureSet:
                 "items_sha256")
         storage.require_keys(meta, keys, "feature cache", folder / "features.json")
         storage.check_seal(meta, keys, "feature cache", folder / "features.json")
-        t = storage.load_tensors(folder / "features.safetensors", "feature cache tensors", meta["tensors_sha256"])
+        feats = storage.map_tensor(folder / "features.safetensors", "features", "feature cache tensors",
+                                   meta["tensors_sha256"])
         raw = (folder / "items.csv").read_bytes() if (folder / "items.csv").is_file() else b""
         if storage.sha256_bytes(raw) != meta.get("items_sha256"):
             raise ArtifactError(f"{folder / 'items.csv'} is missing, damaged or was changed; re-extract features")
         rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))[1:]
-        feats = t["features"].float()
         if feats.ndim != 3 or feats.shape[0] != len(rows) or list(feats.shape) != [meta["size"], meta["views"],
                                                                                   meta["dim"]]:
             raise ArtifactError(f"feature cache {folder} is inconsistent; re-extract features")

@@ -148,6 +148,43 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor | np.ndarray]
     return hashlib.sha256(data).hexdigest()
 
 
+_NP_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+              "U8": np.uint8, "BF16": None}
+
+
+def map_tensor(path: str | Path, name: str, what: str, sha256: str | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file, memory-mapped (pages are read when used), after checking the file's
+    sha256 when one is recorded. Copy-on-write: writing to it never changes the file.
+
+    Raises:
+        ArtifactError: missing or damaged file, or no such tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path} is missing")
+    if sha256 and sha256_file(path) != sha256:
+        raise ArtifactError(f"{what} {path} is damaged or was changed (sha256 differs from the metadata beside it); "
+                            "rebuild it or restore the original file")
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 24 else None
+        info = header[name] if isinstance(header, dict) else None
+        dtype = _NP_DTYPES.get(info["dtype"]) if isinstance(info, dict) else None
+        if dtype is None:
+            raise ValueError(f"no {name!r} tensor of a supported dtype")
+        start, stop = (int(v) for v in info["data_offsets"])
+        shape = tuple(int(v) for v in info["shape"])
+        if stop - start != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + n + stop > path.stat().st_size:
+            raise ValueError("tensor size and file size disagree")
+        if not shape or 0 in shape:
+            return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+        arr = np.memmap(path, dtype=dtype, mode="c", offset=8 + n + start, shape=shape)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{what} {path} is not a valid safetensors file ({e}); rebuild it") from e
+    return torch.from_numpy(arr)
+
+
 def load_tensors(path: str | Path, what: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load a safetensors file (no code runs), checking its sha256 when one is recorded."""
     path = Path(path)

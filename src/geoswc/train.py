@@ -283,7 +283,7 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
 
     def mvmf_step(batch: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
         rows, v = batch
-        f = X[torch.from_numpy(rows), torch.from_numpy(v)].to(dev)
+        f = X[torch.from_numpy(rows), torch.from_numpy(v)].to(dev).float()
         if not ctx.enabled:
             return mv.nll(mv(f), xyz[torch.from_numpy(rows)])
         # Dropout (and the optional hidden layer) on the whole batch draws the masks one process would;
@@ -309,10 +309,10 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
         idx, v, _, _ = batch
         it = torch.from_numpy(idx)
         if not ctx.enabled:
-            emb = rrm(X[it, torch.from_numpy(v)].to(dev))
+            emb = rrm(X[it, torch.from_numpy(v)].to(dev).float())
         else:  # embed this rank's slice; every rank computes the loss of the gathered batch
             lo, hi = distributed.shard_range(len(idx), ctx)
-            emb = distributed.gather_rows(rrm(X[it[lo:hi], torch.from_numpy(v[lo:hi])].to(dev)))
+            emb = distributed.gather_rows(rrm(X[it[lo:hi], torch.from_numpy(v[lo:hi])].to(dev).float()))
         itd = it.to(dev)
         return geo_contrastive_loss(emb, xyz[itd], itd, authors_t[itd], cfg.positive_km, cfg.temperature,
                                     cfg.same_author_positives)
