@@ -121,6 +121,7 @@ def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path
             assert place and place != "no named place"
             assert page.inner_text("#details h2") == "kauai.png"
             assert page.locator("path.geoswc-cell").count() >= 5
+            assert page.locator("path.geoswc-searched").count() >= 1
             assert page.locator("path.geoswc-confidence").count() == 1
             assert page.locator("path.geoswc-neighbor").count() >= 1
             assert [t.strip() for t in page.locator("#results li .name").all_inner_texts()] == [

@@ -103,6 +103,8 @@ class Prediction:
     """True when the estimate is the cell centroid because the cell holds no gallery photo."""
     place: Place | None = None
     exif: ExifPosition | None = None
+    cell_polygon: list[tuple[float, float]] = field(default_factory=list)
+    """The searched cell's outline as ``(lat, lon)`` points (for maps; it may not be among ``top_cells``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -267,6 +269,7 @@ class Geolocator:
             cell=cells.tokens[chosen], cell_probability=float(probs[chosen]),
             top_cells=[CellProbability(cells.tokens[c], float(cells.lat[c]), float(cells.lon[c]), float(probs[c]),
                                        cells.polygon(int(c))) for c in top],
+            cell_polygon=cells.polygon(int(chosen)),
         )
         if method == "classification" or self.gallery is None:
             return pred

@@ -64,7 +64,7 @@ class PredictionModel(_Strict):
     lon: float
     confidence: float = Field(description="Prediction density: probability mass of the cells near the chosen one.")
     method: str = Field(description="swc, classification or retrieval.")
-    cell: str = Field(description="S2 token of the chosen cell.")
+    cell: str = Field(description="S2 token of the searched cell.")
     cell_probability: float
     top_cells: list[CellModel]
     neighbors: list[NeighborModel]
@@ -72,6 +72,8 @@ class PredictionModel(_Strict):
     fallback: bool = Field(description="The estimate is the cell centroid: the cell holds no gallery photo.")
     place: PlaceModel | None
     exif: ExifModel | None
+    cell_polygon: list[tuple[float, float]] = Field(
+        description="The searched cell's outline as (lat, lon) points; it may not be among top_cells.")
 
 
 class FailureModel(_Strict):

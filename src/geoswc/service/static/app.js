@@ -229,6 +229,16 @@
           .addTo(group);
       });
     });
+    if (p.cell_polygon && p.cell_polygon.length) { // the searched cell, drawn as an outline on top
+      var sring = unwrapRing(p.cell_polygon), sr = lonRange(sring), smid = (sr[0] + sr[1]) / 2;
+      sring = shiftRing(sring, nearLon(smid, lon) - smid);
+      polygonCopies([sring], lon - 180, lon + 180).forEach(function (poly) {
+        L.polygon(poly, { color: '#212529', weight: 2, dashArray: '4 4', fill: false, className: 'geoswc-searched' })
+          .bindTooltip('searched cell ' + esc(p.cell) + ': ' + (100 * p.cell_probability).toFixed(1) + ' %',
+            { sticky: true })
+          .addTo(group);
+      });
+    }
     var radius = radiusKm(p.confidence);
     var circle = L.circle([lat, lon], {
       radius: radius * 1000, color: '#1c7ed6', weight: 2, dashArray: '6 5', fillColor: '#1c7ed6', fillOpacity: 0.08,
