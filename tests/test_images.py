@@ -63,6 +63,10 @@ def test_jpeg_draft_decodes_smaller():
     (b"", "empty", "empty"),
     (b"hello, I am text", "unsupported", "not an image"),
     (b"%PDF-1.4 fake", "unsupported", "not an image"),
+    # a real image signature with a header that does not decode: corrupt (HTTP 422), not unsupported (415)
+    (b"\xff\xd8\xff" + b"garbage" * 20, "corrupt", "corrupt JPEG"),
+    (b"RIFF\x10\x00\x00\x00WEBPjunkjunk", "corrupt", "corrupt WebP"),
+    (b"GIF89a" + b"\x00" * 3, "corrupt", "corrupt"),
 ])
 def test_bad_bytes(data, kind, msg):
     with pytest.raises(ImageError, match=msg) as e:

@@ -54,6 +54,24 @@ def _name(source: ImageSource) -> str:
     return "<uploaded image>" if isinstance(source, (bytes, bytearray)) else "<image>"
 
 
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
+
+
+def _signature(fp: BinaryIO) -> str | None:
+    """The image format a file's first bytes announce (``None``: no known signature)."""
+    try:
+        fp.seek(0)
+        head = fp.read(12)
+    except (OSError, ValueError):
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for sig, fmt in _SIGNATURES if head.startswith(sig)), None)
+
+
 def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
     """Open without decoding pixels, checking the byte and pixel limits."""
     name = _name(source)
@@ -105,6 +123,9 @@ def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} has too many pixels to decode safely ({e})", kind="too_large") from e
     except UnidentifiedImageError as e:
+        fmt = _signature(fp)
+        if fmt is not None:  # it says it is an image, but its header does not decode
+            raise ImageError(f"{name} is a corrupt {fmt} file (its header cannot be decoded)", kind="corrupt") from e
         raise ImageError(
             f"{name} is not an image Pillow can read (supported: JPEG, PNG, WebP, GIF, BMP, TIFF"
             f"{', HEIC' if 'HEIF' in Image.OPEN else ''})",
