@@ -321,6 +321,13 @@ class Geolocator:
             for i in sorted(results):
                 yield results[i]
 
+    @torch.inference_mode()
+    def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images ``(B, 3, S, S)`` -> backbone features ``(B, D)`` float32 on the CPU, with the
+        runtime :meth:`use_runtime` installed (eager PyTorch by default)."""
+        backbone = self._fast_backbone or self.model.backbone
+        return backbone(x.to(self.device)).float().cpu()
+
     def iter_features(
         self, sources: Sequence[ImageSource], batch_size: int = 16, num_workers: int = 0, progress: bool = False,
     ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, ImageError]]]]:
@@ -335,12 +342,7 @@ class Geolocator:
         dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         with tqdm(total=len(sources), desc="locate", unit="img", disable=not progress) as bar:
             for idx, x, bad in dl:
-                feats = None
-                if x is not None:
-                    with torch.inference_mode():
-                        backbone = self._fast_backbone or self.model.backbone
-                        feats = backbone(x.to(self.device)).float().cpu()
-                yield idx.tolist(), feats, bad
+                yield idx.tolist(), None if x is None else self._backbone_features(x), bad
                 bar.update(len(idx) + len(bad))
 
     def locate_shards(
@@ -363,16 +365,13 @@ class Geolocator:
                           split_ranks=False)
         dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_samples)
-        backbone = getattr(self, "_fast_backbone", None) or self.model.backbone
         total = None if None in sizes else sum(n or 0 for n in sizes)
         with tqdm(total=total, desc="locate", unit="img", disable=not progress) as bar:
             for _, x, metas, bad in dl:
                 for _, meta, err in bad:
                     yield LocateFailure(meta.image, str(err), getattr(err, "kind", "corrupt"))
                 if x is not None:
-                    with torch.inference_mode():
-                        feats = backbone(x.to(self.device)).float().cpu()
-                    preds = self.predict_features(feats, method, names=[m.image for m in metas])
+                    preds = self.predict_features(self._backbone_features(x), method, names=[m.image for m in metas])
                     self._decorate([(m.image, p) for m, p in zip(metas, preds, strict=True)], with_place, False)
                     for m, p in zip(metas, preds, strict=True):
                         if m.gps is not None:
