@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from geoswc import storage
 from geoswc.api import default_model_dir
 from geoswc.data import ImageDataset
 from geoswc.model import GeoModel
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         result["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")
     return 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geoswc import storage
 from geoswc.api import Geolocator
 from geoswc.backbone import create_backbone, default_config
 from geoswc.cells import build_cells
@@ -188,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown_table(result)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     args.out.with_suffix(".md").write_text(table + "\n")
     return 0
 

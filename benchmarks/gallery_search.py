@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geoswc import storage
 from geoswc.api import default_model_dir
 from geoswc.cells import CellTable
 from geoswc.index import Gallery, GalleryWriter
@@ -308,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "torch": torch.__version__,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "sizes": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")
     return 0
 

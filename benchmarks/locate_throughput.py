@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoswc import storage
 from geoswc.api import Geolocator, LocateFailure
 from geoswc.config import Preprocess
 from geoswc.data import ImageDataset, collate
@@ -232,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "torch": torch.__version__, "load_average": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")
     return 0
 
