@@ -7,7 +7,10 @@ gallery, and the fold's photos are located with every method:
 - ``swc``: search within the chosen cell (the most probable one, or with ``--select-km`` the densest region's),
 - ``classification``: centroid of the most probable cell,
 - ``retrieval``: SwC's clustering over the top-k of the whole gallery, no cell constraint,
-- ``raw 1-NN``: the nearest gallery photo by cosine similarity of raw backbone features (no training).
+- ``raw 1-NN``: the nearest gallery photo by cosine similarity of raw backbone features (no training),
+- ``cell prior``: no pixels at all: every photo gets the centroid of the cell that ``select_km`` picks
+  from the cells' shares of the coordinates they were built from. A method that does not beat this row
+  has learned nothing from the photos at that threshold.
 
 Run:  python benchmarks/cross_validation.py --out benchmarks/results/cross_validation.json
 It prints a Markdown table and writes it (``.md``) beside the JSON.
@@ -29,13 +32,14 @@ import torch
 from geoswc import storage
 from geoswc.api import Geolocator
 from geoswc.backbone import create_backbone, default_config
-from geoswc.cells import build_cells
+from geoswc.cells import CellTable, build_cells
 from geoswc.config import CellConfig, HeadConfig, ModelConfig, SearchConfig, TrainConfig
 from geoswc.data import author_folds, read_locations_csv
 from geoswc.features import FeatureSet, extract_features
 from geoswc.index import build_gallery
 from geoswc.metrics import accuracy_at, errors_km, median_km
 from geoswc.model import GeoModel
+from geoswc.swc import neighborhood, select_cell
 from geoswc.train import train_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +138,13 @@ def raw_nn(train: FeatureSet, test: FeatureSet) -> tuple[np.ndarray, np.ndarray]
     return train.lat[nn_idx], train.lon[nn_idx]
 
 
+def cell_prior(cells: CellTable, select_km: float) -> int:
+    """The cell a pixel-blind guesser picks: the most populous one, or the one with the most photos within
+    ``select_km`` (the same rule SwC applies to the classifier's probabilities)."""
+    share = cells.count / cells.count.sum()
+    return select_cell(share, neighborhood(cells.xyz, select_km) if select_km > 0 else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -155,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {f"swc {spec}": dataclasses.replace(search, **parse_spec(spec)) for spec in args.also}
     heads = HeadConfig(mvmf_hidden=args.mvmf_hidden, mvmf_dropout=args.mvmf_dropout)
     fold = author_folds(feats.authors, folds_n)
-    methods = ["swc", *variants, "classification", "retrieval", "raw 1-NN"]
+    methods = ["swc", *variants, "classification", "retrieval", "raw 1-NN", "cell prior"]
+    prior_cell = cell_prior(cells, search.select_km)
     errors: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for f in range(folds_n):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
@@ -166,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         train_heads(model, train, train_cfg, progress=False)
         gallery = build_gallery(model, train.features[:, 0], train.lat, train.lon, train.names, train.authors)
         geo = Geolocator(model, gallery, search)
-        for m in methods[:-1]:
+        for m in methods[:-2]:
             geo.search = variants.get(m, search)
             preds = geo.predict_features(test.features[:, 0], m.split()[0], names=test.names)  # type: ignore[arg-type]
             errors[m].append(errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds]))
         plat, plon = raw_nn(train, test)
         errors["raw 1-NN"].append(errors_km(test.lat, test.lon, plat, plon))
+        errors["cell prior"].append(errors_km(test.lat, test.lon, cells.lat[prior_cell], cells.lon[prior_cell]))
         log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds_n, len(tr), len(te),
                  {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()})
     rows = {}

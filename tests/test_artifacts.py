@@ -61,6 +61,35 @@ def test_model_round_trip(tiny_workspace, tmp_path):
     assert torch.allclose(m.heads(x)[0], m2.heads(x)[0])
 
 
+def test_model_saved_before_a_config_field_existed_still_loads(tiny_workspace, tmp_path):
+    """A model written by an older version lacks config fields added since (here ``search_km``, which
+    came after the first release): it loads, with the field at its default, under the fingerprint it was
+    saved with, so the indexes that record that fingerprint keep working. Tampering is still caught."""
+    from geoswc.config import canonical_json, digest
+
+    d = tmp_path / "old"
+    shutil.copytree(tiny_workspace["model"], d, ignore=shutil.ignore_patterns("checkpoint*"))
+    meta = json.loads((d / "config.json").read_text())
+    del meta["config"]["search"]["search_km"]
+    assert meta["config"]["backbone"] and "search_km" not in canonical_json(meta["config"])
+    # What the older version wrote: the same digest recipe over the config it knew.
+    heads = GeoModel.load(tiny_workspace["model"], with_backbone=False)._head_tensors()
+    from geoswc.model import _state_digest
+
+    meta["fingerprint"] = digest(canonical_json(meta["config"]), meta["backbone_fingerprint"], _state_digest(heads))
+    (d / "config.json").write_text(json.dumps(meta))
+
+    m = GeoModel.load(d)
+    assert m.fingerprint == meta["fingerprint"] != GeoModel.load(tiny_workspace["model"]).fingerprint
+    assert m.config.search.search_km == 0.0
+    m.compute_fingerprints()  # e.g. before embedding a gallery: unchanged config, unchanged identity
+    assert m.fingerprint == meta["fingerprint"]
+    meta["config"]["search"]["k"] = 7  # an edit by hand is still refused
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        GeoModel.load(d)
+
+
 @pytest.mark.parametrize("target,damage", [
     ("heads.safetensors", "flip"), ("heads.safetensors", "truncate"), ("cells.csv", "flip"),
     ("config.json", "edit"), ("config.json", "truncate"), ("heads.safetensors", "delete"),

@@ -129,6 +129,8 @@ IMAGE_KINDS: dict[str, tuple[str, Maker, set[str] | None]] = {
     "corrupt_jpeg": ("corrupt.jpg", _write(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(3000)),
                      {"corrupt", "unsupported"}),
     "truncated_jpeg": ("truncated.jpg", _write(REAL_JPEG[: len(REAL_JPEG) // 2]), {"corrupt"}),
+    "zero_filled_tail_jpeg": ("zeroed.jpg", _write(REAL_JPEG[: len(REAL_JPEG) // 2]
+                                                   + bytes(len(REAL_JPEG) - len(REAL_JPEG) // 2)), {"corrupt"}),
     "empty_file": ("empty.jpg", _write(b""), {"empty"}),
     "zero_pixel_png": ("zero.png", _write(png_claiming_size(0, 0)), {"corrupt", "unsupported"}),
     "gigantic_file": ("gigantic.jpg", _sparse(51 * 2**20), {"too_large"}),

@@ -27,6 +27,24 @@ def test_backbones(capsys):
     assert "efficientnet-lite0" in out and "efficientnet-b7" in out
 
 
+def test_a_bug_gives_one_line_and_status_3(monkeypatch, capsys):
+    """An unexpected exception (a bug, not bad input) is named in one line, traceback only with -vv."""
+    import geoswc.backbone
+
+    class Broken(dict):
+        def items(self):
+            raise ZeroDivisionError("division by zero in a test")
+
+    monkeypatch.setattr(geoswc.backbone, "REGISTRY", Broken())
+    code = main(["backbones"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "internal error (ZeroDivisionError: division by zero in a test)" in err and "-vv" in err
+    assert "Traceback" not in err
+    assert main(["-vv", "backbones"]) == 3
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_build_commands_wrote_artifacts(tiny_workspace):
     m = tiny_workspace["model"]
     for f in ("config.json", "cells.csv", "heads.safetensors", "index/index.json", "index/index.safetensors"):

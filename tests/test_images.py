@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from geoswc.errors import ImageError
-from geoswc.images import ImageLimits, load_image, read_gps
+from geoswc.images import ImageLimits, jpeg_is_complete, load_image, read_gps
 
 from .conftest import gps_exif, jpeg_bytes
 
@@ -79,6 +79,35 @@ def test_truncated_jpeg():
     with pytest.raises(ImageError, match="truncated|corrupt") as e:
         load_image(data[: len(data) // 2])
     assert e.value.kind == "corrupt"
+
+
+def test_jpeg_with_a_zeroed_tail_is_truncated():
+    """libjpeg only warns when the second half is zeros (a failed copy): it must not decode to grey."""
+    data = jpeg_bytes((256, 256))
+    half = len(data) // 2
+    with pytest.raises(ImageError, match="truncated") as e:
+        load_image(data[:half] + bytes(len(data) - half))
+    assert e.value.kind == "corrupt"
+
+
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "restart_markers", "exif_thumbnail", "trailer"])
+def test_complete_jpegs_pass_the_end_marker_check(variant):
+    """Valid JPEGs of every structure the check walks: scans with restart markers, progressive scans, an
+    EOI inside an embedded EXIF thumbnail, and bytes appended after the image."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    kw: dict = {"progressive": {"progressive": True}, "restart_markers": {"restart_marker_blocks": 1}}.get(variant, {})
+    data = encode(img, "JPEG", **kw)
+    if variant == "exif_thumbnail":  # an APP1 segment holding a whole JPEG (SOI ... SOS ... EOI)
+        thumb = encode(img.resize((16, 12)), "JPEG")
+        payload = b"Exif\x00\x00" + thumb
+        data = data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+    if variant == "trailer":
+        data += b"\xff\xda vendor trailer without an end marker"
+    assert jpeg_is_complete(data)
+    assert load_image(data).size == (128, 96)
+    cut = data[: len(data) // 2] if variant != "exif_thumbnail" else data[: len(data) - 200]
+    assert not jpeg_is_complete(cut)
 
 
 def test_limits(tmp_path):

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -588,6 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"geoswc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one clear line, the traceback on request
+        if args.verbose >= 2:
+            traceback.print_exc(file=sys.stderr)
+        print(f"geoswc {args.command}: internal error ({type(e).__name__}: {e}). This is a bug in geoswc; "
+              "please report it with the output of the same command run with -vv", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

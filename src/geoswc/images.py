@@ -171,6 +171,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG's marker structure runs from SOI to an EOI marker.
+
+    Walks the segments and skips each scan's entropy-coded data (where 0xFF is always followed by a
+    stuffed 0x00 or a restart marker), so an EOI inside an EXIF thumbnail or bytes appended after the
+    image do not count. A file cut short, or whose tail was overwritten with zeros, has no EOI: libjpeg
+    only warns about such files and fills the missing rows with grey.
+    """
+    n, pos = len(data), 2
+    while pos < n:
+        nxt = data.find(b"\xff", pos)
+        if nxt < 0 or nxt + 1 >= n:
+            return False
+        marker = data[nxt + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF:  # fill byte before a marker
+            pos = nxt + 1
+            continue
+        if marker == 0x00 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # stuffed byte, RSTn, TEM
+            pos = nxt + 2
+            continue
+        if nxt + 3 >= n:
+            return False
+        length = (data[nxt + 2] << 8) | data[nxt + 3]
+        pos = nxt + 2 + length  # a segment (for SOS: its header; the scan data follows, walked above)
+    return False
+
+
 def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS,
                draft_size: int | None = None) -> Image.Image:
     """Decode an image to upright 8-bit RGB.
@@ -186,6 +215,8 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS,
     """
     name = _name(source)
     img = _open_raw(source, limits)
+    if img.format == "JPEG" and isinstance(img.fp, io.BytesIO) and not jpeg_is_complete(img.fp.getvalue()):
+        raise ImageError(f"{name} is truncated: its JPEG data ends before the end-of-image marker", kind="corrupt")
     try:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)

@@ -662,6 +662,13 @@ class GalleryWriter:
         self.abort()
 
 
+def embed(model: GeoModel, features: torch.Tensor) -> NDArray[np.float32]:
+    """Retrieval embeddings ``(B, D)`` (unit rows) of backbone features ``(B, D)``, the one path by which
+    gallery entries are embedded."""
+    with torch.inference_mode():
+        return model.rrm(features.float()).numpy()
+
+
 def build_gallery(model: GeoModel, features: torch.Tensor, lat: np.ndarray, lon: np.ndarray, names: list[str],
                   authors: list[str], batch_size: int = 4096) -> Gallery:
     """Embed backbone features ``(N, D)`` with the model's RRM and group them by the model's cells."""
@@ -669,9 +676,8 @@ def build_gallery(model: GeoModel, features: torch.Tensor, lat: np.ndarray, lon:
         raise InputError(f"gallery features must be (N, {model.config.backbone.feature_dim}), "
                          f"got {tuple(features.shape)}")
     model.eval()
-    with torch.inference_mode():
-        emb = torch.cat([model.rrm(features[s:s + batch_size].float())
-                         for s in range(0, len(features), batch_size)]).numpy()
+    emb = np.concatenate([embed(model, features[s:s + batch_size]) for s in range(0, len(features), batch_size)]
+                         or [np.zeros((0, model.config.backbone.feature_dim), np.float32)])
     cell = model.cells.assign(lat, lon)
     model.compute_fingerprints()  # the heads may have been trained since the last save
     return Gallery(emb, np.asarray(lat, np.float64), np.asarray(lon, np.float64), cell, list(names), list(authors),
@@ -688,8 +694,6 @@ def write_gallery(model: GeoModel, chunks: Iterable[tuple[torch.Tensor, ArrayLik
     with GalleryWriter(folder, model.config.backbone.feature_dim, len(model.cells), model.fingerprint,
                        model.cells.fingerprint, extra) as w:
         for feats, lat, lon, names, authors in chunks:
-            with torch.inference_mode():
-                emb = model.rrm(feats.float()).numpy()
-            w.add(emb, lat, lon, model.cells.assign(lat, lon), names, authors)
+            w.add(embed(model, feats), lat, lon, model.cells.assign(lat, lon), names, authors)
         w.finish()
         return w.size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,13 +93,27 @@ class GeoModel(nn.Module):
         return {f"mvmf.{k}": v for k, v in self.mvmf.state_dict().items()} | {
             f"rrm.{k}": v for k, v in self.rrm.state_dict().items()}
 
+    _stored_config: tuple[dict[str, Any], dict[str, Any]] | None = None
+    """``(config as loaded, config as stored in the file)``: set by :meth:`load`."""
+
     def compute_fingerprints(self) -> None:
-        """Refresh :attr:`fingerprint` and :attr:`backbone_fingerprint` from the current weights."""
-        bb = backbone_fingerprint(self.config.backbone)
+        """Refresh :attr:`fingerprint` and :attr:`backbone_fingerprint` from the current weights.
+
+        The config part of the digest is the config as it was written. A model saved by an older version
+        lacks fields added since, which load at their defaults; digesting the stored JSON keeps its
+        fingerprint (and the indexes that record it) valid after an upgrade, as long as the config is
+        not changed after loading.
+        """
+        config = to_dict(self.config)
+        if self._stored_config is not None and self._stored_config[0] == config:
+            config = self._stored_config[1]
+            bb = digest(canonical_json(config["backbone"]))  # what backbone_fingerprint gave when it was saved
+        else:
+            bb = backbone_fingerprint(self.config.backbone)
         if self.config.backbone_finetuned and self.backbone is not None:
             bb = digest(bb, _state_digest(self.backbone.state_dict()))
         self._backbone_fp = bb
-        self.fingerprint = digest(canonical_json(to_dict(self.config)), bb, _state_digest(self._head_tensors()))
+        self.fingerprint = digest(canonical_json(config), bb, _state_digest(self._head_tensors()))
 
     def save(self, folder: str | Path) -> str:
         """Write the model folder atomically file by file (config last). Returns the fingerprint."""
@@ -175,6 +190,7 @@ class GeoModel(nn.Module):
             model.rrm.load_state_dict({k[4:]: v for k, v in heads.items() if k.startswith("rrm.")})
         except RuntimeError as e:
             raise ArtifactError(f"model heads in {folder} do not fit its config: {e}") from e
+        model._stored_config = (to_dict(config), meta["config"])
         model.compute_fingerprints()
         if model.fingerprint != meta.get("fingerprint") or model.backbone_fingerprint != meta["backbone_fingerprint"]:
             raise ArtifactError(
