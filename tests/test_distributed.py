@@ -4,6 +4,7 @@ features; fine-tuning streams from shards on both ranks. Tiny synthetic data, so
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -27,6 +28,7 @@ from .conftest import jpeg_bytes
 DIM = 16
 BB = BackboneConfig(name="tiny", weights="none", feature_dim=DIM, preprocess=Preprocess(image_size=32))
 CFG = TrainConfig(epochs=4, rrm_epochs=3, batch_size=32, lr=3e-3, finetune_epochs=1, seed=3)
+VAL_CFG = dataclasses.replace(CFG, val_fraction=0.25)
 
 
 class TinyBackbone(nn.Module):
@@ -97,6 +99,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             storage.save_tensors = save
         out |= {f"full.{k}": v for k, v in _heads(m).items()}
         out["writes"] = torch.tensor(writes["n"])
+        m_val = _model(cells)
+        out["val_nll"] = torch.tensor(train_heads(m_val, fs, VAL_CFG, progress=False)["mvmf_val"])
+        out |= {f"val.{k}": v for k, v in _heads(m_val).items()}
 
         # killed during the 3rd MvMF epoch on both ranks, then resumed from rank 0's checkpoint
         step, calls = torch.optim.AdamW.step, {"n": 0}
@@ -166,6 +171,20 @@ def test_two_processes_train_the_one_process_model(two_ranks, tmp_path):
         assert torch.equal(r0[f"full.{k}"], r1[f"full.{k}"]), k  # ranks agree exactly
         assert torch.allclose(r0[f"full.{k}"], v, rtol=1e-3, atol=1e-4), (k, (r0[f"full.{k}"] - v).abs().max())
     assert int(r0["writes"]) > 0 and int(r1["writes"]) == 0  # only rank 0 writes checkpoints
+
+
+def test_two_processes_choose_the_one_process_mvmf_epoch(two_ranks):
+    """With a held-out share of photographers, both ranks score the same epochs and keep the same head as
+    one process does."""
+    _, (r0, r1) = two_ranks
+    fs, cells = _data()
+    single = _model(cells)
+    hist = train_heads(single, fs, VAL_CFG, progress=False)
+    assert torch.equal(r0["val_nll"], r1["val_nll"])
+    assert torch.allclose(r0["val_nll"].double(), torch.tensor(hist["mvmf_val"], dtype=torch.float64), atol=1e-3)
+    for k, v in _heads(single).items():
+        assert torch.equal(r0[f"val.{k}"], r1[f"val.{k}"]), k
+        assert torch.allclose(r0[f"val.{k}"], v, rtol=1e-3, atol=1e-4), k
 
 
 def test_resume_after_a_kill_under_ddp(two_ranks):

@@ -112,24 +112,29 @@ def test_sigkill_during_training_then_rerun_gives_the_same_model(tiny_workspace:
 # -- training: a kill between the two files of a checkpoint ----------------------------------------------
 
 
-def _setup(ws: dict[str, Path]) -> tuple[FeatureSet, TrainConfig, GeoModel]:
+def _setup(ws: dict[str, Path], val_fraction: float = 0.0) -> tuple[FeatureSet, TrainConfig, GeoModel]:
     fs = FeatureSet.load(ws["features"])
     cells = CellTable.load(ws["cells"])
-    cfg = TrainConfig(epochs=2, rrm_epochs=1, batch_size=16)
+    cfg = TrainConfig(epochs=2, rrm_epochs=1, batch_size=16, val_fraction=val_fraction)
     return fs, cfg, GeoModel(ModelConfig(backbone=fs.backbone, train=cfg), cells)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_workspace: dict[str, Path]) -> str:
-    fs, cfg, model = _setup(tiny_workspace)
-    train_heads(model, fs, cfg, progress=False)
-    model.compute_fingerprints()
-    return model.fingerprint
+def uninterrupted(tiny_workspace: dict[str, Path]) -> dict[float, str]:
+    out = {}
+    for val in (0.0, 0.3):
+        fs, cfg, model = _setup(tiny_workspace, val)
+        train_heads(model, fs, cfg, progress=False)
+        model.compute_fingerprints()
+        out[val] = model.fingerprint
+    return out
 
 
+@pytest.mark.parametrize("val_fraction", [0.0, 0.3])  # 0.3: the best MvMF head so far is checkpointed too
 @pytest.mark.parametrize("kill_at", [2, 3])  # at the end of the MvMF phase, and in the RRM phase
 def test_kill_between_checkpoint_tensors_and_json_resumes(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                          uninterrupted: str, kill_at: int,
+                                                          uninterrupted: dict[float, str], kill_at: int,
+                                                          val_fraction: float,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Dying after a checkpoint's tensors are written but before checkpoint.json is: the json still names
     the previous tensors, which are still there, so the re-run resumes (one shared file name would have
@@ -145,16 +150,16 @@ def test_kill_between_checkpoint_tensors_and_json_resumes(tiny_workspace: dict[s
                 raise Killed
         real(path, data)
 
-    fs, cfg, model = _setup(tiny_workspace)
+    fs, cfg, model = _setup(tiny_workspace, val_fraction)
     monkeypatch.setattr(storage, "write_json", dying_write_json)
     with pytest.raises(Killed):
         train_heads(model, fs, cfg, checkpoint_dir=ckpt, progress=False)
     monkeypatch.setattr(storage, "write_json", real)
     assert len(list(ckpt.glob("checkpoint*.safetensors"))) == 2  # the named one and the orphan
-    _, _, fresh = _setup(tiny_workspace)  # a re-run is a new process: a new model
+    _, _, fresh = _setup(tiny_workspace, val_fraction)  # a re-run is a new process: a new model
     train_heads(fresh, fs, cfg, checkpoint_dir=ckpt, progress=False)
     fresh.compute_fingerprints()
-    assert fresh.fingerprint == uninterrupted
+    assert fresh.fingerprint == uninterrupted[val_fraction]
     assert len(list(ckpt.glob("checkpoint*.safetensors"))) == 1, "the orphan is cleaned up"
 
 

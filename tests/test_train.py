@@ -7,9 +7,11 @@ import torch
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, TrainConfig
 from geoswc.data import read_locations_csv
+from geoswc.errors import InputError
 from geoswc.features import FeatureSet
+from geoswc.geo import latlon_to_xyz
 from geoswc.model import GeoModel
-from geoswc.train import positive_lists, train_heads
+from geoswc.train import positive_lists, train_heads, validation_split
 
 from .conftest import DEV_IMAGES
 
@@ -17,7 +19,7 @@ from .conftest import DEV_IMAGES
 def _setup(ws, **kw):
     fs = FeatureSet.load(ws["features"])
     cells = CellTable.load(ws["cells"])
-    cfg = TrainConfig(epochs=4, rrm_epochs=4, batch_size=16, **kw)
+    cfg = TrainConfig(**({"epochs": 4, "rrm_epochs": 4, "batch_size": 16} | kw))
     return fs, cells, cfg, GeoModel(ModelConfig(backbone=fs.backbone, train=cfg), cells)
 
 
@@ -65,6 +67,37 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_workspace, tmp_path):
     full.compute_fingerprints()
     resumed.compute_fingerprints()
     assert resumed.fingerprint == full.fingerprint
+
+
+def test_validation_split_holds_out_whole_photographers():
+    authors = ["a"] * 5 + ["b"] * 3 + ["c"] * 4 + ["", ""] + ["d"]
+    fit, val = validation_split(authors, 0.4, seed=0)
+    assert sorted(np.concatenate([fit, val]).tolist()) == list(range(len(authors)))
+    assert not {authors[i] for i in fit if authors[i]} & {authors[i] for i in val if authors[i]}
+    # 6 groups (4 authors + 2 photos without one): ceil(0.4 * 6) = 3 held out
+    groups = {authors[i] or f"#{i}" for i in val}
+    assert len(groups) == 3
+    assert np.array_equal(val, validation_split(authors, 0.4, seed=0)[1])  # seeded
+    assert any(not np.array_equal(val, validation_split(authors, 0.4, seed=s)[1]) for s in range(1, 6))
+    with pytest.raises(InputError, match="no training"):
+        validation_split(["a", "a", "b"], 0.9, seed=0)
+
+
+def test_val_fraction_keeps_the_head_with_the_lowest_held_out_nll(tiny_workspace):
+    """Every MvMF epoch, and the untrained head, is scored on held-out photographers; the model ends with
+    the best of them (an overfitting head is not kept)."""
+    fs, cells, cfg, m = _setup(tiny_workspace, val_fraction=0.3, lr=3e-3, rrm_epochs=1)
+    h = train_heads(m, fs, cfg, progress=False)
+    assert len(h["mvmf_val"]) == cfg.epochs + 1 and len(h["mvmf"]) == cfg.epochs
+    _, val = validation_split(fs.authors, 0.3, cfg.seed)
+    with torch.no_grad():
+        x = fs.features[torch.from_numpy(val), 0].float()
+        xyz = torch.from_numpy(latlon_to_xyz(fs.lat[val], fs.lon[val])).float()
+        kept = float(-m.mvmf.log_prob(m.mvmf(x), xyz).mean())
+    assert kept == pytest.approx(min(h["mvmf_val"]), abs=1e-5)
+    # and the held-out photos were not trained on: the training loss history differs from a no-hold-out run
+    _, _, cfg0, m0 = _setup(tiny_workspace, lr=3e-3, rrm_epochs=1)
+    assert train_heads(m0, fs, cfg0, progress=False)["mvmf"] != h["mvmf"]
 
 
 def test_positive_lists_respect_authors():

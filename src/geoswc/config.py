@@ -99,6 +99,10 @@ class TrainConfig:
     """Passes over the training photos of the MvMF phase."""
     rrm_epochs: int = 30
     """Passes over the training photos of the RRM phase."""
+    val_fraction: float = 0.0
+    """Share of the photographers held out of the MvMF phase to choose its epoch: the head kept is the one
+    (untrained included) with the lowest negative log-likelihood on their photos. 0: no hold-out, the
+    head of the last epoch is kept."""
     batch_size: int = 128
     """Photos per optimisation step."""
     lr: float = 1e-3
@@ -130,6 +134,8 @@ class TrainConfig:
         for name in ("batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name in ("lr", "finetune_lr", "temperature"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")

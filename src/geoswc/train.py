@@ -8,6 +8,7 @@ resumes where it stopped and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -48,6 +49,24 @@ def _cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
 def _author_ids(authors: Sequence[str]) -> np.ndarray:
     ids: dict[str, int] = {}
     return np.array([ids.setdefault(a, len(ids)) if a else -1 for a in authors], np.int64)
+
+
+def validation_split(authors: Sequence[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(train, validation)`` with whole photographers on one side: ``fraction`` of the authors
+    (a photo without one counts as its own author) are drawn at random (``seed``) for validation.
+
+    Raises:
+        InputError: when either side would be empty.
+    """
+    groups = np.array([f"a:{a}" if a else f"p:{i}" for i, a in enumerate(authors)])
+    names = np.unique(groups)
+    rng = np.random.default_rng((seed, 0x7A1))
+    k = math.ceil(fraction * len(names)) if fraction > 0 else 0
+    if k == 0 or k >= len(names):
+        raise InputError(f"val_fraction {fraction} of {len(names)} photographers leaves "
+                         f"{'no validation' if k == 0 else 'no training'} photos; change it or use 0")
+    held = np.isin(groups, rng.choice(names, size=k, replace=False))
+    return np.nonzero(~held)[0], np.nonzero(held)[0]
 
 
 def positive_lists(lat: np.ndarray, lon: np.ndarray, authors: np.ndarray, positive_km: float,
@@ -141,12 +160,13 @@ def _run_phase(
     step: Callable[[Any], torch.Tensor], optimizer: torch.optim.Optimizer, base_lrs: list[float],
     ckpt: Checkpointer, modules: dict[str, nn.Module], seed: int, history: dict[str, list[float]],
     progress: bool, train_modules: Sequence[nn.Module], sync_gradients: bool = False,
-    scaler: torch.amp.GradScaler | None = None,
+    scaler: torch.amp.GradScaler | None = None, end_of_epoch: Callable[[], None] | None = None,
 ) -> None:
     """Train one phase, epoch by epoch from the checkpoint's progress.
 
     Under torchrun, ``sync_gradients`` averages the gradients of ``train_modules`` over the ranks after
-    each backward pass (left False when DDP does it); ``scaler`` scales fp16 losses.
+    each backward pass (left False when DDP does it); ``scaler`` scales fp16 losses. ``end_of_epoch``
+    runs after each epoch, before its checkpoint is written.
     """
     ctx = distributed.context()
     params = [p for m in train_modules for p in m.parameters()]
@@ -190,6 +210,8 @@ def _run_phase(
         mean = distributed.all_reduce_mean(float(np.mean(losses))) if losses else float("nan")
         history.setdefault(phase, []).append(mean)
         log.info("%s epoch %d/%d: loss %.4f", phase, epoch + 1, epochs, mean)
+        if end_of_epoch is not None:
+            end_of_epoch()
         phase_epochs = dict(ckpt.state.get("phase_epochs", {}), **{phase: epoch + 1})
         ckpt.state["phase_epochs"] = phase_epochs
         ckpt.save(modules, optimizer, {"phase": phase, "epoch": epoch + 1, "phase_epochs": phase_epochs,
@@ -255,11 +277,20 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
     n, views = X.shape[0], X.shape[1]
     xyz = torch.from_numpy(latlon_to_xyz(feats.lat, feats.lon)).float()
     authors = _author_ids(feats.authors)
+    if cfg.val_fraction > 0:
+        fit_rows, val_rows = validation_split(feats.authors, cfg.val_fraction, cfg.seed)
+        log.info("MvMF: %d photos for training, %d of other photographers to choose the epoch",
+                 len(fit_rows), len(val_rows))
+    else:
+        fit_rows, val_rows = np.arange(n), np.zeros(0, np.int64)
     run_key = digest(canonical_json({"train": to_dict(cfg), "model": to_dict(model.config.heads),
                                      "cells": model.config.cells_fingerprint,
                                      "data": feats.backbone_fingerprint, "names": digest(*feats.names)}))
     ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, run_key)
     modules = {"mvmf": model.mvmf, "rrm": model.rrm}
+    best_mvmf = copy.deepcopy(model.mvmf) if len(val_rows) else None
+    if best_mvmf is not None:
+        modules["mvmf_best"] = best_mvmf  # checkpointed too: a resumed run keeps the best head so far
     ckpt.resume(modules)
     history: dict[str, list[float]] = ckpt.state.get("history", {})
     bs = min(cfg.batch_size, n)
@@ -277,9 +308,34 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
                              {"params": [mv.log_kappa], "weight_decay": 0.0}], lr=cfg.lr)
     lrs = [cfg.lr, cfg.lr * 10]
 
+    n_fit, bs_fit = len(fit_rows), min(bs, len(fit_rows))
+
     def mvmf_batches(rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        order = rng.permutation(n)
-        return [(order[s:s + bs], rng.integers(views, size=len(order[s:s + bs]))) for s in range(0, n, bs)]
+        order = fit_rows[rng.permutation(n_fit)]
+        return [(order[s:s + bs_fit], rng.integers(views, size=len(order[s:s + bs_fit])))
+                for s in range(0, n_fit, bs_fit)]
+
+    @torch.no_grad()
+    def val_nll() -> float:
+        """Held-out NLL of the plain view (every rank computes the same number)."""
+        mv.eval()
+        total = 0.0
+        for s in range(0, len(val_rows), 4096):
+            r = torch.from_numpy(val_rows[s:s + 4096])
+            total += float(-mv.log_prob(mv(X[r, 0].to(dev).float()), xyz[r.to(dev)]).sum())
+        mv.train()
+        return total / len(val_rows)
+
+    def keep_if_best() -> None:
+        nll = val_nll()
+        history.setdefault("mvmf_val", []).append(nll)
+        if nll <= min(history["mvmf_val"]):
+            best_mvmf.load_state_dict(mv.state_dict())
+        log.info("mvmf held-out NLL %.4f (best %.4f, epoch %d)", nll, min(history["mvmf_val"]),
+                 int(np.argmin(history["mvmf_val"])))
+
+    if best_mvmf is not None and "mvmf_val" not in history:
+        history["mvmf_val"] = [val_nll()]  # epoch 0: the untrained head (the cells' prior) is a candidate
 
     def mvmf_step(batch: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
         rows, v = batch
@@ -293,8 +349,13 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
         log_p = mv.log_prob(mv.fc(h), xyz[torch.from_numpy(rows[lo:hi])])
         return -log_p.sum() * (ctx.world_size / len(rows))
 
-    _run_phase("mvmf", cfg.epochs, math.ceil(n / bs), mvmf_batches, mvmf_step, opt, lrs, ckpt, modules,
-               cfg.seed, history, progress, [mv], sync_gradients=ctx.enabled)
+    _run_phase("mvmf", cfg.epochs, math.ceil(n_fit / bs_fit), mvmf_batches, mvmf_step, opt, lrs, ckpt, modules,
+               cfg.seed, history, progress, [mv], sync_gradients=ctx.enabled,
+               end_of_epoch=keep_if_best if best_mvmf is not None else None)
+    if best_mvmf is not None:
+        mv.load_state_dict(best_mvmf.state_dict())  # (a run resumed in the RRM phase has it already)
+        log.info("MvMF: kept the head of epoch %d of %d (lowest held-out NLL)",
+                 int(np.argmin(history["mvmf_val"])), cfg.epochs)
 
     # Phase 2: RRM, geodesic InfoNCE on anchor/partner pairs.
     rrm = model.rrm
