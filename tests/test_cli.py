@@ -56,6 +56,18 @@ def test_build_commands_wrote_artifacts(tiny_workspace):
     assert idx["model_fingerprint"] == cfg["fingerprint"]
 
 
+def test_train_with_a_held_out_share(tiny_workspace, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["train", "--features", str(tiny_workspace["features"]), "--cells", str(tiny_workspace["cells"]),
+                 "--out", str(out), "--epochs", "2", "--rrm-epochs", "1", "--batch-size", "16",
+                 "--val-fraction", "0.3"]) == 0
+    assert "MvMF head of epoch" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["config"]["train"]["val_fraction"] == 0.3
+    assert main(["train", "--features", str(tiny_workspace["features"]), "--cells", str(tiny_workspace["cells"]),
+                 "--out", str(tmp_path / "m2"), "--val-fraction", "1.5"]) == 2
+    assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_locate_text_and_json(tiny_workspace, capsys):
     photos = [str(DEV_IMAGES / r["image"]) for r in dev_rows(2)]
     assert main(["locate", *photos, "--model", str(tiny_workspace["model"])]) == 0

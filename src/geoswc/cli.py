@@ -351,8 +351,11 @@ def _train(args: argparse.Namespace, ctx: Any) -> int:
     if not ctx.is_main:
         return 0
     fp = model.to("cpu").save(out)
-    print(f"model {fp} -> {out} ({len(cells)} cells; final losses "
-          + ", ".join(f"{k} {v[-1]:.3f}" for k, v in history.items() if v) + ")")
+    losses = ", ".join(f"{k} {v[-1]:.3f}" for k, v in history.items() if v and k != "mvmf_val")
+    if history.get("mvmf_val"):
+        best = int(min(range(len(history["mvmf_val"])), key=history["mvmf_val"].__getitem__))
+        losses += f"; MvMF head of epoch {best}, held-out NLL {history['mvmf_val'][best]:.3f}"
+    print(f"model {fp} -> {out} ({len(cells)} cells; final losses {losses})")
     if train_cfg.finetune:
         print("the backbone was fine-tuned: re-extract gallery features with `geoswc index --model "
               f"{out} --csv ... --images ...`")

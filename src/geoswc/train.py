@@ -328,9 +328,9 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
 
     def keep_if_best() -> None:
         nll = val_nll()
-        history.setdefault("mvmf_val", []).append(nll)
-        if nll <= min(history["mvmf_val"]):
+        if nll < min(history["mvmf_val"]):  # ties keep the earlier head, as argmin reports
             best_mvmf.load_state_dict(mv.state_dict())
+        history["mvmf_val"].append(nll)
         log.info("mvmf held-out NLL %.4f (best %.4f, epoch %d)", nll, min(history["mvmf_val"]),
                  int(np.argmin(history["mvmf_val"])))
 
