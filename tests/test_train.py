@@ -100,6 +100,19 @@ def test_val_fraction_keeps_the_head_with_the_lowest_held_out_nll(tiny_workspace
     assert train_heads(m0, fs, cfg0, progress=False)["mvmf"] != h["mvmf"]
 
 
+def test_checkpoint_run_keys_survive_a_new_config_field():
+    """Run keys digest only the settings that differ from the defaults, so a checkpoint written before a
+    version added a field (at a default that keeps the old behaviour) still resumes."""
+    import dataclasses
+
+    from geoswc.config import non_default
+
+    later = dataclasses.make_dataclass("TrainConfig", [("new_knob", int, dataclasses.field(default=0))],
+                                       bases=(TrainConfig,))
+    assert non_default(later(epochs=3)) == non_default(TrainConfig(epochs=3)) == {"epochs": 3}
+    assert non_default(later(epochs=3, new_knob=1)) == {"epochs": 3, "new_knob": 1}
+
+
 def test_positive_lists_respect_authors():
     lat = np.array([0.0, 0.001, 0.002, 10.0])
     lon = np.zeros(4)

@@ -204,6 +204,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(obj)))
 
 
+def non_default(obj: Any) -> dict[str, Any]:
+    """The fields of a flat config dataclass that differ from their defaults, JSON-ready.
+
+    Digests of this (training checkpoints' run keys) stay valid when a later version adds a field
+    whose default keeps the old behaviour."""
+    default = to_dict(type(obj)())
+    return {k: v for k, v in to_dict(obj).items() if k not in default or v != default[k]}
+
+
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build dataclass ``cls`` from a dict, recursing into nested dataclasses.
 

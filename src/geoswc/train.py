@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, storage
-from .config import TrainConfig, canonical_json, digest, to_dict
+from .config import TrainConfig, canonical_json, digest, non_default
 from .data import ImageDataset, Record
 from .errors import ArtifactError, InputError
 from .features import FeatureSet
@@ -283,7 +283,7 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
                  len(fit_rows), len(val_rows))
     else:
         fit_rows, val_rows = np.arange(n), np.zeros(0, np.int64)
-    run_key = digest(canonical_json({"train": to_dict(cfg), "model": to_dict(model.config.heads),
+    run_key = digest(canonical_json({"train": non_default(cfg), "model": non_default(model.config.heads),
                                      "cells": model.config.cells_fingerprint,
                                      "data": feats.backbone_fingerprint, "names": digest(*feats.names)}))
     ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, run_key)
@@ -476,7 +476,7 @@ def finetune(model: GeoModel, records: Sequence[Record], cfg: TrainConfig, check
     pos = positive_lists(lat, lon, authors, cfg.positive_km, cfg.same_author_positives)
     ds = ImageDataset([r.path for r in records], model.config.backbone.preprocess, seed=cfg.seed,
                       train_augment=True)
-    run_key = digest(canonical_json({"finetune": to_dict(cfg), "heads": to_dict(model.config.heads),
+    run_key = digest(canonical_json({"finetune": non_default(cfg), "heads": non_default(model.config.heads),
                                      "cells": model.config.cells_fingerprint,
                                      "names": digest(*[r.image for r in records])}))
     ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, run_key)
@@ -543,7 +543,7 @@ def finetune_shards(model: GeoModel, shards: str | Path | Sequence[str | Path], 
     steps = max(1, total // photos)
     ds = ShardDataset(urls, model.config.backbone.preprocess, views=2, seed=cfg.seed, train_augment=True,
                       shuffle=True, shuffle_buffer=shuffle_buffer, repeat=True)
-    run_key = digest(canonical_json({"finetune": to_dict(cfg), "heads": to_dict(model.config.heads),
+    run_key = digest(canonical_json({"finetune": non_default(cfg), "heads": non_default(model.config.heads),
                                      "cells": model.config.cells_fingerprint, "samples": total,
                                      "shards": digest(*[Path(u).name for u in urls])}))
     ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, run_key)
