@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,13 @@ DEV_CSV = SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv"
 DEV_IMAGES = SHARED / "im2gps3k-dev" / "images"
 MP16 = SHARED / "priors" / "mp16-coordinates-100k.csv"
 KAUAI = ROOT / "examples" / "kauai.png"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a server or a torch.distributed rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def dev_rows(n: int | None = None, step: int = 1) -> list[dict[str, str]]:

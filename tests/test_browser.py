@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import KAUAI, ROOT, gps_exif
+from .conftest import KAUAI, ROOT, free_port, gps_exif
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,10 @@ ANTIMERIDIAN_JS = """() => {
 }"""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``geoswc serve`` (the real command, embedded model) in a subprocess; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     logfile = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOSWC_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))

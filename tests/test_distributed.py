@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from geoswc.model import GeoModel
 from geoswc.shards import write_shards
 from geoswc.train import finetune_shards, train_heads
 
-from .conftest import jpeg_bytes
+from .conftest import free_port, jpeg_bytes
 
 DIM = 16
 BB = BackboneConfig(name="tiny", weights="none", feature_dim=DIM, preprocess=Preprocess(image_size=32))
@@ -140,12 +139,6 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
@@ -158,7 +151,7 @@ def two_ranks(tmp_path_factory):
         recs.append(Record(p.name, p, float(rng.uniform(-50, 50)), float(rng.uniform(-150, 150)), f"a{i % 3}"))
     (tmp / "img" / "05.jpg").write_bytes(jpeg_bytes((40, 36))[:700])  # truncated: kept in shards, fails to decode
     write_shards(recs, tmp / "shards", samples_per_shard=3, verify=False, progress=False)
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True)
     return tmp, [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 

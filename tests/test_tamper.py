@@ -74,20 +74,11 @@ def load_model_and_index(folder: Path) -> None:
         geo.gallery.verify()  # large indexes check embedding blocks when first read: read them all
 
 
+MODEL_FILES = ("config.json", "cells.csv", "heads.safetensors", "index/index.json", "index/index.safetensors",
+               "index/items.csv")
 ARTEFACTS: dict[str, tuple[str, str, Callable[[Path], Any]]] = {
     # case -> (which copy, file inside it, loader)
-    "tiny/config.json": ("tiny", "config.json", load_model_and_index),
-    "tiny/cells.csv": ("tiny", "cells.csv", load_model_and_index),
-    "tiny/heads.safetensors": ("tiny", "heads.safetensors", load_model_and_index),
-    "tiny/index/index.json": ("tiny", "index/index.json", load_model_and_index),
-    "tiny/index/index.safetensors": ("tiny", "index/index.safetensors", load_model_and_index),
-    "tiny/index/items.csv": ("tiny", "index/items.csv", load_model_and_index),
-    "default/config.json": ("default", "config.json", load_model_and_index),
-    "default/cells.csv": ("default", "cells.csv", load_model_and_index),
-    "default/heads.safetensors": ("default", "heads.safetensors", load_model_and_index),
-    "default/index/index.json": ("default", "index/index.json", load_model_and_index),
-    "default/index/index.safetensors": ("default", "index/index.safetensors", load_model_and_index),
-    "default/index/items.csv": ("default", "index/items.csv", load_model_and_index),
+    **{f"{copy}/{name}": (copy, name, load_model_and_index) for copy in ("tiny", "default") for name in MODEL_FILES},
     "features/features.json": ("features", "features.json", FeatureSet.load),
     "features/features.safetensors": ("features", "features.safetensors", FeatureSet.load),
     "features/items.csv": ("features", "items.csv", FeatureSet.load),
