@@ -321,6 +321,10 @@ class Geolocator:
             for i in sorted(results):
                 yield results[i]
 
+    def _require_backbone(self) -> None:
+        if self.model.backbone is None:
+            raise GeoswcError("this Geolocator was loaded without a backbone; it can only use predict_features")
+
     @torch.inference_mode()
     def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images ``(B, 3, S, S)`` -> backbone features ``(B, D)`` float32 on the CPU, with the
@@ -336,8 +340,7 @@ class Geolocator:
         Yields:
             ``(rows, features (b, D) or None, [(row, error)])`` for each batch.
         """
-        if self.model.backbone is None:
-            raise GeoswcError("this Geolocator was loaded without a backbone; it can only use predict_features")
+        self._require_backbone()
         ds = ImageDataset(sources, self.model.config.backbone.preprocess, limits=self.limits)
         dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         with tqdm(total=len(sources), desc="locate", unit="img", disable=not progress) as bar:
@@ -357,8 +360,7 @@ class Geolocator:
         """
         from .shards import ShardDataset, collate_samples, resolve_shards, shard_sizes
 
-        if self.model.backbone is None:
-            raise GeoswcError("this Geolocator was loaded without a backbone; it can only use predict_features")
+        self._require_backbone()
         urls = resolve_shards(shards)
         sizes = shard_sizes(urls)
         ds = ShardDataset(urls, self.model.config.backbone.preprocess, limits=self.limits, read_exif=with_exif,
