@@ -110,3 +110,14 @@ def test_real_photo_batch(geo):
     photos = sorted(DEV_IMAGES.iterdir())[:5]
     out = list(geo.locate_batch(photos, batch_size=2, with_place=False))
     assert [p.image for p in out] == [str(p) for p in photos]
+
+
+def test_without_a_backbone_only_features_can_be_located(tiny_workspace, tmp_path):
+    from geoswc.errors import GeoswcError
+
+    geo = Geolocator.load(tiny_workspace["model"], with_backbone=False)
+    for call in (lambda: geo.locate(KAUAI), lambda: list(geo.locate_shards(tmp_path))):
+        with pytest.raises(GeoswcError, match="without a backbone"):
+            call()
+    fs = FeatureSet.load(tiny_workspace["features"])
+    assert len(geo.predict_features(fs.features[:2, 0].float(), "classification")) == 2
