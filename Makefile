@@ -37,9 +37,9 @@ default-model: setup  ## rebuild the embedded model from $(SHARED)
 	$(PY) scripts/build_default_model.py --shared $(SHARED)
 
 cross-validation: setup  ## the README's cross-validation table (reuses the default model's feature cache if built)
-	$(PY) benchmarks/cross_validation.py --recipe recipes/default.json \
+	$(PY) benchmarks/cross_validation.py --recipe recipes/default.yaml \
 		$(if $(wildcard work/default-model/features/features.json),--features work/default-model/features) \
-		--also select_km=0 --out benchmarks/results/cross_validation.json
+		--also '[{select_km: 0}]' --out benchmarks/results/cross_validation.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,44 +1,47 @@
-"""Author-disjoint k-fold cross-validation of geoswc on a geotagged photo set (default: the Im2GPS3k
-development split in ../shared/data).
+"""Author-disjoint k-fold cross-validation of a recipe on a geotagged photo set (default: recipes/default.yaml
+on the Im2GPS3k development split in ../shared/data).
 
-For each fold, the heads are trained on the other folds' cached features, the other folds form the
-gallery, and the fold's photos are located with every method:
+The cells and the feature cache come from the recipe's ``cells`` and ``features`` sections through the same
+workflow functions as the commands. For each fold, the heads are trained (the ``train`` section's settings)
+on the other folds' features, the other folds form the gallery, and the fold's photos are located with
+every method:
 
-- ``swc``: search within the chosen cell (the most probable one, or with ``--select-km`` the densest region's),
-- ``classification``: centroid of the most probable cell,
+- ``swc``: search within the chosen cell (the most probable one, or with ``select_km`` the densest region's),
+- ``classification``: centroid of the chosen cell,
 - ``retrieval``: SwC's clustering over the top-k of the whole gallery, no cell constraint,
 - ``raw 1-NN``: the nearest gallery photo by cosine similarity of raw backbone features (no training),
 - ``cell prior``: no pixels at all: every photo gets the centroid of the cell that ``select_km`` picks
   from the cells' shares of the coordinates they were built from. A method that does not beat this row
   has learned nothing from the photos at that threshold.
 
-Run:  python benchmarks/cross_validation.py --out benchmarks/results/cross_validation.json
-It prints a Markdown table and writes it (``.md``) beside the JSON.
+Run:  python benchmarks/cross_validation.py --out benchmarks/results/cross_validation.json [--also '[{select_km: 0}]']
+It prints a Markdown table and writes it (``.md``) beside the JSON. ``--help`` lists the options.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from geoswc import storage
+from geoswc import storage, workflow
 from geoswc.api import Geolocator
-from geoswc.backbone import create_backbone, default_config
-from geoswc.cells import CellTable, build_cells
-from geoswc.config import CellConfig, HeadConfig, ModelConfig, SearchConfig, TrainConfig
-from geoswc.data import author_folds, read_locations_csv
-from geoswc.features import FeatureSet, extract_features
-from geoswc.index import build_gallery
+from geoswc.cells import CellTable
+from geoswc.config import ModelConfig, SearchChanges, SearchConfig, TrainConfig
+from geoswc.data import author_folds
+from geoswc.features import FeatureSet
 from geoswc.metrics import accuracy_at, errors_km, median_km
 from geoswc.model import GeoModel
+from geoswc.options import Photos
+from geoswc.recipes import Recipe
 from geoswc.swc import neighborhood, select_cell
 from geoswc.train import train_heads
 
@@ -47,88 +50,53 @@ SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("cross_validation")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="JSON results file (a .md table is written beside it)")
-    p.add_argument("--csv", type=Path, default=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv")
-    p.add_argument("--images", type=Path, default=SHARED / "im2gps3k-dev" / "images")
-    p.add_argument("--cell-coords", type=Path, default=SHARED / "priors" / "mp16-coordinates-100k.csv",
-                   help="coordinates the cells are built from (CSV with LAT,LON or lat,lon)")
-    p.add_argument("--features", type=Path, default=None,
-                   help="feature cache (from `geoswc features`); extracted into --cache when absent")
-    p.add_argument("--cache", type=Path, default=ROOT / "work" / "cv-features")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--resize", default="center_crop", choices=["center_crop", "squash"])
-    p.add_argument("--views", type=int, default=5, help="cached views per photo (1 plain + augmented)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--max-per-cell", type=int, default=CellConfig.max_per_cell)
-    p.add_argument("--min-per-cell", type=int, default=CellConfig.min_per_cell)
-    for f in dataclasses.fields(TrainConfig):
-        if f.type in ("int", "float") and f.name not in ("seed", "checkpoint_every"):
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type == "int" else float, default=None)
-    p.add_argument("--mvmf-hidden", type=int, default=HeadConfig.mvmf_hidden)
-    p.add_argument("--mvmf-dropout", type=float, default=HeadConfig.mvmf_dropout)
-    p.add_argument("--k", type=int, default=SearchConfig.k)
-    p.add_argument("--eps-km", type=float, default=SearchConfig.eps_km)
-    p.add_argument("--select-km", type=float, default=SearchConfig.select_km)
-    p.add_argument("--search-km", type=float, default=SearchConfig.search_km)
-    p.add_argument("--also", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
-                   help="an extra swc row with these search settings changed, e.g. select_km=0 (repeatable)")
-    p.add_argument("--same-author-positives", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="2 folds, few epochs: a smoke run")
-    p.add_argument("--recipe", type=Path, default=None,
-                   help="take the settings of a model recipe (e.g. recipes/default.json); flags still override")
-    known, _ = p.parse_known_args(argv)
-    if known.recipe is not None:
-        p.set_defaults(**recipe_defaults(json.loads(known.recipe.read_text())))
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class CrossValidation:
+    """Author-disjoint k-fold cross-validation of a recipe."""
+
+    out: Path
+    """The JSON results file (a ``.md`` table is written beside it)."""
+    recipe: Path = ROOT / "recipes" / "default.yaml"
+    """The recipe whose ``cells``, ``features`` and ``train`` sections are evaluated."""
+    changes: dict[str, dict] = field(default_factory=dict)
+    """Changes to the recipe's sections, e.g. ``{train: {train: {epochs: 1}}, features: {views: 1}}``."""
+    data: Photos = field(default_factory=lambda: Photos(csv=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv",
+                                                        images=SHARED / "im2gps3k-dev" / "images"))
+    """The geotagged photos (a CSV and its image folder)."""
+    cell_coords: Path = SHARED / "priors" / "mp16-coordinates-100k.csv"
+    """The coordinates the cells are built from (CSV with lat, lon columns in any case)."""
+    features: Path | None = None
+    """A feature cache of the photos (``geoswc features``); default: extracted into ``cache``."""
+    cache: Path = ROOT / "work" / "cv-features"
+    """Where cells and extracted features are kept between runs."""
+    folds: int = 5
+    quick: bool = False
+    """2 folds, 2 epochs of each head: a smoke run."""
+    also: list[SearchChanges] = field(default_factory=list)
+    """Extra swc rows, each with these search settings changed, e.g. ``[{select_km: 0}]``."""
 
 
-def recipe_defaults(recipe: dict) -> dict:
-    """Flag defaults from a recipe's sections (the keys are the flags' names)."""
-    out: dict = {}
-    for section in ("cells", "backbone", "features", "train", "heads", "search"):
-        out |= recipe.get(section, {})
-    out["image_size"] = out.pop("image_size", None)
-    return {k: v for k, v in out.items() if k not in ("r_km", "min_samples")}
+def merged(recipe: Recipe, changes: dict[str, dict]) -> Recipe:
+    """The recipe with ``changes`` applied to its sections (groups merged key by key)."""
+    content = json.loads(json.dumps(recipe.content))
+    for section, values in changes.items():
+        target = content.setdefault(section, {}) or {}
+        for key, value in values.items():
+            target[key] = {**target.get(key, {}), **value} if isinstance(value, dict) else value
+        content[section] = target
+    return dataclasses.replace(recipe, content=content)
 
 
-def parse_spec(spec: str) -> dict:
-    """``"select_km=0,k=5"`` -> ``{"select_km": 0.0, "k": 5}`` (SearchConfig fields)."""
-    types = {f.name: f.type for f in dataclasses.fields(SearchConfig)}
-    out = {}
-    for part in spec.split(","):
-        key, _, value = part.partition("=")
-        if key not in types:
-            raise SystemExit(f"--also: unknown search setting {key!r}; known: {', '.join(types)}")
-        out[key] = int(value) if types[key] == "int" else float(value)
-    return out
-
-
-def load_coords(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, encoding="utf-8") as f:
-        header = [h.strip().lower() for h in f.readline().split(",")]
-    a = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(header.index("lat"), header.index("lon")))
-    return a[:, 0], a[:, 1]
-
-
-def get_features(args: argparse.Namespace) -> FeatureSet:
-    if args.features is not None:
-        return FeatureSet.load(args.features)
-    bcfg = default_config(args.backbone, args.image_size, args.resize)
-    key = f"{args.backbone}-{bcfg.preprocess.image_size}-{args.resize}-v{args.views}"
-    cache = args.cache / key
-    if (cache / "features.json").is_file():
-        return FeatureSet.load(cache)
-    records, _ = read_locations_csv(args.csv, args.images)
-    backbone, bcfg = create_backbone(bcfg)
-    fs, _ = extract_features(backbone.to(memory_format=torch.channels_last), bcfg, records, views=args.views,
-                             batch_size=32, num_workers=1)
-    fs.save(cache)
-    return fs
+def get_features(opts: CrossValidation, recipe: Recipe) -> FeatureSet:
+    """The photos' features: the given cache, else the recipe's ``features`` step (cached by its settings)."""
+    if opts.features is not None:
+        return FeatureSet.load(opts.features)
+    section = recipe.section("features")
+    cache = opts.cache / f"features-{Recipe(recipe.path, {'recipe': 'cv', 'features': section}).digest}"
+    if not (cache / "features.json").is_file():
+        data = {"csv": str(opts.data.csv), "images": str(opts.data.images)}
+        workflow.features(**recipe.arguments("features", data=data, out=cache, run={"workers": 1}))
+    return FeatureSet.load(cache)
 
 
 def raw_nn(train: FeatureSet, test: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
@@ -145,66 +113,59 @@ def cell_prior(cells: CellTable, select_km: float) -> int:
     return select_cell(share, neighborhood(cells.xyz, select_km) if select_km > 0 else None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def label(changes: SearchChanges) -> str:
+    return "swc " + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changes.items())
+
+
+def fold_errors(feats: FeatureSet, cells: CellTable, train_args: dict[str, Any], tr: np.ndarray, te: np.ndarray,
+                variants: dict[str, SearchConfig]) -> dict[str, np.ndarray]:
+    """Train on rows ``tr``, locate rows ``te`` with every method; the errors in km of each."""
+    train, test = feats.subset(tr), feats.subset(te)
+    cfg: TrainConfig = train_args["train"]
+    model = GeoModel(ModelConfig(backbone=feats.backbone, heads=train_args["heads"], train=cfg,
+                                 search=train_args["search"], cells=cells.config), cells)
+    train_heads(model, train, cfg, progress=False)
+    geo = Geolocator(model, model.gallery(train.features[:, 0], train.lat, train.lon, train.names, train.authors))
+    out = {}
+    for name, search in {"swc": train_args["search"], **variants, "classification": train_args["search"],
+                         "retrieval": train_args["search"]}.items():
+        geo.search = search
+        preds = geo.predict_features(test.features[:, 0], name.split()[0], names=test.names)  # type: ignore[arg-type]
+        out[name] = errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds])
+    out["raw 1-NN"] = errors_km(test.lat, test.lon, *raw_nn(train, test))
+    prior = cell_prior(cells, train_args["search"].select_km)
+    out["cell prior"] = errors_km(test.lat, test.lon, cells.lat[prior], cells.lon[prior])
+    return out
+
+
+def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
     t0 = time.time()
-    feats = get_features(args)
-    lat, lon = load_coords(args.cell_coords)
-    cells = build_cells(lat, lon, CellConfig(args.max_per_cell, args.min_per_cell))
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    overrides["same_author_positives"] = args.same_author_positives
-    overrides["seed"] = args.seed
-    train_cfg = dataclasses.replace(TrainConfig(), **overrides)
-    folds_n = args.folds
-    if args.quick:
-        train_cfg = dataclasses.replace(train_cfg, epochs=2, rrm_epochs=2)
-        folds_n = 2
-    search = SearchConfig(k=args.k, eps_km=args.eps_km, select_km=args.select_km, search_km=args.search_km)
-    variants = {f"swc {spec}": dataclasses.replace(search, **parse_spec(spec)) for spec in args.also}
-    heads = HeadConfig(mvmf_hidden=args.mvmf_hidden, mvmf_dropout=args.mvmf_dropout)
-    fold = author_folds(feats.authors, folds_n)
-    methods = ["swc", *variants, "classification", "retrieval", "raw 1-NN", "cell prior"]
-    prior_cell = cell_prior(cells, search.select_km)
-    errors: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    for f in range(folds_n):
+    recipe = merged(Recipe.load(opts.recipe), opts.changes)
+    if opts.quick:
+        recipe = merged(recipe, {"train": {"train": {"epochs": 2, "rrm_epochs": 2}}})
+    folds = 2 if opts.quick else opts.folds
+    feats = get_features(opts, recipe)
+    cells = workflow.cells(**recipe.arguments("cells", coords=opts.cell_coords, out=opts.cache / "cells.csv"))
+    train_args = recipe.arguments("train", features=opts.cache, cells=opts.cache / "cells.csv", out=opts.cache)
+    variants = {label(c): dataclasses.replace(train_args["search"], **c) for c in opts.also}
+    fold = author_folds(feats.authors, folds)
+    errors: dict[str, list[np.ndarray]] = {}
+    for f in range(folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
-        train, test = feats.subset(tr), feats.subset(te)
-        cfg = ModelConfig(backbone=feats.backbone, heads=heads, train=train_cfg, search=search,
-                          cells=CellConfig(args.max_per_cell, args.min_per_cell))
-        model = GeoModel(cfg, cells)
-        train_heads(model, train, train_cfg, progress=False)
-        gallery = build_gallery(model, train.features[:, 0], train.lat, train.lon, train.names, train.authors)
-        geo = Geolocator(model, gallery, search)
-        for m in methods[:-2]:
-            geo.search = variants.get(m, search)
-            preds = geo.predict_features(test.features[:, 0], m.split()[0], names=test.names)  # type: ignore[arg-type]
-            errors[m].append(errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds]))
-        plat, plon = raw_nn(train, test)
-        errors["raw 1-NN"].append(errors_km(test.lat, test.lon, plat, plon))
-        errors["cell prior"].append(errors_km(test.lat, test.lon, cells.lat[prior_cell], cells.lon[prior_cell]))
-        log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds_n, len(tr), len(te),
+        for name, e in fold_errors(feats, cells, train_args, tr, te, variants).items():
+            errors.setdefault(name, []).append(e)
+        log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds, len(tr), len(te),
                  {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()})
-    rows = {}
-    for m in methods:
-        e = np.concatenate(errors[m])
-        rows[m] = {"accuracy": accuracy_at(e), "median_km": median_km(e), "n": int(e.size)}
-    result = {
-        "dataset": str(args.csv), "folds": folds_n, "n": len(feats), "cells": len(cells),
+    rows = {m: {"accuracy": accuracy_at(np.concatenate(e)), "median_km": median_km(np.concatenate(e)),
+                "n": int(sum(len(x) for x in e))} for m, e in errors.items()}
+    return {
+        "dataset": str(opts.data.csv), "recipe": recipe.content, "folds": folds, "n": len(feats), "cells": len(cells),
         "backbone": feats.backbone.name, "image_size": feats.backbone.preprocess.image_size,
         "resize": feats.backbone.preprocess.resize, "views": feats.views,
-        "cell_config": {"max_per_cell": args.max_per_cell, "min_per_cell": args.min_per_cell},
-        "train": dataclasses.asdict(train_cfg), "heads": dataclasses.asdict(heads),
-        "search": dataclasses.asdict(search), "methods": rows, "seconds": round(time.time() - t0, 1),
-        "command": "python benchmarks/cross_validation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "train": dataclasses.asdict(train_args["train"]), "heads": dataclasses.asdict(train_args["heads"]),
+        "search": dataclasses.asdict(train_args["search"]), "methods": rows, "seconds": round(time.time() - t0, 1),
+        "command": "python benchmarks/cross_validation.py " + " ".join(argv),
     }
-    table = markdown_table(result)
-    print(table)
-    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
-    args.out.with_suffix(".md").write_text(table + "\n")
-    return 0
 
 
 def markdown_table(result: dict) -> str:
@@ -220,6 +181,20 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in keys)
                      + f" | {r['median_km']:.0f} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import auto_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts: CrossValidation = auto_cli(CrossValidation, args=argv, as_positional=False, return_instance=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    result = run(opts, argv)
+    table = markdown_table(result)
+    print(table)
+    storage.write_text(opts.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
+    storage.write_text(opts.out.with_suffix(".md"), table + "\n")
+    return 0
 
 
 if __name__ == "__main__":

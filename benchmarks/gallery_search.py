@@ -7,7 +7,7 @@ adaptive S2 partition (``--cells`` for another). Embeddings are a mixture: a per
 direction shared by ~50 photos, and noise; a query is a fresh photo of a random gallery photo's landmark, so
 its cell is drawn in proportion to cell size, as real queries are.
 
-Each gallery is built with the streaming :class:`geoswc.index.GalleryWriter` (chunks in random cell order,
+Each gallery is built with the streaming :class:`geoswc.gallery_files.GalleryWriter` (chunks in random cell order,
 compacted at the end), then opened memory-mapped. Measured per size:
 
 - ``per_query_ms``: mean latency of ``Gallery.search(q, 10, rows=gallery.cell_rows(cell))``, the call
@@ -41,7 +41,8 @@ import torch
 from geoswc import storage
 from geoswc.api import default_model_dir
 from geoswc.cells import CellTable
-from geoswc.index import Gallery, GalleryWriter
+from geoswc.gallery import Gallery, GalleryIdentity
+from geoswc.gallery_files import GalleryWriter, load_gallery
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -101,7 +102,7 @@ def build(folder: Path, n: int, synth: Synth, base_lat: np.ndarray, base_lon: np
     lat = np.clip(base_lat[pick] + rng.normal(0, 0.01, n), -90, 90)
     lon = (base_lon[pick] + rng.normal(0, 0.01, n) + 180) % 360 - 180
     write_s = 0.0
-    with GalleryWriter(folder, synth.dim, num_cells, "synthetic0000000", "synthetic0000000") as w:
+    with GalleryWriter(folder, synth.dim, GalleryIdentity("synthetic0000000", "synthetic0000000", num_cells)) as w:
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             emb = synth.make(cell[s:e], lm[s:e]).half().numpy()
@@ -187,7 +188,7 @@ def run_size(n: int, args: argparse.Namespace, work: Path, table: CellTable, bas
     cell, lm, build_s = build(folder, n, synth, *base, len(table), rng)
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    g = Gallery.load(folder)
+    g = load_gallery(folder)
     load_ms = 1000 * (time.perf_counter() - t0)
     rss_load = rss_mb() - rss0
     t0 = time.perf_counter()

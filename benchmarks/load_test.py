@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p.add_argument("--quick", action="store_true", help="a short run (60 requests) to check the script")
     p.add_argument("--model", default=None, help="model folder to serve (default: the embedded model)")
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    p.add_argument("--data.images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--requests", type=int, default=None, help="sustained-phase requests (default 500; quick 60)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--burst", type=int, default=12, help="simultaneous requests of the overload burst")
@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     # room for every client: max-concurrent + max-queue >= concurrency, so no 503 is expected here
     queue = max(0, args.concurrency - 2)
     print(f"sustained: {total} requests from {args.concurrency} clients (gate 2 + {queue})", file=sys.stderr)
-    with serve(["--max-concurrent", "2", "--max-queue", str(queue)], logs / "sustained.log", args.model) as server:
+    with serve(["--service.max_concurrent", "2", "--service.max_queue", str(queue)], logs / "sustained.log",
+               args.model) as server:
         body, ctype = multipart([photos[0]])
         for _ in range(3):  # warm caches (place index, allocator) before measuring
             request(server.port, "POST", "/api/locate", body, ctype)
@@ -309,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}), file=sys.stderr)
 
     print(f"overload: a burst of {args.burst} simultaneous 4-photo requests at a gate of 1 + 1", file=sys.stderr)
-    with serve(["--max-concurrent", "1", "--max-queue", "1", "--queue-timeout", "60"], logs / "overload.log",
-               args.model) as server:
+    with serve(["--service.max_concurrent", "1", "--service.max_queue", "1", "--service.queue_timeout_s", "60"],
+               logs / "overload.log", args.model) as server:
         over = burst(server.port, photos, args.burst, 4)
     print(json.dumps(over), file=sys.stderr)
 

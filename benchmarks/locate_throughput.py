@@ -35,7 +35,7 @@ from torch import nn
 from geoswc import storage
 from geoswc.api import Geolocator, LocateFailure
 from geoswc.config import Preprocess
-from geoswc.data import ImageDataset, collate
+from geoswc.data import ImageDataset, loader
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -136,10 +136,10 @@ class GeoClipStyle(nn.Module):
 def geoclip_run(model: GeoClipStyle, photos: list[Path], batch_size: int) -> float:
     """Photos/s end to end: decode, preprocess, predict."""
     pre = Preprocess(224, CLIP_MEAN, CLIP_STD, "center_crop")
-    dl = torch.utils.data.DataLoader(ImageDataset(photos, pre), batch_size=batch_size, collate_fn=collate)
+    dl = loader(ImageDataset(photos, pre), batch_size)
     t0 = time.perf_counter()
     n = 0
-    for _, x, _ in dl:
+    for _, x, _, _ in dl:
         if x is not None:
             model.predict(x)
             n += len(x)

@@ -1,9 +1,14 @@
-"""Shared fixtures. Real photos come from ../shared/data (present on developer machines and in CI)."""
+"""Shared fixtures. Real photos come from ../shared/data beside the project (on developer machines and in CI).
+
+Tests that read ../shared/data request the ``tiny_workspace`` fixture or carry the ``shared_data`` marker.
+Without that folder they are not run, and one line says so; under ``CI`` a missing folder is an error.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 import socket
 from pathlib import Path
 
@@ -17,6 +22,38 @@ DEV_CSV = SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv"
 DEV_IMAGES = SHARED / "im2gps3k-dev" / "images"
 MP16 = SHARED / "priors" / "mp16-coordinates-100k.csv"
 KAUAI = ROOT / "examples" / "kauai.png"
+
+DATA_FIXTURES = {"tiny_workspace"}
+"""Fixtures built from ../shared/data: a test that uses one needs the data."""
+_SKIPPED = pytest.StashKey[int]()
+
+
+def _missing_data() -> list[Path]:
+    return [p for p in (DEV_CSV, DEV_IMAGES, MP16) if not p.exists()]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = _missing_data()
+    if not missing:
+        return
+    needs = [it for it in items if it.get_closest_marker("shared_data") or DATA_FIXTURES & set(it.fixturenames)]
+    if not needs:
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(f"CI is set but {missing[0]} is missing: {len(needs)} tests need ../shared/data "
+                                "beside the project (real photos and MP-16 coordinates)")
+    config.hook.pytest_deselected(items=needs)
+    items[:] = [it for it in items if it not in needs]
+    config.stash[_SKIPPED] = len(needs)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    n = config.stash.get(_SKIPPED, 0)
+    if n:
+        terminalreporter.write_line(
+            f"skipped {n} tests that need {SHARED} (missing): the real photos and MP-16 coordinates they run on; "
+            "put the shared/ folder beside the project to run them", yellow=True)
 
 
 def free_port() -> int:
@@ -78,10 +115,10 @@ def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
     rows = dev_rows(60, step=37)
     csv_path = write_csv(w / "train.csv", rows)
     assert main(["cells", "--coords", str(MP16), "--out", str(w / "cells.csv"),
-                 "--max-per-cell", "5000", "--min-per-cell", "200"]) == 0
-    assert main(["features", "--csv", str(csv_path), "--images", str(DEV_IMAGES), "--out", str(w / "features"),
-                 "--views", "2"]) == 0
+                 "--cells.max_per_cell", "5000", "--cells.min_per_cell", "200"]) == 0
+    assert main(["features", "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES), "--out",
+                 str(w / "features"), "--views", "2"]) == 0
     assert main(["train", "--features", str(w / "features"), "--cells", str(w / "cells.csv"), "--out",
-                 str(w / "model"), "--epochs", "3", "--rrm-epochs", "3", "--batch-size", "16"]) == 0
+                 str(w / "model"), "--train.epochs", "3", "--train.rrm_epochs", "3", "--train.batch_size", "16"]) == 0
     assert main(["index", "--model", str(w / "model"), "--features", str(w / "features")]) == 0
     return {"dir": w, "csv": csv_path, "model": w / "model", "features": w / "features", "cells": w / "cells.csv"}

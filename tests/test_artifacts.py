@@ -1,5 +1,6 @@
 """Saved models, indexes, feature caches and cell tables: round trips, and refusals of damaged or foreign files."""
 
+import dataclasses
 import json
 import shutil
 
@@ -12,12 +13,13 @@ from geoswc.cells import CellTable, build_cells
 from geoswc.config import CellConfig
 from geoswc.errors import ArtifactError, ModelMismatchError
 from geoswc.features import FeatureSet
-from geoswc.index import Gallery
+from geoswc.gallery_files import load_gallery
 from geoswc.model import GeoModel
 
 from .conftest import MP16
 
 
+@pytest.mark.shared_data
 def test_cells_build_save_load_round_trip(tmp_path):
     a = np.loadtxt(MP16, delimiter=",", skiprows=1)
     table = build_cells(a[:, 0], a[:, 1], CellConfig(max_per_cell=2000, min_per_cell=100))
@@ -35,6 +37,7 @@ def test_cells_build_save_load_round_trip(tmp_path):
     assert (counts == again.count).all()
 
 
+@pytest.mark.shared_data
 def test_cell_sidecar_of_another_table_is_ignored(tmp_path):
     a = np.loadtxt(MP16, delimiter=",", skiprows=1)[:5000]
     build_cells(a[:, 0], a[:, 1], CellConfig(max_per_cell=500, min_per_cell=10)).save(tmp_path / "c.csv")
@@ -73,17 +76,16 @@ def test_model_saved_before_a_config_field_existed_still_loads(tiny_workspace, t
     del meta["config"]["search"]["search_km"]
     assert meta["config"]["backbone"] and "search_km" not in canonical_json(meta["config"])
     # What the older version wrote: the same digest recipe over the config it knew.
-    heads = GeoModel.load(tiny_workspace["model"], with_backbone=False)._head_tensors()
-    from geoswc.model import _state_digest
+    heads = GeoModel.load(tiny_workspace["model"], with_backbone=False).head_tensors()
+    from geoswc.model import state_digest
 
-    meta["fingerprint"] = digest(canonical_json(meta["config"]), meta["backbone_fingerprint"], _state_digest(heads))
+    meta["fingerprint"] = digest(canonical_json(meta["config"]), meta["backbone_fingerprint"], state_digest(heads))
     (d / "config.json").write_text(json.dumps(meta))
 
     m = GeoModel.load(d)
     assert m.fingerprint == meta["fingerprint"] != GeoModel.load(tiny_workspace["model"]).fingerprint
     assert m.config.search.search_km == 0.0
-    m.compute_fingerprints()  # e.g. before embedding a gallery: unchanged config, unchanged identity
-    assert m.fingerprint == meta["fingerprint"]
+    assert m.gallery_identity.model_fingerprint == meta["fingerprint"]  # what a gallery it embeds records
     meta["config"]["search"]["k"] = 7  # an edit by hand is still refused
     (d / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="fingerprint"):
@@ -117,21 +119,20 @@ def test_damaged_model_is_refused(tiny_workspace, tmp_path, target, damage):
 def test_damaged_index_is_refused(tiny_workspace, tmp_path):
     d = tmp_path / "idx"
     shutil.copytree(tiny_workspace["model"] / "index", d)
-    fp = json.loads((tiny_workspace["model"] / "config.json").read_text())["fingerprint"]
-    Gallery.load(d, fp)  # intact: fine
-    with pytest.raises(ModelMismatchError, match="rebuild it"):
-        Gallery.load(d, "0123456789abcdef")
+    Geolocator.load(tiny_workspace["model"], d)  # intact: fine
     (d / "items.csv").write_text("image,author\nx,y\n")
     with pytest.raises(ArtifactError, match="damaged"):
-        Gallery.load(d, fp)
+        load_gallery(d)
 
 
 def test_geolocator_refuses_foreign_gallery(tiny_workspace):
+    """The one compatibility check: a gallery of another model, or grouped by other cells, is refused."""
     geo = Geolocator.load(tiny_workspace["model"])
-    gallery = geo.gallery
-    gallery.model_fingerprint = "somebodyelse0000"
-    with pytest.raises(ArtifactError, match="rebuild it"):
-        Geolocator(geo.model, gallery)
+    ident = geo.gallery.identity
+    for other in (dataclasses.replace(ident, model_fingerprint="somebodyelse0000"),
+                  dataclasses.replace(ident, cells_fingerprint="othercells000000")):
+        with pytest.raises(ModelMismatchError, match="rebuild it with `geoswc index`"):
+            Geolocator(geo.model, dataclasses.replace(geo.gallery, identity=other))
 
 
 def test_feature_cache_round_trip_and_damage(tiny_workspace, tmp_path):

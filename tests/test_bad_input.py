@@ -31,7 +31,7 @@ from PIL import Image
 
 from geoswc.api import Geolocator, LocateFailure, Prediction
 from geoswc.cli import main
-from geoswc.data import load_records, read_locations_csv
+from geoswc.data import load_records, read_photo_csv
 from geoswc.errors import ArtifactError, ImageError, InputError
 
 from .conftest import DEV_IMAGES, KAUAI, dev_rows, jpeg_bytes
@@ -101,8 +101,11 @@ def very_thin_png() -> bytes:
     return buf.getvalue()
 
 
-GOOD_PHOTO = DEV_IMAGES / dev_rows(1)[0]["image"]
-REAL_JPEG = GOOD_PHOTO.read_bytes()
+GOOD_PHOTO = KAUAI
+"""A real photo that ships with the project."""
+REAL_JPEG = (lambda buf: (Image.open(KAUAI).convert("RGB").save(buf, "JPEG", quality=90), buf.getvalue())[1])(
+    io.BytesIO())
+"""The same photo as a JPEG, the raw material of the mangled files."""
 
 # kind -> (file name, how to make it in a folder, expected ImageError kinds; None = it must be located)
 Maker = Callable[[Path], None]
@@ -235,7 +238,7 @@ def test_api_batch_reports_every_bad_image_and_locates_the_rest(geo: Geolocator,
 def cli_batch(tiny_workspace: dict[str, Path], bad_images: dict[str, Path]) -> dict[str, Any]:
     """One ``geoswc locate --json`` over every bad file and a good photo (run once, checked per kind)."""
     files = [str(p) for k, p in bad_images.items() if k not in CLI_FOLDER_KINDS]
-    argv = ["locate", *files, str(GOOD_PHOTO), "--model", str(tiny_workspace["model"]), "--json", "--no-place"]
+    argv = ["locate", *files, str(GOOD_PHOTO), "--model", str(tiny_workspace["model"]), "--format", "jsonl"]
     proc_out, proc_err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(proc_out), contextlib.redirect_stderr(proc_err):
         rc = main(argv)
@@ -269,7 +272,7 @@ def test_cli_locate_text_mode_names_bad_files_on_stderr(tiny_workspace: dict[str
                                                         bad_images: dict[str, Path],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run_cli(["locate", bad_images["truncated_jpeg"], bad_images["text_as_jpg"], GOOD_PHOTO,
-                            "--model", tiny_workspace["model"], "--no-place"], capsys)
+                            "--model", tiny_workspace["model"]], capsys)
     assert rc == 1 and "Traceback" not in err
     assert str(bad_images["truncated_jpeg"]) in err and "truncated" in err
     assert str(bad_images["text_as_jpg"]) in err and "not an image" in err
@@ -284,7 +287,7 @@ def test_cli_locate_folder_without_photos(tiny_workspace: dict[str, Path], tmp_p
         assert_cli_error(rc, err, "locate", "no photos found", str(folder))
     # a link to a folder is that folder: its photos are located, its bad files reported, nothing crashes
     rc, out, err = run_cli(["locate", bad_images["symlink_to_directory"], "--model", tiny_workspace["model"],
-                            "--json", "--no-place"], capsys)
+                            "--format", "jsonl"], capsys)
     assert rc == 1 and "Traceback" not in err
     assert any("lat" in json.loads(ln) for ln in out.splitlines())
 
@@ -301,7 +304,8 @@ def client(tiny_workspace: dict[str, Path]) -> Any:
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from geoswc.service.app import ServiceSettings, create_app
+    from geoswc.service.app import create_app
+    from geoswc.service.settings import ServiceSettings
 
     geo = Geolocator.load(tiny_workspace["model"])
     with TestClient(create_app(geo, ServiceSettings(warmup=False))) as c:
@@ -353,7 +357,10 @@ def test_http_client_named_paths_are_never_read(client: Any, name: str) -> None:
 
 # -- CSV: Python API --------------------------------------------------------------------------------------
 
-GOOD_ROWS = dev_rows(3, step=211)
+def good_rows() -> list[dict[str, str]]:
+    """Three real rows of the development CSV (their photos are in DEV_IMAGES)."""
+    return dev_rows(3, step=211)
+
 
 # kind -> (bad data row, text the report must show)
 ROW_KINDS: dict[str, tuple[str, str]] = {
@@ -372,22 +379,24 @@ ROW_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _row_csv(folder: Path, kind: str) -> Path:
-    good = [f"{r['image']},{r['lat']},{r['lon']},{r['author']}" for r in GOOD_ROWS]
-    bad = good[0] if kind == "duplicate_row" else ROW_KINDS[kind][0].format(img=GOOD_ROWS[1]["image"])
+def _row_csv(folder: Path, kind: str, rows: list[dict[str, str]]) -> Path:
+    good = [f"{r['image']},{r['lat']},{r['lon']},{r['author']}" for r in rows]
+    bad = good[0] if kind == "duplicate_row" else ROW_KINDS[kind][0].format(img=rows[1]["image"])
     path = folder / f"{kind}.csv"
     path.write_text("image,lat,lon,author\n" + good[0] + "\n" + bad + "\n" + "\n".join(good[2:]) + "\n")
     return path
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("kind", list(ROW_KINDS))
 def test_csv_bad_row_is_reported_and_the_rest_kept(tmp_path: Path, kind: str) -> None:
-    records, report = read_locations_csv(_row_csv(tmp_path, kind), DEV_IMAGES)
-    assert [r.image for r in records] == [GOOD_ROWS[0]["image"], GOOD_ROWS[2]["image"]]
+    rows = good_rows()
+    records, report = read_photo_csv(_row_csv(tmp_path, kind, rows), DEV_IMAGES)
+    assert [r.image for r in records] == [rows[0]["image"], rows[2]["image"]]
     assert report.total == 3 and len(report.skipped) == 1
     item, why = report.skipped[0]
     assert ROW_KINDS[kind][1] in why, why
-    assert "line 3" in item or GOOD_ROWS[1]["image"] in item or item.startswith(("nope/", ".")), item
+    assert "line 3" in item or rows[1]["image"] in item or item.startswith(("nope/", ".")), item
 
 
 def _huge_field(p: Path) -> None:
@@ -428,7 +437,7 @@ def test_csv_huge_image_name_without_field_limit(tmp_path: Path) -> None:
     (tmp_path / "ok.jpg").write_bytes(REAL_JPEG)
     with open(p, "a") as f:
         f.write("ok.jpg,3,4\n")
-    records, report = read_locations_csv(p, tmp_path)
+    records, report = read_photo_csv(p, tmp_path)
     assert [r.image for r in records] == ["ok.jpg"]
     assert len(report.skipped) == 1 and "unusable image path" in report.skipped[0][1]
     assert len(report.summary()) < 1000, "a huge name is shortened in the report"
@@ -441,16 +450,16 @@ def test_csv_bad_file_is_refused_clearly(tmp_path: Path, kind: str) -> None:
     if kind == "unreadable_chmod_000" and os.access(p, os.R_OK):
         needle = None  # root reads it: a header-only CSV, honestly
     if needle is None:
-        records, report = load_records(p, DEV_IMAGES)
+        records, report = load_records(p, tmp_path)
         assert records == [] and report.total == 0
         return
     with pytest.raises(InputError) as e:
-        load_records(p, DEV_IMAGES)
+        load_records(p, tmp_path)
     assert str(p) in str(e.value) and needle in str(e.value), str(e.value)
 
 
 def test_load_records_needs_a_source() -> None:
-    with pytest.raises(InputError, match="--csv.*--images"):
+    with pytest.raises(InputError, match="CSV.*GPS EXIF"):
         load_records(None, None)
     with pytest.raises(InputError, match="image folder not found"):
         load_records(None, "/nonexistent/photos")
@@ -463,7 +472,7 @@ def test_load_records_needs_a_source() -> None:
 def test_cli_evaluate_bad_csv(tiny_workspace: dict[str, Path], tmp_path: Path, kind: str,
                               capsys: pytest.CaptureFixture[str]) -> None:
     p = make_csv(tmp_path, kind)
-    rc, _, err = run_cli(["evaluate", "--csv", p, "--images", DEV_IMAGES, "--out", tmp_path / "eval",
+    rc, _, err = run_cli(["evaluate", "--data.csv", p, "--data.images", DEV_IMAGES, "--out", tmp_path / "eval",
                           "--model", tiny_workspace["model"]], capsys)
     line = assert_cli_error(rc, err, "evaluate", str(p))
     assert FILE_KINDS[kind][1] is None or FILE_KINDS[kind][1] in line or (
@@ -484,19 +493,20 @@ def test_cli_evaluate_reports_every_bad_row_and_finishes(tiny_workspace: dict[st
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """One benchmark CSV holding every bad row kind and a corrupt photo: the good photos are still scored."""
     shutil.copy(bad_images["truncated_jpeg"], tmp_path / "truncated.jpg")
-    for r in GOOD_ROWS:
+    rows_in = good_rows()
+    for r in rows_in:
         (tmp_path / r["image"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(DEV_IMAGES / r["image"], tmp_path / r["image"])
-    good = [f"{r['image']},{r['lat']},{r['lon']},{r['author']}" for r in GOOD_ROWS]
-    bad = [ROW_KINDS[k][0].format(img=GOOD_ROWS[1]["image"]) for k in ROW_KINDS if k != "duplicate_row"]
+    good = [f"{r['image']},{r['lat']},{r['lon']},{r['author']}" for r in rows_in]
+    bad = [ROW_KINDS[k][0].format(img=rows_in[1]["image"]) for k in ROW_KINDS if k != "duplicate_row"]
     rows = good + bad + [good[0], "truncated.jpg,10,20,"]
     (tmp_path / "bench.csv").write_text("image,lat,lon,author\n" + "\n".join(rows) + "\n")
-    rc, out, err = run_cli(["evaluate", "--csv", tmp_path / "bench.csv", "--images", tmp_path, "--out",
-                            tmp_path / "eval", "--model", tiny_workspace["model"], "--method", "swc,classification"],
-                           capsys)
+    rc, out, err = run_cli(["evaluate", "--data.csv", tmp_path / "bench.csv", "--data.images", tmp_path, "--out",
+                            tmp_path / "eval", "--model", tiny_workspace["model"], "--methods",
+                            "[swc, classification]"], capsys)
     assert rc == 0 and "Traceback" not in err, err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["n"] == len(GOOD_ROWS) and metrics["missing"] == len(bad) + 2
+    assert metrics["n"] == len(rows_in) and metrics["missing"] == len(bad) + 2
     skipped = json.loads((tmp_path / "eval" / "run.json").read_text())["skipped"]
     reasons = " | ".join(f"{s['item']}: {s['reason']}" for s in skipped)
     for kind, (_, needle) in ROW_KINDS.items():
@@ -505,7 +515,7 @@ def test_cli_evaluate_reports_every_bad_row_and_finishes(tiny_workspace: dict[st
 
 
 def test_cli_index_reports_bad_rows_and_photos_and_finishes(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                            bad_images: dict[str, Path], caplog: Any,
+                                                            bad_images: dict[str, Path],
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     shutil.copy(bad_images["text_as_jpg"], tmp_path / "notes.jpg")
     shutil.copy(GOOD_PHOTO, tmp_path / "good.jpg")
@@ -513,10 +523,11 @@ def test_cli_index_reports_bad_rows_and_photos_and_finishes(tiny_workspace: dict
                                     "good.jpg,5,6\nx.jpg,100,0\n")
     model = tmp_path / "model"
     shutil.copytree(tiny_workspace["model"], model, ignore=shutil.ignore_patterns("checkpoint*", "index"))
-    rc, out, err = run_cli(["index", "--model", model, "--csv", tmp_path / "g.csv", "--images", tmp_path], capsys)
+    rc, out, err = run_cli(["index", "--model", model, "--data.csv", tmp_path / "g.csv", "--data.images", tmp_path],
+                           capsys)
     assert rc == 0 and "Traceback" not in err, err
     assert "gallery of 1 photo" in out
-    log = caplog.text
+    log = err
     for needle in ("notes.jpg", "not an image", "missing.jpg", "image file not found", "duplicate image id",
                    "outside ±90"):
         assert needle in log, needle
@@ -526,29 +537,31 @@ def test_cli_index_reports_bad_rows_and_photos_and_finishes(tiny_workspace: dict
 # -- bad flags and bad artefact paths ---------------------------------------------------------------------
 
 FLAG_KINDS: dict[str, tuple[list[str], str]] = {
-    "cells_min_per_cell_0": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--min-per-cell", "0"],
-                             "--min-per-cell"),
-    "cells_max_below_min": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--max-per-cell", "3",
-                             "--min-per-cell", "5"], "--max-per-cell"),
-    "cells_max_level_99": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--max-level", "99"],
-                           "--max-level"),
-    "locate_k_0": (["locate", "{photo}", "--model", "{model}", "--k", "0"], "--k"),
-    "locate_eps_negative": (["locate", "{photo}", "--model", "{model}", "--eps-km", "-1"], "--eps-km"),
-    "locate_batch_size_0": (["locate", "{photo}", "--model", "{model}", "--batch-size", "0"], "--batch-size"),
-    "locate_workers_negative": (["locate", "{photo}", "--model", "{model}", "--workers", "-2"], "--workers"),
-    "locate_k_not_a_number": (["locate", "{photo}", "--model", "{model}", "--k", "ten"], "--k"),
+    "cells_min_per_cell_0": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.min_per_cell", "0"],
+                             "--cells.min_per_cell"),
+    "cells_max_below_min": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.max_per_cell", "3",
+                             "--cells.min_per_cell", "5"], "--cells.max_per_cell"),
+    "cells_max_level_99": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.max_level", "99"],
+                           "--cells.max_level"),
+    "locate_k_0": (["locate", "{photo}", "--model", "{model}", "--search.k", "0"], "--search.k"),
+    "locate_eps_negative": (["locate", "{photo}", "--model", "{model}", "--search.eps_km", "-1"], "--search.eps_km"),
+    "locate_batch_size_0": (["locate", "{photo}", "--model", "{model}", "--run.batch_size", "0"], "--run.batch_size"),
+    "locate_workers_negative": (["locate", "{photo}", "--model", "{model}", "--run.workers", "-2"], "--run.workers"),
+    "locate_k_not_a_number": (["locate", "{photo}", "--model", "{model}", "--search.k", "ten"], "--search"),
+    "locate_workers_absurd": (["locate", "{photo}", "--model", "{model}", "--run.workers", "100000"], "--run.workers"),
+    "locate_unknown_format": (["locate", "{photo}", "--model", "{model}", "--format", "xml"], "--format"),
     "train_batch_size_0": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                            "--batch-size", "0"], "--batch-size"),
-    "train_lr_nan": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--lr", "nan"],
-                     "--lr"),
+                            "--train.batch_size", "0"], "--train.batch_size"),
+    "train_lr_nan": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--train.lr",
+                      ".nan"], "--train.lr"),
     "train_epochs_negative": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                               "--epochs", "-1"], "--epochs"),
+                               "--train.epochs", "-1"], "--train.epochs"),
     "train_dropout_1_5": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                           "--mvmf-dropout", "1.5"], "--mvmf-dropout"),
+                           "--heads.mvmf_dropout", "1.5"], "--heads.mvmf_dropout"),
     "train_temperature_0": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                             "--temperature", "0"], "--temperature"),
-    "features_views_0": (["features", "--csv", "{csv}", "--images", "{images}", "--out", "{tmp}/f", "--views", "0"],
-                         "--views"),
+                             "--train.temperature", "0"], "--train.temperature"),
+    "features_views_0": (["features", "--data.csv", "{csv}", "--data.images", "{images}", "--out", "{tmp}/f",
+                          "--views", "0"], "--views"),
 }
 
 PATH_KINDS: dict[str, tuple[list[str], str]] = {
@@ -568,11 +581,11 @@ PATH_KINDS: dict[str, tuple[list[str], str]] = {
     "index_out_is_a_file": (["index", "--model", "{model}", "--features", "{features}", "--out", "{coords}"],
                             "is a file, not a folder"),
     "index_without_photos": (["index", "--model", "{model}", "--out", "{tmp}/i"], "--features"),
-    "evaluate_out_is_a_file": (["evaluate", "--csv", "{csv}", "--images", "{images}", "--out", "{coords}",
+    "evaluate_out_is_a_file": (["evaluate", "--data.csv", "{csv}", "--data.images", "{images}", "--out", "{coords}",
                                 "--model", "{model}"], "is a file, not a folder"),
-    "evaluate_images_missing": (["evaluate", "--csv", "{csv}", "--images", "{tmp}/nope", "--out", "{tmp}/e",
+    "evaluate_images_missing": (["evaluate", "--data.csv", "{csv}", "--data.images", "{tmp}/nope", "--out", "{tmp}/e",
                                  "--model", "{model}"], "image folder not found"),
-    "cells_out_is_a_directory": (["cells", "--coords", "{coords}", "--out", "{tmp}", "--min-per-cell", "1"],
+    "cells_out_is_a_directory": (["cells", "--coords", "{coords}", "--out", "{tmp}", "--cells.min_per_cell", "1"],
                                  "is a directory"),
     "cells_coords_have_no_usable_row": (["cells", "--coords", "{nan_coords}", "--out", "{tmp}/c.csv"],
                                         "no usable coordinates"),
@@ -627,8 +640,8 @@ def test_failed_train_leaves_a_good_model_untouched(tiny_workspace: dict[str, Pa
     (tmp_path / "coords.csv").write_text("lat,lon\n1,2\n")
     base = ["train", "--features", tiny_workspace["features"], "--out", out]
     for argv in (base + ["--cells", tmp_path / "coords.csv"],                     # not a cell table
-                 base + ["--cells", tiny_workspace["cells"], "--lr", "-1"],          # bad flag
-                 base + ["--cells", tiny_workspace["cells"], "--epochs", "2"]):      # another run's checkpoint
+                 base + ["--cells", tiny_workspace["cells"], "--train.lr", "-1"],          # bad flag
+                 base + ["--cells", tiny_workspace["cells"], "--train.epochs", "2"]):      # another run's checkpoint
         rc, _, err = run_cli(argv, capsys)
         assert_cli_error(rc, err, "train")
         assert snapshot(out) == before
@@ -641,8 +654,8 @@ def test_failed_index_leaves_a_good_index_untouched(tiny_workspace: dict[str, Pa
     shutil.copytree(tiny_workspace["model"], model, ignore=shutil.ignore_patterns("checkpoint*"))
     before = snapshot(model)
     (tmp_path / "bad.csv").write_text("image,lat,lon\nmissing.jpg,1,2\n")
-    for extra in (["--features", tmp_path / "nope"], ["--csv", tmp_path / "bad.csv", "--images", DEV_IMAGES],
-                  ["--csv", tmp_path / "bad.csv", "--images", tmp_path / "nope"]):
+    for extra in (["--features", tmp_path / "nope"], ["--data.csv", tmp_path / "bad.csv", "--data.images", DEV_IMAGES],
+                  ["--data.csv", tmp_path / "bad.csv", "--data.images", tmp_path / "nope"]):
         rc, _, err = run_cli(["index", "--model", model, *extra], capsys)
         assert_cli_error(rc, err, "index")
         assert snapshot(model) == before
@@ -657,8 +670,8 @@ def test_failed_evaluate_keeps_previous_results(tiny_workspace: dict[str, Path],
         (out / name).write_text(f"previous {name}\n")
     before = snapshot(out)
     for kind in ("non_utf8", "missing_columns", "header_only"):
-        rc, _, err = run_cli(["evaluate", "--csv", make_csv(tmp_path, kind), "--images", DEV_IMAGES, "--out", out,
-                              "--model", tiny_workspace["model"]], capsys)
+        rc, _, err = run_cli(["evaluate", "--data.csv", make_csv(tmp_path, kind), "--data.images", DEV_IMAGES,
+                              "--out", out, "--model", tiny_workspace["model"]], capsys)
         assert_cli_error(rc, err, "evaluate")
         assert snapshot(out) == before
 
@@ -688,9 +701,9 @@ def test_subprocess_exit_code_and_one_line(tiny_workspace: dict[str, Path], tmp_
         "locate_model_missing": ["locate", str(GOOD_PHOTO), "--model", str(tmp_path / "nope")],
         "train_out_is_a_file": ["train", "--features", str(ws["features"]), "--cells", str(ws["cells"]), "--out",
                                 str(ws["csv"])],
-        "evaluate_non_utf8": ["evaluate", "--csv", str(make_csv(tmp_path, "non_utf8")), "--images", str(DEV_IMAGES),
-                              "--out", str(tmp_path / "e"), "--model", str(ws["model"])],
-        "locate_batch_size_0": ["locate", str(KAUAI), "--batch-size", "0"],
+        "evaluate_non_utf8": ["evaluate", "--data.csv", str(make_csv(tmp_path, "non_utf8")), "--data.images",
+                              str(DEV_IMAGES), "--out", str(tmp_path / "e"), "--model", str(ws["model"])],
+        "locate_batch_size_0": ["locate", str(KAUAI), "--run.batch_size", "0"],
     }[kind]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-m", "geoswc", *argv], capture_output=True, text=True, timeout=120,
@@ -699,8 +712,7 @@ def test_subprocess_exit_code_and_one_line(tiny_workspace: dict[str, Path], tmp_
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     errors = [ln for ln in proc.stderr.splitlines() if ": error:" in ln]
     assert len(errors) == 1 and errors[0].startswith(f"geoswc {argv[0]}: error:"), proc.stderr
-    if kind != "locate_batch_size_0":  # argparse prints its usage first; ours is the only line
-        assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert proc.stderr.strip().splitlines() == errors  # no usage text: the one line is all
 
 
 # -- a burst beyond the server's limits: 503 + Retry-After, not an unbounded queue ------------------------
@@ -717,8 +729,8 @@ def test_real_server_refuses_a_burst_with_503_and_retry_after(tiny_workspace: di
     lt = sys.modules["load_test"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(lt)
     photos = [(f"p{i}.jpg", (DEV_IMAGES / r["image"]).read_bytes()) for i, r in enumerate(dev_rows(8, step=97))]
-    with lt.serve(["--max-concurrent", "1", "--max-queue", "1", "--queue-timeout", "60"], tmp_path / "serve.log",
-                  str(tiny_workspace["model"]), timeout_s=120) as server:
+    with lt.serve(["--service.max_concurrent", "1", "--service.max_queue", "1", "--service.queue_timeout_s", "60"],
+                  tmp_path / "serve.log", str(tiny_workspace["model"]), timeout_s=120) as server:
         result = lt.burst(server.port, photos, 8, 2)
     assert result["burst_status_counts"] == {"200": 2, "503": 6}, result
     assert result["retry_after_missing"] == 0 and all(r >= 1 for r in result["retry_after"])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import numpy as np
+import pytest
 
 from geoswc.cells import build_cells
 from geoswc.config import CellConfig
+from geoswc.data import read_coordinates
 from geoswc.geo import haversine_km
 
 from .conftest import DEV_IMAGES, MP16, ROOT, dev_rows, write_csv
@@ -16,21 +19,25 @@ from .conftest import DEV_IMAGES, MP16, ROOT, dev_rows, write_csv
 
 def _load_cv():
     spec = importlib.util.spec_from_file_location("cross_validation", ROOT / "benchmarks" / "cross_validation.py")
-    mod = importlib.util.module_from_spec(spec)
+    mod = sys.modules["cross_validation"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(mod)
     return mod
 
 
+@pytest.mark.shared_data
 def test_cross_validation_quick_run(tmp_path, capsys):
     cv = _load_cv()
     rows = dev_rows(40, step=53)
     csv_path = write_csv(tmp_path / "dev.csv", rows)
     out = tmp_path / "cv.json"
-    assert cv.main(["--out", str(out), "--csv", str(csv_path), "--images", str(DEV_IMAGES), "--cache",
-                    str(tmp_path / "cache"), "--views", "1", "--quick", "--max-per-cell", "5000",
-                    "--min-per-cell", "200", "--select-km", "2000", "--also", "select_km=0"]) == 0
+    changes = {"cells": {"cells": {"max_per_cell": 5000, "min_per_cell": 200}}, "features": {"views": 1},
+               "train": {"search": {"select_km": 2000}}}
+    assert cv.main(["--out", str(out), "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES), "--cache",
+                    str(tmp_path / "cache"), "--quick", "true", "--changes", json.dumps(changes),
+                    "--also", "[{select_km: 0}]"]) == 0
     result = json.loads(out.read_text())
-    assert result["n"] == 40 and result["folds"] == 2
+    assert result["n"] == 40 and result["folds"] == 2 and result["views"] == 1 and result["cells"] > 10
+    assert result["recipe"]["train"]["search"]["select_km"] == 2000 and result["search"]["select_km"] == 2000
     assert list(result["methods"]) == ["swc", "swc select_km=0", "classification", "retrieval", "raw 1-NN",
                                        "cell prior"]
     for r in result["methods"].values():
@@ -39,7 +46,7 @@ def test_cross_validation_quick_run(tmp_path, capsys):
     assert "| cell prior |" in (tmp_path / "cv.md").read_text() and "| swc |" in capsys.readouterr().out
 
     # The prior row is the constant guess: recompute its median error from the cells alone.
-    la, lo = cv.load_coords(MP16)
+    la, lo, _ = read_coordinates(MP16)
     cells = build_cells(la, lo, CellConfig(5000, 200))
     c = cv.cell_prior(cells, 2000.0)
     lat = np.array([float(r["lat"]) for r in rows])

@@ -1,24 +1,98 @@
-"""Smoke tests of every CLI command, on a tiny model built by the CLI itself (see conftest)."""
+"""The ``geoswc`` command: generated help, config files and recipes, the exit-code contract, and every command
+on a tiny model built by the CLI itself (see conftest)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import yaml
 
-from geoswc.cli import build_parser, main
+from geoswc.cli import main
+from geoswc.recipes import Recipe
+from geoswc.workflow import COMMANDS
 
-from .conftest import DEV_IMAGES, KAUAI, dev_rows, write_csv
+from .conftest import DEV_IMAGES, KAUAI, ROOT, dev_rows, write_csv
+
+RECIPE = ROOT / "recipes" / "default.yaml"
 
 
-def test_help_of_every_command(capsys):
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
-    assert {"locate", "cells", "features", "train", "index", "evaluate", "backbones"} <= set(commands)
-    for name in commands:
+def test_help_lists_every_command_and_each_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    assert all(name in top for name in COMMANDS)
+    helps = {}
+    for name in COMMANDS:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert "--max-per-cell" in out and "--eps-km" in out and "--exclude-same-author" in out
+        helps[name] = " ".join(capsys.readouterr().out.split())  # help text is wrapped
+    # flags come from the functions' parameters and the config dataclasses' fields, with their docstrings as help
+    assert "--cells.max_per_cell" in helps["cells"] and "split into its four children" in helps["cells"]
+    assert "--search.eps_km" in helps["train"] and "DBSCAN radius" in helps["train"]
+    assert "--train.val_fraction" in helps["train"] and "--exclude_same_author" in helps["evaluate"]
+    assert "--run.workers" in helps["locate"] and "PHOTO" in helps["locate"]
+
+
+def test_print_config_is_complete_and_reads_back(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--train.epochs", "3", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert {"features", "cells", "out", "train", "heads", "search", "data", "run", "provenance"} <= set(cfg)
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == 0.001 and cfg["search"]["k"] == 10
+    cfg |= {"features": "f", "cells": "c.csv", "out": "o"}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit):  # a config file, then a flag over it
+        main(["train", "-c", str(tmp_path / "train.yaml"), "--train.lr", "0.5", "--print_config"])
+    again = yaml.safe_load(capsys.readouterr().out)
+    assert again["train"] == {**cfg["train"], "lr": 0.5} and again["out"] == "o"
+
+
+def test_a_recipe_gives_each_command_its_section(capsys):
+    recipe = Recipe.load(RECIPE)
+    with pytest.raises(SystemExit):
+        main(["train", "-c", str(RECIPE), "--train.epochs", "1", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["search"]["select_km"] == recipe.content["train"]["search"]["select_km"] == 2000.0
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["rrm_epochs"] == 30  # the flag wins over the recipe
+    with pytest.raises(SystemExit):
+        main(["cells", "-c", str(RECIPE), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["cells"]["max_per_cell"] == 2000
+    args = recipe.arguments("features", data={"csv": "x.csv", "images": "imgs"}, out="feats")
+    assert args["views"] == 5 and args["backbone"].name == "efficientnet-lite0" and str(args["data"].csv) == "x.csv"
+
+
+def test_a_recipe_never_names_code_to_run(tmp_path):
+    """Config files are data: a value shaped like a class to build is kept as data, never imported or run."""
+    marker = tmp_path / "ran"
+    evil = {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
+    args = Recipe.load(RECIPE).arguments("train", features="f", cells="c", out="o", provenance={"x": evil})
+    assert args["provenance"] == {"x": evil} and not marker.exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["train", "--features", "f", "--cells", "c", "--out", "o", "--train.epochs", "-1"], "--train.epochs"),
+    (["train", "--features", "f", "--cells", "c", "--out", "o", "--train.lr", "inf"], "--train.lr"),
+    (["locate", str(KAUAI), "--search.k", "0"], "--search.k"),
+    (["locate", str(KAUAI), "--search.eps_km", ".nan"], "--search.eps_km"),
+    (["locate", str(KAUAI), "--search.eps_km", "nan"], "--search"),
+    (["locate", str(KAUAI), "--search.no_such_setting", "1"], "no_such_setting"),
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--service.max_upload_mb", "-1"], "--service.max_upload_mb"),
+    (["locate", str(KAUAI), "--run.batch_size", "abc"], "run.batch_size"),
+    (["locate", str(KAUAI), "--no_such_flag", "1"], "--no_such_flag"),
+    (["features", "--out", "o", "--views", "0"], "--views"),
+    (["cells", "--coords", "c.csv", "--out", "o.csv", "--cells.max_per_cell", "3", "--cells.min_per_cell", "5"],
+     "--cells.max_per_cell"),
+    (["train", "-c", "/nonexistent/recipe.yaml"], "recipe.yaml"),
+])
+def test_bad_flags_give_one_line_naming_the_flag_and_status_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
 
 
 def test_backbones(capsys):
@@ -45,6 +119,12 @@ def test_a_bug_gives_one_line_and_status_3(monkeypatch, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_the_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "geoswc", "--version"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"})
+    assert out.stdout.startswith("geoswc ")
+
+
 def test_build_commands_wrote_artifacts(tiny_workspace):
     m = tiny_workspace["model"]
     for f in ("config.json", "cells.csv", "heads.safetensors", "index/index.json", "index/index.safetensors"):
@@ -59,24 +139,36 @@ def test_build_commands_wrote_artifacts(tiny_workspace):
 def test_train_with_a_held_out_share(tiny_workspace, tmp_path, capsys):
     out = tmp_path / "m"
     assert main(["train", "--features", str(tiny_workspace["features"]), "--cells", str(tiny_workspace["cells"]),
-                 "--out", str(out), "--epochs", "2", "--rrm-epochs", "1", "--batch-size", "16",
-                 "--val-fraction", "0.3"]) == 0
+                 "--out", str(out), "--train.epochs", "2", "--train.rrm_epochs", "1", "--train.batch_size", "16",
+                 "--train.val_fraction", "0.3"]) == 0
     assert "MvMF head of epoch" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["config"]["train"]["val_fraction"] == 0.3
     assert main(["train", "--features", str(tiny_workspace["features"]), "--cells", str(tiny_workspace["cells"]),
-                 "--out", str(tmp_path / "m2"), "--val-fraction", "1.5"]) == 2
-    assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+                 "--out", str(tmp_path / "m2"), "--train.val_fraction", "1.5"]) == 2
+    assert "--train.val_fraction: val_fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_train_from_the_recipe(tiny_workspace, tmp_path):
+    """`geoswc train -c recipes/default.yaml` trains with the recipe's settings (flags still win)."""
+    out = tmp_path / "m"
+    assert main(["train", "-c", str(RECIPE), "--features", str(tiny_workspace["features"]), "--cells",
+                 str(tiny_workspace["cells"]), "--out", str(out), "--train.epochs", "1",
+                 "--train.rrm_epochs", "1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    section = Recipe.load(RECIPE).section("train")
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["batch_size"] == section["train"]["batch_size"]
+    assert cfg["search"] == {**cfg["search"], **section["search"]} and cfg["heads"]["mvmf_dropout"] == 0.2
 
 
 def test_locate_text_and_json(tiny_workspace, capsys):
     photos = [str(DEV_IMAGES / r["image"]) for r in dev_rows(2)]
     assert main(["locate", *photos, "--model", str(tiny_workspace["model"])]) == 0
     out = capsys.readouterr().out
-    assert "estimate" in out and "top cells" in out and "near" in out
-    assert main(["locate", str(KAUAI), "--model", str(tiny_workspace["model"]), "--json", "--k", "3"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()
-    assert len(line) == 1
-    p = json.loads(line[0])
+    assert out.count("estimate") == 2 and "top cells" in out and "near" in out
+    assert main(["locate", str(KAUAI), "--model", str(tiny_workspace["model"]), "--format", "jsonl",
+                 "--search.k", "3"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    p = json.loads(line)
     assert -90 <= p["lat"] <= 90 and -180 <= p["lon"] <= 180
     assert 0 <= p["confidence"] <= 1
     assert len(p["top_cells"]) == 5 and p["top_cells"][0]["probability"] >= p["top_cells"][1]["probability"]
@@ -88,7 +180,7 @@ def test_locate_reports_bad_photo_and_carries_on(tiny_workspace, tmp_path, capsy
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     good = DEV_IMAGES / dev_rows(1)[0]["image"]
-    rc = main(["locate", str(bad), str(good), "--model", str(tiny_workspace["model"]), "--json", "--no-place"])
+    rc = main(["locate", str(bad), str(good), "--model", str(tiny_workspace["model"]), "--format", "jsonl"])
     assert rc == 1
     lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
     assert lines[0]["image"].endswith("broken.jpg") and "error" in lines[0]
@@ -99,9 +191,9 @@ def test_evaluate_writes_contract(tiny_workspace, tmp_path, capsys):
     rows = dev_rows(12, step=101)
     csv_path = write_csv(tmp_path / "bench.csv", rows + [{"image": "missing.jpg", "lat": "1", "lon": "2"}])
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--csv", str(csv_path), "--images", str(DEV_IMAGES), "--out", str(out),
-               "--model", str(tiny_workspace["model"]), "--method", "swc,classification", "--method", "retrieval",
-               "--exclude-same-author"])
+    rc = main(["evaluate", "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES), "--out", str(out),
+               "--model", str(tiny_workspace["model"]), "--methods", "[swc, classification, retrieval]",
+               "--exclude_same_author", "true"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 12 and m["missing"] == 1 and m["method"] == "swc"
@@ -122,8 +214,8 @@ def test_index_refuses_features_of_another_backbone(tiny_workspace, tmp_path, ca
     feats = tmp_path / "feats"
     rows = dev_rows(4)
     csv_path = write_csv(tmp_path / "few.csv", rows)
-    assert main(["features", "--csv", str(csv_path), "--images", str(DEV_IMAGES), "--out", str(feats),
-                 "--image-size", "192"]) == 0
+    assert main(["features", "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES), "--out", str(feats),
+                 "--backbone.image_size", "192"]) == 0
     capsys.readouterr()
     rc = main(["index", "--model", str(tiny_workspace["model"]), "--features", str(feats),
                "--out", str(tmp_path / "i")])
@@ -134,7 +226,7 @@ def test_index_refuses_features_of_another_backbone(tiny_workspace, tmp_path, ca
 def test_locate_refuses_index_of_another_model(tiny_workspace, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["train", "--features", str(tiny_workspace["features"]), "--cells", str(tiny_workspace["cells"]),
-                 "--out", str(other), "--epochs", "1", "--seed", "7"]) == 0
+                 "--out", str(other), "--train.epochs", "1", "--train.seed", "7"]) == 0
     capsys.readouterr()
     rc = main(["locate", str(KAUAI), "--model", str(other), "--index", str(tiny_workspace["model"] / "index")])
     assert rc == 2
@@ -142,10 +234,10 @@ def test_locate_refuses_index_of_another_model(tiny_workspace, tmp_path, capsys)
     assert "was built with model" in err and "geoswc index" in err
 
 
-def test_cells_command_reports_bad_rows(tmp_path, caplog):
+def test_cells_command_reports_bad_rows(tmp_path, capsys):
     coords = tmp_path / "coords.csv"
     coords.write_text("LAT,LON\n48.85,2.35\n48.86,2.34\nnan,1\n95,3\n40.7,-74.0\nabc,2\n40.71,-74.01\n")
-    assert main(["cells", "--coords", str(coords), "--out", str(tmp_path / "c.csv"), "--max-per-cell", "2",
-                 "--min-per-cell", "1"]) == 0
-    assert "3 skipped" in caplog.text and "lat 95.0 is outside" in caplog.text
-    assert (tmp_path / "c.csv").read_text().startswith("token,level,lat,lon,count,spread_km")
+    assert main(["cells", "--coords", str(coords), "--out", str(tmp_path / "c.csv"), "--cells.max_per_cell", "2",
+                 "--cells.min_per_cell", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "3 skipped" in err and "lat 95.0 is outside" in err and "cells from 4 coordinates" in out

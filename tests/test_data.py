@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from geoswc.data import author_folds, read_locations_csv, scan_exif_folder
+from geoswc.data import author_folds, read_photo_csv, scan_exif_folder
 from geoswc.errors import InputError
 
 from .conftest import gps_exif, jpeg_bytes
@@ -28,7 +28,7 @@ def test_csv_reports_and_skips_bad_rows(folder):
         "a.jpg,1,1,alice\n"         # duplicate id
         "b.jpg,-33.86,151.2,\n"
     )
-    recs, rep = read_locations_csv(csv, folder)
+    recs, rep = read_photo_csv(csv, folder)
     assert [r.image for r in recs] == ["a.jpg", "b.jpg"]
     assert recs[0].author == "alice" and recs[1].author == ""
     assert rep.total == 9 and rep.kept == 2 and len(rep.skipped) == 7
@@ -41,19 +41,19 @@ def test_csv_reports_and_skips_bad_rows(folder):
 def test_csv_errors_name_the_fix(tmp_path):
     with pytest.raises(InputError, match="lacks column"):
         (tmp_path / "a.csv").write_text("file,latitude,lon\nx,1,2\n")
-        read_locations_csv(tmp_path / "a.csv", tmp_path)
+        read_photo_csv(tmp_path / "a.csv", tmp_path)
     (tmp_path / "b.csv").write_bytes("image,lat,lon\nstra\xdfe.jpg,1,2\n".encode("latin-1"))
     with pytest.raises(InputError, match="not UTF-8"):
-        read_locations_csv(tmp_path / "b.csv", tmp_path)
+        read_photo_csv(tmp_path / "b.csv", tmp_path)
     with pytest.raises(InputError, match="not found"):
-        read_locations_csv(tmp_path / "nope.csv", tmp_path)
+        read_photo_csv(tmp_path / "nope.csv", tmp_path)
     with pytest.raises(InputError, match="directory"):
-        read_locations_csv(tmp_path, tmp_path)
+        read_photo_csv(tmp_path, tmp_path)
 
 
 def test_csv_header_case_and_bom(folder):
     (folder / "c.csv").write_bytes("\ufeffImage,LAT,Lon\na.jpg,1.5,2.5\n".encode())
-    recs, _ = read_locations_csv(folder / "c.csv", folder)
+    recs, _ = read_photo_csv(folder / "c.csv", folder)
     assert (recs[0].lat, recs[0].lon) == (1.5, 2.5)
 
 

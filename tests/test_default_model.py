@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +12,13 @@ import torch
 
 from geoswc.api import Geolocator, default_model_dir
 from geoswc.cells import build_cells
-from geoswc.config import CellConfig
+from geoswc.data import read_coordinates
 from geoswc.geo import haversine_km
 from geoswc.model import GeoModel
+from geoswc.recipes import Recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from .conftest import ROOT, SHARED
+
 DEV = SHARED / "im2gps3k-dev"
 
 
@@ -30,8 +30,8 @@ def _build_script():
 
 
 @pytest.fixture(scope="module")
-def recipe() -> dict:
-    return json.loads((ROOT / "recipes" / "default.json").read_text())
+def recipe() -> Recipe:
+    return Recipe.load(ROOT / "recipes" / "default.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -55,39 +55,36 @@ def test_default_model_is_shipped_inside_the_package_and_small():
 def test_recorded_recipe_is_the_recipe_in_the_repository(model, recipe):
     recorded = dict(model.config.recipe)
     recorded_digest = recorded.pop("digest")
-    assert recorded == recipe, "recipes/default.json changed since the model was built: run `make default-model`"
-    assert recorded_digest == _build_script().recipe_digest(recipe)
+    assert recorded == recipe.content, "recipes/default.yaml changed since the model was built: make default-model"
+    assert recorded_digest == recipe.digest
 
 
 def test_model_config_matches_the_recipe(model, recipe):
+    """Each step's section, parsed as its command parses it, is what the model records."""
     cfg = model.config
-    assert cfg.backbone.name == recipe["backbone"]["backbone"]
-    assert cfg.backbone.preprocess.image_size == recipe["backbone"]["image_size"]
-    assert cfg.backbone.preprocess.resize == recipe["backbone"]["resize"]
-    assert cfg.cells == CellConfig(**recipe["cells"])
-    for section in ("train", "search", "heads"):
-        have = getattr(cfg, section)
-        for key, value in recipe[section].items():
-            assert getattr(have, key) == value, f"{section}.{key}"
+    features = recipe.arguments("features", data={"csv": "x.csv"}, out="f")
+    want = features["backbone"].resolve()
+    assert (cfg.backbone.name, cfg.backbone.preprocess) == (want.name, want.preprocess)
+    assert cfg.cells == recipe.arguments("cells", coords="c.csv", out="c.csv")["cells"]
+    train = recipe.arguments("train", features="f", cells="c.csv", out="m")
+    assert (cfg.train, cfg.heads, cfg.search) == (train["train"], train["heads"], train["search"])
 
 
+@pytest.mark.shared_data
 def test_shared_data_is_the_data_the_recipe_names(recipe):
     """The shipped model was built from exactly these files (sha256 in the recipe)."""
-    assert _build_script().check_data(SHARED, recipe["data"]) == []
+    assert _build_script().check_data(SHARED, recipe.content["data"]) == []
 
 
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_cells_rebuilt_from_mp16_coordinates_give_the_shipped_cells(model, recipe):
-    path = SHARED / recipe["data"]["files"]["cell_coords"]
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    key = {k.lower(): k for k in rows[0]}
-    lat = np.array([float(r[key["lat"]]) for r in rows])
-    lon = np.array([float(r[key["lon"]]) for r in rows])
-    table = build_cells(lat, lon, CellConfig(**recipe["cells"]))
+    lat, lon, _ = read_coordinates(SHARED / recipe.content["data"]["files"]["cell_coords"])
+    table = build_cells(lat, lon, recipe.arguments("cells", coords="c.csv", out="c.csv")["cells"])
     assert table.fingerprint == model.config.cells_fingerprint == model.cells.fingerprint
 
 
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_gallery_embeddings_are_the_models_embeddings_of_the_dev_photos(geo):
     """Re-embedding a few dev photos from their pixels gives the shipped gallery rows (float16 storage)."""
@@ -95,8 +92,8 @@ def test_gallery_embeddings_are_the_models_embeddings_of_the_dev_photos(geo):
     assert len(gallery) == sum(1 for _ in (DEV / "images").iterdir())
     rows = [0, len(gallery) // 2, len(gallery) - 1]
     paths = [DEV / "images" / gallery.names[r] for r in rows]
-    ((_, feats, bad),) = list(geo.iter_features(paths, batch_size=len(paths)))  # the inference path
-    assert not bad
+    ((batch, feats),) = list(geo.iter_features(paths, batch_size=len(paths)))  # the inference path
+    assert not batch.bad
     with torch.inference_mode():
         _, emb = geo.model.heads(feats)
     shipped = np.asarray(gallery.embeddings[rows], np.float32)
@@ -114,6 +111,7 @@ EASY = [  # Venice photos: other authors' photos of the same places are in the g
 ]
 
 
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_evaluate_real_photos_with_the_shipped_model(tmp_path):
     """End to end on real photos: `geoswc evaluate --exclude-same-author` with the embedded model.
@@ -132,8 +130,8 @@ def test_evaluate_real_photos_with_the_shipped_model(tmp_path):
         w.writeheader()
         w.writerows(rows[n] for n in EASY + hard)
     out = tmp_path / "eval"
-    assert main(["evaluate", "--csv", str(sub), "--images", str(DEV / "images"), "--out", str(out),
-                 "--exclude-same-author"]) == 0
+    assert main(["evaluate", "--data.csv", str(sub), "--data.images", str(DEV / "images"), "--out", str(out),
+                 "--exclude_same_author", "true"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == len(EASY) + len(hard) and metrics["missing"] == 0
     assert metrics["model"] == Geolocator.load().fingerprint

@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from geoswc import distributed, storage
+from geoswc.backbone import backbone_fingerprint
 from geoswc.cells import build_cells
 from geoswc.config import BackboneConfig, CellConfig, HeadConfig, ModelConfig, Preprocess, TrainConfig
 from geoswc.data import Record
-from geoswc.features import FeatureSet, extract_and_save
+from geoswc.features import Extraction, Extractor, FeatureSet, extract_and_save
+from geoswc.finetune import finetune_shards
 from geoswc.model import GeoModel
 from geoswc.shards import write_shards
-from geoswc.train import finetune_shards, train_heads
+from geoswc.train import train_heads
 
 from .conftest import free_port, jpeg_bytes
 
@@ -55,10 +57,14 @@ def _data() -> tuple[FeatureSet, object]:
     feats = proto[which][:, None, :] + 0.3 * rng.normal(size=(101, 2, DIM))
     authors = [f"u{i % 9}" if i % 5 else "" for i in range(101)]
     fs = FeatureSet(torch.tensor(feats, dtype=torch.float32), [f"p{i}.jpg" for i in range(101)], authors, lat, lon,
-                    BB, "tiny-fp")
+                    BB, backbone_fingerprint(BB))
     pts = np.concatenate([lat, rng.uniform(-60, 70, 200)]), np.concatenate([lon, rng.uniform(-180, 180, 200)])
     cells = build_cells(*pts, CellConfig(max_per_cell=30, min_per_cell=1))
     return fs, cells
+
+
+def _extractor() -> Extractor:
+    return Extractor(TinyBackbone(), BB, backbone_fingerprint(BB))
 
 
 def _model(cells, backbone: nn.Module | None = None) -> GeoModel:
@@ -66,7 +72,7 @@ def _model(cells, backbone: nn.Module | None = None) -> GeoModel:
 
 
 def _heads(m: GeoModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m._head_tensors().items()}  # noqa: SLF001
+    return {k: v.detach().clone() for k, v in m.head_tensors().items()}
 
 
 class _Stop(Exception):
@@ -124,10 +130,11 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         out |= {f"resumed.{k}": v for k, v in _heads(resumed).items()}
 
         # feature extraction: shards and records split over the ranks, merged by rank 0
-        extract_and_save(tmp_path / "f-shards", TinyBackbone(), BB, shards=str(tmp_path / "shards"), views=2,
-                         batch_size=3, progress=False)
+        extract_and_save(tmp_path / "f-shards", _extractor(), shards=str(tmp_path / "shards"),
+                         how=Extraction(views=2, batch_size=3, progress=False))
         recs = [Record(p.name, p, 1.0, 2.0, "") for p in sorted((tmp_path / "img").iterdir())]
-        extract_and_save(tmp_path / "f-records", TinyBackbone(), BB, records=recs, batch_size=3, progress=False)
+        extract_and_save(tmp_path / "f-records", _extractor(), records=recs,
+                         how=Extraction(batch_size=3, progress=False))
 
         # fine-tuning streamed from shards (DDP over gloo): runs, and leaves the ranks with equal weights
         ft = _model(cells, TinyBackbone())
@@ -190,8 +197,9 @@ def test_resume_after_a_kill_under_ddp(two_ranks):
 def test_distributed_features_equal_one_process(two_ranks, tmp_path):
     tmp, _ = two_ranks
     recs = [Record(p.name, p, 1.0, 2.0, "") for p in sorted((tmp / "img").iterdir())]
-    for name, kw in (("f-shards", {"shards": str(tmp / "shards"), "views": 2}), ("f-records", {"records": recs})):
-        one, report = extract_and_save(tmp_path / name, TinyBackbone(), BB, batch_size=4, progress=False, **kw)
+    for name, kw, views in (("f-shards", {"shards": str(tmp / "shards")}, 2), ("f-records", {"records": recs}, 1)):
+        how = Extraction(views, batch_size=4, progress=False)
+        one, report = extract_and_save(tmp_path / name, _extractor(), how=how, **kw)
         two = FeatureSet.load(tmp / name)
         assert len(one) == 10 and two.names == one.names and two.authors == one.authors
         assert (two.lat == one.lat).all() and report.skipped[0][0].startswith("05.jpg")

@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from geoswc import index as index_mod
-from geoswc.api import default_model_dir
-from geoswc.errors import ArtifactError, ModelMismatchError
-from geoswc.index import Gallery, GalleryWriter
+from geoswc import gallery_files
+from geoswc.errors import ArtifactError
+from geoswc.gallery import Gallery, GalleryIdentity
+from geoswc.gallery_files import GalleryWriter, load_gallery, save_gallery
 
 N, D, C = 3000, 48, 12
+IDENTITY = GalleryIdentity("model0000", "cells0000", C)
 
 
 def _data(seed: int = 0, n: int = N):
@@ -30,7 +31,7 @@ def _data(seed: int = 0, n: int = N):
 
 def _gallery(seed: int = 0) -> Gallery:
     emb, lat, lon, cell, names, authors = _data(seed)
-    return Gallery(emb, lat, lon, cell, names, authors, "model0000", "cells0000", C)
+    return Gallery.build(emb, lat, lon, cell, names, authors, IDENTITY)
 
 
 def _brute(g: Gallery, q: np.ndarray, k: int, rows: np.ndarray, exclude=()) -> np.ndarray:
@@ -49,9 +50,10 @@ def test_round_trip_is_memory_mapped_and_grouped_by_cell(tmp_path):
     for c in range(C):
         a, b = g.cell_range(c)
         assert (g.cell[a:b] == c).all() and b - a == g.cell_sizes()[c]
-    g.save(tmp_path / "idx")
+    save_gallery(g, tmp_path / "idx")
     assert not list(tmp_path.glob("idx/.staging-*"))
-    h = Gallery.load(tmp_path / "idx", "model0000")
+    h = load_gallery(tmp_path / "idx")
+    assert h.identity == IDENTITY
     assert isinstance(h.embeddings, np.memmap)
     assert (h.embeddings == g.embeddings).all() and (h.cell == g.cell).all()
     assert np.array_equal(h.lat, g.lat) and list(h.names) == list(g.names) and list(h.authors) == list(g.authors)
@@ -62,14 +64,12 @@ def test_round_trip_is_memory_mapped_and_grouped_by_cell(tmp_path):
 
     t = load_file(str(tmp_path / "idx" / "index.safetensors"))
     assert t["embeddings"].shape == (N, D) and (t["embeddings"] == g.embeddings).all()
-    with pytest.raises(ModelMismatchError, match="rebuild it"):
-        Gallery.load(tmp_path / "idx", "another0model000")
 
 
 def test_streamed_build_equals_one_shot_save(tmp_path):
     emb, lat, lon, cell, names, authors = _data()
-    _gallery().save(tmp_path / "one")
-    with GalleryWriter(tmp_path / "stream", D, C, "model0000", "cells0000") as w:
+    save_gallery(_gallery(), tmp_path / "one")
+    with GalleryWriter(tmp_path / "stream", D, IDENTITY) as w:
         for s in range(0, N, 700):  # uneven chunks, each written sorted, then compacted
             w.add(emb[s:s + 700], lat[s:s + 700], lon[s:s + 700], cell[s:s + 700], names[s:s + 700],
                   authors[s:s + 700])
@@ -80,8 +80,8 @@ def test_streamed_build_equals_one_shot_save(tmp_path):
 
 
 def test_search_is_exact(tmp_path):
-    _gallery().save(tmp_path / "idx")
-    g = Gallery.load(tmp_path / "idx")
+    save_gallery(_gallery(), tmp_path / "idx")
+    g = load_gallery(tmp_path / "idx")
     rng = np.random.default_rng(1)
     for t in range(40):
         q = rng.standard_normal(D).astype(np.float32)
@@ -105,8 +105,8 @@ def test_search_is_exact(tmp_path):
 
 
 def test_excluded_rows_by_name_and_author(tmp_path):
-    _gallery().save(tmp_path / "idx")
-    g = Gallery.load(tmp_path / "idx")
+    save_gallery(_gallery(), tmp_path / "idx")
+    g = load_gallery(tmp_path / "idx")
     names = list(g.names)
     for special in ('a,b "quoted".jpg', "line\nbreak.jpg", "ünïcode.jpg"):
         assert special in names
@@ -118,35 +118,35 @@ def test_excluded_rows_by_name_and_author(tmp_path):
 
 
 def test_truncated_or_tampered_index_is_refused(tmp_path):
-    _gallery().save(tmp_path / "idx")
+    save_gallery(_gallery(), tmp_path / "idx")
     p = tmp_path / "idx" / "index.safetensors"
     good = p.read_bytes()
     p.write_bytes(good[: len(good) - 100])
     with pytest.raises(ArtifactError, match="truncated"):
-        Gallery.load(tmp_path / "idx")
+        load_gallery(tmp_path / "idx")
     data_start = 8 + int.from_bytes(good[:8], "little")
     for pos in (20, data_start + 16, len(good) - 10):  # in the header, the positions, the embeddings
         bad = bytearray(good)
         bad[pos] ^= 0xFF
         p.write_bytes(bytes(bad))
         with pytest.raises(ArtifactError, match="damaged"):
-            Gallery.load(tmp_path / "idx")
+            load_gallery(tmp_path / "idx")
     p.write_bytes(good)
-    Gallery.load(tmp_path / "idx")
+    load_gallery(tmp_path / "idx")
     meta_path = tmp_path / "idx" / "index.json"
     meta = json.loads(meta_path.read_text())
     meta["max_norm"] = 0.5  # any field of index.json, even one no other check reads
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="damaged"):
-        Gallery.load(tmp_path / "idx")
+        load_gallery(tmp_path / "idx")
 
 
 def test_large_index_verifies_embedding_blocks_on_first_use(tmp_path, monkeypatch):
     """Above EAGER_VERIFY_BYTES only the metadata is checked at load; a search checks the blocks it reads."""
-    monkeypatch.setattr(index_mod, "BLOCK_BYTES", 4096)
-    monkeypatch.setattr(index_mod, "EAGER_VERIFY_BYTES", 0)
+    monkeypatch.setattr(gallery_files, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(gallery_files, "EAGER_VERIFY_BYTES", 0)
     g = _gallery()
-    g.save(tmp_path / "idx")
+    save_gallery(g, tmp_path / "idx")
     p = tmp_path / "idx" / "index.safetensors"
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert len(meta["tensors"]["block_sha256"]) > 20
@@ -155,44 +155,10 @@ def test_large_index_verifies_embedding_blocks_on_first_use(tmp_path, monkeypatc
     bad = bytearray(p.read_bytes())
     bad[len(bad) - (N - a) * D * 2 + 1] ^= 0xFF  # inside the last cell's rows
     p.write_bytes(bytes(bad))
-    h = Gallery.load(tmp_path / "idx")  # metadata intact: opens
+    h = load_gallery(tmp_path / "idx")  # metadata intact: opens
     q = np.ones(D, np.float32) / np.sqrt(D)
     h.search(q, 5, rows=h.cell_rows(0))  # an intact cell far from the damage
     with pytest.raises(ArtifactError, match="damaged"):
         h.search(q, 5, rows=h.cell_rows(last))
     with pytest.raises(ArtifactError, match="damaged"):
-        Gallery.load(tmp_path / "idx", verify=True)
-
-
-def _write_v1(g: Gallery, folder) -> None:
-    """An index in the first format (one safetensors file read whole, rows in any order), as 0.1 wrote it."""
-    from geoswc import storage
-
-    sha = storage.save_tensors(folder / "index.safetensors", {
-        "embeddings": np.asarray(g.embeddings, np.float16)[::-1].copy(), "lat": np.asarray(g.lat)[::-1].copy(),
-        "lon": np.asarray(g.lon)[::-1].copy(), "cell": np.asarray(g.cell, np.int64)[::-1].copy()})
-    items = "image,author\n" + "".join(index_mod._csv_line(n, a) for n, a in zip(g.names[::-1], g.authors[::-1],
-                                                                                    strict=True))
-    storage.write_text(folder / "items.csv", items)
-    storage.write_json(folder / "index.json", {
-        "format": "geoswc-index/1", "model_fingerprint": g.model_fingerprint, "cells_fingerprint": g.cells_fingerprint,
-        "num_cells": g.num_cells, "size": len(g), "dim": g.dim, "tensors_sha256": sha,
-        "items_sha256": storage.sha256_bytes(items.encode())})
-
-
-def test_legacy_index_still_loads(tmp_path):
-    """Indexes in the first format load (grouped by cell in memory), refuse damage, and re-save as the new format."""
-    g = Gallery.load(default_model_dir() / "index")
-    _write_v1(g, tmp_path / "v1")
-    old = Gallery.load(tmp_path / "v1", g.model_fingerprint)
-    assert len(old) == len(g) and (old.cell_sizes() == g.cell_sizes()).all()
-    assert sorted(old.names) == sorted(g.names)
-    q = np.asarray(g.embeddings[100], np.float32)
-    a, b = old.search(q, 10, rows=old.cell_rows(int(g.cell[100]))), g.search(q, 10, rows=g.cell_rows(int(g.cell[100])))
-    assert [old.names[i] for i in a[0]] == [g.names[i] for i in b[0]]
-    old.save(tmp_path / "v2")
-    assert json.loads((tmp_path / "v2" / "index.json").read_text())["format"] == "geoswc-index/2"
-    assert list(Gallery.load(tmp_path / "v2").names) == list(old.names)
-    (tmp_path / "v1" / "items.csv").write_text("image,author\nx,y\n")
-    with pytest.raises(ArtifactError, match="damaged"):
-        Gallery.load(tmp_path / "v1")
+        load_gallery(tmp_path / "idx", verify=True)

@@ -11,7 +11,7 @@ import torch
 from geoswc import Geolocator
 from geoswc.data import ImageDataset
 from geoswc.errors import GeoswcError, InputError
-from geoswc.onnx_runtime import OnnxBackbone, _cached, export_backbone
+from geoswc.onnx_runtime import OnnxBackbone, cached_export, export_backbone
 
 from .conftest import DEV_IMAGES, KAUAI, dev_rows
 
@@ -38,24 +38,25 @@ def _images(geo: Geolocator, paths) -> torch.Tensor:
     return torch.stack([ds[i][1] for i in range(len(ds))])
 
 
+@pytest.mark.shared_data
 def test_export_matches_eager_on_real_photos(torch_geo, onnx_geo, cache):
-    assert isinstance(onnx_geo._fast_backbone, OnnxBackbone)
+    assert onnx_geo.runtime == "onnx" and torch_geo.runtime == "torch"
     paths = [KAUAI] + [DEV_IMAGES / r["image"] for r in dev_rows(3, step=500)]
     x = _images(torch_geo, paths)
     assert x.shape == (4, 3, 224, 224)
-    with torch.inference_mode():
-        eager = torch_geo.model.backbone(x)
-    fast = onnx_geo._fast_backbone(x)
+    eager = torch_geo.backbone_features(x)
+    fast = onnx_geo.backbone_features(x)
     assert fast.shape == eager.shape == (4, 1280) and fast.dtype == torch.float32
     err = (fast - eager).abs().max().item() / eager.abs().max().item()
     assert err < 1e-4, err
     assert torch.nn.functional.cosine_similarity(fast, eager).min().item() > 0.99999
     # any batch size (the batch axis is dynamic), single images included
-    assert torch.allclose(onnx_geo._fast_backbone(x[:1]), fast[:1], atol=1e-4)
+    assert torch.allclose(onnx_geo.backbone_features(x[:1]), fast[:1], atol=1e-4)
     record = json.loads(next(cache.glob("backbone-*.json")).read_text())
     assert record["fingerprint"] == torch_geo.model.backbone_fingerprint and record["relative_error"] < 1e-3
 
 
+@pytest.mark.shared_data
 def test_locate_through_onnx_gives_the_same_cell(torch_geo, onnx_geo):
     photos = [KAUAI] + [DEV_IMAGES / r["image"] for r in dev_rows(2, step=700)]
     a = list(torch_geo.locate_batch(photos, with_place=False))
@@ -68,21 +69,23 @@ def test_locate_through_onnx_gives_the_same_cell(torch_geo, onnx_geo):
 
 def test_export_cache_is_reused_and_checked(torch_geo, onnx_geo, cache):
     fp = torch_geo.model.backbone_fingerprint
-    path = _cached(cache, fp)
-    assert path is not None and path == onnx_geo._fast_backbone.path
+    path = cached_export(cache, fp)
+    assert path is not None and onnx_geo.runtime == "onnx"
+    mtime = path.stat().st_mtime_ns
     assert export_backbone(torch_geo.model.backbone, fp, 224, cache) == path  # a cache hit: no export
+    assert path.stat().st_mtime_ns == mtime
     damaged = cache / "damaged"
     damaged.mkdir()
     (damaged / path.name).write_bytes(path.read_bytes()[:1000])
     (damaged / path.with_suffix(".json").name).write_bytes(path.with_suffix(".json").read_bytes())
-    assert _cached(damaged, fp) is None  # a truncated graph is exported again, never run
+    assert cached_export(damaged, fp) is None  # a truncated graph is exported again, never run
 
 
 def test_cli_runtime_flag(torch_geo, onnx_geo, cache, monkeypatch, capsys):
     from geoswc.cli import main
 
     monkeypatch.setenv("GEOSWC_CACHE_DIR", str(cache.parent))  # reuse the module's export
-    assert main(["locate", str(KAUAI), "--runtime", "onnx", "--json", "--no-place"]) == 0
+    assert main(["locate", str(KAUAI), "--run.runtime", "onnx", "--format", "jsonl"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["cell"] == torch_geo.locate(KAUAI, with_place=False).cell
 

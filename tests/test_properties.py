@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from geoswc.cli import _read_coords
-from geoswc.data import _parse_coord, read_locations_csv
+from geoswc.data import parse_coord, read_coordinates, read_photo_csv
 from geoswc.errors import InputError
 from geoswc.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz, spherical_mean, xyz_to_latlon
 
@@ -165,14 +164,14 @@ def test_spherical_mean_across_the_antimeridian(lat: float, e: float) -> None:
 @given(st.floats(-90, 90, allow_nan=False))
 def test_parse_coord_round_trips_plain_numbers(v: float) -> None:
     for text in (repr(v), f"{v:.6f}", f"  {v} "):
-        assert _parse_coord(text, "lat", 90) == pytest.approx(float(text))
+        assert parse_coord(text, "lat", 90) == pytest.approx(float(text))
 
 
 @SETTINGS
 @given(st.text(max_size=30))
 def test_parse_coord_is_a_number_in_range_or_a_value_error(text: str) -> None:
     try:
-        v = _parse_coord(text, "lat", 90)
+        v = parse_coord(text, "lat", 90)
     except ValueError as e:
         assert "lat" in str(e)
     else:
@@ -203,7 +202,7 @@ headers = st.one_of(st.just(["image", "lat", "lon", "author"]), st.just(["IMAGE"
 def check_read(path: Path, folder: Path) -> None:
     """A CSV reader's answer is an InputError, or records that are all valid, unique, and accounted for."""
     try:
-        records, report = read_locations_csv(path, folder)
+        records, report = read_photo_csv(path, folder)
     except InputError as e:
         assert str(path) in str(e)
         return
@@ -237,7 +236,7 @@ def test_csv_readers_never_crash_on_arbitrary_bytes(folder: Path, data: bytes) -
         path.write_bytes(content)
         check_read(path, folder)
         try:
-            lat, lon, report = _read_coords(path)
+            lat, lon, report = read_coordinates(path)
         except InputError as e:
             assert str(path) in str(e)
         else:

@@ -20,15 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from geoswc import storage
-from geoswc.api import Geolocator
+from geoswc import compat, storage, workflow
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, TrainConfig
 from geoswc.errors import ArtifactError
-from geoswc.evaluate import evaluate
 from geoswc.features import FeatureSet
-from geoswc.index import Gallery, build_gallery
+from geoswc.gallery_files import load_gallery, save_gallery
 from geoswc.model import GeoModel
+from geoswc.options import Photos
 from geoswc.train import train_heads
 
 from .conftest import DEV_IMAGES, dev_rows, write_csv
@@ -62,8 +61,8 @@ def test_sigkill_during_training_then_rerun_gives_the_same_model(tiny_workspace:
     rng = random.Random(seed)
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "geoswc", "train", "--features", str(tiny_workspace["features"]), "--cells",
-           str(tiny_workspace["cells"]), "--out", str(out), "--epochs", "3", "--rrm-epochs", "3",
-           "--batch-size", "16"]
+           str(tiny_workspace["cells"]), "--out", str(out), "--train.epochs", "3", "--train.rrm_epochs", "3",
+           "--train.batch_size", "16"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     total = 6  # 3 MvMF + 3 RRM epochs, one checkpoint each
     kills: list[tuple[int, int, int]] = []
@@ -125,7 +124,6 @@ def uninterrupted(tiny_workspace: dict[str, Path]) -> dict[float, str]:
     for val in (0.0, 0.3):
         fs, cfg, model = _setup(tiny_workspace, val)
         train_heads(model, fs, cfg, progress=False)
-        model.compute_fingerprints()
         out[val] = model.fingerprint
     return out
 
@@ -158,7 +156,6 @@ def test_kill_between_checkpoint_tensors_and_json_resumes(tiny_workspace: dict[s
     assert len(list(ckpt.glob("checkpoint*.safetensors"))) == 2  # the named one and the orphan
     _, _, fresh = _setup(tiny_workspace, val_fraction)  # a re-run is a new process: a new model
     train_heads(fresh, fs, cfg, checkpoint_dir=ckpt, progress=False)
-    fresh.compute_fingerprints()
     assert fresh.fingerprint == uninterrupted[val_fraction]
     assert len(list(ckpt.glob("checkpoint*.safetensors"))) == 1, "the orphan is cleaned up"
 
@@ -193,8 +190,8 @@ ALLOWED_WRITERS = {
     # (file, code of the call): why it is safe
     ("storage.py", "*"): "the atomic writer itself (temp file + fsync + rename)",
     ("evaluate.py", "fig.savefig(buf, format='png')"): "renders into memory; written with storage.write_bytes",
-    ("index.py", "open(self._staging / 'embeddings.bin', 'wb')"): "staging folder, compacted atomically",
-    ("index.py", "open(self._staging / 'items.bin', 'wb')"): "staging folder, compacted atomically",
+    ("gallery_files.py", "open(self._staging / 'embeddings.bin', 'wb')"): "staging folder, compacted atomically",
+    ("gallery_files.py", "open(self._staging / 'items.bin', 'wb')"): "staging folder, compacted atomically",
 }
 DIRECT_WRITES = {("json", "dump"), ("pickle", "dump"), ("torch", "save"), ("np", "save"), ("np", "savez"),
                  ("np", "savez_compressed"), ("shutil", "copy"), ("shutil", "copyfile")}
@@ -288,7 +285,6 @@ def test_interrupted_model_save_is_refused_or_whole(tiny_workspace: dict[str, Pa
     new = GeoModel.load(folder, with_backbone=False)
     with torch.no_grad():
         new.rrm.fc2.bias.add_(0.01)
-    new.compute_fingerprints()
     calls = _kill_at_replace(monkeypatch, k)
     with pytest.raises(Killed):
         new.save(folder)
@@ -308,14 +304,14 @@ def test_interrupted_index_write_is_refused_or_whole(tiny_workspace: dict[str, P
     shutil.copytree(tiny_workspace["model"] / "index", folder)
     model = GeoModel.load(tiny_workspace["model"], with_backbone=False)
     fs = FeatureSet.load(tiny_workspace["features"])
-    smaller = build_gallery(model, fs.features[:30, 0], fs.lat[:30], fs.lon[:30], fs.names[:30], fs.authors[:30])
+    smaller = model.gallery(fs.features[:30, 0], fs.lat[:30], fs.lon[:30], fs.names[:30], fs.authors[:30])
     _kill_at_replace(monkeypatch, k)
     with pytest.raises(Killed):
-        smaller.save(folder)
+        save_gallery(smaller, folder)
     monkeypatch.undo()
     try:
-        loaded = Gallery.load(folder, model.fingerprint)
-        loaded.verify()
+        loaded = load_gallery(folder, verify=True)
+        compat.check(model, gallery=loaded)
     except ArtifactError:
         return
     assert len(loaded) == 60, "only the untouched old index may load"
@@ -324,20 +320,20 @@ def test_interrupted_index_write_is_refused_or_whole(tiny_workspace: dict[str, P
 @pytest.fixture(scope="module")
 def finished_evaluation(tiny_workspace: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("eval")
-    geo = Geolocator.load(tiny_workspace["model"])
-    csv_path = write_csv(d / "bench.csv", dev_rows(4, step=307))
-    evaluate(csv_path, DEV_IMAGES, d / "eval", geo, ["swc"], progress=False)
-    return {"geo": geo, "csv": csv_path, "out": d / "eval"}
+    data = Photos(csv=write_csv(d / "bench.csv", dev_rows(4, step=307)), images=DEV_IMAGES)
+    workflow.evaluate(data, d / "eval", model=tiny_workspace["model"], methods=["swc"])
+    return {"model": tiny_workspace["model"], "data": data, "out": d / "eval"}
 
 
 @pytest.mark.parametrize("k", [1, 3])  # after predictions.csv, after run.json (metrics.json comes last)
 def test_interrupted_evaluation_never_pairs_old_metrics_with_new_predictions(
         finished_evaluation: dict, tmp_path: Path, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    geo, csv_path, out = finished_evaluation["geo"], finished_evaluation["csv"], tmp_path / "eval"
+    out = tmp_path / "eval"
     shutil.copytree(finished_evaluation["out"], out)
     _kill_at_replace(monkeypatch, k)
     with pytest.raises(Killed):
-        evaluate(csv_path, DEV_IMAGES, out, geo, ["classification"], progress=False)
+        workflow.evaluate(finished_evaluation["data"], out, model=finished_evaluation["model"],
+                          methods=["classification"])
     monkeypatch.undo()
     if not (out / "metrics.json").exists():
         return  # an incomplete run is visibly incomplete

@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from geoswc.api import CellProbability, ExifPosition, Geolocator, Neighbor, Prediction
+from geoswc.api import Geolocator
 from geoswc.errors import InputError
 from geoswc.geo import haversine_km
 from geoswc.places import Place
+from geoswc.prediction import CellProbability, ExifPosition, Neighbor, Prediction
 
 from .conftest import KAUAI, gps_exif
 
@@ -30,7 +31,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from geoswc.service import app as service_app  # noqa: E402
-from geoswc.service.app import ServiceSettings, create_app  # noqa: E402
+from geoswc.service.app import create_app  # noqa: E402
 from geoswc.service.schemas import (  # noqa: E402
     CellModel,
     ExifModel,
@@ -38,6 +39,7 @@ from geoswc.service.schemas import (  # noqa: E402
     PlaceModel,
     PredictionModel,
 )
+from geoswc.service.settings import ServiceSettings  # noqa: E402
 
 ERROR_KEYS = {"error", "kind", "status", "image"}
 
@@ -173,11 +175,11 @@ def test_locate_kauai_matches_cli_json(client: TestClient, capsys: pytest.Captur
 
     from geoswc.cli import main
 
-    assert main(["locate", "--json", str(KAUAI)]) == 0
+    assert main(["locate", "--format", "jsonl", str(KAUAI)]) == 0
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli["image"] == str(KAUAI)
     cli["image"] = p["image"]
-    assert close(cli, p), "the API must return the JSON of `geoswc locate --json`"
+    assert close(cli, p), "the API must return the JSON of `geoswc locate --format jsonl`"
 
 
 def test_exif_gps_and_several_photos_in_order(client: TestClient) -> None:
@@ -332,7 +334,7 @@ def test_request_errors(client: TestClient) -> None:
 
 
 def test_limits_flags(geo: Geolocator) -> None:
-    s = ServiceSettings(max_upload_bytes=300_000, max_pixels=200_000, max_files=2, warmup=False)
+    s = ServiceSettings(max_upload_mb=300_000 / 2**20, max_pixels=200_000, max_files=2, warmup=False)
     c = TestClient(create_app(geo, s))
     body = assert_error(post(c, ("big.png", noise_png(400))), 413, "too_large")  # ~480 kB > 300 kB
     assert "big.png" in body["error"]
@@ -361,19 +363,19 @@ def test_settings_from_env_and_flags() -> None:
 def test_serve_command_wiring(monkeypatch: pytest.MonkeyPatch, geo: Geolocator) -> None:
     import uvicorn
 
-    from geoswc.cli import build_parser, main
+    from geoswc.cli import main
 
-    args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
     seen: dict[str, Any] = {}
     monkeypatch.setattr(Geolocator, "load", classmethod(lambda cls, *a, **k: geo))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("GEOSWC_MAX_FILES", "5")
     monkeypatch.setenv("GEOSWC_TOKEN", "env-token")
-    assert main(["serve", "--port", "8123", "--max-upload-mb", "2", "--max-concurrent", "3"]) == 0
+    assert main(["serve", "--port", "8123", "--service.max_upload_mb", "2", "--service.max_concurrent", "3"]) == 0
     s = seen["app"].state.settings
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     assert (s.max_files, s.max_upload_bytes, s.max_concurrent, s.token) == (5, 2 * 2**20, 3, "env-token")
+    assert main(["serve"]) == 0  # the defaults: localhost, port 8000
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8000)
 
 
 def test_bearer_token(geo: Geolocator) -> None:
@@ -391,14 +393,14 @@ def test_bearer_token(geo: Geolocator) -> None:
 
 def test_overload_gets_503_with_retry_after(geo: Geolocator, monkeypatch: pytest.MonkeyPatch) -> None:
     entered, release = threading.Event(), threading.Event()
-    real = service_app._locate
+    real = service_app.locate_uploads
 
     def slow_locate(*args: Any) -> Any:
         entered.set()
         assert release.wait(30)
         return real(*args)
 
-    monkeypatch.setattr(service_app, "_locate", slow_locate)
+    monkeypatch.setattr(service_app, "locate_uploads", slow_locate)
     s = ServiceSettings(max_concurrent=1, max_queue=1, queue_timeout_s=0.3, warmup=False)
     with TestClient(create_app(geo, s)) as c:
         first: list[Any] = []

@@ -4,15 +4,16 @@ reported and skipped."""
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from geoswc.backbone import create_backbone, default_config
+from geoswc.backbone import default_config
 from geoswc.cli import main
-from geoswc.data import LoadReport, read_locations_csv
+from geoswc.data import LoadReport, read_photo_csv
 from geoswc.errors import InputError
-from geoswc.features import FeatureSet, extract_features, extract_shard_features
+from geoswc.features import Extraction, Extractor, FeatureSet, extract_features, extract_shard_features
 from geoswc.shards import SHARD_NAME, iter_samples, resolve_shards, write_shards
 
 from .conftest import DEV_IMAGES, dev_rows, jpeg_bytes, write_csv
@@ -23,11 +24,12 @@ def dev_records(tmp_path_factory):
     """Seven real dev photos (read in place, never copied) and their CSV."""
     w = tmp_path_factory.mktemp("shards")
     csv_path = write_csv(w / "dev.csv", dev_rows(7, step=97))
-    records, _ = read_locations_csv(csv_path, DEV_IMAGES)
+    records, _ = read_photo_csv(csv_path, DEV_IMAGES)
     assert len(records) == 7
     return w, csv_path, records
 
 
+@pytest.mark.shared_data
 def test_round_trip_records_and_bytes(dev_records, tmp_path):
     _, _, records = dev_records
     paths, report = write_shards(records, tmp_path / "s", samples_per_shard=3, progress=False)
@@ -48,13 +50,31 @@ def test_round_trip_records_and_bytes(dev_records, tmp_path):
         write_shards(records, s, progress=False)
 
 
+def test_shard_lists_never_run_commands_or_fetch(tmp_path):
+    """Shards are local files: a URL or a ``pipe:`` command in a spec or in shards.json is refused."""
+    for spec in ("pipe:touch /tmp/geoswc-pwned", "http://example.org/shard-{000..009}.tar", "s3://bucket/x.tar"):
+        with pytest.raises(InputError, match="local files"):
+            resolve_shards(spec)
+    for url in ("../outside.tar", "/etc/passwd"):
+        (tmp_path / "shards.json").write_text(json.dumps({"shardlist": [{"url": url, "nsamples": 1}]}))
+        with pytest.raises(InputError, match="not a file name inside"):
+            resolve_shards(tmp_path)
+    # a listed name that looks like a command is only ever a file name inside the folder: opened, never run
+    (tmp_path / "shards.json").write_text(json.dumps({"shardlist": [{"url": "pipe:touch ran", "nsamples": 1}]}))
+    (url,) = resolve_shards(tmp_path)
+    assert url == str(tmp_path / "pipe:touch ran")
+    report = LoadReport("t")
+    assert list(iter_samples(tmp_path, report)) == [] and "unreadable" in report.skipped[0][1]
+    assert not (tmp_path / "ran").exists() and not Path("ran").exists()
+
+
 def test_cli_reports_bad_rows_and_images(tmp_path, capsys):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "good.jpg").write_bytes(jpeg_bytes())
     (tmp_path / "img" / "broken.jpg").write_bytes(jpeg_bytes()[:300])  # truncated JPEG
     csv_path = tmp_path / "x.csv"
     csv_path.write_text("image,lat,lon,author\ngood.jpg,10,20,a\nbroken.jpg,1,2,b\nmissing.jpg,1,2,c\nbad.jpg,95,0,d\n")
-    assert main(["shards", "--csv", str(csv_path), "--images", str(tmp_path / "img"), "--out",
+    assert main(["shards", "--data.csv", str(csv_path), "--data.images", str(tmp_path / "img"), "--out",
                  str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "1 photos in 1 shards" in out and "1 skipped" in out  # the CSV reader skipped the other two
@@ -94,27 +114,28 @@ def test_corrupt_members_and_truncated_shard_are_reported_and_skipped(tmp_path):
     assert "bad .json" in reasons and "no .json member" in reasons and "outside ±90" in reasons
     assert "truncated" in reasons
 
-    bb, cfg = create_backbone(default_config("efficientnet-lite0", 64))
-    fs, rep = extract_shard_features(bb, cfg, tmp_path / "shard-000000.tar", progress=False)
+    ex = Extractor.from_config(default_config("efficientnet-lite0", 64))
+    fs, rep = extract_shard_features(ex, tmp_path / "shard-000000.tar", Extraction(progress=False))
     assert fs.names == ["a.jpg", "f.jpg"] and fs.lat.tolist() == [1.0, -33.9]
     text = rep.summary(first=10)
     assert "b.jpg" in text and "corrupt" in text and "c.json" not in text and rep.kept == 2
 
 
+@pytest.mark.shared_data
 def test_features_from_shards_equal_features_from_folder(dev_records, tmp_path, capsys):
     w, csv_path, records = dev_records
     write_shards(records, tmp_path / "s", samples_per_shard=3, progress=False)
-    bb, cfg = create_backbone(default_config("efficientnet-lite0", 64))
-    folder, _ = extract_features(bb, cfg, records, views=2, batch_size=4, progress=False)
+    ex = Extractor.from_config(default_config("efficientnet-lite0", 64))
+    folder, _ = extract_features(ex, records, Extraction(views=2, batch_size=4, progress=False))
     # two DataLoader workers read the three shards; the features still come out in CSV order
-    shards, _ = extract_shard_features(bb, cfg, tmp_path / "s", views=2, batch_size=4, num_workers=2, progress=False)
+    shards, _ = extract_shard_features(ex, tmp_path / "s", Extraction(views=2, batch_size=4, workers=2, progress=False))
     assert shards.names == folder.names and shards.authors == folder.authors
     assert (shards.lat == folder.lat).all() and (shards.lon == folder.lon).all()
     assert shards.features.shape == (7, 2, 1280)
     assert torch.allclose(shards.features, folder.features, atol=1e-5)  # augmented views included
     # the CLI flag
-    assert main(["features", "--shards", str(tmp_path / "s"), "--out", str(tmp_path / "f"), "--image-size", "64",
-                 "--views", "2", "--batch-size", "4"]) == 0
+    assert main(["features", "--data.shards", str(tmp_path / "s"), "--out", str(tmp_path / "f"),
+                 "--backbone.image_size", "64", "--views", "2", "--run.batch_size", "4"]) == 0
     assert "features of 7 photos (2 view(s), 1280-d)" in capsys.readouterr().out
     cached = FeatureSet.load(tmp_path / "f")
     assert cached.names == folder.names

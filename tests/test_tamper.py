@@ -5,8 +5,8 @@ localhost, can require a token, and never reads a path a client names."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
-import logging
 import os
 import pickle
 import random
@@ -22,6 +22,7 @@ from geoswc.api import Geolocator, default_model_dir
 from geoswc.backbone import create_backbone, default_config
 from geoswc.errors import ArtifactError
 from geoswc.features import FeatureSet
+from geoswc.gallery_files import load_gallery
 from geoswc.model import GeoModel
 
 from .conftest import KAUAI
@@ -55,7 +56,7 @@ def json_line_positions(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-# -- which artefacts: the tiny model (v2 index) and the embedded default model (v1 index) ---------------------
+# -- which artefacts: the tiny model and the embedded default model, with their indexes, and a feature cache --
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,7 @@ def pristine(tiny_workspace: dict[str, Path], tmp_path_factory: pytest.TempPathF
 def load_model_and_index(folder: Path) -> None:
     geo = Geolocator.load(folder, folder / "index", with_backbone=False)
     assert geo.gallery is not None
-    if hasattr(geo.gallery, "verify"):
-        geo.gallery.verify()  # large indexes check embedding blocks when first read: read them all
+    load_gallery(folder / "index", verify=True)  # large indexes check embedding blocks when first read: all now
 
 
 MODEL_FILES = ("config.json", "cells.csv", "heads.safetensors", "index/index.json", "index/index.safetensors",
@@ -208,8 +208,7 @@ def test_pickled_backbone_weights_run_nothing(tmp_path: Path) -> None:
     canary = tmp_path / "canary"
     pth = tmp_path / "weights.pth"
     torch.save({"state_dict": {"x": _Payload(canary)}}, pth)
-    cfg = default_config("efficientnet-lite0")
-    cfg.weights = str(pth)
+    cfg = dataclasses.replace(default_config("efficientnet-lite0"), weights=str(pth))
     with pytest.raises(ArtifactError, match="cannot read backbone weights"):
         create_backbone(cfg)
     assert not canary.exists()
@@ -272,16 +271,15 @@ def _serve(argv: list[str], geo: Geolocator, monkeypatch: pytest.MonkeyPatch) ->
     ("0.0.0.0", None, True), ("192.168.1.20", None, True), ("::", None, True), ("0.0.0.0", "s3cret", False),
 ])
 def test_serve_warns_on_a_public_interface_without_a_token(geo: Geolocator, monkeypatch: pytest.MonkeyPatch,
-                                                           caplog: pytest.LogCaptureFixture, host: str,
+                                                           capsys: pytest.CaptureFixture[str], host: str,
                                                            token: str | None, warns: bool) -> None:
     monkeypatch.delenv("GEOSWC_TOKEN", raising=False)
     if token:
         monkeypatch.setenv("GEOSWC_TOKEN", token)
-    with caplog.at_level(logging.WARNING, logger="geoswc"):
-        seen = _serve(["--host", host, "--port", "0"], geo, monkeypatch)
+    seen = _serve(["--host", host, "--port", "0"], geo, monkeypatch)
     assert seen["host"] == host
-    warned = any("without a token" in r.getMessage() for r in caplog.records)
-    assert warned == warns, caplog.text
+    err = capsys.readouterr().err
+    assert ("without a token" in err) == warns, err
 
 
 def test_serve_binds_localhost_and_takes_the_token_from_the_environment(geo: Geolocator,
@@ -304,6 +302,6 @@ def test_serve_binds_localhost_and_takes_the_token_from_the_environment(geo: Geo
     page = client.get("/config.json")
     assert page.status_code == 200 and "env-s3cret" not in page.text  # public, and never shows the token
     # a flag wins over the environment
-    seen = _serve(["--port", "0", "--token", "flag-token"], geo, monkeypatch)
+    seen = _serve(["--port", "0", "--service.token", "flag-token"], geo, monkeypatch)
     assert TestClient(seen["app"]).get("/api/health", headers={"Authorization": "Bearer flag-token"}).status_code \
         == 200

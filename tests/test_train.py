@@ -6,7 +6,7 @@ import torch
 
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, TrainConfig
-from geoswc.data import read_locations_csv
+from geoswc.data import read_photo_csv
 from geoswc.errors import InputError
 from geoswc.features import FeatureSet
 from geoswc.geo import latlon_to_xyz
@@ -29,10 +29,22 @@ def test_losses_decrease_and_runs_are_deterministic(tiny_workspace):
     assert h1["mvmf"][-1] < h1["mvmf"][0]
     assert h1["rrm"][-1] < h1["rrm"][0]
     _, _, _, m2 = _setup(tiny_workspace, lr=3e-3)
+    untrained = m2.fingerprint
     train_heads(m2, fs, cfg, progress=False)
-    m1.compute_fingerprints()
-    m2.compute_fingerprints()
-    assert m1.fingerprint == m2.fingerprint  # same seed, same weights, bit for bit
+    assert m1.fingerprint == m2.fingerprint != untrained  # same seed, same weights, bit for bit
+
+
+def test_the_fingerprint_follows_the_weights(tiny_workspace, tmp_path):
+    """Fingerprints are computed from the current weights: never stale after training or an edit."""
+    fs, cells, cfg, m = _setup(tiny_workspace, epochs=1, rrm_epochs=1)
+    before = m.fingerprint
+    train_heads(m, fs, cfg, progress=False)
+    trained = m.fingerprint
+    assert trained != before and m.save(tmp_path / "m") == trained == GeoModel.load(tmp_path / "m").fingerprint
+    with torch.no_grad():
+        m.rrm.fc1.bias[0] += 1.0  # an in-place edit of one weight
+    assert m.fingerprint not in (trained, before)
+    assert m.gallery_identity.model_fingerprint == m.fingerprint
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_workspace, tmp_path):
@@ -64,8 +76,6 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_workspace, tmp_path):
     # ... re-run with the same command: a fresh process would build a fresh model
     _, _, _, resumed = _setup(tiny_workspace)
     train_heads(resumed, fs, short, checkpoint_dir=ckpt, progress=False)
-    full.compute_fingerprints()
-    resumed.compute_fingerprints()
     assert resumed.fingerprint == full.fingerprint
 
 
@@ -108,7 +118,7 @@ def test_checkpoint_run_keys_survive_a_new_config_field():
     from geoswc.config import non_default
 
     later = dataclasses.make_dataclass("TrainConfig", [("new_knob", int, dataclasses.field(default=0))],
-                                       bases=(TrainConfig,))
+                                       bases=(TrainConfig,), frozen=True)
     assert non_default(later(epochs=3)) == non_default(TrainConfig(epochs=3)) == {"epochs": 3}
     assert non_default(later(epochs=3, new_knob=1)) == {"epochs": 3, "new_knob": 1}
 
@@ -125,9 +135,9 @@ def test_positive_lists_respect_authors():
 
 @pytest.mark.slow
 def test_finetune_end_to_end(tiny_workspace, tmp_path):
-    from geoswc.train import finetune
+    from geoswc.finetune import finetune
 
-    records, _ = read_locations_csv(tiny_workspace["csv"], DEV_IMAGES)
+    records, _ = read_photo_csv(tiny_workspace["csv"], DEV_IMAGES)
     records = records[:6]
     cells = CellTable.load(tiny_workspace["cells"])
     cfg = TrainConfig(epochs=1, batch_size=4, finetune=True, finetune_epochs=1)

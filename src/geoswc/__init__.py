@@ -12,16 +12,21 @@ __version__ = "0.1.0"
 __all__ = ["Geolocator", "Prediction", "LocateFailure", "GeoswcError", "__version__"]
 
 if TYPE_CHECKING:
-    from .api import Geolocator, LocateFailure, Prediction
+    from .api import Geolocator
     from .errors import GeoswcError
+    from .prediction import LocateFailure, Prediction
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import geoswc` stays cheap (no torch import) until the API is used.
-    if name in ("Geolocator", "Prediction", "LocateFailure"):
-        from . import api
+    if name == "Geolocator":
+        from .api import Geolocator
 
-        return getattr(api, name)
+        return Geolocator
+    if name in ("Prediction", "LocateFailure"):
+        from . import prediction
+
+        return getattr(prediction, name)
     if name == "GeoswcError":
         from .errors import GeoswcError
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +192,3 @@ def create_backbone(cfg: BackboneConfig, load_weights: bool = True) -> tuple[Bac
                 )
             resolved = dataclasses.replace(resolved, weights_sha256=sha)
     return Backbone(net, spec.feature_dim).eval(), resolved
-
-
-BackboneFactory = Callable[[BackboneConfig], tuple[Backbone, BackboneConfig]]

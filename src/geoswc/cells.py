@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import heapq
 import io
 import logging
@@ -124,8 +125,7 @@ class CellTable:
             raise ArtifactError(f"cell table {path} has centroids out of range")
         table = cls(tokens, np.array(level, np.int64), np.array(lat), np.array(lon),
                     np.array(count, np.int64), np.array(spread))
-        table.config = _sidecar_config(path, table.fingerprint)
-        return table
+        return dataclasses.replace(table, config=_sidecar_config(path, table.fingerprint))
 
     def _range_index(self) -> tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.int64]]:
         if self._ranges is None:
@@ -158,11 +158,6 @@ class CellTable:
                 pts.append(p / np.linalg.norm(p))
         lat, lon = xyz_to_latlon(np.array(pts))
         return [(round(float(a), 6), round(float(b), 6)) for a, b in zip(lat, lon, strict=True)]
-
-    def nearest(self, lat: ArrayLike, lon: ArrayLike) -> NDArray[np.int64]:
-        """Index of the cell whose centroid is nearest to each point, ``(N,)``."""
-        q = latlon_to_xyz(np.atleast_1d(lat), np.atleast_1d(lon))
-        return np.argmax(q @ self.xyz.T, axis=1)
 
 
 def _sidecar_config(path: Path, fingerprint: str) -> CellConfig | None:

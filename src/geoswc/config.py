@@ -1,22 +1,39 @@
-"""Typed configuration. Every saved artifact stores the resolved config it was made with, as JSON."""
+"""Typed configuration. Every saved artifact stores the resolved config it was made with, as JSON.
+
+Configs are frozen: a changed setting is a new object (``dataclasses.replace``), never an edit in place.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
-from .errors import ArtifactError
+from .errors import ArtifactError, SettingError
 
 T = TypeVar("T")
 
+Method = Literal["swc", "classification", "retrieval"]
+"""How a photo is located: search within the chosen cell (the paper), the chosen cell's centroid, or
+the clustering of the top-k neighbours of the whole gallery."""
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
-@dataclass
+
+def check_field(obj: Any, name: str, ok: bool, rule: str) -> None:
+    """Raise :class:`SettingError` naming ``obj``'s field ``name`` unless ``ok``."""
+    if not ok:
+        raise SettingError(f"{name} {rule}, got {getattr(obj, name)!r}", type(obj), name)
+
+
+def _finite(v: float, low: float = 0.0, strict: bool = False) -> bool:
+    return math.isfinite(v) and (v > low if strict else v >= low)
+
+
+@dataclass(frozen=True)
 class CellConfig:
     """Adaptive S2 partition (PlaNet): split the fullest cell while it holds more than ``max_per_cell``
     points, then drop cells holding fewer than ``min_per_cell``."""
@@ -29,17 +46,13 @@ class CellConfig:
     """Cells are never split below this S2 level (level 20 is about 10 m across)."""
 
     def __post_init__(self) -> None:
-        if self.min_per_cell < 1:
-            raise ValueError(f"min_per_cell must be >= 1, got {self.min_per_cell}")
-        if self.max_per_cell < self.min_per_cell:
-            raise ValueError(
-                f"max_per_cell ({self.max_per_cell}) must be >= min_per_cell ({self.min_per_cell})"
-            )
-        if not 0 <= self.max_level <= 30:
-            raise ValueError(f"max_level must be in 0..30 (S2 levels), got {self.max_level}")
+        check_field(self, "min_per_cell", self.min_per_cell >= 1, "must be >= 1")
+        check_field(self, "max_per_cell", self.max_per_cell >= self.min_per_cell,
+               f"must be >= min_per_cell ({self.min_per_cell})")
+        check_field(self, "max_level", 0 <= self.max_level <= 30, "must be in 0..30 (S2 levels)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preprocess:
     """How a decoded RGB image becomes the backbone's input tensor."""
 
@@ -47,20 +60,18 @@ class Preprocess:
     """Side of the square input, in pixels."""
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    resize: str = "center_crop"
+    resize: Literal["center_crop", "squash"] = "center_crop"
     """``center_crop``: shorter side to ``image_size``, then the central square; ``squash``: the whole
     image resized to a square (keeps everything, distorts the aspect ratio)."""
 
     def __post_init__(self) -> None:
-        if self.resize not in ("center_crop", "squash"):
-            raise ValueError(f"resize must be 'center_crop' or 'squash', got {self.resize!r}")
-        if not 32 <= self.image_size <= 1024:
-            raise ValueError(f"image_size must be in 32..1024, got {self.image_size}")
+        check_field(self, "resize", self.resize in ("center_crop", "squash"), "must be 'center_crop' or 'squash'")
+        check_field(self, "image_size", 32 <= self.image_size <= 1024, "must be in 32..1024")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackboneConfig:
-    """Which feature extractor, with which weights and preprocessing."""
+    """Which feature extractor, with which weights and preprocessing (resolved: digest and width known)."""
 
     name: str = "efficientnet-lite0"
     weights: str = "default"
@@ -73,7 +84,7 @@ class BackboneConfig:
     preprocess: Preprocess = field(default_factory=Preprocess)
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadConfig:
     """Sizes of the MvMF classifier and the Residual Retrieval Module."""
 
@@ -85,13 +96,12 @@ class HeadConfig:
     """Width of the RRM's inner layer; 0 means the feature width."""
 
     def __post_init__(self) -> None:
-        if self.mvmf_hidden < 0 or self.rrm_hidden < 0:
-            raise ValueError(f"mvmf_hidden and rrm_hidden must be >= 0, got {self.mvmf_hidden}, {self.rrm_hidden}")
-        if not 0 <= self.mvmf_dropout < 1:
-            raise ValueError(f"mvmf_dropout must be in [0, 1), got {self.mvmf_dropout}")
+        check_field(self, "mvmf_hidden", self.mvmf_hidden >= 0, "must be >= 0")
+        check_field(self, "rrm_hidden", self.rrm_hidden >= 0, "must be >= 0")
+        check_field(self, "mvmf_dropout", 0 <= self.mvmf_dropout < 1, "must be in [0, 1)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation of the heads (and, with ``finetune``, of the backbone)."""
 
@@ -129,22 +139,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "rrm_epochs", "finetune_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            check_field(self, name, getattr(self, name) >= 1, "must be >= 1")
+        check_field(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)")
         for name in ("lr", "finetune_lr", "temperature"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+            check_field(self, name, _finite(getattr(self, name), strict=True), "must be a positive number")
         for name in ("weight_decay", "positive_km"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+            check_field(self, name, _finite(getattr(self, name)), "must be a number >= 0")
+        check_field(self, "seed", 0 <= self.seed < 2**63, "must be in 0..2**63-1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
     """Search within cell: the paper's defaults."""
 
@@ -167,22 +173,21 @@ class SearchConfig:
     search_km of the chosen cell's (its neighbours)."""
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if not self.eps_km > 0:
-            raise ValueError(f"eps_km must be > 0, got {self.eps_km}")
-        if self.min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
-        if not self.r_km >= 0:
-            raise ValueError(f"r_km must be >= 0, got {self.r_km}")
-        for name in ("select_km", "search_km"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
-        if self.top_cells < 1:
-            raise ValueError(f"top_cells must be >= 1, got {self.top_cells}")
+        check_field(self, "k", self.k >= 1, "must be >= 1")
+        check_field(self, "eps_km", _finite(self.eps_km, strict=True), "must be a number > 0")
+        check_field(self, "min_samples", self.min_samples >= 1, "must be >= 1")
+        for name in ("r_km", "select_km", "search_km"):
+            check_field(self, name, _finite(getattr(self, name)), "must be a number >= 0")
+        check_field(self, "top_cells", self.top_cells >= 1, "must be >= 1")
 
 
-@dataclass
+SearchChanges = TypedDict("SearchChanges", typing.get_type_hints(SearchConfig), total=False)  # type: ignore[misc]
+"""Some fields of :class:`SearchConfig` to change (``{"k": 5}``); the others keep a model's saved values."""
+NO_SEARCH_CHANGES: SearchChanges = {}
+"""The default of a ``search`` parameter: keep the model's settings (never mutated)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a trained model's modules and interpret its outputs."""
 
@@ -196,7 +201,7 @@ class ModelConfig:
     num_cells: int = 0
     backbone_finetuned: bool = False
     recipe: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance: inputs and their digests, the command that built the model."""
+    """Free-form provenance: the recipe and data digests the model was built from."""
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -226,9 +231,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = set(data) - known
     if unknown:
         raise ArtifactError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{cls.__name__}.{name}")
+    kwargs = {name: _coerce(hints[name], value, f"{cls.__name__}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -246,18 +249,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             if is_dataclass(arg) and isinstance(value, dict):
-                return from_dict(arg, value)
+                return from_dict(arg, value)  # type: ignore[arg-type]
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise ArtifactError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
-
-
-def replace(obj: T, **changes: Any) -> T:
-    """``dataclasses.replace`` that ignores ``None`` values (unset CLI flags)."""
-    return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
 
 
 def canonical_json(data: Any) -> str:

@@ -1,7 +1,8 @@
-"""Geotagged photo lists: a CSV (``image,lat,lon[,author]``) plus a folder, or a folder of GPS-EXIF photos.
+"""Geotagged photo lists and the datasets that decode them.
 
-Bad rows are never dropped silently: every reader returns a :class:`LoadReport` that counts them and
-names the first few, and logs it.
+A photo list is a CSV (``image,lat,lon[,author]``) plus a folder, or a folder of GPS-EXIF photos; a
+coordinate list is a CSV with ``lat``/``lon`` columns. Bad rows are never dropped silently: every reader
+returns a :class:`LoadReport` that counts them and names the first few, and logs it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import io
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,17 +23,19 @@ from PIL import Image
 
 from .config import Preprocess
 from .errors import ImageError, InputError
-from .images import DEFAULT_LIMITS, ImageLimits, ImageSource, _check_size, load_image, read_gps
+from .images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, ImageSource, check_size, load_image, read_gps
 from .transforms import augment, preprocess
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif")
+DRAFT_HEADROOM = 2
+"""JPEGs are draft-decoded to at least this multiple of the input size before resizing."""
 
 
 @dataclass(frozen=True)
 class Record:
-    """One geotagged photo. ``image`` is its id (the CSV's value, or the path relative to the folder)."""
+    """One photo. ``image`` is its id (the CSV's value, or the path relative to the folder); ``lat``/``lon``
+    are NaN when the list gave no position (photos to locate)."""
 
     image: str
     path: Path
@@ -67,14 +71,16 @@ class LoadReport:
         (log.warning if self.skipped else log.info)("%s", self.summary())
 
 
-DRAFT_HEADROOM = 2
-"""JPEGs are draft-decoded to at least this multiple of the input size before resizing."""
-
-
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def _parse_coord(text: str | None, name: str, bound: float) -> float:
+def parse_coord(text: str | None, name: str, bound: float) -> float:
+    """A latitude (``bound`` 90) or longitude (180) written as a plain decimal number.
+
+    Raises:
+        ValueError: missing, not a plain finite decimal (``float`` also takes ``1_0`` and other digits), or
+            out of range; the message names the value.
+    """
     if text is None or not text.strip():
         raise ValueError(f"missing {name}")
     try:
@@ -83,14 +89,15 @@ def _parse_coord(text: str | None, name: str, bound: float) -> float:
         raise ValueError(f"{name} {text!r} is not a number") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} {text!r} is not finite")
-    if not _DECIMAL.fullmatch(text.strip()):  # float() also takes '1_0' (= 10) and non-ASCII digits
+    if not _DECIMAL.fullmatch(text.strip()):
         raise ValueError(f"{name} {text!r} is not a plain decimal number (like -12.345)")
     if abs(v) > bound:
         raise ValueError(f"{name} {v} is outside ±{bound:g}")
     return v
 
 
-def _read_text(path: Path) -> str:
+def _csv_table(path: Path) -> tuple[list[str], Iterator[list[str]]]:
+    """The lower-cased header and the rows of a UTF-8 CSV; a malformed file is an :class:`InputError`."""
     if not path.is_file():
         raise InputError(f"CSV file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
@@ -98,22 +105,70 @@ def _read_text(path: Path) -> str:
     except OSError as e:
         raise InputError(f"cannot read CSV {path}: {e.strerror or e}") from e
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise InputError(
-            f"CSV {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-            "save it as UTF-8 and try again"
-        ) from e
+        raise InputError(f"CSV {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                         "save it as UTF-8 and try again") from e
+    reader = csv.reader(io.StringIO(text))
+
+    def rows() -> Iterator[list[str]]:
+        try:
+            yield from reader
+        except csv.Error as e:
+            raise InputError(f"CSV {path} is malformed near line {reader.line_num}: {e}") from None
+
+    it = rows()
+    return [h.strip().lower() for h in next(it, [])], it
 
 
-def read_locations_csv(
-    csv_path: str | Path, images_dir: str | Path | None = None, check_images: bool = True
-) -> tuple[list[Record], LoadReport]:
-    """Read ``image,lat,lon[,author]`` rows.
+class _Columns:
+    """Cells of a row by column name (a column the header lacks, or a short row, gives None)."""
+
+    def __init__(self, header: list[str]) -> None:
+        self.index = {name: i for i, name in reversed(list(enumerate(header)))}
+
+    def get(self, row: list[str], column: str) -> str | None:
+        i = self.index.get(column, -1)
+        return row[i] if 0 <= i < len(row) else None
+
+
+def read_coordinates(path: str | Path) -> tuple[np.ndarray, np.ndarray, LoadReport]:
+    """The ``lat``/``lon`` columns (header names in any case) of a CSV, ``(N,)`` each; bad rows are
+    reported and skipped.
+
+    Raises:
+        InputError: no such columns, or no usable row.
+    """
+    path = Path(path)
+    header, rows = _csv_table(path)
+    if "lat" not in header or "lon" not in header:
+        raise InputError(f"{path} needs 'lat' and 'lon' columns (any case); its header is {header}")
+    report, cols = LoadReport(str(path)), _Columns(header)
+    lat, lon = [], []
+    for n, row in enumerate(rows, start=2):
+        report.total += 1
+        try:
+            a, b = parse_coord(cols.get(row, "lat"), "lat", 90), parse_coord(cols.get(row, "lon"), "lon", 180)
+        except ValueError as e:
+            report.skip(f"line {n}", str(e))
+            continue
+        lat.append(a)
+        lon.append(b)
+    report.log()
+    if not lat:
+        raise InputError(f"{path} holds no usable coordinates: {report.summary()}")
+    return np.array(lat), np.array(lon), report
+
+
+def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *, positions: bool = True,
+                   check_images: bool = True) -> tuple[list[Record], LoadReport]:
+    """The photos a CSV names in its ``image`` column, with ``lat``, ``lon`` and an optional ``author``.
 
     Args:
         csv_path: the CSV file (UTF-8, header row required; extra columns are ignored).
         images_dir: folder the ``image`` paths are relative to (default: the CSV's folder).
+        positions: require ``lat``/``lon`` columns; with False (photos to locate) they are read when present,
+            else left NaN.
         check_images: skip rows whose image file does not exist.
 
     Returns:
@@ -127,55 +182,46 @@ def read_locations_csv(
     root = Path(images_dir) if images_dir is not None else csv_path.parent
     if check_images and not root.is_dir():
         raise InputError(f"image folder not found: {root}")
-    text = _read_text(csv_path)
-    try:
-        reader = csv.DictReader(io.StringIO(text))
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-    except csv.Error as e:
-        raise InputError(f"CSV {csv_path} cannot be parsed: {e}") from e
-    missing = [c for c in ("image", "lat", "lon") if c not in header]
+    header, rows = _csv_table(csv_path)
+    has_coords = "lat" in header and "lon" in header
+    missing = [c for c in ("image", *(("lat", "lon") if positions else ())) if c not in header]
     if missing:
-        raise InputError(
-            f"CSV {csv_path} lacks column(s) {', '.join(missing)}; its header is {reader.fieldnames}. "
-            "Expected a header with image,lat,lon (and optionally author)."
-        )
-    reader.fieldnames = header
-    report = LoadReport(str(csv_path))
+        raise InputError(f"CSV {csv_path} lacks column(s) {', '.join(missing)}; its header is {header}. "
+                         "Expected a header with image,lat,lon (and optionally author).")
+    report, cols = LoadReport(str(csv_path)), _Columns(header)
     records: list[Record] = []
     seen: set[str] = set()
-    try:
-        for line, row in enumerate(reader, start=2):
-            report.total += 1
-            image = (row.get("image") or "").strip()
-            label = (image if len(image) <= 200 else image[:200] + "…") or f"line {line}"
-            if not image:
-                report.skip(label, "empty image name")
-                continue
-            try:
-                lat = _parse_coord(row.get("lat"), "lat", 90.0)
-                lon = _parse_coord(row.get("lon"), "lon", 180.0)
-            except ValueError as e:
-                report.skip(f"{label} (line {line})", str(e))
-                continue
+    for line, row in enumerate(rows, start=2):
+        report.total += 1
+        image = (cols.get(row, "image") or "").strip()
+        label = image if len(image) <= 200 else image[:200] + "…"
+        if not image:
+            report.skip(f"line {line}", "empty image name")
+            continue
+        try:
+            lat, lon = (parse_coord(cols.get(row, "lat"), "lat", 90.0),
+                        parse_coord(cols.get(row, "lon"), "lon", 180.0)) if has_coords else (math.nan, math.nan)
             if image in seen:
-                report.skip(f"{label} (line {line})", "duplicate image id")
-                continue
-            path = root / image
-            try:
-                problem = "" if not check_images or path.is_file() else (
-                    "image file not found" if not path.exists() else "not a regular file")
-            except OSError as e:  # e.g. a name longer than the file system allows
-                problem = f"unusable image path ({e.strerror or e})"
-            if problem:
-                report.skip(label, problem)
-                continue
-            seen.add(image)
-            author = (row.get("author") or "").strip()
-            records.append(Record(image, path, lat, lon, author))
-    except csv.Error as e:
-        raise InputError(f"CSV {csv_path} is malformed near line {reader.line_num}: {e}") from e
+                raise ValueError("duplicate image id")
+        except ValueError as e:
+            report.skip(f"{label} (line {line})", str(e))
+            continue
+        problem = _image_problem(root / image) if check_images else ""
+        if problem:
+            report.skip(label, problem)
+            continue
+        seen.add(image)
+        records.append(Record(image, root / image, lat, lon, (cols.get(row, "author") or "").strip()))
     report.log()
     return records, report
+
+
+def _image_problem(path: Path) -> str:
+    """Why ``path`` is not a usable image file ("" when it is one)."""
+    try:
+        return "" if path.is_file() else "image file not found" if not path.exists() else "not a regular file"
+    except OSError as e:  # e.g. a name longer than the file system allows
+        return f"unusable image path ({e.strerror or e})"
 
 
 def scan_exif_folder(folder: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[list[Record], LoadReport]:
@@ -185,7 +231,7 @@ def scan_exif_folder(folder: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -
         raise InputError(f"image folder not found: {folder}")
     report = LoadReport(f"{folder} (GPS EXIF)")
     records: list[Record] = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in find_photos(folder):
         report.total += 1
         rel = path.relative_to(folder).as_posix()
         try:
@@ -201,54 +247,55 @@ def scan_exif_folder(folder: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -
     return records, report
 
 
-def read_photo_list(csv_path: str | Path, images_dir: str | Path | None = None) -> tuple[list[Record], LoadReport]:
-    """The photos a CSV names in its ``image`` column, for locating them: positions are read as
-    :func:`read_locations_csv` does when the CSV has ``lat``/``lon``, else left NaN. Missing image files and
-    duplicate ids are reported and skipped."""
-    csv_path = Path(csv_path)
-    text = _read_text(csv_path)
-    header = [h.strip().lower() for h in next(csv.reader(io.StringIO(text)), [])]
-    if "lat" in header and "lon" in header:
-        return read_locations_csv(csv_path, images_dir)
-    if "image" not in header:
-        raise InputError(f"CSV {csv_path} lacks an 'image' column; its header is {header}")
-    root = Path(images_dir) if images_dir is not None else csv_path.parent
-    report = LoadReport(str(csv_path))
-    records: list[Record] = []
-    seen: set[str] = set()
-    reader = csv.DictReader(io.StringIO(text), fieldnames=header)
-    next(reader, None)
-    for line, row in enumerate(reader, start=2):
-        report.total += 1
-        image = (row.get("image") or "").strip()
-        if not image or image in seen:
-            report.skip(image or f"line {line}", "duplicate image id" if image else "empty image name")
-            continue
-        if not (root / image).is_file():
-            report.skip(image, "image file not found")
-            continue
-        seen.add(image)
-        records.append(Record(image, root / image, math.nan, math.nan, (row.get("author") or "").strip()))
-    report.log()
-    return records, report
+def find_photos(folder: Path) -> list[Path]:
+    """The image files below ``folder`` (by their endings, :data:`~geoswc.images.IMAGE_EXTENSIONS`), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def load_records(csv_path: str | Path | None, images_dir: str | Path | None) -> tuple[list[Record], LoadReport]:
-    """A CSV's records when ``csv_path`` is given, else the GPS-EXIF photos of ``images_dir``."""
+    """A CSV's geotagged photos when ``csv_path`` is given, else the GPS-EXIF photos of ``images_dir``."""
     if csv_path is not None:
-        return read_locations_csv(csv_path, images_dir)
+        return read_photo_csv(csv_path, images_dir)
     if images_dir is None:
-        raise InputError("give a CSV (--csv) or a folder of photos with GPS EXIF (--images)")
+        raise InputError("give a CSV of geotagged photos, or a folder of photos with GPS EXIF")
     return scan_exif_folder(images_dir)
 
 
-def records_arrays(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
-    """``(lat, lon)`` arrays ``(N,)`` of records."""
-    return (np.array([r.lat for r in records], np.float64), np.array([r.lon for r in records], np.float64))
+# -- decoding datasets ------------------------------------------------------------------------------------
+
+
+Item = tuple[int, torch.Tensor | None, Exception | None, Any]
+"""A dataset item: ``(key, tensor or None, error or None, meta)``; the key orders the items."""
+
+
+class Batch(NamedTuple):
+    """Items batched by :func:`collate`: the good ones stacked, the bad ones beside them."""
+
+    keys: torch.Tensor
+    """``(b,)`` keys of the good items."""
+    images: torch.Tensor | None
+    """``(b, ...)``, None when no item of the batch decoded."""
+    metas: list[Any]
+    bad: list[tuple[int, Any, Exception]]
+    """``(key, meta, error)`` of each item that failed."""
+
+
+def collate(items: Iterable[Item]) -> Batch:
+    """Batch the good items of a dataset (:class:`ImageDataset`, :class:`~geoswc.shards.ShardDataset`)."""
+    items = list(items)
+    good = [(k, x, m) for k, x, _, m in items if x is not None]
+    return Batch(torch.tensor([k for k, _, _ in good], dtype=torch.long),
+                 torch.stack([x for _, x, _ in good]) if good else None, [m for _, _, m in good],
+                 [(k, m, e) for k, x, e, m in items if x is None])
+
+
+def loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0) -> Iterable[Batch]:
+    """A DataLoader of :class:`Batch` es (``num_workers`` decoding processes; 0: this one)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decoded, preprocessed images. Items are ``(index, tensor | None, error | None)``: a bad image
+    """Decoded, preprocessed images. Items are ``(index, tensor | None, error | None, None)``: a bad image
     yields its error instead of stopping the whole batch job.
 
     With ``views > 1``, each item holds ``views`` tensors stacked ``(V, 3, S, S)``: the plain view first,
@@ -256,10 +303,12 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths: Sequence[ImageSource], pre: Preprocess, views: int = 1, seed: int = 0,
-                 limits: ImageLimits = DEFAULT_LIMITS, train_augment: bool = False) -> None:
+                 limits: ImageLimits = DEFAULT_LIMITS, train_augment: bool = False,
+                 names: Sequence[str] | None = None) -> None:
         self.paths = list(paths)
         self.pre, self.views, self.seed, self.limits = pre, views, seed, limits
         self.train_augment = train_augment
+        self.names = names
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -267,23 +316,24 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _decode(self, i: int) -> Image.Image:
         src = self.paths[i]
+        name = self.names[i] if self.names is not None else None
         if isinstance(src, Image.Image):
-            _check_size(src, f"<image {i + 1}>", self.limits)  # no pixels, or a pixel bomb: ImageError
+            check_size(src, name or f"<image {i + 1}>", self.limits)  # no pixels, or a pixel bomb: ImageError
             try:
                 return src if src.mode == "RGB" else src.convert("RGB")
             except (OSError, ValueError) as e:
                 raise ImageError(f"<image {i + 1}> (mode {src.mode}) cannot be converted to RGB: {e}") from e
         # JPEG draft decoding with 2x head-room: enough for augmented crops, and the same decode for every
         # view, so a cached plain view equals what inference computes for the photo.
-        return load_image(src, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM)
+        return load_image(src, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM, name=name)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, ImageError | None]:
+    def __getitem__(self, i: int) -> Item:
         try:
             img = self._decode(i)
         except ImageError as e:
-            return i, None, e
+            return i, None, e, None
         return i, make_views(img, self.pre, i, views=self.views, seed=self.seed, train_augment=self.train_augment,
-                             epoch=self.epoch), None
+                             epoch=self.epoch), None, None
 
 
 def make_views(img: Image.Image, pre: Preprocess, index: int, *, views: int = 1, seed: int = 0,
@@ -304,16 +354,6 @@ def make_views(img: Image.Image, pre: Preprocess, index: int, *, views: int = 1,
         return preprocess(img, pre)
     rng = np.random.default_rng((seed, index))
     return torch.stack([preprocess(img, pre)] + [augment(img, pre, rng) for _ in range(views - 1)])
-
-
-def collate(items: Iterable[tuple[int, torch.Tensor | None, ImageError | None]]):
-    """Batch the good items; return the bad ones beside them as ``[(index, error)]``."""
-    items = list(items)
-    good = [(i, t) for i, t, _ in items if t is not None]
-    bad = [(i, e) for i, t, e in items if t is None]
-    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
-    x = torch.stack([t for _, t in good]) if good else None
-    return idx, x, bad
 
 
 def author_folds(authors: Sequence[str], k: int = 5) -> np.ndarray:

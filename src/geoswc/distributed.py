@@ -221,16 +221,6 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x)
 
 
-def gather_objects(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` on rank 0 (in rank order), None on the others; ``[obj]`` in a single process."""
-    ctx = context()
-    if not ctx.enabled:
-        return [obj]
-    out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``: None (fp32) on the CPU and for ``fp32``;
     ``auto`` picks bf16 where the GPU supports it, else fp16."""

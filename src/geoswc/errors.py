@@ -11,6 +11,22 @@ class InputError(GeoswcError, ValueError):
     """A user-supplied file or value is unusable (bad CSV, corrupt image, coordinates out of range)."""
 
 
+class SettingError(InputError):
+    """A configuration value outside its allowed range.
+
+    Attributes:
+        owner: the config dataclass whose field is at fault (the CLI names the flag from it).
+        field: the field's name.
+    """
+
+    def __init__(self, message: str, owner: type | None = None, field: str = "") -> None:
+        super().__init__(message)
+        self.owner, self.field = owner, field
+
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (str(self), self.owner, self.field))
+
+
 class ImageError(InputError):
     """An image cannot be decoded or is outside the configured limits.
 

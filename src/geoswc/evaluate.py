@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from . import storage
-from .api import METHODS, Geolocator, Prediction
-from .config import to_dict
-from .data import LoadReport, read_locations_csv
+from .api import Geolocator
+from .config import METHODS, to_dict
+from .data import LoadReport, Record
 from .errors import InputError
 from .geo import THRESHOLDS_KM
 from .metrics import accuracy_at, errors_km, median_km
+from .prediction import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -98,72 +99,77 @@ def plot_accuracy(results: Sequence[tuple[str, np.ndarray]], path: str | Path, t
     storage.write_bytes(path, buf.getvalue())
 
 
-def evaluate(
-    csv_path: str | Path, images_dir: str | Path | None, out_dir: str | Path, geolocator: Geolocator,
-    methods: Sequence[str] = ("swc",), exclude_same_author: bool = False, batch_size: int = 16,
-    num_workers: int = 0, progress: bool = True,
-) -> dict[str, Any]:
-    """Locate every photo of a benchmark CSV and write the metrics, predictions and plot to ``out_dir``.
+def locate_records(geolocator: Geolocator, records: Sequence[Record], methods: Sequence[str] = ("swc",),
+                   exclude_same_author: bool = False, batch_size: int = 16, num_workers: int = 0,
+                   progress: bool = True) -> tuple[list[MethodResult], LoadReport]:
+    """Locate geotagged photos with each method (the backbone runs once per photo).
 
     Query photos that are also in the gallery (same image id) are never retrieved for themselves, and
     with ``exclude_same_author`` neither are photos of the same author.
 
     Returns:
-        The ``metrics.json`` content.
+        One :class:`MethodResult` per method, and the report of the photos that could not be decoded.
     """
     methods = list(dict.fromkeys(methods))
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    out = storage.ensure_dir(out_dir, create=False)  # a bad --out fails now, not after the inference
-    records, report = read_locations_csv(csv_path, images_dir)
     if exclude_same_author and not any(r.author for r in records):
-        raise InputError(f"--exclude-same-author needs an 'author' column in {csv_path}")
+        raise InputError("excluding same-author gallery photos needs an 'author' column")
     decode = LoadReport("decoding", total=len(records))
     rows: list[int] = []
     chunks: list[torch.Tensor] = []
-    for idx, feats, bad in geolocator.iter_features([r.path for r in records], batch_size, num_workers, progress):
-        for i, err in bad:
-            decode.skip(records[i].image, str(err))
+    for b, feats in geolocator.iter_features([r.path for r in records], batch_size, num_workers, progress,
+                                             names=[r.image for r in records]):
+        for k, _, err in b.bad:
+            decode.skip(records[k].image, str(err))
         if feats is not None:
-            rows += idx
+            rows += b.keys.tolist()
             chunks.append(feats)
     decode.log()
     kept = [records[i] for i in rows]
     if not kept:
-        raise InputError(f"no photo of {csv_path} could be evaluated: {report.summary()} {decode.summary()}")
-    features = torch.cat(chunks)
-    names, authors = [r.image for r in kept], [r.author for r in kept]
+        raise InputError(f"no photo could be evaluated: {decode.summary()}")
+    features, names = torch.cat(chunks), [r.image for r in kept]
+    exclude = [r.author for r in kept] if exclude_same_author else None
     tlat, tlon = np.array([r.lat for r in kept]), np.array([r.lon for r in kept])
-    results = []
-    for m in methods:
-        preds = geolocator.predict_features(features, m, names=names, authors=authors,
-                                            exclude_same_author=exclude_same_author)  # type: ignore[arg-type]
-        results.append(MethodResult(m, names, tlat, tlon, preds))
+    return [MethodResult(m, names, tlat, tlon, geolocator.predict_features(
+        features, m, names=names, exclude_authors=exclude))  # type: ignore[arg-type]
+        for m in methods], decode
 
-    storage.ensure_dir(out)
+
+def write_evaluation(out: str | Path, geolocator: Geolocator, results: Sequence[MethodResult],
+                     skipped: Sequence[tuple[str, str]], run: dict[str, Any]) -> dict[str, Any]:
+    """Write ``metrics.json``, ``predictions[_METHOD].csv``, ``accuracy.png`` and ``run.json`` into ``out``.
+
+    Args:
+        results: the methods' results; the first is the contract's.
+        skipped: ``(item, reason)`` of every row or photo that could not be evaluated.
+        run: what was evaluated (source files, options), recorded in ``run.json``.
+
+    Returns:
+        The ``metrics.json`` content.
+    """
+    out = storage.ensure_dir(out)
     # metrics.json marks a complete run: drop the old one before rewriting the files it describes, so a
     # run killed half-way never leaves new predictions beside old metrics.
     (out / "metrics.json").unlink(missing_ok=True)
-    missing = len(report.skipped) + len(decode.skipped)
     primary = results[0]
-    metrics: dict[str, Any] = {"n": len(kept), "missing": missing, "method": primary.method,
+    metrics: dict[str, Any] = {"n": len(primary.names), "missing": len(skipped), "method": primary.method,
                                **primary.metrics(), "model": geolocator.fingerprint}
     if len(results) > 1:
         metrics["methods"] = {r.method: r.metrics() for r in results}
     for r in results:
-        name = "predictions.csv" if r is primary else f"predictions_{r.method}.csv"
-        storage.write_text(out / name, r.to_csv())
+        storage.write_text(out / ("predictions.csv" if r is primary else f"predictions_{r.method}.csv"), r.to_csv())
     plot_accuracy([(r.method, r.errors_km) for r in results], out / "accuracy.png",
-                  f"{Path(csv_path).name}: n={len(kept)}")
+                  f"{run.get('title', 'evaluation')}: n={len(primary.names)}")
     storage.write_json(out / "run.json", {
-        "csv": str(csv_path), "images": str(images_dir) if images_dir is not None else None,
-        "methods": methods, "exclude_same_author": exclude_same_author,
-        "model": geolocator.fingerprint, "cells_fingerprint": geolocator.model.config.cells_fingerprint,
+        **run, "methods": [r.method for r in results], "model": geolocator.fingerprint,
+        "cells_fingerprint": geolocator.model.config.cells_fingerprint,
         "gallery_size": len(geolocator.gallery) if geolocator.gallery is not None else 0,
         "search": to_dict(geolocator.search), "preprocess": to_dict(geolocator.model.config.backbone.preprocess),
         "model_config": to_dict(geolocator.model.config),
-        "skipped": [{"item": i, "reason": why} for i, why in report.skipped + decode.skipped],
+        "skipped": [{"item": i, "reason": why} for i, why in skipped],
     })
     storage.write_json(out / "metrics.json", metrics)
     log.info("%s", format_metrics(metrics))

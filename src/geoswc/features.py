@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, storage
-from .backbone import Backbone, backbone_fingerprint
-from .config import BackboneConfig, Preprocess, from_dict, to_dict
-from .data import ImageDataset, LoadReport, Record, collate
+from .backbone import backbone_fingerprint
+from .config import BackboneConfig, from_dict, to_dict
+from .data import Batch, ImageDataset, LoadReport, Record, loader
 from .errors import ArtifactError, InputError
 from .images import DEFAULT_LIMITS, ImageLimits
 
@@ -31,8 +32,39 @@ log = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "geoswc-features/1"
 
-_Batch = tuple[torch.Tensor, torch.Tensor | None, list[Any], list[tuple[int, str, Exception]]]
-"""``(order keys (b,), images (b, [V,] 3, S, S) or None, metas [b], bad [(order, label, error)])``."""
+
+@dataclass(frozen=True)
+class Extractor:
+    """A backbone ``(B, 3, S, S) -> (B, D)`` with its resolved config (preprocessing) and fingerprint: what
+    a feature cache records. A registry backbone (:meth:`from_config`) or a model's own (fine-tuned) one."""
+
+    backbone: nn.Module
+    config: BackboneConfig
+    fingerprint: str
+
+    @classmethod
+    def from_config(cls, config: BackboneConfig) -> Extractor:
+        from .backbone import create_backbone
+
+        backbone, resolved = create_backbone(config)
+        return cls(backbone, resolved, backbone_fingerprint(resolved))
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How features are extracted: views per photo, batching, decoding processes and precision."""
+
+    views: int = 1
+    """1 = the plain preprocessed image; more adds random augmented views (training)."""
+    seed: int = 0
+    """Seed of the augmented views."""
+    batch_size: int = 32
+    workers: int = 0
+    """Decoding processes (0: in the calling process)."""
+    precision: str = "fp32"
+    """``fp32``, or mixed precision on a GPU (``auto``, ``bf16``, ``fp16``; ignored on the CPU)."""
+    limits: ImageLimits = DEFAULT_LIMITS
+    progress: bool = True
 
 
 @dataclass
@@ -86,14 +118,9 @@ class FeatureSet:
     @classmethod
     def load(cls, folder: str | Path) -> FeatureSet:
         folder = Path(folder)
-        meta = storage.read_json(folder / "features.json", "feature cache")
-        if meta.get("format") != FEATURES_FORMAT:
-            raise ArtifactError(f"{folder} is not a geoswc feature cache (format {meta.get('format')!r}); "
-                                "re-extract features with `geoswc features`")
-        keys = ("format", "backbone_fingerprint", "backbone", "size", "views", "seed", "dim", "tensors_sha256",
-                "items_sha256")
-        storage.require_keys(meta, keys, "feature cache", folder / "features.json")
-        storage.check_seal(meta, keys, "feature cache", folder / "features.json")
+        keys = ("backbone_fingerprint", "backbone", "size", "views", "seed", "dim", "tensors_sha256", "items_sha256")
+        meta = storage.read_record(folder / "features.json", "feature cache", FEATURES_FORMAT, keys,
+                                   "re-extract features with `geoswc features`")
         feats = storage.map_tensor(folder / "features.safetensors", "features", "feature cache tensors",
                                    meta["tensors_sha256"])
         raw = (folder / "items.csv").read_bytes() if (folder / "items.csv").is_file() else b""
@@ -115,77 +142,63 @@ class FeatureSet:
                    backbone, str(meta["backbone_fingerprint"]), int(meta["seed"]))
 
 
-def _record_batches(records: Sequence[Record], pre: Preprocess, views: int, seed: int, limits: ImageLimits,
-                    batch_size: int, num_workers: int, indices: Sequence[int] | None = None) -> Iterator[_Batch]:
-    ds: torch.utils.data.Dataset = ImageDataset([r.path for r in records], pre, views=views, seed=seed, limits=limits)
+def _record_batches(records: Sequence[Record], ex: Extractor, how: Extraction,
+                    indices: Sequence[int] | None = None) -> Iterator[Batch]:
+    """Batches whose metas are the records (bad items named by their image id)."""
+    ds: torch.utils.data.Dataset = ImageDataset([r.path for r in records], ex.config.preprocess, views=how.views,
+                                                seed=how.seed, limits=how.limits)
     if indices is not None:
         ds = torch.utils.data.Subset(ds, list(indices))  # items keep their index in ``records`` (augment seeds)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    for idx, x, bad in dl:
-        yield idx, x, [records[i] for i in idx.tolist()], [(i, records[i].image, e) for i, e in bad]
+    for b in loader(ds, how.batch_size, how.workers):
+        yield Batch(b.keys, b.images, [records[i] for i in b.keys.tolist()], [(k, records[k], e) for k, _, e in b.bad])
 
 
-def _shard_batches(shards: Sequence[str], pre: Preprocess, views: int, seed: int, limits: ImageLimits,
-                   batch_size: int, num_workers: int) -> Iterator[_Batch]:
-    from .shards import ShardDataset, collate_samples
+def _shard_batches(shards: Sequence[str], ex: Extractor, how: Extraction) -> Iterator[Batch]:
+    from .shards import ShardDataset
 
-    ds = ShardDataset(shards, pre, views=views, seed=seed, limits=limits)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
-    for orders, x, metas, bad in dl:
-        yield orders, x, metas, [(o, m.image, e) for o, m, e in bad]
+    yield from loader(ShardDataset(shards, ex.config.preprocess, views=how.views, seed=how.seed, limits=how.limits),
+                      how.batch_size, how.workers)
 
 
 @torch.inference_mode()
-def _run_backbone(backbone: Backbone, batches: Iterator[_Batch], views: int, report: LoadReport, progress: bool,
-                  total: int | None, precision: str) -> tuple[np.ndarray, torch.Tensor, list[Any]]:
-    """Features of every good photo, sorted by order key: ``(orders (n,), features (n, V, D), metas [n])``."""
-    device = next(backbone.parameters()).device
-    dtype = distributed.resolve_precision(device, precision)
-    backbone.eval()
-    orders: list[torch.Tensor] = []
+def _run_backbone(ex: Extractor, batches: Iterator[Batch], how: Extraction, report: LoadReport,
+                  total: int | None) -> tuple[np.ndarray, torch.Tensor, list[Any]]:
+    """Features of every good photo, sorted by key: ``(keys (n,), features (n, V, D), metas [n])``."""
+    device = next(ex.backbone.parameters()).device
+    dtype = distributed.resolve_precision(device, how.precision)
+    ex.backbone.eval()
+    keys: list[torch.Tensor] = []
     chunks: list[torch.Tensor] = []
     metas: list[Any] = []
-    disable = not progress or not distributed.context().is_main
+    disable = not how.progress or not distributed.context().is_main
     with tqdm(total=total, desc="features", unit="img", disable=disable) as bar:
-        for order, x, meta, bad in batches:
-            for _, label, err in bad:
-                report.skip(label, str(err))
-            if x is not None:
-                b = x.shape[0]
+        for b in batches:
+            for _, meta, err in b.bad:
+                report.skip(meta.image, str(err))
+            if b.images is not None:
+                x = b.images
                 with distributed.autocast(device, dtype):
-                    f = backbone(x.reshape(-1, *x.shape[-3:]).to(device))
-                chunks.append(f.float().cpu().reshape(b, views, -1))
-                orders.append(order)
-                metas += meta
-            bar.update(len(order) + len(bad))
+                    f = ex.backbone(x.reshape(-1, *x.shape[-3:]).to(device))
+                chunks.append(f.float().cpu().reshape(x.shape[0], how.views, -1))
+                keys.append(b.keys)
+                metas += b.metas
+            bar.update(len(b.keys) + len(b.bad))
     if not chunks:
-        return np.zeros(0, np.int64), torch.zeros(0, views, 0), []
-    keys = torch.cat(orders).numpy()
-    sort = np.argsort(keys, kind="stable")
-    return keys[sort], torch.cat(chunks)[torch.from_numpy(sort)], [metas[i] for i in sort]
+        return np.zeros(0, np.int64), torch.zeros(0, how.views, 0), []
+    order = torch.cat(keys).numpy()
+    sort = np.argsort(order, kind="stable")
+    return order[sort], torch.cat(chunks)[torch.from_numpy(sort)], [metas[i] for i in sort]
 
 
-def _feature_set(feats: torch.Tensor, metas: Sequence[Any], backbone_cfg: BackboneConfig, fingerprint: str,
-                 seed: int) -> FeatureSet:
+def _feature_set(feats: torch.Tensor, metas: Sequence[Any], ex: Extractor, seed: int) -> FeatureSet:
     return FeatureSet(feats, [m.image for m in metas], [m.author for m in metas],
                       np.array([m.lat for m in metas], np.float64), np.array([m.lon for m in metas], np.float64),
-                      backbone_cfg, fingerprint, seed)
+                      ex.config, ex.fingerprint, seed)
 
 
-def extract_features(
-    backbone: Backbone, backbone_cfg: BackboneConfig, records: Sequence[Record], views: int = 1,
-    batch_size: int = 32, num_workers: int = 0, seed: int = 0, progress: bool = True,
-    limits: ImageLimits = DEFAULT_LIMITS, fingerprint: str | None = None, precision: str = "fp32",
-) -> tuple[FeatureSet, LoadReport]:
+def extract_features(ex: Extractor, records: Sequence[Record], how: Extraction = Extraction()
+                     ) -> tuple[FeatureSet, LoadReport]:
     """Run the backbone over photos. Undecodable photos are reported and left out, never fatal.
-
-    Args:
-        backbone, backbone_cfg: the extractor and its resolved config (preprocessing).
-        records: photos with positions.
-        views: 1 = the plain preprocessed image; more adds random augmented views (training).
-        fingerprint: identity to record (default: the backbone config's fingerprint; a fine-tuned
-            model passes its own).
-        precision: ``fp32``, or mixed precision on a GPU (``auto``, ``bf16``, ``fp16``; ignored on the CPU).
 
     Returns:
         The features ``(N, V, D)`` of the photos that decoded, in ``records`` order, and the report of
@@ -194,45 +207,42 @@ def extract_features(
     if not records:
         raise InputError("no photos to extract features from")
     report = LoadReport("feature extraction", total=len(records))
-    batches = _record_batches(records, backbone_cfg.preprocess, views, seed, limits, batch_size, num_workers)
-    _, feats, metas = _run_backbone(backbone, batches, views, report, progress, len(records), precision)
+    _, feats, metas = _run_backbone(ex, _record_batches(records, ex, how), how, report, len(records))
     report.log()
     if not metas:
         raise InputError(f"none of the {len(records)} photos could be decoded: {report.summary()}")
-    return _feature_set(feats, metas, backbone_cfg, fingerprint or backbone_fingerprint(backbone_cfg), seed), report
+    return _feature_set(feats, metas, ex, how.seed), report
 
 
-def extract_shard_features(
-    backbone: Backbone, backbone_cfg: BackboneConfig, shards: str | Path | Sequence[str | Path], views: int = 1,
-    batch_size: int = 32, num_workers: int = 0, seed: int = 0, progress: bool = True,
-    limits: ImageLimits = DEFAULT_LIMITS, fingerprint: str | None = None, precision: str = "fp32",
-) -> tuple[FeatureSet, LoadReport]:
+def _shard_total(urls: Sequence[str]) -> int | None:
+    from .shards import shard_sizes
+
+    sizes = shard_sizes(urls)
+    return None if None in sizes else sum(n or 0 for n in sizes)
+
+
+def extract_shard_features(ex: Extractor, shards: str | Path | Sequence[str | Path],
+                           how: Extraction = Extraction()) -> tuple[FeatureSet, LoadReport]:
     """:func:`extract_features` of the photos in WebDataset shards, streamed (never all in memory).
 
     The features come out in shard order; with shards written by ``geoswc shards`` they equal those of
     the source CSV's photos (augmented views included).
     """
-    from .shards import resolve_shards, shard_sizes
+    from .shards import resolve_shards
 
     urls = resolve_shards(shards)
-    sizes = shard_sizes(urls)
-    total = None if None in sizes else sum(s or 0 for s in sizes)
     report = LoadReport("feature extraction (shards)")
-    batches = _shard_batches(urls, backbone_cfg.preprocess, views, seed, limits, batch_size, num_workers)
-    _, feats, metas = _run_backbone(backbone, batches, views, report, progress, total, precision)
+    _, feats, metas = _run_backbone(ex, _shard_batches(urls, ex, how), how, report, _shard_total(urls))
     report.total = len(metas) + len(report.skipped)
     report.log()
     if not metas:
         raise InputError(f"no photo in the shards could be decoded: {report.summary()}")
-    return _feature_set(feats, metas, backbone_cfg, fingerprint or backbone_fingerprint(backbone_cfg), seed), report
+    return _feature_set(feats, metas, ex, how.seed), report
 
 
-def extract_and_save(
-    out: str | Path, backbone: Backbone, backbone_cfg: BackboneConfig, *, records: Sequence[Record] | None = None,
-    shards: str | Path | Sequence[str | Path] | None = None, views: int = 1, batch_size: int = 32,
-    num_workers: int = 0, seed: int = 0, progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS,
-    fingerprint: str | None = None, precision: str = "fp32",
-) -> tuple[FeatureSet | None, LoadReport]:
+def extract_and_save(out: str | Path, ex: Extractor, *, records: Sequence[Record] | None = None,
+                     shards: str | Path | Sequence[str | Path] | None = None, how: Extraction = Extraction()
+                     ) -> tuple[FeatureSet | None, LoadReport]:
     """Extract the features of ``records`` or ``shards`` and save the cache to ``out``.
 
     Under torchrun each rank extracts its share (every ``world_size``-th record, or shard), writes it to
@@ -244,38 +254,14 @@ def extract_and_save(
     """
     if (records is None) == (shards is None):
         raise InputError("give records or shards")
-    fp = fingerprint or backbone_fingerprint(backbone_cfg)
     ctx = distributed.context()
-    common: dict[str, Any] = dict(views=views, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                                  progress=progress, limits=limits, fingerprint=fp, precision=precision)
     if not ctx.enabled:
-        fs, report = (extract_features(backbone, backbone_cfg, records, **common) if records is not None
-                      else extract_shard_features(backbone, backbone_cfg, shards, **common))  # type: ignore[arg-type]
+        fs, report = (extract_features(ex, records, how) if records is not None
+                      else extract_shard_features(ex, shards, how))  # type: ignore[arg-type]
         fs.save(out)
         return fs, report
-    out = Path(out)
-    pre = backbone_cfg.preprocess
-    if records is not None:
-        if not records:
-            raise InputError("no photos to extract features from")
-        mine = range(ctx.rank, len(records), ctx.world_size)
-        report = LoadReport(f"feature extraction, rank {ctx.rank}", total=len(mine))
-        batches = _record_batches(records, pre, views, seed, limits, batch_size, num_workers, mine)
-        total: int | None = len(mine)
-    else:
-        from .shards import resolve_shards, shard_sizes
-
-        urls = resolve_shards(shards)  # type: ignore[arg-type]
-        if len(urls) < ctx.world_size:
-            log.warning("%d shards for %d ranks: some ranks have nothing to do", len(urls), ctx.world_size)
-        report = LoadReport(f"feature extraction (shards), rank {ctx.rank}")
-        batches = _shard_batches(urls, pre, views, seed, limits, batch_size, num_workers)
-        sizes = shard_sizes(urls)[ctx.rank::ctx.world_size]  # the shards ShardDataset deals to this rank
-        total = None if None in sizes else sum(n or 0 for n in sizes)
-    keys, feats, metas = _run_backbone(backbone, batches, views, report, progress, total, precision)
-    if shards is not None:
-        report.total = len(metas) + len(report.skipped)
-    parts = out / ".parts"
+    keys, feats, metas, report = _extract_share(ex, records, shards, how)
+    parts = Path(out) / ".parts"
     storage.save_tensors(parts / f"rank-{ctx.rank:05d}.safetensors",
                          {"features": feats.half(), "order": torch.from_numpy(keys.astype(np.int64))})
     storage.write_json(parts / f"rank-{ctx.rank:05d}.json", {
@@ -285,14 +271,37 @@ def extract_and_save(
     distributed.barrier()
     if not ctx.is_main:
         return None, report
-    fs, report = _merge_parts(parts, ctx.world_size, views, backbone_cfg, fp, seed)
+    fs, report = _merge_parts(parts, ctx.world_size, ex, how)
     fs.save(out)
     shutil.rmtree(parts, ignore_errors=True)
     return fs, report
 
 
-def _merge_parts(parts: Path, world: int, views: int, backbone_cfg: BackboneConfig, fingerprint: str,
-                 seed: int) -> tuple[FeatureSet, LoadReport]:
+def _extract_share(ex: Extractor, records: Sequence[Record] | None, shards: str | Path | Sequence[str | Path] | None,
+                   how: Extraction) -> tuple[np.ndarray, torch.Tensor, list[Any], LoadReport]:
+    """This rank's share of a torchrun extraction: every ``world_size``-th record, or shard."""
+    from .shards import resolve_shards, shard_sizes
+
+    ctx = distributed.context()
+    if records is not None:
+        if not records:
+            raise InputError("no photos to extract features from")
+        mine = range(ctx.rank, len(records), ctx.world_size)
+        report = LoadReport(f"feature extraction, rank {ctx.rank}", total=len(mine))
+        keys, feats, metas = _run_backbone(ex, _record_batches(records, ex, how, mine), how, report, len(mine))
+        return keys, feats, metas, report
+    urls = resolve_shards(shards)  # type: ignore[arg-type]
+    if len(urls) < ctx.world_size:
+        log.warning("%d shards for %d ranks: some ranks have nothing to do", len(urls), ctx.world_size)
+    report = LoadReport(f"feature extraction (shards), rank {ctx.rank}")
+    sizes = shard_sizes(urls)[ctx.rank::ctx.world_size]  # the shards ShardDataset deals to this rank
+    total = None if None in sizes else sum(n or 0 for n in sizes)
+    keys, feats, metas = _run_backbone(ex, _shard_batches(urls, ex, how), how, report, total)
+    report.total = len(metas) + len(report.skipped)
+    return keys, feats, metas, report
+
+
+def _merge_parts(parts: Path, world: int, ex: Extractor, how: Extraction) -> tuple[FeatureSet, LoadReport]:
     """Rank 0: the ranks' parts as one feature set, in input order."""
     report = LoadReport("feature extraction")
     keys, chunks, metas = [], [], []
@@ -310,5 +319,5 @@ def _merge_parts(parts: Path, world: int, views: int, backbone_cfg: BackboneConf
     if not metas:
         raise InputError(f"no photo could be decoded: {report.summary()}")
     sort = torch.from_numpy(np.argsort(torch.cat(keys).numpy(), kind="stable"))
-    feats = torch.cat(chunks)[sort].reshape(len(metas), views, -1)
-    return _feature_set(feats, [metas[i] for i in sort.tolist()], backbone_cfg, fingerprint, seed), report
+    feats = torch.cat(chunks)[sort].reshape(len(metas), how.views, -1)
+    return _feature_set(feats, [metas[i] for i in sort.tolist()], ex, how.seed), report

@@ -43,6 +43,19 @@ def xyz_to_latlon(xyz: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float
     return lat, lon
 
 
+def sklearn_haversine_points(lat: ArrayLike, lon: ArrayLike) -> NDArray[np.float64]:
+    """``(N, 2)`` ``(lat, lon)`` in radians: the input of scikit-learn's ``haversine`` metric (BallTree, DBSCAN)."""
+    return np.radians(np.stack([np.asarray(lat, np.float64), np.asarray(lon, np.float64)], axis=1))
+
+
+def points_within(lat: ArrayLike, lon: ArrayLike, r_km: float) -> list[NDArray[np.int64]]:
+    """For each of ``N`` points, the indices of the points within ``r_km`` of it (itself included)."""
+    from sklearn.neighbors import BallTree
+
+    x = sklearn_haversine_points(lat, lon)
+    return list(BallTree(x, metric="haversine").query_radius(x, r=max(r_km, 0.0) / EARTH_RADIUS_KM))
+
+
 def spherical_mean(
     lat: ArrayLike, lon: ArrayLike, weights: ArrayLike | None = None
 ) -> tuple[float, float]:
@@ -60,8 +73,3 @@ def spherical_mean(
         m = xyz[0]
     la, lo = xyz_to_latlon(m)
     return float(la), float(lo)
-
-
-def km_to_radians(distance_km: float) -> float:
-    """Central angle in radians of an arc of ``distance_km`` on the Earth."""
-    return distance_km / EARTH_RADIUS_KM

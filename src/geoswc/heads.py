@@ -20,19 +20,24 @@ def log_vmf_normalizer(kappa: torch.Tensor) -> torch.Tensor:
     Written as ``log kappa - log 2pi - kappa - log(1 - exp(-2 kappa))`` so it neither overflows for large
     kappa (sinh) nor loses precision for small kappa (``expm1``).
     """
-    return torch.log(kappa) - LOG_2PI - kappa - torch.log(-torch.expm1(-2.0 * kappa))
+    return _log_normalizer_plus_kappa(kappa) - kappa
+
+
+def _log_normalizer_plus_kappa(kappa: torch.Tensor) -> torch.Tensor:
+    """``log C(kappa) + kappa``, computed without forming ``log C`` (which would lose float32 precision when
+    kappa is large and is then added back)."""
+    return torch.log(kappa) - LOG_2PI - torch.log(-torch.expm1(-2.0 * kappa))
 
 
 def vmf_log_density(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """Log density (per steradian) of unit vectors ``x (B, 3)`` under vMFs ``mu (C, 3)``, ``kappa (C,)``.
 
     Returns:
-        ``(B, C)``. Uses ``kappa * (mu.x - 1) = -kappa |mu - x|^2 / 2``, which keeps float32 precision for
-        the tiny angles that come with large concentrations.
+        ``(B, C)``. Uses ``log C + kappa (mu.x - 1)`` with ``mu.x - 1 = -|mu - x|^2 / 2``, which keeps
+        float32 precision for the tiny angles that come with large concentrations.
     """
     sq = (x[:, None, :] - mu[None, :, :]).pow(2).sum(-1)  # (B, C)
-    log_c_plus_kappa = torch.log(kappa) - LOG_2PI - torch.log(-torch.expm1(-2.0 * kappa))
-    return log_c_plus_kappa[None, :] - 0.5 * kappa[None, :] * sq
+    return _log_normalizer_plus_kappa(kappa)[None, :] - 0.5 * kappa[None, :] * sq
 
 
 def kappa_from_spread(spread_km: torch.Tensor, floor_km: float = 1.0) -> torch.Tensor:

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif")
+"""File endings of the photos geoswc reads (folders are scanned for these; shards store photos under them)."""
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -48,10 +51,9 @@ def _register_optional_codecs() -> None:
     register_heif_opener()
 
 
-def _name(source: ImageSource) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return "<uploaded image>" if isinstance(source, (bytes, bytearray)) else "<image>"
+def source_name(source: ImageSource) -> str:
+    """How messages name an image: its path, else ``<image>`` (callers with a better name pass it)."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else "<image>"
 
 
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -72,12 +74,16 @@ def _signature(fp: BinaryIO) -> str | None:
     return next((fmt for sig, fmt in _SIGNATURES if head.startswith(sig)), None)
 
 
-def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
-    """Open without decoding pixels, checking the byte and pixel limits."""
-    name = _name(source)
+def open_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None) -> Image.Image:
+    """Open an image without decoding its pixels, checking the byte and pixel limits.
+
+    Raises:
+        ImageError: empty, too large, not an image, or a header that does not decode; named ``name``.
+    """
+    name = name or source_name(source)
     _register_optional_codecs()
     if isinstance(source, Image.Image):
-        return _check_size(source, name, limits)
+        return check_size(source, name, limits)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -133,10 +139,11 @@ def _open_raw(source: ImageSource, limits: ImageLimits) -> Image.Image:
         ) from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{name} is corrupt: {e}", kind="corrupt") from e
-    return _check_size(img, name, limits)
+    return check_size(img, name, limits)
 
 
-def _check_size(img: Image.Image, name: str, limits: ImageLimits) -> Image.Image:
+def check_size(img: Image.Image, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """``img`` when it has pixels and no more than ``limits`` allows, else an :class:`ImageError` naming it."""
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError(f"{name} has no pixels ({w}x{h})", kind="corrupt")
@@ -200,8 +207,8 @@ def jpeg_is_complete(data: bytes) -> bool:
     return False
 
 
-def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS,
-               draft_size: int | None = None) -> Image.Image:
+def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS, draft_size: int | None = None,
+               name: str | None = None) -> Image.Image:
     """Decode an image to upright 8-bit RGB.
 
     Args:
@@ -209,12 +216,13 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS,
         limits: byte and pixel bounds checked before decoding.
         draft_size: when set, JPEGs are decoded at the smallest power-of-two reduction whose sides are
             still at least this large (much faster for big photos; quality is unaffected after resizing).
+        name: how error messages name the image (default: its path, or ``<image>``).
 
     Raises:
         ImageError: empty, unsupported, corrupt, truncated, or too large; the message names the input.
     """
-    name = _name(source)
-    img = _open_raw(source, limits)
+    name = name or source_name(source)
+    img = open_image(source, limits, name)
     if img.format == "JPEG" and isinstance(img.fp, io.BytesIO) and not jpeg_is_complete(img.fp.getvalue()):
         raise ImageError(f"{name} is truncated: its JPEG data ends before the end-of-image marker", kind="corrupt")
     try:
@@ -242,13 +250,23 @@ def _rational(v: object) -> float:
     return float(v)  # type: ignore[arg-type]
 
 
-def read_gps(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[float, float] | None:
+def _degrees(value: object) -> float:
+    """Degrees from EXIF's (degrees, minutes, seconds) rationals; anything else raises ValueError."""
+    parts = list(value) if isinstance(value, (tuple, list)) else [value]  # type: ignore[call-overload]
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"{len(parts)} components")
+    return sum(_rational(x) / 60**i for i, x in enumerate(parts))
+
+
+def read_gps(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS,
+             name: str | None = None) -> tuple[float, float] | None:
     """The ``(lat, lon)`` in the GPS EXIF of an image, or None when absent or invalid.
 
-    Never raises for a bad EXIF block: a photo without usable GPS simply has none.
+    Never raises for a bad EXIF block: a photo without usable GPS simply has none. An image that cannot
+    be opened at all raises :class:`ImageError`.
     """
     try:
-        img = _open_raw(source, limits)
+        img = open_image(source, limits, name)
         gps = img.getexif().get_ifd(ExifTags.IFD.GPSInfo)
     except ImageError:
         raise
@@ -260,13 +278,12 @@ def read_gps(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> tuple
         lat_v, lon_v = gps.get(ExifTags.GPS.GPSLatitude), gps.get(ExifTags.GPS.GPSLongitude)
         if lat_v is None or lon_v is None:
             return None
-        lat = sum(_rational(x) / 60**i for i, x in enumerate(lat_v))
-        lon = sum(_rational(x) / 60**i for i, x in enumerate(lon_v))
+        lat, lon = _degrees(lat_v), _degrees(lon_v)
         lat_ref = str(gps.get(ExifTags.GPS.GPSLatitudeRef, "N")).strip("\x00 ").upper()
         lon_ref = str(gps.get(ExifTags.GPS.GPSLongitudeRef, "E")).strip("\x00 ").upper()
         lat = -lat if lat_ref == "S" else lat
         lon = -lon if lon_ref == "W" else lon
-    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+    except (TypeError, ValueError, ArithmeticError, IndexError, AttributeError):
         return None
     if not validate_latlon(lat, lon):
         return None

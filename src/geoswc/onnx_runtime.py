@@ -75,7 +75,7 @@ def _paths(cache_dir: Path, fingerprint: str) -> tuple[Path, Path]:
     return cache_dir / f"backbone-{fingerprint}.onnx", cache_dir / f"backbone-{fingerprint}.json"
 
 
-def _cached(cache_dir: Path, fingerprint: str) -> Path | None:
+def cached_export(cache_dir: Path, fingerprint: str) -> Path | None:
     """The cached export for ``fingerprint`` if it is whole and unchanged, else None."""
     path, meta_path = _paths(cache_dir, fingerprint)
     if not (path.is_file() and meta_path.is_file()):
@@ -123,7 +123,7 @@ def export_backbone(backbone: nn.Module, fingerprint: str, image_size: int, cach
         ArtifactError: the exported graph computes other features than eager PyTorch.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    hit = _cached(cache_dir, fingerprint)
+    hit = cached_export(cache_dir, fingerprint)
     if hit is not None:
         return hit
     for module in ("onnx", "onnxscript", "onnxruntime"):

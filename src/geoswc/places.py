@@ -71,7 +71,3 @@ def nearest_places(coords: list[tuple[float, float]]) -> list[Place]:
         out.append(Place(r["name"], r["admin1"], r["admin2"], r["cc"], country_name(r["cc"]), plat, plon,
                          float(haversine_km(lat, lon, plat, plon))))
     return out
-
-
-def nearest_place(lat: float, lon: float) -> Place:
-    return nearest_places([(lat, lon)])[0]

@@ -6,21 +6,22 @@ photo ``KEY.jpg`` (or ``.png``, ``.webp``, ...) as it was on disk and ``KEY.json
 beside the shards lists them with their sample counts (webdataset's ``wids`` shard-index format).
 
 Reading streams one shard at a time (nothing is held beyond a shuffle buffer); any WebDataset shard set
-with an image and such a ``.json`` per sample works. Bad samples and unreadable shards are reported and
-skipped, never fatal.
+with an image and such a ``.json`` per sample works. Shards are local files only: a shard list never runs
+a command or fetches anything. Bad samples and unreadable shards are reported and skipped, never fatal.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import itertools
 import json
 import logging
 import math
+import random
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +29,46 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, storage
+from . import storage
 from .config import Preprocess, digest
-from .data import DRAFT_HEADROOM, LoadReport, Record, _parse_coord, make_views
+from .data import DRAFT_HEADROOM, Item, LoadReport, Record, make_views, parse_coord
 from .errors import ImageError, InputError
-from .images import DEFAULT_LIMITS, ImageLimits, _open_raw, load_image, read_gps
+from .images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, load_image, open_image, read_gps
 
 log = logging.getLogger(__name__)
 
 SHARD_NAME = "shard-%06d.tar"
 INDEX_NAME = "shards.json"
 SHARDS_FORMAT = "geoswc-shards/1"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif")
+_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff",
                "HEIF": "heic", "MPO": "jpg"}
+_MAX_JSON_BYTES = 1 << 20
+"""Largest ``.json`` member read; photos are bounded by :class:`~geoswc.images.ImageLimits`."""
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+"""WebDataset's sample grouping: ``dir/KEY.ext`` -> (``dir/KEY``, ``ext``)."""
 
 
 # -- shard lists --------------------------------------------------------------------------------------
 
 
 def _index_of(folder: Path) -> dict[str, int]:
-    """``{shard path: samples}`` from a folder's ``shards.json`` (empty when absent or unreadable)."""
+    """``{shard path: samples}`` from a folder's ``shards.json`` (empty when absent or unreadable).
+    Entries must name files inside the folder."""
     path = folder / INDEX_NAME
     if not path.is_file():
         return {}
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        return {str(folder / s["url"]): int(s["nsamples"]) for s in meta.get("shardlist", [])}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        listed = {str(s["url"]): int(s["nsamples"]) for s in meta.get("shardlist", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         log.warning("%s is unreadable (%s); ignoring it", path, e)
         return {}
+    odd = [u for u in listed if Path(u).name != u or u in (".", "..")]
+    if odd:
+        raise InputError(f"{path} lists {odd[0]!r}, which is not a file name inside {folder}; shard lists name "
+                         "local files beside them")
+    return {str(folder / u): n for u, n in listed.items()}
 
 
 def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
@@ -65,26 +76,26 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
 
     Args:
         spec: a folder (the shards its ``shards.json`` lists, else its ``*.tar`` sorted), a glob
-            (``data/shard-*.tar``), a brace pattern (``shard-{000000..000099}.tar``), one shard path or
-            ``pipe:``/``http`` URL, or a list of these.
+            (``data/shard-*.tar``), a brace pattern (``shard-{000000..000099}.tar``), one shard path, or a
+            list of these. Shards are local files: URLs and ``pipe:`` commands are refused.
 
     Raises:
-        InputError: the spec matches no shard.
+        InputError: the spec matches no shard, or names something other than local files.
     """
     if not isinstance(spec, (str, Path)):
         return [s for one in spec for s in resolve_shards(one)]
     text = str(spec)
+    if "://" in text or text.startswith("pipe:"):
+        raise InputError(f"shards must be local files, not {text[:80]!r}: geoswc never runs commands or "
+                         "downloads shards; copy them to a local folder first")
     path = Path(text)
     if path.is_dir():
-        listed = list(_index_of(path))
-        found = listed or sorted(str(p) for p in path.glob("*.tar"))
+        found = list(_index_of(path)) or sorted(str(p) for p in path.glob("*.tar"))
         if not found:
             raise InputError(f"no shards (*.tar) in {path}")
         return found
-    if "://" in text or text.startswith("pipe:"):
-        return _braces(text)
     out: list[str] = []
-    for pattern in _braces(text):
+    for pattern in _expand_braces(text):
         if glob.has_magic(pattern):
             out += sorted(glob.glob(pattern))
         elif Path(pattern).is_file():
@@ -96,31 +107,25 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     return out
 
 
-def _braces(text: str) -> list[str]:
-    """WebDataset URL expansion: ``::``-separated lists and ``{000000..000099}`` braces."""
-    if "{" not in text and "::" not in text:
-        return [text]
-    from webdataset.shardlists import expand_urls
+def _expand_braces(text: str) -> list[str]:
+    """``::``-separated lists and ``{000000..000099}`` braces, as WebDataset writes shard sets."""
+    from braceexpand import braceexpand
 
-    return list(expand_urls(text))
+    return [u for part in text.split("::") for u in braceexpand(part)]
 
 
 def shard_sizes(shards: Sequence[str]) -> list[int | None]:
     """Samples per shard from the ``shards.json`` beside them (None where not listed)."""
     known: dict[str, int] = {}
-    for folder in {str(Path(s).parent) for s in shards if "://" not in s and not s.startswith("pipe:")}:
+    for folder in {str(Path(s).parent) for s in shards}:
         known |= _index_of(Path(folder))
     return [known.get(s) for s in shards]
 
 
 def count_samples(shards: Sequence[str]) -> int:
     """Total samples: from ``shards.json`` where listed, else by reading the shard's tar headers."""
-    total = 0
-    for s, n in zip(shards, shard_sizes(shards), strict=True):
-        if n is None:
-            n = sum(1 for _ in _iter_shard(s, 0))
-        total += n
-    return total
+    sizes = shard_sizes(shards)
+    return sum(n if n is not None else sum(1 for _ in iter_shard(s, 0)) for s, n in zip(shards, sizes, strict=True))
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -138,8 +143,7 @@ class _EncodedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, bytes | None, str, str | None]:
         path = self.records[i].path
         try:
-            img = _open_raw(path, self.limits)
-            fmt = img.format or ""
+            fmt = open_image(path, self.limits).format or ""
             if self.verify:
                 load_image(path, self.limits)
             data = Path(path).read_bytes()
@@ -148,7 +152,7 @@ class _EncodedImages(torch.utils.data.Dataset):
         except OSError as e:
             return i, None, "", f"{path} cannot be read: {e.strerror or e}"
         ext = Path(path).suffix.lower().lstrip(".")
-        return i, data, ext if ext in IMAGE_EXTS else _FORMAT_EXT.get(fmt, "jpg"), None
+        return i, data, ext if ext in _EXTS else _FORMAT_EXT.get(fmt, "jpg"), None
 
 
 def _identity(x: Any) -> Any:
@@ -179,13 +183,10 @@ def write_shards(records: Sequence[Record], out: str | Path, samples_per_shard: 
         raise InputError(f"samples per shard must be >= 1, got {samples_per_shard}")
     if not records:
         raise InputError("no photos to write into shards")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.ensure_dir(out)
     existing = sorted(out.glob("shard-*.tar"))
     if existing:
         raise InputError(f"{out} already holds shards ({existing[0].name}, ...); write into an empty folder")
-    from webdataset import TarWriter
-
     report = LoadReport(f"{source or 'photos'} -> {out}", total=len(records))
     loader = torch.utils.data.DataLoader(_EncodedImages(records, verify, limits), batch_size=None,
                                          num_workers=num_workers, collate_fn=_identity)
@@ -199,18 +200,7 @@ def write_shards(records: Sequence[Record], out: str | Path, samples_per_shard: 
             meta = {"lat": r.lat, "lon": r.lon, "author": r.author, "image": r.image}
             yield {"__key__": f"{i:09d}", ext: data, "json": json.dumps(meta, ensure_ascii=False).encode()}
 
-    samples = good()
-    written: list[tuple[Path, int]] = []
-    for first in samples:
-        path = out / (SHARD_NAME % len(written))
-        n = 0
-        with storage.atomic_writer(path) as f:
-            tw = TarWriter(f, encoder=False, mtime=0.0)
-            for sample in itertools.chain([first], itertools.islice(samples, samples_per_shard - 1)):
-                tw.write(sample)
-                n += 1
-            tw.close()
-        written.append((path, n))
+    written = _write_tars(good(), out, samples_per_shard)
     report.log()
     if not written:
         raise InputError(f"none of the {len(records)} photos could be read: {report.summary()}")
@@ -221,6 +211,23 @@ def write_shards(records: Sequence[Record], out: str | Path, samples_per_shard: 
                    "skipped": [{"image": item, "reason": why} for item, why in report.skipped[:1000]]},
     })
     return [p for p, _ in written], report
+
+
+def _write_tars(samples: Iterator[dict[str, Any]], out: Path, per_shard: int) -> list[tuple[Path, int]]:
+    """Write ``samples`` into consecutive shards of ``per_shard``, each atomically; ``[(path, count)]``."""
+    from webdataset import TarWriter
+
+    written: list[tuple[Path, int]] = []
+    for first in samples:
+        path, n = out / (SHARD_NAME % len(written)), 0
+        with storage.atomic_writer(path) as f:
+            tw = TarWriter(f, encoder=False, mtime=0.0)
+            for sample in itertools.chain([first], itertools.islice(samples, per_shard - 1)):
+                tw.write(sample)
+                n += 1
+            tw.close()
+        written.append((path, n))
+    return written
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -263,42 +270,51 @@ def _to_sample(group: dict[str, bytes], key: str, shard: str, order: int) -> Sha
     label = f"{shard}#{key}"
     if "json" not in group:
         return SampleError(label, "no .json member (lat, lon, author)", order)
-    images = [e for e in group if e in IMAGE_EXTS]
+    images = [e for e in group if e in _EXTS]
     if len(images) != 1:
         return SampleError(label, "no image member" if not images else f"several image members {images}", order)
     try:
         meta = json.loads(group["json"].decode("utf-8"))
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-        lat = _parse_coord(None if meta.get("lat") is None else str(meta["lat"]), "lat", 90.0)
-        lon = _parse_coord(None if meta.get("lon") is None else str(meta["lon"]), "lon", 180.0)
-    except (ValueError, UnicodeDecodeError) as e:
-        return SampleError(label, f"bad .json: {e}", order)
+        lat = parse_coord(None if meta.get("lat") is None else str(meta["lat"]), "lat", 90.0)
+        lon = parse_coord(None if meta.get("lon") is None else str(meta["lon"]), "lon", 180.0)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return SampleError(label, f"bad .json: {str(e)[:200] or type(e).__name__}", order)
     ext = images[0]
     image = str(meta.get("image") or f"{key}.{ext}")
     return ShardSample(image, lat, lon, str(meta.get("author") or ""), group[ext], ext, key, shard, order)
 
 
-def _iter_shard(url: str, ordinal: int) -> Iterator[ShardSample | SampleError]:
-    """The samples of one shard, streaming; a damaged shard ends with a :class:`SampleError`."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+def _members(tf: tarfile.TarFile, limits: ImageLimits) -> Iterator[tuple[str, str, bytes]]:
+    """``(key, extension, bytes)`` of a tar stream's regular members, each checked against the size limits
+    before it is read (a member's declared size is never trusted blindly)."""
+    for m in tf:
+        parts = _KEY_EXT.match(m.name)
+        if parts is None or not m.isreg():
+            continue
+        key, ext = parts.group(1), parts.group(2).lower()
+        limit = _MAX_JSON_BYTES if ext == "json" else limits.max_bytes
+        if m.issparse() or m.size > limit:
+            raise ValueError(f"member {m.name} declares {m.size} bytes, above the limit of {limit}")
+        f = tf.extractfile(m)
+        yield key, ext, f.read() if f is not None else b""
 
+
+def iter_shard(url: str, ordinal: int, limits: ImageLimits = DEFAULT_LIMITS) -> Iterator[ShardSample | SampleError]:
+    """The samples of one local shard, streaming; a damaged shard ends with a :class:`SampleError`."""
     pos = 0
     key: str | None = None
     group: dict[str, bytes] = {}
     try:
-        with contextlib.closing(gopen(url, "rb")) as stream:
-            for member in tar_file_iterator(stream):
-                prefix, suffix = base_plus_ext(member["fname"])
-                if prefix is None:
-                    continue
-                if prefix != key:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for member_key, ext, data in _members(tf, limits):
+                if member_key != key:
                     if key is not None:
                         yield _to_sample(group, key, url, ordinal << 32 | pos)
                         pos += 1
-                    key, group = prefix, {}
-                group[suffix.lower()] = member["data"]
+                    key, group = member_key, {}
+                group[ext] = data
         if key is not None:
             yield _to_sample(group, key, url, ordinal << 32 | pos)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
@@ -307,9 +323,8 @@ def _iter_shard(url: str, ordinal: int) -> Iterator[ShardSample | SampleError]:
 
 def iter_samples(shards: str | Path | Sequence[str | Path], report: LoadReport | None = None) -> Iterator[ShardSample]:
     """Every readable sample of the shards, in order; bad samples and shards go to ``report`` (and the log)."""
-    urls = resolve_shards(shards)
-    for ordinal, url in enumerate(urls):
-        for s in _iter_shard(url, ordinal):
+    for ordinal, url in enumerate(resolve_shards(shards)):
+        for s in iter_shard(url, ordinal):
             if report is not None:
                 report.total += 1
             if isinstance(s, SampleError):
@@ -335,113 +350,87 @@ class SampleMeta:
     """The photo's own GPS EXIF (only when the dataset was asked to read it)."""
 
 
-SampleItem = tuple[int, torch.Tensor | None, Exception | None, SampleMeta]
-
-
+@dataclass(eq=False)
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Decoded, preprocessed photos streamed from shards: items ``(order, tensor | None, error | None, meta)``.
+    """Decoded, preprocessed photos streamed from shards: items ``(order, tensor | None, error | None, meta)``
+    (see :func:`geoswc.data.collate`).
 
-    Shards are split round-robin across the ranks of a torchrun job (the context when the dataset is
-    made) and then across DataLoader workers, so each shard is read once per pass. The tensor is
+    Shards are split across the ranks of a torchrun job and then across DataLoader workers by WebDataset's
+    ``split_by_node`` and ``split_by_worker``, so each shard is read once per pass. The tensor is
     ``(3, S, S)``, or ``(V, 3, S, S)`` with ``views > 1`` (plain first, then augmentations seeded by the
     photo's :attr:`ShardSample.index`, as :class:`~geoswc.data.ImageDataset` does).
-
-    Args:
-        shards: shard paths/URLs (see :func:`resolve_shards`).
-        pre: preprocessing of the backbone.
-        views: tensors per photo.
-        train_augment: random training views (seeded by ``(seed, epoch, index)``) instead.
-        shuffle: per-epoch shard order and a ``shuffle_buffer``-sample buffer (training).
-        repeat: cycle over the shards forever (training takes a fixed number of steps per epoch).
-        read_exif: put each photo's GPS EXIF in its meta.
-        split_ranks: split the shards across torchrun ranks.
     """
 
-    def __init__(self, shards: Sequence[str], pre: Preprocess, *, views: int = 1, seed: int = 0,
-                 limits: ImageLimits = DEFAULT_LIMITS, train_augment: bool = False, shuffle: bool = False,
-                 shuffle_buffer: int = 1000, repeat: bool = False, read_exif: bool = False,
-                 split_ranks: bool = True) -> None:
-        super().__init__()
-        self.shards = list(shards)
-        self.pre, self.views, self.seed, self.limits = pre, views, seed, limits
-        self.train_augment, self.read_exif = train_augment, read_exif
-        self.shuffle, self.shuffle_buffer, self.repeat = shuffle, shuffle_buffer, repeat
-        ctx = distributed.context()
-        self.rank, self.world_size = (ctx.rank, ctx.world_size) if split_ranks else (0, 1)
-        self.epoch = 0
+    shards: Sequence[str]
+    """Shard paths (see :func:`resolve_shards`)."""
+    pre: Preprocess
+    views: int = 1
+    seed: int = 0
+    limits: ImageLimits = DEFAULT_LIMITS
+    train_augment: bool = False
+    """Random training views (seeded by ``(seed, epoch, index)``) instead of the plain view."""
+    shuffle_buffer: int = 0
+    """>0: shuffle the shard order each epoch and the samples through a buffer of this many (training)."""
+    repeat: bool = False
+    """Cycle over the shards forever (training takes a fixed number of steps per epoch)."""
+    read_exif: bool = False
+    """Put each photo's GPS EXIF in its meta."""
+    split_ranks: bool = True
+    """Split the shards across torchrun ranks."""
+    epoch: int = field(default=0, init=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed shuffling and augmentation (call before iterating each epoch)."""
         self.epoch = epoch
 
-    def assigned(self, cycle: int = 0, worker: int = 0, workers: int = 1) -> list[tuple[int, str]]:
-        """``(ordinal, shard)`` pairs one rank's worker reads in a pass."""
-        order = list(enumerate(self.shards))
-        if self.shuffle:
-            perm = np.random.default_rng((self.seed, self.epoch, cycle)).permutation(len(order))
-            order = [order[i] for i in perm]
-        return order[self.rank::self.world_size][worker::workers]
+    def _rng(self, *parts: int) -> random.Random:
+        return random.Random(int(digest(repr((self.seed, self.epoch, *parts)), length=15), 16))
 
-    def __iter__(self) -> Iterator[SampleItem]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def _pass(self, cycle: int) -> Iterator[ShardSample | SampleError]:
+        """One pass over this rank's and worker's shards."""
+        import webdataset as wds
+
+        shards: Iterator[tuple[int, str]] = iter(list(enumerate(self.shards)))
+        if self.shuffle_buffer > 0:
+            shards = wds.shuffle(len(self.shards), initial=len(self.shards), rng=self._rng(cycle))(shards)
+        if self.split_ranks:
+            shards = wds.split_by_node(shards)
+        samples = (s for ordinal, url in wds.split_by_worker(shards) for s in iter_shard(url, ordinal, self.limits))
+        if self.shuffle_buffer > 1:
+            info = torch.utils.data.get_worker_info()
+            rng = self._rng(cycle, int(torch.distributed.is_initialized() and torch.distributed.get_rank()),
+                            info.id if info is not None else 0)
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        return samples
+
+    def __iter__(self) -> Iterator[Item]:
         for cycle in itertools.count():
-            mine = self.assigned(cycle, worker, workers)
-            if not mine:
-                return
-            stream: Iterator[ShardSample | SampleError] = (
-                s for ordinal, url in mine for s in _iter_shard(url, ordinal))
-            if self.shuffle and self.shuffle_buffer > 1:
-                rng = np.random.default_rng((self.seed, self.epoch, cycle, self.rank, worker))
-                stream = _shuffled(stream, self.shuffle_buffer, rng)
-            for s in stream:
+            empty = True
+            for s in self._pass(cycle):
+                empty = False
                 yield self._prepare(s)
-            if not self.repeat:
+            if not self.repeat or empty:
                 return
 
-    def _prepare(self, s: ShardSample | SampleError) -> SampleItem:
+    def _prepare(self, s: ShardSample | SampleError) -> Item:
         if isinstance(s, SampleError):
             return s.order, None, InputError(f"{s.label}: {s.reason}"), SampleMeta(s.label, math.nan, math.nan, "")
         meta = SampleMeta(s.image, s.lat, s.lon, s.author)
         label = f"{s.image} ({Path(s.shard).name}#{s.key})"
         try:
-            img = load_image(s.data, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM)
+            img = load_image(s.data, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM, name=label)
             x = make_views(img, self.pre, s.index, views=self.views, seed=self.seed,
                            train_augment=self.train_augment, epoch=self.epoch)
         except ImageError as e:
-            return s.order, None, ImageError(str(e).replace("<uploaded image>", label), e.kind), meta
+            return s.order, None, e, meta
         if self.read_exif:
             try:
-                meta = SampleMeta(s.image, s.lat, s.lon, s.author, read_gps(s.data, self.limits))
+                meta = SampleMeta(s.image, s.lat, s.lon, s.author, read_gps(s.data, self.limits, label))
             except ImageError:
                 pass
         return s.order, x, None, meta
 
 
-def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Approximate shuffle with a ``size``-item buffer."""
-    buf: list[Any] = []
-    for it in items:
-        if len(buf) < size:
-            buf.append(it)
-            continue
-        j = int(rng.integers(size))
-        yield buf[j]
-        buf[j] = it
-    order = rng.permutation(len(buf))
-    for j in order:
-        yield buf[j]
-
-
-def collate_samples(items: Sequence[SampleItem]):
-    """Batch the good items of a :class:`ShardDataset`.
-
-    Returns:
-        ``(orders (b,), images (b, ...) or None, metas [b], bad [(order, meta, error)])``.
-    """
-    good = [(o, x, m) for o, x, _, m in items if x is not None]
-    bad = [(o, m, e) for o, x, e, m in items if x is None]
-    orders = torch.tensor([o for o, _, _ in good], dtype=torch.long)
-    x = torch.stack([t for _, t, _ in good]) if good else None
-    return orders, x, [m for _, _, m in good], bad
-
+def sample_positions(metas: Sequence[SampleMeta]) -> tuple[np.ndarray, np.ndarray]:
+    """``(lat, lon)`` arrays ``(b,)`` of a batch's samples."""
+    return np.array([m.lat for m in metas], np.float64), np.array([m.lon for m in metas], np.float64)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -121,6 +122,26 @@ def check_seal(meta: dict[str, Any], known: tuple[str, ...], what: str, path: st
                             "rebuild it or restore the original file")
 
 
+def read_record(path: str | Path, what: str, fmt: str, keys: tuple[str, ...], fix: str) -> dict[str, Any]:
+    """The JSON record of an artifact folder: a JSON object of format ``fmt`` holding every one of ``keys``, and
+    no other field unless a seal covers them all (:func:`check_seal`).
+
+    Args:
+        what: the artifact's kind, for messages ("model", "feature cache", ...).
+        fix: what to do about a record of another format ("rebuild it with `geoswc train`").
+
+    Raises:
+        ArtifactError: a missing, unreadable or damaged record, or one of another format.
+    """
+    path = Path(path)
+    meta = read_json(path, what)
+    if meta.get("format") != fmt:
+        raise ArtifactError(f"{path.parent} is not a geoswc {what} (format {meta.get('format')!r}); {fix}")
+    require_keys(meta, keys, what, path)
+    check_seal(meta, ("format", *keys), what, path)
+    return meta
+
+
 def _canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
@@ -148,8 +169,46 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor | np.ndarray]
     return hashlib.sha256(data).hexdigest()
 
 
-_NP_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
-              "U8": np.uint8, "BF16": None}
+SAFETENSORS_DTYPES: dict[str, type] = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32,
+                                       "I64": np.int64, "U8": np.uint8, "U64": np.uint64}
+"""safetensors dtype names of the NumPy types geoswc maps from disk."""
+
+
+def safetensors_dtype(dtype: np.dtype) -> str:
+    """The safetensors name of a NumPy dtype (one of :data:`SAFETENSORS_DTYPES`)."""
+    return next(name for name, t in SAFETENSORS_DTYPES.items() if np.dtype(t) == dtype)
+
+
+def safetensors_header(head: bytes, file_size: int) -> tuple[dict[str, Any], int]:
+    """Parse the header at the start of a safetensors file: ``(tensor specs without __metadata__, offset of
+    the data section)``.
+
+    Raises:
+        ValueError: a header that is not a JSON object of the right length.
+    """
+    n = int.from_bytes(head[:8], "little")
+    if not 0 < n <= min(file_size - 8, 1 << 24) or len(head) < 8 + n:
+        raise ValueError("bad safetensors header length")
+    header = json.loads(head[8:8 + n].decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def header_length(data: np.ndarray) -> int:
+    """Length of the JSON header of a safetensors file's bytes (capped at 16 MiB: no header is larger)."""
+    return min(int.from_bytes(bytes(data[:8]), "little"), 1 << 24)
+
+
+def tensor_view(data: np.ndarray, spec: dict[str, Any], base: int) -> np.ndarray:
+    """The array a header ``spec`` describes inside ``data`` (the file's bytes, e.g. memory-mapped)."""
+    dtype = np.dtype(SAFETENSORS_DTYPES[spec["dtype"]])
+    start, stop = (int(v) for v in spec["data_offsets"])
+    shape = tuple(int(v) for v in spec["shape"])
+    if stop - start != int(np.prod(shape)) * dtype.itemsize or base + stop > len(data):
+        raise ValueError("tensor size and file size disagree")
+    return data[base + start:base + stop].view(dtype).reshape(shape)
 
 
 def map_tensor(path: str | Path, name: str, what: str, sha256: str | None = None) -> torch.Tensor:
@@ -166,23 +225,84 @@ def map_tensor(path: str | Path, name: str, what: str, sha256: str | None = None
         raise ArtifactError(f"{what} {path} is damaged or was changed (sha256 differs from the metadata beside it); "
                             "rebuild it or restore the original file")
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 1 << 24 else None
-        info = header[name] if isinstance(header, dict) else None
-        dtype = _NP_DTYPES.get(info["dtype"]) if isinstance(info, dict) else None
-        if dtype is None:
+        size = path.stat().st_size
+        data = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+        header, base = safetensors_header(bytes(data[:8 + header_length(data)]), size)
+        if not isinstance(header.get(name), dict) or header[name].get("dtype") not in SAFETENSORS_DTYPES:
             raise ValueError(f"no {name!r} tensor of a supported dtype")
-        start, stop = (int(v) for v in info["data_offsets"])
-        shape = tuple(int(v) for v in info["shape"])
-        if stop - start != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + n + stop > path.stat().st_size:
-            raise ValueError("tensor size and file size disagree")
-        if not shape or 0 in shape:
-            return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
-        arr = np.memmap(path, dtype=dtype, mode="c", offset=8 + n + start, shape=shape)
+        arr = tensor_view(data, header[name], base)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{what} {path} is not a valid safetensors file ({e}); rebuild it") from e
-    return torch.from_numpy(arr)
+    return torch.from_numpy(arr.copy() if arr.size == 0 else arr)
+
+
+class BlockChecksums:
+    """Checks blocks of a (memory-mapped) file against recorded sha256s, each block once, thread-safely, so
+    a large file is verified where and when it is read.
+
+    Args:
+        path: the file, for messages.
+        data: its bytes.
+        block_bytes: checksum granularity.
+        digests: the sha256 of each block, in order.
+    """
+
+    def __init__(self, path: Path, data: np.ndarray, block_bytes: int, digests: list[str]) -> None:
+        if len(digests) != -(-len(data) // block_bytes):
+            raise ArtifactError(f"the checksums recorded for {path} do not cover its {len(data)} bytes; "
+                                "rebuild it or restore the original file")
+        self.path, self.data, self.block_bytes, self.digests = path, data, block_bytes, digests
+        self._done = np.zeros(len(digests), dtype=bool)
+        self._lock = threading.Lock()
+
+    def check(self, start: int, stop: int) -> None:
+        """Verify the blocks overlapping bytes ``[start, stop)``."""
+        if stop <= start:
+            return
+        todo = [b for b in range(start // self.block_bytes, (stop - 1) // self.block_bytes + 1) if not self._done[b]]
+        if not todo:
+            return
+        with self._lock:
+            for b in todo:
+                if self._done[b]:
+                    continue
+                chunk = self.data[b * self.block_bytes:(b + 1) * self.block_bytes]
+                if hashlib.sha256(memoryview(chunk)).hexdigest() != self.digests[b]:
+                    raise ArtifactError(f"{self.path} is damaged or was changed (block {b} of {len(self.digests)} "
+                                        "fails its checksum); rebuild it or restore the original file")
+                self._done[b] = True
+
+    def check_all(self) -> None:
+        self.check(0, len(self.data))
+
+
+class HashingWriter:
+    """Writes a file sequentially, keeping the sha256 of the whole and of every ``block_bytes`` block
+    (what :class:`BlockChecksums` checks)."""
+
+    def __init__(self, f: BinaryIO, block_bytes: int) -> None:
+        self.f, self.block_bytes, self.size = f, block_bytes, 0
+        self.whole, self._block = hashlib.sha256(), hashlib.sha256()
+        self.blocks: list[str] = []
+
+    def write(self, data: bytes | memoryview | np.ndarray) -> None:
+        mv = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+        self.f.write(mv)
+        self.whole.update(mv)
+        while len(mv):
+            room = self.block_bytes - self.size % self.block_bytes
+            part, mv = mv[:room], mv[room:]
+            self._block.update(part)
+            self.size += len(part)
+            if self.size % self.block_bytes == 0:
+                self.blocks.append(self._block.hexdigest())
+                self._block = hashlib.sha256()
+
+    def block_digests(self) -> list[str]:
+        """The blocks' sha256s, the last (partial) block included; call once, after the last write."""
+        if self.size % self.block_bytes:
+            self.blocks.append(self._block.hexdigest())
+        return self.blocks
 
 
 def load_tensors(path: str | Path, what: str, sha256: str | None = None) -> dict[str, torch.Tensor]:

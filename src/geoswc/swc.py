@@ -9,9 +9,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import sparse
 from sklearn.cluster import DBSCAN
-from sklearn.neighbors import BallTree
 
-from .geo import EARTH_RADIUS_KM, spherical_mean
+from .geo import EARTH_RADIUS_KM, points_within, sklearn_haversine_points, spherical_mean, xyz_to_latlon
 
 
 def cluster_positions(lat: ArrayLike, lon: ArrayLike, eps_km: float, min_samples: int = 1) -> NDArray[np.int64]:
@@ -23,7 +22,7 @@ def cluster_positions(lat: ArrayLike, lon: ArrayLike, eps_km: float, min_samples
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
     if lat.size == 0:
         return np.zeros(0, np.int64)
-    X = np.radians(np.stack([lat, lon], axis=1))
+    X = sklearn_haversine_points(lat, lon)
     db = DBSCAN(eps=eps_km / EARTH_RADIUS_KM, min_samples=min_samples, metric="haversine", algorithm="ball_tree")
     return db.fit_predict(X).astype(np.int64)
 
@@ -86,10 +85,7 @@ def prediction_density(probs: ArrayLike, cells_xyz: ArrayLike, chosen: int, r_km
 def neighborhood(cells_xyz: ArrayLike, r_km: float) -> sparse.csr_matrix:
     """Sparse ``(C, C)`` 0/1 matrix: entry ``(i, j)`` is 1 when cell j's centroid lies within ``r_km`` of cell
     i's (the diagonal always). ``neighborhood @ probs`` gives every cell's prediction density at once."""
-    xyz = np.asarray(cells_xyz, np.float64)
-    lat, lon = np.degrees(np.arcsin(np.clip(xyz[:, 2], -1, 1))), np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0]))
-    tree = BallTree(np.radians(np.stack([lat, lon], 1)), metric="haversine")
-    rows = tree.query_radius(np.radians(np.stack([lat, lon], 1)), r=max(r_km, 0.0) / EARTH_RADIUS_KM)
+    rows = points_within(*xyz_to_latlon(cells_xyz), r_km)
     indptr = np.cumsum([0] + [len(r) + 1 for r in rows])
     indices = np.concatenate([np.append(r, i) for i, r in enumerate(rows)]) if len(rows) else np.zeros(0, int)
     m = sparse.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(len(rows), len(rows)))

@@ -10,12 +10,17 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["ServiceSettings", "create_app"]
 
 if TYPE_CHECKING:
-    from .app import ServiceSettings, create_app
+    from .app import create_app
+    from .settings import ServiceSettings
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import app
+    if name == "ServiceSettings":
+        from .settings import ServiceSettings
 
-        return getattr(app, name)
+        return ServiceSettings
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
     raise AttributeError(f"module 'geoswc.service' has no attribute {name!r}")

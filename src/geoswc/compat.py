@@ -1,0 +1,67 @@
+"""The one compatibility check between artifacts: a model and its cell table, its gallery, and features.
+
+Every artifact records the fingerprints of what it was built with; :func:`check` compares them and refuses
+a mix with a :class:`~geoswc.errors.ModelMismatchError` that names both sides and the fix. Loading a model
+checks its cell table, a :class:`~geoswc.api.Geolocator` checks its gallery, and ``index`` and ``train``
+check the features they are given.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import ModelMismatchError
+
+if TYPE_CHECKING:
+    from .cells import CellTable
+    from .config import ModelConfig
+    from .features import FeatureSet
+    from .gallery import Gallery
+    from .model import GeoModel
+
+
+def check_cells(config: ModelConfig, cells: CellTable) -> None:
+    """A model config and the cell table it is given: the table the config names, when it names one."""
+    if config.cells_fingerprint and config.cells_fingerprint != cells.fingerprint:
+        raise ModelMismatchError(f"cell table {cells.fingerprint} is not the one the model was built with "
+                                 f"({config.cells_fingerprint}); use the model's own cells.csv")
+    if config.num_cells and config.num_cells != len(cells):
+        raise ModelMismatchError(f"the model has {config.num_cells} cells, the cell table {len(cells)}; use the "
+                                 "model's own cells.csv")
+
+
+def check(model: GeoModel, *, gallery: Gallery | None = None, features: FeatureSet | None = None,
+          where: str = "") -> None:
+    """Refuse a gallery or a feature set that another model, cell table or backbone made.
+
+    Args:
+        model: the model in use.
+        gallery: must have been embedded by ``model`` and grouped by its cells.
+        features: must come from ``model``'s backbone (fine-tuned weights included) and have its width.
+        where: the artifact's path, for the message.
+
+    Raises:
+        ModelMismatchError: naming both fingerprints and the command that rebuilds the artifact.
+    """
+    check_cells(model.config, model.cells)
+    at = f" in {where}" if where else ""
+    if gallery is not None:
+        ident = gallery.identity
+        if ident.model_fingerprint != model.fingerprint:
+            raise ModelMismatchError(f"the gallery index{at} was built with model {ident.model_fingerprint}, but "
+                                     f"the model in use is {model.fingerprint}; rebuild it with `geoswc index`")
+        if ident.cells_fingerprint != model.cells.fingerprint or ident.num_cells != len(model.cells):
+            raise ModelMismatchError(f"the gallery index{at} is grouped by cell table {ident.cells_fingerprint} "
+                                     f"({ident.num_cells} cells), the model's is {model.cells.fingerprint} "
+                                     f"({len(model.cells)} cells); rebuild it with `geoswc index`")
+        if len(gallery) and gallery.dim != model.config.backbone.feature_dim:
+            raise ModelMismatchError(f"the gallery index{at} holds {gallery.dim}-d embeddings, the model makes "
+                                     f"{model.config.backbone.feature_dim}-d ones; rebuild it with `geoswc index`")
+    if features is not None:
+        if features.backbone_fingerprint != model.backbone_fingerprint:
+            raise ModelMismatchError(f"the features{at} come from backbone {features.backbone_fingerprint}, the "
+                                     f"model's is {model.backbone_fingerprint}; extract them with the model's "
+                                     "backbone (`geoswc features --model ...`)")
+        if features.features.shape[-1] != model.config.backbone.feature_dim:
+            raise ModelMismatchError(f"the features{at} are {features.features.shape[-1]}-d, the model expects "
+                                     f"{model.config.backbone.feature_dim}-d")

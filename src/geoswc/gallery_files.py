@@ -1,0 +1,309 @@
+"""The gallery index on disk (a folder), format ``geoswc-index/2``:
+
+* ``index.safetensors``: float16 embeddings ``(N, D)`` with rows grouped by cell (CSR: ``cell_offsets``),
+  positions, cells, and lookup tables of the photos' ids and authors. It is memory-mapped, not read, so an
+  index of millions of photos opens in well under a second; a query reads only its cell's rows.
+* ``items.csv``: image id and author of each row, in row order (human-readable; rows read on demand).
+* ``index.json``: format, the gallery's identity (model and cell-table fingerprints), and checksums: the
+  sha256 of ``items.csv`` and of every 64 MiB block of ``index.safetensors``, and a seal over its own
+  fields. Everything but the embeddings is verified at load (all of it for files up to 512 MiB); an
+  embedding block is verified the first time a search reads it. ``index.json`` is written last: its
+  presence marks a whole index.
+
+:class:`GalleryWriter` streams: it takes chunks, stages each sorted by cell, and compacts them into the final
+layout at the end, so a gallery is never whole in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+
+from . import storage
+from .errors import ArtifactError, InputError
+from .gallery import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
+
+INDEX_FORMAT = "geoswc-index/2"
+BLOCK_BYTES = 64 << 20
+"""Checksum granularity of ``index.safetensors``."""
+EAGER_VERIFY_BYTES = 512 << 20
+"""Files up to this size are verified completely at load."""
+_ITEMS_HEADER = b"image,author\n"
+_META_KEYS = ("model_fingerprint", "cells_fingerprint", "num_cells", "size", "dim", "max_norm", "tensors",
+              "items_sha256", storage.SEAL_KEY)
+
+
+def _ceil6(x: float) -> float:
+    """``x`` rounded up to 6 decimals: a short number in ``index.json`` (every digit matters to its seal), and
+    never below the true value (the search margin scales with it)."""
+    return math.ceil(x * 1e6) / 1e6
+
+
+def _csv_line(name: str, author: str) -> bytes:
+    """One ``items.csv`` row (quoted only when a field needs it: the common case stays fast)."""
+    if any(c in s for s in (name, author) for c in ',"\n\r'):
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([name, author])
+        return buf.getvalue().encode("utf-8")
+    return f"{name},{author}\n".encode()
+
+
+class ItemColumn(Sequence[str]):
+    """One column (0: image id, 1: author) of a memory-mapped ``items.csv``, parsed a row at a time."""
+
+    def __init__(self, data: NDArray[np.uint8], offsets: NDArray[np.int64], column: int) -> None:
+        self._data, self._offsets, self._column = data, offsets, column
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if int(i) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        line = bytes(self._data[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
+        fields = next(csv.reader([line])) if '"' in line else line.rstrip("\n").split(",")
+        return fields[self._column] if self._column < len(fields) else ""
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+class _BlockRows:
+    """Checks embedding rows through the file's block checksums (the gallery's :class:`RowChecker`)."""
+
+    def __init__(self, blocks: storage.BlockChecksums, row0: int, row_bytes: int) -> None:
+        self.blocks, self.row0, self.row_bytes = blocks, row0, row_bytes
+
+    def span(self, start: int, stop: int) -> None:
+        self.blocks.check(self.row0 + start * self.row_bytes, self.row0 + stop * self.row_bytes)
+
+    def rows(self, rows: NDArray[np.int64]) -> None:
+        size = self.blocks.block_bytes
+        first = (self.row0 + rows * self.row_bytes) // size
+        last = (self.row0 + (rows + 1) * self.row_bytes - 1) // size
+        for b in np.unique(np.concatenate([first, last])):
+            self.blocks.check(int(b) * size, int(b) * size + 1)
+
+
+def load_gallery(folder: str | Path, verify: bool = False) -> Gallery:
+    """Open an index folder (memory-mapped). Whether it fits a model is :func:`geoswc.compat.check` 's call.
+
+    Args:
+        verify: check every embedding block now instead of on first use.
+
+    Raises:
+        ArtifactError: a missing, truncated or changed file, or an unknown format.
+    """
+    folder = Path(folder)
+    meta = storage.read_record(folder / "index.json", "gallery index", INDEX_FORMAT, _META_KEYS,
+                               "rebuild it with `geoswc index`")
+    try:
+        return _open(folder, meta, verify)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ArtifactError(f"gallery index {folder} is incomplete or inconsistent ({e}); rebuild it") from e
+
+
+def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
+    path, tinfo = folder / "index.safetensors", meta["tensors"]
+    if not path.is_file():
+        raise ArtifactError(f"gallery index tensors not found: {path} is missing")
+    size = path.stat().st_size
+    if size != int(tinfo["bytes"]):
+        raise ArtifactError(f"gallery index tensors {path} are truncated or were changed ({size} bytes, "
+                            f"{tinfo['bytes']} expected); rebuild the index or restore the original file")
+    data = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+    blocks = storage.BlockChecksums(path, data, int(tinfo["block_bytes"]), list(tinfo["block_sha256"]))
+    n_head = storage.header_length(data)
+    blocks.check(0, 8 + n_head)
+    header, base = storage.safetensors_header(bytes(data[:8 + n_head]), size)
+    t = {name: storage.tensor_view(data, spec, base) for name, spec in header.items()}
+    row0 = base + int(header["embeddings"]["data_offsets"][0])
+    blocks.check(0, row0)  # everything but the embeddings
+    if verify or size <= EAGER_VERIFY_BYTES:
+        blocks.check_all()
+    items = _items(folder, meta)
+    n = int(meta["size"])
+    if t["embeddings"].shape != (n, int(meta["dim"])) or len(t["cell_offsets"]) != int(meta["num_cells"]) + 1 or \
+            len(t["item_offsets"]) != n + 1 or (n and int(t["item_offsets"][-1]) != len(items)):
+        raise ArtifactError(f"gallery index {folder} is inconsistent with its index.json; rebuild it")
+    identity = GalleryIdentity(str(meta["model_fingerprint"]), str(meta["cells_fingerprint"]), int(meta["num_cells"]))
+    return Gallery(t["embeddings"], t["lat"], t["lon"], t["cell"], ItemColumn(items, t["item_offsets"], 0),
+                   ItemColumn(items, t["item_offsets"], 1), identity, np.asarray(t["cell_offsets"], np.int64),
+                   (t["name_keys"], t["name_rows"]), (t["author_keys"], t["author_rows"]), float(meta["max_norm"]),
+                   _BlockRows(blocks, row0, 2 * int(meta["dim"])))
+
+
+def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
+    path = folder / "items.csv"
+    if not path.is_file():
+        raise ArtifactError(f"gallery index {folder} lacks items.csv; rebuild it")
+    if storage.sha256_file(path) != meta["items_sha256"]:
+        raise ArtifactError(f"gallery index {path} is damaged or was changed; rebuild the index")
+    return np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+
+
+def save_gallery(gallery: Gallery, folder: str | Path) -> None:
+    """Write a gallery (in memory or loaded) as an index folder, streamed in chunks."""
+    with GalleryWriter(folder, gallery.dim, gallery.identity) as w:
+        for s in range(0, len(gallery), CHUNK_ROWS):
+            e = min(len(gallery), s + CHUNK_ROWS)
+            w.add(gallery.rows_view(s, e), gallery.lat[s:e], gallery.lon[s:e], gallery.cell[s:e],
+                  list(gallery.names[s:e]), list(gallery.authors[s:e]))
+        w.finish()
+
+
+class GalleryWriter:
+    """Streams a gallery into an index folder without holding its embeddings in memory.
+
+    Each :meth:`add` appends a chunk, sorted by cell, to a staging folder inside ``folder``; :meth:`finish`
+    compacts the chunks into the cell-grouped layout (sequential copies of contiguous slices), writes
+    ``index.safetensors`` and ``items.csv`` atomically, then ``index.json``. Memory use is about 60 bytes
+    per photo (positions, cells, id hashes) plus one chunk.
+
+    Args:
+        folder: the index folder to write.
+        dim: embedding width D.
+        identity: the model and cell table of the gallery.
+    """
+
+    def __init__(self, folder: str | Path, dim: int, identity: GalleryIdentity) -> None:
+        self.folder = storage.ensure_dir(folder)
+        self.dim, self.identity = int(dim), identity
+        self._staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
+        self._emb = open(self._staging / "embeddings.bin", "wb")  # noqa: SIM115 - closed in finish/abort
+        self._items = open(self._staging / "items.bin", "wb")  # noqa: SIM115
+        self._cols: dict[str, list[np.ndarray]] = {k: [] for k in ("lat", "lon", "cell", "line_len", "name_key",
+                                                                   "author_key")}
+        self._max_norm = 0.0
+        self.size = 0
+
+    def add(self, embeddings: ArrayLike | torch.Tensor, lat: ArrayLike, lon: ArrayLike, cell: ArrayLike,
+            names: Sequence[str], authors: Sequence[str]) -> None:
+        """Append ``b`` photos: unit embeddings ``(b, D)``, positions and cells ``(b,)``, ids and authors."""
+        emb = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+        cell = np.asarray(cell, np.int64)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise InputError(f"gallery embeddings must be (b, {self.dim}), got {emb.shape}")
+        if not len(emb) == len(lat) == len(lon) == len(cell) == len(names) == len(authors):
+            raise InputError("gallery chunk arrays have different lengths")
+        if len(cell) and (cell.min() < -1 or cell.max() >= self.identity.num_cells):
+            raise InputError(f"gallery cells must lie in [-1, {self.identity.num_cells})")
+        order = np.argsort(cell, kind="stable")
+        emb16 = np.ascontiguousarray(emb[order], dtype=np.float16)
+        if len(cell):
+            norms = torch.linalg.vector_norm(torch.from_numpy(emb16), dim=1, dtype=torch.float32)
+            self._max_norm = max(self._max_norm, float(norms.max()))
+        self._emb.write(memoryview(emb16).cast("B"))
+        lines = [_csv_line(names[i], authors[i]) for i in order]
+        self._items.write(b"".join(lines))
+        c = self._cols
+        c["lat"].append(np.asarray(lat, np.float64)[order])
+        c["lon"].append(np.asarray(lon, np.float64)[order])
+        c["cell"].append(cell[order].astype(np.int32))
+        c["line_len"].append(np.array([len(x) for x in lines], np.int64))
+        c["name_key"].append(np.array([item_key(names[i]) for i in order], np.uint64))
+        c["author_key"].append(np.array([item_key(authors[i]) if authors[i] else 0 for i in order], np.uint64))
+        self.size += len(cell)
+
+    def _columns(self) -> dict[str, np.ndarray]:
+        dtypes = {"lat": np.float64, "lon": np.float64, "cell": np.int32}
+        return {k: np.concatenate(v) if v else np.zeros(0, dtypes.get(k, np.int64)) for k, v in self._cols.items()}
+
+    def finish(self) -> None:
+        """Compact the chunks and write the index folder."""
+        self._emb.close()
+        self._items.close()
+        col = self._columns()
+        perm = np.argsort(col["cell"], kind="stable")  # the chunks are sorted: perm is a few long runs
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(perm, np.flatnonzero(np.diff(perm) != 1) + 1)] \
+            if self.size else []
+        cell = col["cell"][perm]
+        akeys = col["author_key"][perm]
+        name_keys, name_rows = lookup_table(col["name_key"][perm])
+        author_keys, author_rows = lookup_table(akeys, akeys != 0)
+        small = {  # 8-byte types first, then int32, then the float16 embeddings: every tensor aligned
+            "lat": col["lat"][perm], "lon": col["lon"][perm],
+            "cell_offsets": np.searchsorted(cell, np.arange(self.identity.num_cells + 1)).astype(np.int64),
+            "item_offsets": len(_ITEMS_HEADER) + np.concatenate([[0], np.cumsum(col["line_len"][perm])]).astype(
+                np.int64),
+            "name_keys": name_keys, "name_rows": name_rows, "author_keys": author_keys, "author_rows": author_rows,
+            "cell": cell,
+        }
+        tensors = self._write_tensors(small, runs)
+        line_start = np.concatenate([[0], np.cumsum(col["line_len"])])
+        items_sha = self._write_items([(int(line_start[a]), int(line_start[b])) for a, b in runs])
+        meta = {"format": INDEX_FORMAT, "model_fingerprint": self.identity.model_fingerprint,
+                "cells_fingerprint": self.identity.cells_fingerprint, "num_cells": self.identity.num_cells,
+                "size": self.size, "dim": self.dim, "max_norm": _ceil6(self._max_norm or 1.0), "tensors": tensors,
+                "items_sha256": items_sha}
+        storage.write_json(self.folder / "index.json", storage.seal(meta))  # last: its presence marks a whole index
+        self.abort()
+
+    def _write_tensors(self, small: dict[str, np.ndarray], runs: list[tuple[int, int]]) -> dict[str, Any]:
+        """``index.safetensors``: the small tensors, then the embeddings copied run by run from staging."""
+        specs: dict[str, Any] = {}
+        pos = 0
+        for name, arr in small.items():
+            specs[name] = {"dtype": storage.safetensors_dtype(arr.dtype), "shape": list(arr.shape),
+                           "data_offsets": [pos, pos + arr.nbytes]}
+            pos += arr.nbytes
+        n, d = self.size, self.dim
+        specs["embeddings"] = {"dtype": "F16", "shape": [n, d], "data_offsets": [pos, pos + n * d * 2]}
+        specs["__metadata__"] = {"format": INDEX_FORMAT}
+        header = json.dumps(specs, separators=(",", ":")).encode("utf-8")
+        header += b" " * (-(8 + len(header)) % 64)
+        with storage.atomic_writer(self.folder / "index.safetensors") as raw:
+            out = storage.HashingWriter(raw, BLOCK_BYTES)
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            for arr in small.values():
+                out.write(arr)
+            src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, d)) if n else None
+            for a, b in runs:
+                for s in range(a, b, CHUNK_ROWS):
+                    out.write(np.asarray(src[s:min(b, s + CHUNK_ROWS)]))  # type: ignore[index]
+            del src
+        return {"bytes": out.size, "sha256": out.whole.hexdigest(), "block_bytes": BLOCK_BYTES,
+                "block_sha256": out.block_digests()}
+
+    def _write_items(self, byte_runs: list[tuple[int, int]]) -> str:
+        """``items.csv`` in row order; returns its sha256."""
+        with storage.atomic_writer(self.folder / "items.csv") as raw:
+            out = storage.HashingWriter(raw, BLOCK_BYTES)
+            out.write(_ITEMS_HEADER)
+            src = np.memmap(self._staging / "items.bin", np.uint8, mode="r") if byte_runs else None
+            for a, b in byte_runs:
+                out.write(np.asarray(src[a:b]))  # type: ignore[index]
+            del src
+        return out.whole.hexdigest()
+
+    def abort(self) -> None:
+        """Remove the staging files (after :meth:`finish`, or to give up)."""
+        for f in (self._emb, self._items):
+            f.close()
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    def __enter__(self) -> GalleryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()

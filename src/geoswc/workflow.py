@@ -1,0 +1,422 @@
+"""The pipeline steps, one typed function each: exactly what the ``geoswc`` commands run, callable from Python.
+
+Each function does the whole step (read and check its inputs, compute, write its artifact) and returns
+what it made; its parameters are the command's options (a dataclass parameter is a group of
+``--name.field`` flags). A one-line summary of the result goes to the ``geoswc.workflow`` logger, which
+the command prints on standard output.
+
+    >>> from geoswc import workflow
+    >>> workflow.cells(Path("coords.csv"), Path("work/cells.csv"), CellConfig(max_per_cell=1000))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import compat, distributed, storage
+from .backbone import BackboneSpec
+from .cells import CellTable, build_cells
+from .config import (
+    NO_SEARCH_CHANGES,
+    CellConfig,
+    HeadConfig,
+    Method,
+    ModelConfig,
+    SearchChanges,
+    SearchConfig,
+    TrainConfig,
+)
+from .data import Record, find_photos, load_records, read_coordinates, read_photo_csv
+from .errors import InputError, SettingError
+from .features import Extraction, Extractor, FeatureSet, extract_and_save, extract_features, extract_shard_features
+from .gallery import Gallery
+from .gallery_files import GalleryWriter, load_gallery
+from .model import GeoModel
+from .options import BackboneChoice, Photos, RunConfig
+from .prediction import OutputFormat, PredictionWriter, Result, output_format
+from .service.settings import NO_SERVICE_CHANGES, ServiceChanges
+
+log = logging.getLogger(__name__)
+
+MAX_VIEWS = 64
+"""Most views per photo a feature cache holds."""
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+
+
+def _geotagged(data: Photos) -> list[Record]:
+    """The photos of ``data`` with their positions: a CSV's rows, or a folder's GPS-EXIF photos."""
+    if data.files or data.shards or not (data.csv or data.images):
+        raise InputError("give geotagged photos: --data.csv FILE (image,lat,lon[,author]) with --data.images DIR, "
+                         "or --data.images DIR alone (photos with GPS EXIF)"
+                         + (", or --data.shards" if not data.shards else ""))
+    records, _ = load_records(data.csv, data.images)
+    if not records:
+        raise InputError(f"{data.csv or data.images} holds no usable photo")
+    return records
+
+
+def _extract(ex: Extractor, data: Photos, how: Extraction) -> FeatureSet:
+    """Features of ``data``'s photos: shards streamed, or a photo list."""
+    if data.shards:
+        return extract_shard_features(ex, data.shards, how)[0]
+    return extract_features(ex, _geotagged(data), how)[0]
+
+
+def _load_geolocator(model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig) -> Any:
+    from .api import Geolocator
+
+    device = "cpu" if run.device == "auto" and run.runtime == "onnx" else distributed.resolve_device(run.device)
+    return Geolocator.load(model, index, search=search, device=device, runtime=run.runtime)
+
+
+@contextmanager
+def _process_group(device: str) -> Iterator[distributed.DistContext]:
+    """Join the torchrun process group for the length of a step (a single process without torchrun)."""
+    ctx = distributed.init_distributed(device)
+    try:
+        yield ctx
+    finally:
+        distributed.shutdown()
+
+
+# -- the steps -----------------------------------------------------------------------------------------
+
+
+def cells(coords: Path, out: Path, cells: CellConfig = CellConfig()) -> CellTable:
+    """Build an adaptive S2 cell partition from coordinates.
+
+    Args:
+        coords: CSV with ``lat`` and ``lon`` columns (any case); bad rows are reported and skipped.
+        out: the cell table CSV to write (its thresholds go into a ``.json`` beside it).
+        cells: the partition's thresholds.
+    """
+    lat, lon, _ = read_coordinates(coords)
+    table = build_cells(lat, lon, cells, progress=True)
+    table.save(out)
+    log.info("%d cells from %d coordinates -> %s (fingerprint %s)", len(table), len(lat), out, table.fingerprint)
+    return table
+
+
+def features(out: Path, data: Photos = Photos(), backbone: BackboneChoice = BackboneChoice(),
+             model: Path | None = None, views: int = 1, seed: int = 0, run: RunConfig = RunConfig()
+             ) -> FeatureSet | None:
+    """Extract and cache backbone features of geotagged photos (under torchrun: split over the processes).
+
+    Args:
+        out: the feature cache folder to write.
+        data: the geotagged photos: a CSV and its image folder, a folder of GPS-EXIF photos, or shards.
+        backbone: the registry backbone to extract with.
+        model: extract with this model's (possibly fine-tuned) backbone instead.
+        views: views per photo: 1 plain + (views - 1) augmented.
+        seed: seed of the augmented views.
+        run: batch size, decoding processes, device and precision.
+
+    Returns:
+        The feature set (None on torchrun ranks other than 0).
+    """
+    if not 1 <= views <= MAX_VIEWS:
+        raise SettingError(f"views must be in 1..{MAX_VIEWS}, got {views}", None, "views")
+    storage.ensure_dir(out, create=False)
+    records = None if data.shards else _geotagged(data)
+    with _process_group(run.device) as ctx:
+        if model is not None:
+            m = GeoModel.load(model)
+            ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
+        else:
+            ex = Extractor.from_config(backbone.resolve())
+        ex.backbone.to(ctx.device)
+        how = Extraction(views, seed, run.batch_size, run.workers, run.precision)
+        fs, report = extract_and_save(out, ex, records=records, shards=data.shards, how=how)
+    if fs is not None:
+        log.info("features of %d photos (%d view(s), %d-d) -> %s%s", len(fs), fs.views, fs.features.shape[2], out,
+                 f"; {len(report.skipped)} skipped" if report.skipped else "")
+    return fs
+
+
+def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConfig(), heads: HeadConfig = HeadConfig(),
+          search: SearchConfig = SearchConfig(), data: Photos = Photos(), run: RunConfig = RunConfig(),
+          provenance: dict[str, Any] | None = None) -> GeoModel:
+    """Train the MvMF classifier and the retrieval module on cached features (and, with ``train.finetune``, the
+    backbone end to end on photos). Re-running a killed command resumes from its last checkpoint.
+
+    Args:
+        features: the feature cache (``geoswc features``).
+        cells: the cell table (``geoswc cells``).
+        out: the model folder to write (checkpoints go inside).
+        train: optimisation settings.
+        heads: the heads' sizes.
+        search: the search settings saved with the model (the defaults of ``locate`` and ``evaluate``).
+        data: the photos ``train.finetune`` trains on (a CSV and its folder, or shards).
+        run: decoding processes, device and precision of fine-tuning.
+        provenance: free-form record of how the model was built (a recipe and its data digests), saved in it.
+    """
+    storage.ensure_dir(out, create=False)
+    with _process_group(run.device) as ctx:
+        feats, table = FeatureSet.load(features), CellTable.load(cells)
+        config = ModelConfig(backbone=feats.backbone, heads=heads, train=train, search=search, cells=table.config,
+                             recipe=provenance or {})
+        model = GeoModel.create(config, table, with_backbone=train.finetune)
+        history = _fit(model, feats, data, Path(out), run)
+    if not ctx.is_main:
+        return model
+    fp = model.to("cpu").save(out)
+    losses = ", ".join(f"{k} {v[-1]:.3f}" for k, v in history.items() if v and k != "mvmf_val")
+    if history.get("mvmf_val"):
+        best = int(min(range(len(history["mvmf_val"])), key=history["mvmf_val"].__getitem__))
+        losses += f"; MvMF head of epoch {best}, held-out NLL {history['mvmf_val'][best]:.3f}"
+    log.info("model %s -> %s (%d cells; final losses %s)", fp, out, len(table), losses)
+    if train.finetune:
+        log.info("the backbone was fine-tuned: re-embed the gallery with `geoswc index --model %s --data.csv ...`",
+                 out)
+    return model
+
+
+def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunConfig) -> dict[str, list[float]]:
+    """The heads on the features, then (``finetune``) the whole model on the photos."""
+    from .finetune import finetune, finetune_shards
+    from .train import train_heads
+
+    cfg = model.config.train
+    if cfg.finetune and not data.given:
+        raise InputError("train.finetune trains on photos: give --data.csv and --data.images, or --data.shards")
+    history = train_heads(model, feats, cfg, checkpoint_dir=out / "checkpoint")
+    if cfg.finetune:
+        ckpt = out / "checkpoint-finetune"
+        history |= (finetune_shards(model, data.shards, cfg, ckpt, run) if data.shards
+                    else finetune(model, _geotagged(data), cfg, ckpt, run))
+    return history
+
+
+def index(model: Path, out: Path | None = None, features: Path | None = None, data: Photos = Photos(),
+          run: RunConfig = RunConfig()) -> Gallery:
+    """Embed a background gallery with a model and index it by the model's cells.
+
+    Args:
+        model: the model folder.
+        out: the index folder to write (default: ``MODEL/index``).
+        features: a feature cache made with the model's backbone (the gallery's photos); else ``data``.
+        data: geotagged photos to embed (a CSV and its folder, a GPS-EXIF folder, or shards).
+        run: batch size and decoding processes of the extraction.
+    """
+    m = GeoModel.load(model, with_backbone=features is None)
+    out = Path(out) if out is not None else Path(model) / "index"
+    storage.ensure_dir(out, create=False)
+    if features is not None:
+        fs = FeatureSet.load(features)
+        compat.check(m, features=fs, where=str(features))
+    elif not data.given:
+        raise InputError("give the gallery: --features (a feature cache made with the model's backbone), or photos "
+                         "to embed (--data.csv with --data.images, a GPS-EXIF folder --data.images, or --data.shards)")
+    else:
+        ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
+        fs = _extract(ex, data, Extraction(batch_size=run.batch_size, workers=run.workers))
+    step = 1 << 16  # embedded and written chunk by chunk: the gallery is never whole in memory
+    with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity) as w:
+        for s in range(0, len(fs), step):
+            lat, lon = fs.lat[s:s + step], fs.lon[s:s + step]
+            w.add(m.embed(fs.features[s:s + step, 0]), lat, lon, m.cells.assign(lat, lon), fs.names[s:s + step],
+                  fs.authors[s:s + step])
+        w.finish()
+    gallery = load_gallery(out)
+    compat.check(m, gallery=gallery, where=str(out))
+    held = int((gallery.cell_sizes() > 0).sum())
+    outside = int((gallery.cell < 0).sum())
+    log.info("gallery of %d photos -> %s; %d of %d cells hold photos%s", len(gallery), out, held,
+             len(m.cells), f", {outside} photos fall in no cell" if outside else "")
+    return gallery
+
+
+def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | None = None,
+             methods: Sequence[Method] = ("swc",), exclude_same_author: bool = False,
+             search: SearchChanges = NO_SEARCH_CHANGES, run: RunConfig = RunConfig()) -> dict[str, Any]:
+    """Evaluate on geotagged photos: accuracy at 1/25/200/750/2500 km and the median error, written as
+    ``metrics.json``, ``predictions.csv``, ``accuracy.png`` and ``run.json``.
+
+    Args:
+        data: the benchmark: a CSV (``image,lat,lon[,author]``) and its image folder (default: the CSV's).
+        out: the output folder.
+        model: the model folder (default: the embedded model).
+        index: the gallery index folder (default: ``MODEL/index``).
+        methods: ``swc``, ``classification``, ``retrieval``; the first is the ``metrics.json`` contract's.
+        exclude_same_author: never retrieve gallery photos by the query's author.
+        search: search settings to change from the model's, e.g. ``{k: 5}``.
+        run: batch size, decoding processes, device and backbone runtime.
+    """
+    from .evaluate import format_metrics, locate_records, write_evaluation
+
+    if data.csv is None or data.files or data.shards:
+        raise InputError("evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and "
+                         "--data.images DIR")
+    storage.ensure_dir(out, create=False)  # a bad output folder fails now, not after the inference
+    records, report = read_photo_csv(data.csv, data.images)
+    if not records:
+        raise InputError(f"no photo of {data.csv} can be evaluated: {report.summary()}")
+    geo = _load_geolocator(model, index, search, run)
+    results, decode = locate_records(geo, records, methods, exclude_same_author, run.batch_size, run.workers)
+    metrics = write_evaluation(out, geo, results, report.skipped + decode.skipped, {
+        "title": Path(data.csv).name, "csv": str(data.csv), "images": str(data.images) if data.images else None,
+        "exclude_same_author": exclude_same_author})
+    log.info("%s\n-> %s, predictions.csv, accuracy.png", format_metrics(metrics), Path(out) / "metrics.json")
+    return metrics
+
+
+@dataclass(frozen=True)
+class LocateSummary:
+    """How a batch went: photos located, and photos that could not be (each reported on the way)."""
+
+    located: int
+    failed: int
+
+    @property
+    def exit_status(self) -> int:
+        """The command's exit status: 1 when some photo failed."""
+        return 1 if self.failed else 0
+
+
+def locate(data: Photos = Photos(), model: Path | None = None, index: Path | None = None, method: Method = "swc",
+           search: SearchChanges = NO_SEARCH_CHANGES, output: Path | None = None, format: OutputFormat | None = None,
+           run: RunConfig = RunConfig()) -> LocateSummary:
+    """Estimate where photos were taken; a photo that cannot be read is reported and the rest are finished.
+
+    Args:
+        data: the photos: files or folders, a CSV naming them (with its image folder), or shards.
+        model: the model folder (default: the embedded model).
+        index: the gallery index folder (default: ``MODEL/index``).
+        method: ``swc`` (search within the chosen cell), ``classification`` or ``retrieval``.
+        search: search settings to change from the model's, e.g. ``{k: 5}``.
+        output: write the results to this file (atomically); default: standard output.
+        format: ``text``, ``jsonl``, ``csv`` or ``geojson`` (default: from the output's extension, else text).
+        run: batch size, decoding processes, device and backbone runtime.
+    """
+    fmt = output_format(output, format)
+    results, count = _results(data, _load_geolocator(model, index, search, run), method, run)
+    progress = output is not None or (fmt == "text" and (count is None or count > 8))
+    if output is None:
+        with PredictionWriter(sys.stdout, fmt) as w:
+            _write_results(results(progress), w)
+    else:
+        with storage.atomic_writer(output, "w") as f, PredictionWriter(f, fmt) as w:  # type: ignore[arg-type]
+            _write_results(results(progress), w)
+        log.info("%d photos located%s -> %s (%s)", w.located, f", {w.failed} failed" if w.failed else "", output, fmt)
+    if w.failed:
+        log.warning("%d of %d photos could not be located", w.failed, w.failed + w.located)
+    return LocateSummary(w.located, w.failed)
+
+
+def _results(data: Photos, geo: Any, method: Method, run: RunConfig) -> tuple[Any, int | None]:
+    """``(results(progress) -> iterator, photo count or None)`` of the photos ``data`` names."""
+    kw: dict[str, Any] = dict(method=method, batch_size=run.batch_size, num_workers=run.workers)
+    if data.shards:
+        return lambda progress: geo.locate_shards(data.shards, progress=progress, **kw), None
+    if data.csv:
+        records, _ = read_photo_csv(data.csv, data.images, positions=False)
+        if not records:
+            raise InputError(f"{data.csv} names no photo that exists")
+        return lambda progress: geo.locate_batch([r.path for r in records], names=[r.image for r in records],
+                                                 progress=progress, **kw), len(records)
+    given = data.files or ([data.images] if data.images else [])
+    if not given:
+        raise InputError("give photo files or folders, --data.csv FILE (with --data.images DIR) or --data.shards")
+    photos: list[Path] = []
+    for item in map(Path, given):
+        found = find_photos(item) if item.is_dir() else [item]
+        if not found:
+            raise InputError(f"no photos found in {item}; give image files or folders holding them")
+        photos += found
+    return lambda progress: geo.locate_batch(photos, progress=progress, **kw), len(photos)
+
+
+def _write_results(results: Iterator[Result], writer: PredictionWriter) -> None:
+    from .prediction import LocateFailure
+
+    for r in results:
+        if isinstance(r, LocateFailure):
+            log.warning("error: %s", r.error)
+            if writer.fmt == "text":  # a readable stream: the error was just reported
+                writer.failed += 1
+                continue
+        writer.write(r)
+
+
+def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool = True,
+           run: RunConfig = RunConfig()) -> list[Path]:
+    """Pack geotagged photos into WebDataset tar shards (each photo as stored, plus a ``.json`` of its position).
+
+    Args:
+        data: a CSV (``image,lat,lon[,author]``) and its image folder, or a folder of GPS-EXIF photos.
+        out: the folder for ``shard-%06d.tar`` and ``shards.json``.
+        samples_per_shard: photos per shard.
+        verify: decode every photo first and skip those that fail.
+        run: reading processes (``workers``).
+    """
+    from .shards import write_shards
+
+    if samples_per_shard < 1:
+        raise SettingError(f"samples_per_shard must be >= 1, got {samples_per_shard}", None, "samples_per_shard")
+    paths, report = write_shards(_geotagged(data), out, samples_per_shard, verify=verify, num_workers=run.workers,
+                                 source=str(data.csv or data.images))
+    log.info("%d photos in %d shards -> %s%s", report.kept, len(paths), out,
+             f"; {len(report.skipped)} skipped" if report.skipped else "")
+    return paths
+
+
+def backbones() -> list[BackboneSpec]:
+    """List the backbones: feature width, input size, and where their weights come from."""
+    from .backbone import REGISTRY
+
+    for _, spec in REGISTRY.items():
+        src = "offline (wheel)" if spec.offline else "downloaded on first use"
+        log.info("%-20s %5d-d  %d px  weights: %s", spec.name, spec.feature_dim, spec.image_size, src)
+    return list(REGISTRY.values())
+
+
+def serve(model: Path | None = None, index: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+          service: ServiceChanges = NO_SERVICE_CHANGES, run: RunConfig = RunConfig()) -> None:
+    """Run the web service (``POST /api/locate``, ``GET /api/health``, OpenAPI at ``/docs``) and its map page
+    at ``/``, until interrupted. Limits come from ``GEOSWC_*`` environment variables, then ``service``.
+
+    Args:
+        model: the model folder (default: the embedded model).
+        index: the gallery index folder (default: ``MODEL/index``).
+        host: interface to bind; keep localhost unless behind a proxy (set a token otherwise).
+        port: TCP port (0 picks a free one).
+        service: limits and options to change, e.g. ``{max_queue: 1}`` (see :class:`ServiceSettings`).
+        run: device and backbone runtime.
+    """
+    from .service.app import run_server
+    from .service.settings import ServiceSettings
+
+    if not 0 <= port <= 65535:
+        raise SettingError(f"port must be in 0..65535, got {port}", None, "port")
+    settings = ServiceSettings.from_env(**service)
+    geo = _load_geolocator(model, index, NO_SEARCH_CHANGES, run)
+    geo.limits = settings.image_limits
+    if not _is_loopback(host) and not settings.token:
+        log.warning("serving on %s without a token: anyone who can reach it can use it (set GEOSWC_TOKEN)", host)
+    log.info("serving model %s (gallery of %d photos) on http://%s:%d", geo.fingerprint,
+             len(geo.gallery) if geo.gallery is not None else 0, host, port)
+    run_server(geo, settings, host, port)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+COMMANDS = {"locate": locate, "cells": cells, "features": features, "train": train, "index": index,
+            "evaluate": evaluate, "shards": shards, "backbones": backbones, "serve": serve}
+"""The ``geoswc`` commands, in the order ``--help`` lists them."""

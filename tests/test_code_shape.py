@@ -1,0 +1,73 @@
+"""The package's shape, checked: short functions with few parameters, no private names used across modules,
+no printing outside the command line, and nothing run at import time."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "geoswc"
+MAX_LINES = 80
+MAX_PARAMS = 8
+WIDER = {("workflow.py", "train"): "the command's groups: 3 inputs, 3 settings saved with the model, the photos and "
+                                   "run options of fine-tuning, and the provenance recorded in the model"}
+"""Functions allowed one parameter more than MAX_PARAMS, and why."""
+
+
+def _sources() -> list[tuple[str, ast.Module]]:
+    return [(p.relative_to(SRC).as_posix(), ast.parse(p.read_text(encoding="utf-8")))
+            for p in sorted(SRC.rglob("*.py"))]
+
+
+def _functions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def _params(f: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = f.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs] + [x.arg for x in (a.vararg, a.kwarg) if x]
+    return len([n for n in names if n not in ("self", "cls")])
+
+
+def test_functions_are_short_and_take_few_parameters() -> None:
+    long, wide = [], []
+    for rel, tree in _sources():
+        for f in _functions(tree):
+            if f.end_lineno - f.lineno + 1 > MAX_LINES:  # type: ignore[operator]
+                long.append(f"{rel}:{f.lineno} {f.name}")
+            if _params(f) > MAX_PARAMS + ((rel, f.name) in WIDER):
+                wide.append(f"{rel}:{f.lineno} {f.name} ({_params(f)})")
+    assert not long, f"functions over {MAX_LINES} lines: {long}"
+    assert not wide, f"functions over {MAX_PARAMS} parameters (group them in a dataclass): {wide}"
+
+
+def _private_imports(tree: ast.Module) -> list[str]:
+    return [f"{node.module}.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and (node.level or (node.module or "").startswith("geoswc"))
+            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+
+
+@pytest.mark.parametrize("folder", ["src", "tests", "benchmarks", "scripts"])
+def test_no_private_name_is_imported_from_another_module(folder: str) -> None:
+    found = [f"{p.relative_to(ROOT)}: {name}" for p in sorted((ROOT / folder).rglob("*.py"))
+             for name in _private_imports(ast.parse(p.read_text(encoding="utf-8")))]
+    assert not found, found
+
+
+def test_only_the_command_line_prints() -> None:
+    prints = [f"{rel}:{n.lineno}" for rel, tree in _sources() if rel != "cli.py" for n in ast.walk(tree)
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
+    assert not prints, f"use logging outside geoswc/cli.py: {prints}"
+
+
+def test_importing_the_package_is_cheap_and_does_nothing() -> None:
+    """`import geoswc` loads no torch and writes nothing; the CLI module imports no heavy library either."""
+    code = ("import sys, geoswc, geoswc.cli, geoswc.config, geoswc.errors\n"
+            "heavy = [m for m in ('torch', 'numpy', 'jsonargparse', 'fastapi') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
