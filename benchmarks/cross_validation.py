@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
         "resize": feats.backbone.preprocess.resize, "views": feats.views,
         "train": dataclasses.asdict(train_args["train"]), "heads": dataclasses.asdict(train_args["heads"]),
         "search": dataclasses.asdict(train_args["search"]), "methods": rows, "seconds": round(time.time() - t0, 1),
-        "command": "python benchmarks/cross_validation.py " + " ".join(argv),
+        "command": shlex.join(["python", "benchmarks/cross_validation.py", *argv]),
     }
 
 

@@ -97,9 +97,7 @@ class Geolocator:
         if index_dir is None and (model_dir / "index" / "index.json").is_file():
             index_dir = model_dir / "index"
         gallery = load_gallery(index_dir) if index_dir is not None else None
-        if gallery is not None:
-            compat.check(model, gallery=gallery, where=str(index_dir))
-        else:
+        if gallery is None:
             log.warning("no gallery index: only the 'classification' method is available")
         if isinstance(search, dict):
             search = dataclasses.replace(model.config.search, **search)

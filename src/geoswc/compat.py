@@ -38,14 +38,14 @@ def check(model: GeoModel, *, gallery: Gallery | None = None, features: FeatureS
         model: the model in use.
         gallery: must have been embedded by ``model`` and grouped by its cells.
         features: must come from ``model``'s backbone (fine-tuned weights included) and have its width.
-        where: the artifact's path, for the message.
+        where: the artifact's path, for the message (default: the folder a gallery was loaded from).
 
     Raises:
         ModelMismatchError: naming both fingerprints and the command that rebuilds the artifact.
     """
     check_cells(model.config, model.cells)
-    at = f" in {where}" if where else ""
     if gallery is not None:
+        at = f" in {where or gallery.source}" if where or gallery.source else ""
         ident = gallery.identity
         if ident.model_fingerprint != model.fingerprint:
             raise ModelMismatchError(f"the gallery index{at} was built with model {ident.model_fingerprint}, but "
@@ -58,6 +58,7 @@ def check(model: GeoModel, *, gallery: Gallery | None = None, features: FeatureS
             raise ModelMismatchError(f"the gallery index{at} holds {gallery.dim}-d embeddings, the model makes "
                                      f"{model.config.backbone.feature_dim}-d ones; rebuild it with `geoswc index`")
     if features is not None:
+        at = f" in {where}" if where else ""
         if features.backbone_fingerprint != model.backbone_fingerprint:
             raise ModelMismatchError(f"the features{at} come from backbone {features.backbone_fingerprint}, the "
                                      f"model's is {model.backbone_fingerprint}; extract them with the model's "

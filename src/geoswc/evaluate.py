@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,6 @@ from .errors import InputError
 from .geo import THRESHOLDS_KM
 from .metrics import accuracy_at, errors_km, median_km
 from .prediction import Prediction
-
-log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ["image", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "cell", "confidence"]
 
@@ -172,7 +169,6 @@ def write_evaluation(out: str | Path, geolocator: Geolocator, results: Sequence[
         "skipped": [{"item": i, "reason": why} for i, why in skipped],
     })
     storage.write_json(out / "metrics.json", metrics)
-    log.info("%s", format_metrics(metrics))
     return metrics
 
 

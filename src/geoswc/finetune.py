@@ -177,7 +177,7 @@ def finetune_shards(model: GeoModel, shards: str | Path | Sequence[str | Path], 
     the shards are counted). Epoch ``e`` depends only on ``(seed, e)``, so a killed run resumes from its
     last per-epoch checkpoint.
     """
-    from .shards import ShardDataset, count_samples, resolve_shards
+    from .shards import ShardDataset, count_samples, resolve_shards, sample_positions
 
     urls = resolve_shards(shards)
     ctx = distributed.context()
@@ -200,7 +200,7 @@ def finetune_shards(model: GeoModel, shards: str | Path | Sequence[str | Path], 
         skipped.extend((m.image, str(e)) for _, m, e in b.bad)
         if b.images is None:
             return ft.loss(None, torch.zeros(0, 3), b.keys, b.keys)
-        xyz = torch.from_numpy(latlon_to_xyz(np.array([m.lat for m in b.metas]), np.array([m.lon for m in b.metas])))
+        xyz = torch.from_numpy(latlon_to_xyz(*sample_positions(b.metas)))
         author = torch.tensor([_author_hash(m.author) for m in b.metas], dtype=torch.long)
         two = 2 * torch.ones(len(b.metas), dtype=torch.long)  # (b, 2, 3, S, S) -> (2b, 3, S, S), views adjacent
         return ft.loss(b.images.flatten(0, 1), xyz.float().repeat_interleave(two, 0), b.keys.repeat_interleave(two),

@@ -92,6 +92,8 @@ class Gallery:
     author_lookup: tuple[NDArray[np.uint64], NDArray[np.int64]]
     max_norm: float = 1.0
     checker: RowChecker | None = field(default=None, repr=False)
+    source: str = ""
+    """The index folder it was loaded from ("" for one built in memory), for messages."""
 
     @classmethod
     def build(cls, embeddings: ArrayLike, lat: ArrayLike, lon: ArrayLike, cell: ArrayLike, names: Sequence[str],

@@ -149,7 +149,7 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
     return Gallery(t["embeddings"], t["lat"], t["lon"], t["cell"], ItemColumn(items, t["item_offsets"], 0),
                    ItemColumn(items, t["item_offsets"], 1), identity, np.asarray(t["cell_offsets"], np.int64),
                    (t["name_keys"], t["name_rows"]), (t["author_keys"], t["author_rows"]), float(meta["max_norm"]),
-                   _BlockRows(blocks, row0, 2 * int(meta["dim"])))
+                   _BlockRows(blocks, row0, 2 * int(meta["dim"])), str(folder))
 
 
 def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 from .geo import validate_latlon
-
-log = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image
 

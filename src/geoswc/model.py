@@ -11,7 +11,6 @@ it is read (cached while they do not change), so it is never stale after trainin
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from .config import ModelConfig, canonical_json, digest, from_dict, to_dict
 from .errors import ArtifactError, ModelMismatchError
 from .gallery import Gallery, GalleryIdentity
 from .heads import MvMFHead, ResidualRetrievalModule, kappa_from_spread
-
-log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "geoswc-model/1"
 _META_KEYS = ("fingerprint", "backbone_fingerprint", "files_sha256", "cells_sha256", "config")

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import threading
 from dataclasses import dataclass
 
 from .geo import haversine_km
-
-log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _geocoder = None

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import storage
+from . import distributed, storage
 from .config import Preprocess, digest
 from .data import DRAFT_HEADROOM, Item, LoadReport, Record, make_views, parse_coord
 from .errors import ImageError, InputError
@@ -398,7 +398,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         samples = (s for ordinal, url in wds.split_by_worker(shards) for s in iter_shard(url, ordinal, self.limits))
         if self.shuffle_buffer > 1:
             info = torch.utils.data.get_worker_info()
-            rng = self._rng(cycle, int(torch.distributed.is_initialized() and torch.distributed.get_rank()),
+            rng = self._rng(cycle, distributed.context().rank if self.split_ranks else 0,
                             info.id if info is not None else 0)
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         return samples

@@ -226,7 +226,7 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
                   fs.authors[s:s + step])
         w.finish()
     gallery = load_gallery(out)
-    compat.check(m, gallery=gallery, where=str(out))
+    compat.check(m, gallery=gallery)
     held = int((gallery.cell_sizes() > 0).sum())
     outside = int((gallery.cell < 0).sum())
     log.info("gallery of %d photos -> %s; %d of %d cells hold photos%s", len(gallery), out, held,
