@@ -87,8 +87,16 @@ def jpeg_bytes(size=(64, 48), color=(120, 160, 200), exif: bytes | None = None, 
     return buf.getvalue()
 
 
-def gps_exif(lat: float, lon: float) -> bytes:
+def gps_exif_raw(lat: tuple, lon: tuple, lat_ref: bytes = b"N", lon_ref: bytes = b"E") -> bytes:
+    """A raw EXIF block whose GPS IFD holds exactly these (possibly absurd) rationals ``((num, den), ...)``."""
     import piexif
+
+    return piexif.dump({"GPS": {piexif.GPSIFD.GPSLatitudeRef: lat_ref, piexif.GPSIFD.GPSLatitude: lat,
+                                piexif.GPSIFD.GPSLongitudeRef: lon_ref, piexif.GPSIFD.GPSLongitude: lon}})
+
+
+def gps_exif(lat: float, lon: float) -> bytes:
+    """A raw EXIF block holding the position ``(lat, lon)`` in degrees, minutes and milliseconds."""
 
     def dms(v: float):
         v = abs(v)
@@ -97,13 +105,14 @@ def gps_exif(lat: float, lon: float) -> bytes:
         s = round(((v - d) * 60 - m) * 60 * 1000)
         return ((d, 1), (m, 1), (s, 1000))
 
-    gps = {
-        piexif.GPSIFD.GPSLatitudeRef: b"N" if lat >= 0 else b"S",
-        piexif.GPSIFD.GPSLatitude: dms(lat),
-        piexif.GPSIFD.GPSLongitudeRef: b"E" if lon >= 0 else b"W",
-        piexif.GPSIFD.GPSLongitude: dms(lon),
-    }
-    return piexif.dump({"GPS": gps})
+    return gps_exif_raw(dms(lat), dms(lon), b"N" if lat >= 0 else b"S", b"E" if lon >= 0 else b"W")
+
+
+def kauai_jpeg(**kw) -> bytes:
+    """The example photo as a JPEG (quality 90); ``kw`` go to Pillow's save (``exif=``, ``progressive=``)."""
+    buf = io.BytesIO()
+    Image.open(KAUAI).convert("RGB").save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,15 @@ def rows():
 
 @pytest.mark.shared_data
 def test_csv_to_jsonl_and_csv_to_stdout(rows, tmp_path, capsys):
-    # an image-only list (positions unknown), with a row whose file does not exist
+    # an image-only list (positions unknown), with a row whose file does not exist: it fails the run (exit 1)
+    # like a photo that cannot be decoded, and the others are located
     listing = tmp_path / "photos.csv"
     listing.write_text("image\n" + "".join(r["image"] + "\n" for r in rows) + "nowhere.jpg\n")
     out = tmp_path / "pred.jsonl"
     assert main(["locate", "--data.csv", str(listing), "--data.images", str(DEV_IMAGES), "--output", str(out),
-                 "--run.workers", "1", "--run.batch_size", "2"]) == 0
-    assert f"3 photos located -> {out} (jsonl)" in capsys.readouterr().out
+                 "--run.workers", "1", "--run.batch_size", "2"]) == 1
+    captured = capsys.readouterr()
+    assert f"3 photos located, 1 failed -> {out} (jsonl)" in captured.out and "nowhere.jpg" in captured.err
     preds = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["image"] for p in preds] == [r["image"] for r in rows]
     for p in preds:

@@ -51,7 +51,7 @@ def test_round_trip_is_memory_mapped_and_grouped_by_cell(tmp_path):
         a, b = g.cell_range(c)
         assert (g.cell[a:b] == c).all() and b - a == g.cell_sizes()[c]
     save_gallery(g, tmp_path / "idx")
-    assert not list(tmp_path.glob("idx/.staging-*"))
+    assert not list(tmp_path.glob("idx/.staging.*"))
     h = load_gallery(tmp_path / "idx")
     assert h.identity == IDENTITY
     assert isinstance(h.embeddings, np.memmap)
@@ -76,7 +76,7 @@ def test_streamed_build_equals_one_shot_save(tmp_path):
         w.finish()
     for f in ("index.safetensors", "items.csv"):
         assert _sha(tmp_path / "one" / f) == _sha(tmp_path / "stream" / f), f
-    assert not list((tmp_path / "stream").glob(".staging-*"))
+    assert not list((tmp_path / "stream").glob(".staging.*"))
 
 
 def test_search_is_exact(tmp_path):

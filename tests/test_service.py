@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,7 +26,7 @@ from geoswc.geo import haversine_km
 from geoswc.places import Place
 from geoswc.prediction import CellProbability, ExifPosition, Neighbor, Prediction
 
-from .conftest import KAUAI, gps_exif
+from .conftest import KAUAI, gps_exif, kauai_jpeg
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -55,10 +56,6 @@ def encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def kauai_jpeg(**kw: Any) -> bytes:
-    return encode(_kauai(), "JPEG", quality=90, **kw)
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -360,7 +357,8 @@ def test_settings_from_env_and_flags() -> None:
         ServiceSettings(tiles="file:///etc/passwd")
 
 
-def test_serve_command_wiring(monkeypatch: pytest.MonkeyPatch, geo: Geolocator) -> None:
+def test_serve_command_wiring(monkeypatch: pytest.MonkeyPatch, geo: Geolocator,
+                              capsys: pytest.CaptureFixture[str]) -> None:
     import uvicorn
 
     from geoswc.cli import main
@@ -374,8 +372,11 @@ def test_serve_command_wiring(monkeypatch: pytest.MonkeyPatch, geo: Geolocator) 
     s = seen["app"].state.settings
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     assert (s.max_files, s.max_upload_bytes, s.max_concurrent, s.token) == (5, 2 * 2**20, 3, "env-token")
-    assert main(["serve"]) == 0  # the defaults: localhost, port 8000
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8000)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the defaults: localhost, port 8000
+        main(["serve", "--print_config"])
+    defaults = yaml.safe_load(capsys.readouterr().out)
+    assert (defaults["host"], defaults["port"], defaults["model"]) == ("127.0.0.1", 8000, None)
 
 
 def test_bearer_token(geo: Geolocator) -> None:

@@ -4,10 +4,11 @@ call :meth:`Geolocator.locate_batch` (or its shard twin), the one prediction pat
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import sparse
-from tqdm.auto import tqdm
 
 from . import compat
 from .config import METHODS, Method, SearchChanges, SearchConfig
@@ -29,6 +29,7 @@ from .model import GeoModel
 from .options import Runtime
 from .places import nearest_places
 from .prediction import CellProbability, LocateFailure, Neighbor, Prediction, Result
+from .progress import progress_bar
 from .swc import estimate_from_neighbors, neighborhood, select_cell
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,25 @@ def default_model_dir() -> Path:
     if env:
         return Path(env)
     return Path(str(resources.files("geoswc") / "assets" / "default"))
+
+
+def _read_file_object(source: Any, label: str, limits: ImageLimits) -> ImageSource | ImageError:
+    """A file object's bytes, at most ``limits.max_bytes`` (other sources as they are); one that cannot be
+    read becomes its error."""
+    if isinstance(source, Image.Image) or not hasattr(source, "read"):
+        return source
+    if isinstance(source, io.TextIOBase):
+        return ImageError(f"{label} is a text-mode file: open the photo with mode 'rb'", kind="unsupported")
+    try:
+        data = source.read(limits.max_bytes + 1)
+    except (OSError, ValueError) as e:  # a closed file, a socket gone away
+        return ImageError(f"{label} cannot be read ({e})", kind="unreadable")
+    if not isinstance(data, (bytes, bytearray)):
+        return ImageError(f"{label} is a text-mode file: open the photo with mode 'rb'", kind="unsupported")
+    if len(data) > limits.max_bytes:
+        return ImageError(f"{label} is larger than the limit of {limits.max_bytes / 2**20:.0f} MiB",
+                          kind="too_large")
+    return bytes(data)
 
 
 def _label(source: ImageSource, name: str | None) -> str:
@@ -93,14 +113,14 @@ class Geolocator:
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise ArtifactError(f"no geoswc model in {model_dir} (config.json missing)")
+        if isinstance(search, dict):  # settings checked before the weights are loaded
+            search = dataclasses.replace(GeoModel.read_config(model_dir).search, **search)
         model = GeoModel.load(model_dir, with_backbone=with_backbone, device=device)
         if index_dir is None and (model_dir / "index" / "index.json").is_file():
             index_dir = model_dir / "index"
         gallery = load_gallery(index_dir) if index_dir is not None else None
         if gallery is None:
             log.warning("no gallery index: only the 'classification' method is available")
-        if isinstance(search, dict):
-            search = dataclasses.replace(model.config.search, **search)
         geo = cls(model, gallery, search, device, limits)
         if with_backbone:
             geo.use_runtime(runtime)
@@ -235,12 +255,12 @@ class Geolocator:
         """
         self._require_backbone()
         ds = ImageDataset(sources, self.model.config.backbone.preprocess, limits=self.limits, names=names)
-        with tqdm(total=len(sources), desc="locate", unit="img", disable=not progress) as bar:
+        with progress_bar(total=len(sources), desc="locate", unit="img", show=progress) as bar:
             for b in loader(ds, batch_size, num_workers):
                 yield b, None if b.images is None else self.backbone_features(b.images)
                 bar.update(len(b.keys) + len(b.bad))
 
-    def locate_batch(self, sources: Sequence[ImageSource], *, names: Sequence[str] | None = None,
+    def locate_batch(self, sources: Iterable[ImageSource] | ImageSource, *, names: Sequence[str] | None = None,
                      method: Method = "swc", with_place: bool = True, batch_size: int = 16, num_workers: int = 0,
                      progress: bool = False) -> Iterator[Result]:
         """Locate many photos, in input order. A photo that cannot be decoded yields a
@@ -248,16 +268,19 @@ class Geolocator:
         with the estimate's distance to it.
 
         Args:
-            sources: paths, encoded bytes, file objects or PIL images.
+            sources: paths, encoded bytes, binary file objects or PIL images (any iterable of them, or one).
             names: ids of the photos (default: their paths); used in the output, in error messages and by the
                 leakage guard.
             with_place: add the nearest GeoNames place.
         """
+        if isinstance(sources, (str, os.PathLike, bytes, bytearray, Image.Image)) or hasattr(sources, "read"):
+            sources = [sources]  # one photo, not a sequence of characters or bytes
+        sources = list(sources)  # a generator is read once, here
         if names is not None and len(names) != len(sources):
             raise InputError("names must match sources one to one")
         labels = [_label(s, names[i] if names is not None else None) for i, s in enumerate(sources)]
         # File objects are read once, so decoding and the EXIF lookup both see the whole file.
-        sources = [s.read() if hasattr(s, "read") and not isinstance(s, Image.Image) else s for s in sources]
+        sources = [_read_file_object(s, label, self.limits) for s, label in zip(sources, labels, strict=True)]
         for b, feats in self.iter_features(sources, batch_size, num_workers, progress, labels):
             rows = b.keys.tolist()
             results: dict[int, Result] = {k: LocateFailure(labels[k], str(e), getattr(e, "kind", "corrupt"))
@@ -269,11 +292,11 @@ class Geolocator:
             yield from (results[i] for i in sorted(results))
 
     def _gps(self, source: ImageSource, name: str) -> tuple[float, float] | None:
-        if isinstance(source, Image.Image):
+        if isinstance(source, (Image.Image, ImageError)):
             return None
         try:
             return read_gps(source, self.limits, name)
-        except ImageError:
+        except Exception:  # noqa: BLE001 - the photo's own position is a courtesy: never worth failing it
             return None
 
     @staticmethod
@@ -296,15 +319,13 @@ class Geolocator:
         gallery). With ``num_workers > 1`` the shards are split across the workers and results come in the
         order the workers deliver them. Unreadable samples yield a :class:`LocateFailure` and the rest carry on.
         """
-        from .shards import ShardDataset, resolve_shards, shard_sizes
+        from .shards import ShardDataset, listed_total, resolve_shards
 
         self._require_backbone()
         urls = resolve_shards(shards)
-        sizes = shard_sizes(urls)
         ds = ShardDataset(urls, self.model.config.backbone.preprocess, limits=self.limits, read_exif=True,
                           split_ranks=False)
-        with tqdm(total=None if None in sizes else sum(n or 0 for n in sizes), desc="locate", unit="img",
-                  disable=not progress) as bar:
+        with progress_bar(total=listed_total(urls), desc="locate", unit="img", show=progress) as bar:
             for b in loader(ds, batch_size, num_workers):
                 yield from (LocateFailure(meta.image, str(err), getattr(err, "kind", "corrupt"))
                             for _, meta, err in b.bad)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import s2sphere
 from numpy.typing import ArrayLike, NDArray
-from tqdm.auto import tqdm
 
 from . import storage
 from .config import CellConfig, digest, from_dict, to_dict
 from .errors import ArtifactError, InputError
 from .geo import haversine_km, latlon_to_xyz, spherical_mean, validate_latlon, xyz_to_latlon
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def leaf_ids(lat: ArrayLike, lon: ArrayLike, progress: bool = False) -> NDArray[
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
     out = np.empty(len(lat), dtype=np.uint64)
     from_ll, from_deg = s2sphere.CellId.from_lat_lng, s2sphere.LatLng.from_degrees
-    it = tqdm(range(len(lat)), desc="S2 ids", unit="pt", disable=not progress, mininterval=1.0)
+    it = progress_bar(range(len(lat)), desc="S2 ids", unit="pt", show=progress, mininterval=1.0)
     for i in it:
         out[i] = from_ll(from_deg(lat[i], lon[i])).id()
     return out

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed, storage
-from .config import canonical_json, digest
-from .errors import ArtifactError
+from .config import TrainConfig, canonical_json, digest
+from .errors import ArtifactError, SettingError
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,10 @@ def run_phase(phase: Phase, ckpt: Checkpointer, seed: int, history: dict[str, li
         losses = _epoch(phase, epoch, np.random.default_rng(es), progress)
         # Each rank's loss is scaled so that their mean is the loss of the global batch.
         mean = distributed.all_reduce_mean(float(np.mean(losses))) if losses else float("nan")
+        if losses and not math.isfinite(mean):  # never save (or go on from) weights that hold NaN or inf
+            raise SettingError(f"training diverged: the {phase.name} loss of epoch {epoch + 1} is {mean}; lower "
+                               "the learning rate or the weight decay", TrainConfig,
+                               "finetune_lr" if phase.name == "finetune" else "lr")
         history.setdefault(phase.name, []).append(mean)
         log.info("%s epoch %d/%d: loss %.4f", phase.name, epoch + 1, phase.epochs, mean)
         if phase.end_of_epoch is not None:
@@ -176,9 +180,9 @@ def _epoch(phase: Phase, epoch: int, rng: np.random.Generator, progress: bool) -
     warmup = min(total // 10, 100)
     batches = phase.batches(rng)
     losses: list[float] = []
-    bar = tqdm(batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", unit="batch", leave=False,
-               total=len(batches) if hasattr(batches, "__len__") else phase.steps_per_epoch,
-               disable=not progress or not distributed.context().is_main)
+    bar = progress_bar(batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", unit="batch", leave=False,
+                       total=len(batches) if hasattr(batches, "__len__") else phase.steps_per_epoch,
+                       show=progress and distributed.context().is_main)
     for b_i, batch in enumerate(bar):
         for g, base in zip(phase.optimizer.param_groups, phase.base_lrs, strict=True):
             g["lr"] = cosine_lr(base, epoch * phase.steps_per_epoch + b_i, total, warmup)

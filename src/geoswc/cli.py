@@ -18,6 +18,7 @@ import re
 import sys
 import traceback
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -82,9 +83,15 @@ def call_arguments(parser: Any, namespace: Any, fn: Callable[..., Any], command:
 
 def flag_of(fn: Callable[..., Any], e: SettingError) -> str:
     """The flag of a setting a command refused: ``--group.field`` for a field of a dataclass group (or of a
-    mapping of its changes), ``--name`` for a plain parameter."""
+    mapping of its changes), ``--name`` for a plain parameter. A setting refused without its owner (a device
+    the machine lacks) is the parameter of that name, else the one group field of that name."""
     fields = {f.name for f in dataclasses.fields(e.owner)} if dataclasses.is_dataclass(e.owner) else set()
-    for name, tp in typing.get_type_hints(fn).items():
+    hints = typing.get_type_hints(fn)
+    if e.owner is None and e.field not in hints:
+        groups = [n for n, tp in hints.items() if dataclasses.is_dataclass(tp)
+                  and e.field in {f.name for f in dataclasses.fields(tp)}]
+        return f"--{groups[0]}.{e.field}" if len(groups) == 1 else f"--{e.field}"
+    for name, tp in hints.items():
         for t in (tp, *typing.get_args(tp)):
             if t is e.owner or (typing.is_typeddict(t) and e.field in t.__annotations__
                                 and set(t.__annotations__) <= fields):
@@ -133,10 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(parsers)
     try:
         cfg = parser.parse_args(argv)
-    except (ArgumentError, GeoswcError) as e:  # jsonargparse names a bad value's key 'Parser key "a.b"'
-        return _fail(command, re.sub(r'Parser key "([^"]+)":', r"--\1:", " ".join(str(e).split())))
+    except (ArgumentError, GeoswcError) as e:
+        return _fail(command, _as_flags(" ".join(str(e).split()), command))
     command = cfg.command
-    with _logging(cfg.verbose, command):
+    with _logging(cfg.verbose, command), warnings.catch_warnings():
+        if cfg.verbose == 0:  # libraries' warnings (Pillow's corrupt EXIF, ...): each bad photo is reported anyway
+            warnings.simplefilter("ignore")
         try:
             kwargs = call_arguments(parsers[command], cfg[command], COMMANDS[command], command)
             result = COMMANDS[command](**kwargs)
@@ -156,7 +165,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 3
 
 
+def _as_flags(message: str, command: str) -> str:
+    """A parser message with its keys written as flags: jsonargparse's 'Parser key "a.b":' and the
+    'arguments are required: CMD.a, CMD.b' list become ``--a.b`` and ``--a, --b``."""
+    message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
+    head, sep, names = message.partition("arguments are required: ")
+    if sep and command:
+        names = ", ".join("--" + n.strip().removeprefix(f"{command}.") for n in names.split(","))
+    return head + sep + names
+
+
 def _fail(command: str, message: str) -> int:
+    message = " ".join(message.split())  # one line, whatever a library put in its message
     print(f"geoswc{' ' + command if command else ''}: error: {message}", file=sys.stderr)
     return 2
 

@@ -10,7 +10,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, TypedDict, TypeVar
 
 from .errors import ArtifactError, SettingError
@@ -29,8 +29,27 @@ def check_field(obj: Any, name: str, ok: bool, rule: str) -> None:
         raise SettingError(f"{name} {rule}, got {getattr(obj, name)!r}", type(obj), name)
 
 
+def check_ints(obj: Any) -> None:
+    """Every whole-number field of ``obj`` fits in 64 bits, as NumPy, PyTorch and the files need."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, int) and not isinstance(v, bool):
+            check_field(obj, f.name, -(2**63) <= v < 2**63, "must fit in 64 bits")
+
+
 def _finite(v: float, low: float = 0.0, strict: bool = False) -> bool:
     return math.isfinite(v) and (v > low if strict else v >= low)
+
+
+def check_distance(obj: Any, name: str, strict: bool = False) -> None:
+    """Raise :class:`SettingError` unless ``obj``'s field ``name`` is a distance in km, ``>= 0`` (``> 0`` when
+    ``strict``) and at most half the Earth's circumference: no distance setting needs more."""
+    from .geo import HALF_EARTH_KM  # NumPy: loaded when a config is built, not when geoswc is imported
+
+    v = getattr(obj, name)
+    check_field(obj, name, _finite(v, strict=strict) and v <= HALF_EARTH_KM,
+                f"must be a number {'>' if strict else '>='} 0 and at most {HALF_EARTH_KM:.0f} km (half the Earth's "
+                "circumference)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,7 @@ class CellConfig:
     """Cells are never split below this S2 level (level 20 is about 10 m across)."""
 
     def __post_init__(self) -> None:
+        check_ints(self)
         check_field(self, "min_per_cell", self.min_per_cell >= 1, "must be >= 1")
         check_field(self, "max_per_cell", self.max_per_cell >= self.min_per_cell,
                f"must be >= min_per_cell ({self.min_per_cell})")
@@ -96,6 +116,7 @@ class HeadConfig:
     """Width of the RRM's inner layer; 0 means the feature width."""
 
     def __post_init__(self) -> None:
+        check_ints(self)
         check_field(self, "mvmf_hidden", self.mvmf_hidden >= 0, "must be >= 0")
         check_field(self, "rrm_hidden", self.rrm_hidden >= 0, "must be >= 0")
         check_field(self, "mvmf_dropout", 0 <= self.mvmf_dropout < 1, "must be in [0, 1)")
@@ -138,15 +159,17 @@ class TrainConfig:
     """Save a checkpoint every this many epochs (fine-tuning)."""
 
     def __post_init__(self) -> None:
+        check_ints(self)
         for name in ("epochs", "rrm_epochs", "finetune_epochs"):
             check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("batch_size", "checkpoint_every"):
             check_field(self, name, getattr(self, name) >= 1, "must be >= 1")
+        check_field(self, "batch_size", self.batch_size <= 2**20, "must be at most 2**20")
         check_field(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)")
         for name in ("lr", "finetune_lr", "temperature"):
             check_field(self, name, _finite(getattr(self, name), strict=True), "must be a positive number")
-        for name in ("weight_decay", "positive_km"):
-            check_field(self, name, _finite(getattr(self, name)), "must be a number >= 0")
+        check_field(self, "weight_decay", _finite(self.weight_decay), "must be a number >= 0")
+        check_distance(self, "positive_km")
         check_field(self, "seed", 0 <= self.seed < 2**63, "must be in 0..2**63-1")
 
 
@@ -173,18 +196,32 @@ class SearchConfig:
     search_km of the chosen cell's (its neighbours)."""
 
     def __post_init__(self) -> None:
-        check_field(self, "k", self.k >= 1, "must be >= 1")
-        check_field(self, "eps_km", _finite(self.eps_km, strict=True), "must be a number > 0")
-        check_field(self, "min_samples", self.min_samples >= 1, "must be >= 1")
+        check_ints(self)
+        check_field(self, "k", 1 <= self.k <= 10_000, "must be in 1..10000")
+        check_distance(self, "eps_km", strict=True)
+        check_field(self, "min_samples", 1 <= self.min_samples <= self.k,
+                    f"must be in 1..k ({self.k}): DBSCAN would call every neighbour noise")
         for name in ("r_km", "select_km", "search_km"):
-            check_field(self, name, _finite(getattr(self, name)), "must be a number >= 0")
-        check_field(self, "top_cells", self.top_cells >= 1, "must be >= 1")
+            check_distance(self, name)
+        check_field(self, "top_cells", 1 <= self.top_cells <= 10_000, "must be in 1..10000")
 
 
 SearchChanges = TypedDict("SearchChanges", typing.get_type_hints(SearchConfig), total=False)  # type: ignore[misc]
 """Some fields of :class:`SearchConfig` to change (``{"k": 5}``); the others keep a model's saved values."""
 NO_SEARCH_CHANGES: SearchChanges = {}
 """The default of a ``search`` parameter: keep the model's settings (never mutated)."""
+
+
+def check_search_changes(changes: SearchChanges) -> SearchChanges:
+    """``changes``, each value checked by :class:`SearchConfig`'s rules before any model is loaded (the rule
+    that ties two fields, ``min_samples <= k``, is checked when they meet a model's values).
+
+    Raises:
+        SettingError: naming the field.
+    """
+    for name, value in changes.items():
+        replace(SearchConfig(k=10_000) if name == "min_samples" else SearchConfig(), **{name: value})
+    return changes
 
 
 @dataclass(frozen=True)
@@ -239,23 +276,43 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
+    """``value`` read from JSON as type ``tp``, or an :class:`ArtifactError` naming ``where``: a saved config is
+    checked field by field, never trusted to hold the types it claims."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if is_dataclass(tp):
         return from_dict(tp, value)  # type: ignore[arg-type]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ArtifactError(f"{where}: expected a list, got {value!r}")
-        return tuple(float(v) for v in value)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if is_dataclass(arg) and isinstance(value, dict):
-                return from_dict(arg, value)  # type: ignore[arg-type]
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ArtifactError:
+                continue
+        raise ArtifactError(f"{where}: {value!r} is none of {tp}")
+    if origin is tuple:
+        if not (isinstance(value, list) and len(value) == len(args) and all(_is_number(v) for v in value)):
+            raise ArtifactError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    if origin is Literal:
+        if value not in args:
+            raise ArtifactError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ArtifactError(f"{where}: expected an object, got {value!r}")
+        return value
+    if tp is float:
+        if not _is_number(value):
+            raise ArtifactError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp):
+    if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ArtifactError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def canonical_json(data: Any) -> str:

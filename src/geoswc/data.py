@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -96,8 +97,9 @@ def parse_coord(text: str | None, name: str, bound: float) -> float:
     return v
 
 
-def _csv_table(path: Path) -> tuple[list[str], Iterator[list[str]]]:
-    """The lower-cased header and the rows of a UTF-8 CSV; a malformed file is an :class:`InputError`."""
+def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The lower-cased header and the ``(line, row)`` of a UTF-8 CSV, ``line`` the file line its record starts
+    on (a quoted field may span lines); a malformed file is an :class:`InputError`."""
     if not path.is_file():
         raise InputError(f"CSV file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
@@ -111,14 +113,17 @@ def _csv_table(path: Path) -> tuple[list[str], Iterator[list[str]]]:
                          "save it as UTF-8 and try again") from e
     reader = csv.reader(io.StringIO(text))
 
-    def rows() -> Iterator[list[str]]:
+    def rows() -> Iterator[tuple[int, list[str]]]:
         try:
-            yield from reader
+            start = reader.line_num + 1
+            for row in reader:
+                yield start, row
+                start = reader.line_num + 1
         except csv.Error as e:
             raise InputError(f"CSV {path} is malformed near line {reader.line_num}: {e}") from None
 
     it = rows()
-    return [h.strip().lower() for h in next(it, [])], it
+    return [h.strip().lower() for h in next(it, (1, []))[1]], it
 
 
 class _Columns:
@@ -145,7 +150,7 @@ def read_coordinates(path: str | Path) -> tuple[np.ndarray, np.ndarray, LoadRepo
         raise InputError(f"{path} needs 'lat' and 'lon' columns (any case); its header is {header}")
     report, cols = LoadReport(str(path)), _Columns(header)
     lat, lon = [], []
-    for n, row in enumerate(rows, start=2):
+    for n, row in rows:
         report.total += 1
         try:
             a, b = parse_coord(cols.get(row, "lat"), "lat", 90), parse_coord(cols.get(row, "lon"), "lon", 180)
@@ -191,7 +196,7 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
     report, cols = LoadReport(str(csv_path)), _Columns(header)
     records: list[Record] = []
     seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         report.total += 1
         image = (cols.get(row, "image") or "").strip()
         label = image if len(image) <= 200 else image[:200] + "…"
@@ -206,9 +211,9 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
         except ValueError as e:
             report.skip(f"{label} (line {line})", str(e))
             continue
-        problem = _image_problem(root / image) if check_images else ""
+        problem = _image_problem(root, image) if check_images else ""
         if problem:
-            report.skip(label, problem)
+            report.skip(f"{label} (line {line})", problem)
             continue
         seen.add(image)
         records.append(Record(image, root / image, lat, lon, (cols.get(row, "author") or "").strip()))
@@ -216,8 +221,11 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
     return records, report
 
 
-def _image_problem(path: Path) -> str:
-    """Why ``path`` is not a usable image file ("" when it is one)."""
+def _image_problem(root: Path, image: str) -> str:
+    """Why the image ``image`` of folder ``root`` is not a usable image file ("" when it is one)."""
+    if Path(image).is_absolute() or ".." in Path(image).parts:
+        return "outside the image folder (an absolute path, or '..'); name photos relative to the folder"
+    path = root / image
     try:
         return "" if path.is_file() else "image file not found" if not path.exists() else "not a regular file"
     except OSError as e:  # e.g. a name longer than the file system allows
@@ -289,9 +297,19 @@ def collate(items: Iterable[Item]) -> Batch:
                  [(k, m, e) for k, x, e, m in items if x is None])
 
 
+def worker_count(requested: int) -> int:
+    """``requested`` decoding processes, capped at the machine's CPU cores (with a warning)."""
+    cores = os.cpu_count() or 1
+    if requested > cores:
+        log.warning("%d decoding workers asked for, %d CPU cores here: using %d", requested, cores, cores)
+        return cores
+    return max(0, requested)
+
+
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0) -> Iterable[Batch]:
-    """A DataLoader of :class:`Batch` es (``num_workers`` decoding processes; 0: this one)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    """A DataLoader of :class:`Batch` es (``num_workers`` decoding processes, at most one per core; 0: this one)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=worker_count(num_workers),
+                                       collate_fn=collate)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -317,6 +335,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def _decode(self, i: int) -> Image.Image:
         src = self.paths[i]
         name = self.names[i] if self.names is not None else None
+        if isinstance(src, ImageError):  # a source that could not even be read: its error stands for it
+            raise src
         if isinstance(src, Image.Image):
             check_size(src, name or f"<image {i + 1}>", self.limits)  # no pixels, or a pixel bomb: ImageError
             try:
@@ -330,10 +350,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Item:
         try:
             img = self._decode(i)
+            x = make_views(img, self.pre, i, views=self.views, seed=self.seed, train_augment=self.train_augment,
+                           epoch=self.epoch)
         except ImageError as e:
             return i, None, e, None
-        return i, make_views(img, self.pre, i, views=self.views, seed=self.seed, train_augment=self.train_augment,
-                             epoch=self.epoch), None, None
+        except Exception as e:  # noqa: BLE001 - whatever one photo does, the batch goes on without it
+            name = self.names[i] if self.names is not None else f"<image {i + 1}>"
+            return i, None, ImageError(f"{name} cannot be processed ({type(e).__name__}: {e})", "corrupt"), None
+        return i, x, None, None
 
 
 def make_views(img: Image.Image, pre: Preprocess, index: int, *, views: int = 1, seed: int = 0,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from .errors import InputError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,27 @@ def launched_by_torchrun() -> bool:
 
 
 def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
-    """``device`` as given, else ``cuda:LOCAL_RANK`` when a GPU is present, else the CPU."""
-    if device is not None and str(device) != "auto":
+    """``device`` as given, else ``cuda:LOCAL_RANK`` when a GPU is present, else the CPU.
+
+    Raises:
+        SettingError: a device this machine does not have (no CUDA, or no GPU of that number).
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
         dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        return dev
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    except (RuntimeError, ValueError) as e:
+        raise SettingError(f"device {str(device)!r} is not a device ({e}); use auto, cpu or cuda[:N]", None,
+                           "device") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError(f"device {dev} is not available here (no CUDA GPU); use auto or cpu", None, "device")
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise SettingError(f"device {dev} is not available here ({torch.cuda.device_count()} GPUs)", None, "device")
+    if dev.type not in ("cpu", "cuda"):
+        raise SettingError(f"device {dev} is not supported; use auto, cpu or cuda[:N]", None, "device")
+    return dev
 
 
 def init_distributed(device: str | torch.device | None = None, timeout_s: float = 3600.0) -> DistContext:

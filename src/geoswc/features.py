@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed, storage
 from .backbone import backbone_fingerprint
@@ -27,6 +26,7 @@ from .config import BackboneConfig, from_dict, to_dict
 from .data import Batch, ImageDataset, LoadReport, Record, loader
 from .errors import ArtifactError, InputError
 from .images import DEFAULT_LIMITS, ImageLimits
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ def _run_backbone(ex: Extractor, batches: Iterator[Batch], how: Extraction, repo
     keys: list[torch.Tensor] = []
     chunks: list[torch.Tensor] = []
     metas: list[Any] = []
-    disable = not how.progress or not distributed.context().is_main
-    with tqdm(total=total, desc="features", unit="img", disable=disable) as bar:
+    show = how.progress and distributed.context().is_main
+    with progress_bar(total=total, desc="features", unit="img", show=show) as bar:
         for b in batches:
             for _, meta, err in b.bad:
                 report.skip(meta.image, str(err))
@@ -214,13 +214,6 @@ def extract_features(ex: Extractor, records: Sequence[Record], how: Extraction =
     return _feature_set(feats, metas, ex, how.seed), report
 
 
-def _shard_total(urls: Sequence[str]) -> int | None:
-    from .shards import shard_sizes
-
-    sizes = shard_sizes(urls)
-    return None if None in sizes else sum(n or 0 for n in sizes)
-
-
 def extract_shard_features(ex: Extractor, shards: str | Path | Sequence[str | Path],
                            how: Extraction = Extraction()) -> tuple[FeatureSet, LoadReport]:
     """:func:`extract_features` of the photos in WebDataset shards, streamed (never all in memory).
@@ -228,11 +221,11 @@ def extract_shard_features(ex: Extractor, shards: str | Path | Sequence[str | Pa
     The features come out in shard order; with shards written by ``geoswc shards`` they equal those of
     the source CSV's photos (augmented views included).
     """
-    from .shards import resolve_shards
+    from .shards import listed_total, resolve_shards
 
     urls = resolve_shards(shards)
     report = LoadReport("feature extraction (shards)")
-    _, feats, metas = _run_backbone(ex, _shard_batches(urls, ex, how), how, report, _shard_total(urls))
+    _, feats, metas = _run_backbone(ex, _shard_batches(urls, ex, how), how, report, listed_total(urls))
     report.total = len(metas) + len(report.skipped)
     report.log()
     if not metas:
@@ -280,7 +273,7 @@ def extract_and_save(out: str | Path, ex: Extractor, *, records: Sequence[Record
 def _extract_share(ex: Extractor, records: Sequence[Record] | None, shards: str | Path | Sequence[str | Path] | None,
                    how: Extraction) -> tuple[np.ndarray, torch.Tensor, list[Any], LoadReport]:
     """This rank's share of a torchrun extraction: every ``world_size``-th record, or shard."""
-    from .shards import resolve_shards, shard_sizes
+    from .shards import listed_total, resolve_shards
 
     ctx = distributed.context()
     if records is not None:
@@ -294,8 +287,7 @@ def _extract_share(ex: Extractor, records: Sequence[Record] | None, shards: str 
     if len(urls) < ctx.world_size:
         log.warning("%d shards for %d ranks: some ranks have nothing to do", len(urls), ctx.world_size)
     report = LoadReport(f"feature extraction (shards), rank {ctx.rank}")
-    sizes = shard_sizes(urls)[ctx.rank::ctx.world_size]  # the shards ShardDataset deals to this rank
-    total = None if None in sizes else sum(n or 0 for n in sizes)
+    total = listed_total(urls[ctx.rank::ctx.world_size])  # the shards split_by_node deals to this rank
     keys, feats, metas = _run_backbone(ex, _shard_batches(urls, ex, how), how, report, total)
     report.total = len(metas) + len(report.skipped)
     return keys, feats, metas, report

@@ -188,7 +188,8 @@ class GalleryWriter:
     def __init__(self, folder: str | Path, dim: int, identity: GalleryIdentity) -> None:
         self.folder = storage.ensure_dir(folder)
         self.dim, self.identity = int(dim), identity
-        self._staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
+        storage.remove_stale(self.folder, "staging")  # what a killed run left
+        self._staging = Path(tempfile.mkdtemp(prefix=storage.temp_prefix("staging"), dir=self.folder))
         self._emb = open(self._staging / "embeddings.bin", "wb")  # noqa: SIM115 - closed in finish/abort
         self._items = open(self._staging / "items.bin", "wb")  # noqa: SIM115
         self._cols: dict[str, list[np.ndarray]] = {k: [] for k in ("lat", "lon", "cell", "line_len", "name_key",

@@ -7,6 +7,8 @@ from numpy.typing import ArrayLike, NDArray
 
 EARTH_RADIUS_KM = 6371.0088
 """Mean Earth radius (IUGG), the convention of the geolocation literature."""
+HALF_EARTH_KM = float(np.pi * EARTH_RADIUS_KM)
+"""The farthest two places can be apart along the surface (about 20,015 km)."""
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
 """Standard accuracy thresholds: street, city, region, country, continent."""

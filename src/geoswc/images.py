@@ -229,6 +229,9 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS, draft_
             # exif_transpose may swap the sides, so ask for the short side on both axes.
             img.draft("RGB", (draft_size, draft_size))
         img.load()
+        if img.format == "JPEG" and grey_filled_tail(img):
+            raise ImageError(f"{name} is truncated: the bottom of its frame holds no image data (its header "
+                             "declares more rows than its data holds)", kind="corrupt")
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
     except ImageError:
@@ -239,6 +242,24 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS, draft_
         msg = str(e) or type(e).__name__
         hint = "truncated" if "truncated" in msg.lower() else "corrupt"
         raise ImageError(f"{name} is {hint}: {msg}", kind="corrupt") from e
+
+
+FILL_ROWS = 8
+"""Rows at the bottom of a decoded JPEG that must not all be the decoder's fill (one block row)."""
+
+
+def grey_filled_tail(img: Image.Image) -> bool:
+    """Whether a decoded JPEG ends in rows of libjpeg's fill, mid-grey 128 in every pixel and channel.
+
+    libjpeg decodes a frame whose data ends early (the header claims more rows than the scans hold, and an
+    end-of-image marker follows) without an error, filling the rows it has no data for with grey: a photo
+    of "almost uniform grey" that would otherwise be located as if it were one.
+    """
+    w, h = img.size
+    if img.mode not in ("L", "RGB") or h < 2 * FILL_ROWS:
+        return False
+    tail = np.asarray(img.crop((0, h - FILL_ROWS, w, h)))
+    return bool((tail == 128).all())
 
 
 def _rational(v: object) -> float:

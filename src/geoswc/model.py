@@ -178,6 +178,13 @@ class GeoModel(nn.Module):
         })
         return fp
 
+    @staticmethod
+    def read_config(folder: str | Path) -> ModelConfig:
+        """A model folder's config, read and checked field by field (its weights are not loaded or checked)."""
+        folder = Path(folder)
+        return _read_config(folder, storage.read_record(folder / "config.json", "model", MODEL_FORMAT, _META_KEYS,
+                                                        "rebuild it with `geoswc train`, or restore its config.json"))
+
     @classmethod
     def load(cls, folder: str | Path, with_backbone: bool = True, device: str | torch.device = "cpu") -> GeoModel:
         """Load a model folder, checking every file's digest and the fingerprint.
@@ -190,11 +197,16 @@ class GeoModel(nn.Module):
                                    "rebuild it with `geoswc train`, or restore its config.json")
         config = _read_config(folder, meta)
         cells = _read_cells(folder, meta, config)
-        backbone = _load_backbone(folder, config, meta["files_sha256"]) if with_backbone else None
-        try:
+        try:  # a config.json whose values do not fit together is a damaged model, not a bug
+            backbone = _load_backbone(folder, config, meta["files_sha256"]) if with_backbone else None
             model = cls(config, cells, backbone, config_json=meta["config"])
-        except ModelMismatchError as e:
+        except ArtifactError as e:
+            if not isinstance(e, ModelMismatchError):
+                raise
             raise ArtifactError(f"model {folder} is damaged or mixed: {e}; restore or rebuild it") from e
+        except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ArtifactError(f"model {folder} is damaged or mixed: {why}; restore or rebuild it") from e
         if config.backbone_finetuned and backbone is None:  # its weights file is checked, not loaded
             path = folder / "backbone.safetensors"
             if not path.is_file() or storage.sha256_file(path) != meta["files_sha256"]["backbone.safetensors"]:
@@ -208,9 +220,12 @@ class GeoModel(nn.Module):
             model.rrm.load_state_dict({k[4:]: v for k, v in heads.items() if k.startswith("rrm.")})
         except RuntimeError as e:
             raise ArtifactError(f"model heads in {folder} do not fit its config: {e}") from e
-        if model.backbone_fingerprint != meta["backbone_fingerprint"] or model.fingerprint != meta["fingerprint"]:
-            raise ArtifactError(f"model {folder} does not match its recorded fingerprint ({meta['fingerprint']} vs "
-                                f"{model.fingerprint}): the config or weights were changed; rebuild or restore it")
+        for field, computed in (("backbone_fingerprint", model.backbone_fingerprint),
+                                ("fingerprint", model.fingerprint)):
+            if computed != meta[field]:
+                raise ArtifactError(f"model {folder} does not match its recorded {field.replace('_', ' ')} "
+                                    f"({str(meta[field])[:40]} vs {computed}): the config or weights were changed; "
+                                    "rebuild or restore it")
         return model.to(device).eval()
 
 

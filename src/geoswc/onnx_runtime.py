@@ -135,7 +135,8 @@ def export_backbone(backbone: nn.Module, fingerprint: str, image_size: int, cach
     if any(p.device.type != "cpu" for p in backbone.parameters()):
         raise InputError("export the backbone from the CPU (the ONNX runtime runs there)")
     x = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=cache_dir)
+    storage.remove_stale(cache_dir, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=storage.temp_prefix(path.name), suffix=".tmp", dir=cache_dir)
     os.close(fd)
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)

@@ -4,17 +4,21 @@ flags of the ``geoswc`` command (their docstrings are the flags' help)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config import BackboneConfig, check_field
+from .config import BackboneConfig, check_field, check_ints
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Runtime = Literal["torch", "onnx"]
-MAX_WORKERS_PER_CORE = 4
-"""``workers`` beyond this many per CPU core is refused (each worker is a decoding process)."""
+MAX_WORKERS = 1024
+"""More ``workers`` than this is refused; more than the machine's cores is capped (see :func:`geoswc.data.loader`)."""
+
+
+def names_remote(location: str) -> bool:
+    """Whether ``location`` is a URL or a ``pipe:`` command rather than a local path: geoswc opens neither."""
+    return "://" in location or location.startswith("pipe:")
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,10 @@ class Photos:
         given = [name for name, v in (("files", self.files), ("csv", self.csv), ("shards", self.shards)) if v]
         check_field(self, "shards", len(given) <= 1, f"goes alone: give one of files, csv or shards, not {given}")
         check_field(self, "images", not (self.images and (self.files or self.shards)),
-               "goes with a CSV, or alone (a folder of GPS-EXIF photos)")
+                    "goes with a CSV, or alone (a folder of GPS-EXIF photos)")
+        check_field(self, "shards", not (self.shards and names_remote(self.shards)),
+                    "must be local files: geoswc never runs commands or downloads shards; copy them to a local "
+                    "folder first")
 
     @property
     def given(self) -> bool:
@@ -60,10 +67,9 @@ class RunConfig:
     CPU; needs ``pip install 'geoswc[fast]'``)."""
 
     def __post_init__(self) -> None:
+        check_ints(self)
         check_field(self, "batch_size", 1 <= self.batch_size <= 65536, "must be in 1..65536")
-        cores = os.cpu_count() or 1
-        check_field(self, "workers", 0 <= self.workers <= MAX_WORKERS_PER_CORE * cores,
-               f"must be in 0..{MAX_WORKERS_PER_CORE * cores} ({MAX_WORKERS_PER_CORE} per CPU core)")
+        check_field(self, "workers", 0 <= self.workers <= MAX_WORKERS, f"must be in 0..{MAX_WORKERS}")
         check_field(self, "device", self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "must be auto, cpu, cuda or cuda:N")
 

@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed, storage
 from .config import Preprocess, digest
-from .data import DRAFT_HEADROOM, Item, LoadReport, Record, make_views, parse_coord
+from .data import DRAFT_HEADROOM, Item, LoadReport, Record, make_views, parse_coord, worker_count
 from .errors import ImageError, InputError
 from .images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, load_image, open_image, read_gps
+from .options import names_remote
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     if not isinstance(spec, (str, Path)):
         return [s for one in spec for s in resolve_shards(one)]
     text = str(spec)
-    if "://" in text or text.startswith("pipe:"):
+    if names_remote(text):
         raise InputError(f"shards must be local files, not {text[:80]!r}: geoswc never runs commands or "
                          "downloads shards; copy them to a local folder first")
     path = Path(text)
@@ -120,6 +121,12 @@ def shard_sizes(shards: Sequence[str]) -> list[int | None]:
     for folder in {str(Path(s).parent) for s in shards}:
         known |= _index_of(Path(folder))
     return [known.get(s) for s in shards]
+
+
+def listed_total(shards: Sequence[str]) -> int | None:
+    """The samples of these shards by their ``shards.json`` (None when one is not listed): a progress total."""
+    sizes = shard_sizes(shards)
+    return None if None in sizes else sum(n or 0 for n in sizes)
 
 
 def count_samples(shards: Sequence[str]) -> int:
@@ -183,16 +190,16 @@ def write_shards(records: Sequence[Record], out: str | Path, samples_per_shard: 
         raise InputError(f"samples per shard must be >= 1, got {samples_per_shard}")
     if not records:
         raise InputError("no photos to write into shards")
-    out = storage.ensure_dir(out)
+    out = storage.claim_folder(out, "shard set")
     existing = sorted(out.glob("shard-*.tar"))
     if existing:
         raise InputError(f"{out} already holds shards ({existing[0].name}, ...); write into an empty folder")
     report = LoadReport(f"{source or 'photos'} -> {out}", total=len(records))
     loader = torch.utils.data.DataLoader(_EncodedImages(records, verify, limits), batch_size=None,
-                                         num_workers=num_workers, collate_fn=_identity)
+                                         num_workers=worker_count(num_workers), collate_fn=_identity)
 
     def good() -> Iterator[dict[str, Any]]:
-        for i, data, ext, err in tqdm(loader, total=len(records), desc="shards", unit="img", disable=not progress):
+        for i, data, ext, err in progress_bar(loader, total=len(records), desc="shards", unit="img", show=progress):
             r = records[i]
             if data is None:
                 report.skip(r.image, str(err))
@@ -266,58 +273,114 @@ class SampleError:
     order: int
 
 
-def _to_sample(group: dict[str, bytes], key: str, shard: str, order: int) -> ShardSample | SampleError:
-    label = f"{shard}#{key}"
-    if "json" not in group:
-        return SampleError(label, "no .json member (lat, lon, author)", order)
-    images = [e for e in group if e in _EXTS]
-    if len(images) != 1:
-        return SampleError(label, "no image member" if not images else f"several image members {images}", order)
-    try:
-        meta = json.loads(group["json"].decode("utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-        lat = parse_coord(None if meta.get("lat") is None else str(meta["lat"]), "lat", 90.0)
-        lon = parse_coord(None if meta.get("lon") is None else str(meta["lon"]), "lon", 180.0)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        return SampleError(label, f"bad .json: {str(e)[:200] or type(e).__name__}", order)
-    ext = images[0]
-    image = str(meta.get("image") or f"{key}.{ext}")
-    return ShardSample(image, lat, lon, str(meta.get("author") or ""), group[ext], ext, key, shard, order)
+@dataclass
+class _Group:
+    """The members of one sample as they are read: the ``.json`` and one image (bounded by the size limits),
+    the other image extensions seen, and why the sample cannot be used (a member above its limit)."""
+
+    key: str
+    data: dict[str, bytes] = field(default_factory=dict)
+    problem: str | None = None
+
+    def add(self, tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, limits: ImageLimits) -> None:
+        """Read member ``m`` if it is within its limit and the sample needs it (the declared size is checked
+        before a byte is read; a second image is only noted: the sample is refused for it anyway)."""
+        limit = _MAX_JSON_BYTES if ext == "json" else limits.max_bytes
+        if m.issparse():
+            self.problem = self.problem or f"member {m.name} is a sparse file (its map could expand it): refused"
+            return
+        if m.size > limit:
+            self.problem = self.problem or f"member {m.name} declares {m.size} bytes, above the limit of {limit}"
+            return
+        if ext in _EXTS and any(e in _EXTS for e in self.data):
+            self.data[ext] = b""
+            return
+        f = tf.extractfile(m)
+        data = f.read() if f is not None else b""
+        if len(data) != m.size:
+            raise tarfile.ReadError(f"member {m.name} is cut short ({len(data)} of {m.size} bytes)")
+        self.data[ext] = data
+
+    def sample(self, shard: str, order: int) -> ShardSample | SampleError:
+        """The sample these members make, or why they make none."""
+        label = f"{shard}#{self.key}"
+        if self.problem:
+            return SampleError(label, self.problem, order)
+        group = self.data
+        if "json" not in group:
+            return SampleError(label, "no .json member (lat, lon, author)", order)
+        images = [e for e in group if e in _EXTS]
+        if len(images) != 1:
+            return SampleError(label, "no image member" if not images else f"several image members {images}",
+                               order)
+        try:
+            meta = json.loads(group["json"].decode("utf-8"))  # bounded: 1 MiB; nesting ends in RecursionError
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            lat = parse_coord(None if meta.get("lat") is None else str(meta["lat"]), "lat", 90.0)
+            lon = parse_coord(None if meta.get("lon") is None else str(meta["lon"]), "lon", 180.0)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return SampleError(label, f"bad .json: {str(e)[:200] or type(e).__name__}", order)
+        ext = images[0]
+        image = str(meta.get("image") or f"{self.key}.{ext}")
+        return ShardSample(image, lat, lon, str(meta.get("author") or "")[:1000], group[ext], ext, self.key, shard,
+                           order)
 
 
-def _members(tf: tarfile.TarFile, limits: ImageLimits) -> Iterator[tuple[str, str, bytes]]:
-    """``(key, extension, bytes)`` of a tar stream's regular members, each checked against the size limits
-    before it is read (a member's declared size is never trusted blindly)."""
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+_MAX_HEADER_BYTES = 1 << 16
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Tar headers whose extended records (long names, PAX headers) are refused above 64 KiB before Python's
+    tarfile reads them whole into memory."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        f = tarfile_.fileobj
+        start = f.tell()
+        head = cls.frombuf(f.read(tarfile.BLOCKSIZE), tarfile_.encoding, tarfile_.errors)
+        if head.type in _EXTENDED_HEADERS and head.size > _MAX_HEADER_BYTES:
+            raise tarfile.ReadError(f"an extended tar header declares {head.size} bytes, above the limit of "
+                                    f"{_MAX_HEADER_BYTES}")
+        f.seek(start)
+        return super().fromtarfile(tarfile_)
+
+
+def _members(tf: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """``(key, extension, member)`` of a tar's regular members that a sample uses (``.json`` and images);
+    nothing is read here."""
     for m in tf:
         parts = _KEY_EXT.match(m.name)
         if parts is None or not m.isreg():
             continue
-        key, ext = parts.group(1), parts.group(2).lower()
-        limit = _MAX_JSON_BYTES if ext == "json" else limits.max_bytes
-        if m.issparse() or m.size > limit:
-            raise ValueError(f"member {m.name} declares {m.size} bytes, above the limit of {limit}")
-        f = tf.extractfile(m)
-        yield key, ext, f.read() if f is not None else b""
+        ext = parts.group(2).lower()
+        if ext == "json" or ext in _EXTS:
+            yield parts.group(1), ext, m
 
 
 def iter_shard(url: str, ordinal: int, limits: ImageLimits = DEFAULT_LIMITS) -> Iterator[ShardSample | SampleError]:
-    """The samples of one local shard, streaming; a damaged shard ends with a :class:`SampleError`."""
+    """The samples of one local shard, member by member: a sample with a member above the size limits is
+    reported and skipped before it is read; a damaged shard ends with a :class:`SampleError`."""
     pos = 0
-    key: str | None = None
-    group: dict[str, bytes] = {}
+    group: _Group | None = None
     try:
-        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-            for member_key, ext, data in _members(tf, limits):
-                if member_key != key:
-                    if key is not None:
-                        yield _to_sample(group, key, url, ordinal << 32 | pos)
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:", tarinfo=_BoundedTarInfo) as tf:
+            for key, ext, m in _members(tf):
+                if group is None or key != group.key:
+                    if group is not None:
+                        yield group.sample(url, ordinal << 32 | pos)
                         pos += 1
-                    key, group = member_key, {}
-                group[ext] = data
-        if key is not None:
-            yield _to_sample(group, key, url, ordinal << 32 | pos)
+                    group = _Group(key)
+                group.add(tf, m, ext, limits)
+        if group is not None:
+            yield group.sample(url, ordinal << 32 | pos)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        last = group.sample(url, ordinal << 32 | pos) if group is not None else None
+        if isinstance(last, ShardSample) or (group is not None and group.problem):  # complete, or refused: say why
+            yield last
+            pos += 1
         yield SampleError(url, f"shard unreadable or truncated after {pos} samples: {e}", ordinal << 32 | 0xFFFFFFFF)
 
 
@@ -423,6 +486,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                            train_augment=self.train_augment, epoch=self.epoch)
         except ImageError as e:
             return s.order, None, e, meta
+        except Exception as e:  # noqa: BLE001 - whatever one sample does, the stream goes on without it
+            return s.order, None, ImageError(f"{label} cannot be processed ({type(e).__name__}: {e})"), meta
         if self.read_exif:
             try:
                 meta = SampleMeta(s.image, s.lat, s.lon, s.author, read_gps(s.data, self.limits, label))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -20,14 +22,46 @@ from safetensors.torch import load_file, save
 from .errors import ArtifactError, InputError
 
 
+def temp_prefix(name: str) -> str:
+    """The start of the names of this process's temporary files or folders for ``name``; they carry the process
+    id, so that :func:`remove_stale` can tell a killed run's leftovers from a running one's."""
+    return f".{name}.{os.getpid()}."
+
+
+def remove_stale(folder: Path, name: str) -> None:
+    """Remove the temporary files and folders for ``name`` in ``folder`` that processes no longer running left."""
+    for p in folder.glob(f".{glob.escape(name)}.*"):
+        pid = p.name[len(name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``. A ``path`` that is a
+    symbolic link keeps the link: the file it points to is replaced. Temp files that killed runs left beside
+    ``path`` are removed."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a directory; give a file name")
     ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
@@ -57,6 +91,46 @@ def ensure_dir(folder: str | Path, create: bool = True) -> Path:
     return folder
 
 
+ARTIFACT_RECORDS: dict[str, tuple[str, str]] = {
+    "model": ("config.json", "geoswc-model/"),
+    "gallery index": ("index.json", "geoswc-index/"),
+    "feature cache": ("features.json", "geoswc-features/"),
+    "shard set": ("shards.json", "wids-shard-index"),
+    "evaluation": ("run.json", ""),
+}
+"""Each kind of artifact folder: its record file and the start of the format that record names."""
+
+
+def artifact_kind(folder: str | Path) -> str | None:
+    """The kind of geoswc artifact ``folder`` holds (None: none, or not one geoswc made)."""
+    for kind, (name, fmt) in ARTIFACT_RECORDS.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if isinstance(meta, dict) and (str(meta.get("format") or meta.get("__kind__") or "").startswith(fmt)
+                                       if fmt else "methods" in meta and "model" in meta):
+            return kind
+    return None
+
+
+def claim_folder(folder: str | Path, kind: str) -> Path:
+    """Check ``folder`` before a command writes an artifact of ``kind`` into it: a folder (or a file in the way)
+    holding another kind of geoswc artifact is refused, naming both, so that no command overwrites another's.
+
+    Raises:
+        InputError: ``folder`` is a file, or holds another kind of artifact.
+    """
+    folder = ensure_dir(folder, create=False)
+    other = artifact_kind(folder)
+    if other is not None and other != kind:
+        raise InputError(f"{folder} holds a geoswc {other}; write the {kind} into another folder")
+    return folder
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -83,8 +157,8 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
         raise ArtifactError(f"{what} not found: {path} is missing")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{what} {path} is unreadable or not JSON ({e}); rebuild it") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
+        raise ArtifactError(f"{what} {path} is unreadable or not JSON ({str(e)[:200]}); rebuild it") from e
     if not isinstance(data, dict):
         raise ArtifactError(f"{what} {path} is not a JSON object; rebuild it")
     return data

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from .config import (
     SearchChanges,
     SearchConfig,
     TrainConfig,
+    check_search_changes,
 )
 from .data import Record, find_photos, load_records, read_coordinates, read_photo_csv
 from .errors import InputError, SettingError
@@ -98,11 +99,23 @@ def cells(coords: Path, out: Path, cells: CellConfig = CellConfig()) -> CellTabl
         out: the cell table CSV to write (its thresholds go into a ``.json`` beside it).
         cells: the partition's thresholds.
     """
+    _claim_cell_table(Path(out))
     lat, lon, _ = read_coordinates(coords)
     table = build_cells(lat, lon, cells, progress=True)
     table.save(out)
     log.info("%d cells from %d coordinates -> %s (fingerprint %s)", len(table), len(lat), out, table.fingerprint)
     return table
+
+
+def _claim_cell_table(out: Path) -> None:
+    """A cell table is a ``.csv`` (its thresholds go in the ``.json`` beside it), never inside a model folder."""
+    if out.is_dir():
+        raise InputError(f"cannot write the cell table {out}: it is a directory; give a file name")
+    if out.suffix.lower() != ".csv":
+        raise InputError(f"name the cell table {out} with .csv (its thresholds go into {out.with_suffix('.json')})")
+    kind = storage.artifact_kind(out.parent)
+    if kind is not None:
+        raise InputError(f"{out.parent} holds a geoswc {kind}; write the cell table elsewhere")
 
 
 def features(out: Path, data: Photos = Photos(), backbone: BackboneChoice = BackboneChoice(),
@@ -124,7 +137,9 @@ def features(out: Path, data: Photos = Photos(), backbone: BackboneChoice = Back
     """
     if not 1 <= views <= MAX_VIEWS:
         raise SettingError(f"views must be in 1..{MAX_VIEWS}, got {views}", None, "views")
-    storage.ensure_dir(out, create=False)
+    if not 0 <= seed < 2**63:
+        raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
+    storage.claim_folder(out, "feature cache")
     records = None if data.shards else _geotagged(data)
     with _process_group(run.device) as ctx:
         if model is not None:
@@ -158,7 +173,7 @@ def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConf
         run: decoding processes, device and precision of fine-tuning.
         provenance: free-form record of how the model was built (a recipe and its data digests), saved in it.
     """
-    storage.ensure_dir(out, create=False)
+    storage.claim_folder(out, "model")
     with _process_group(run.device) as ctx:
         feats, table = FeatureSet.load(features), CellTable.load(cells)
         config = ModelConfig(backbone=feats.backbone, heads=heads, train=train, search=search, cells=table.config,
@@ -208,7 +223,7 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
     """
     m = GeoModel.load(model, with_backbone=features is None)
     out = Path(out) if out is not None else Path(model) / "index"
-    storage.ensure_dir(out, create=False)
+    storage.claim_folder(out, "gallery index")
     if features is not None:
         fs = FeatureSet.load(features)
         compat.check(m, features=fs, where=str(features))
@@ -252,10 +267,11 @@ def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | N
     """
     from .evaluate import format_metrics, locate_records, write_evaluation
 
+    check_search_changes(search)
     if data.csv is None or data.files or data.shards:
         raise InputError("evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and "
                          "--data.images DIR")
-    storage.ensure_dir(out, create=False)  # a bad output folder fails now, not after the inference
+    storage.claim_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
     records, report = read_photo_csv(data.csv, data.images)
     if not records:
         raise InputError(f"no photo of {data.csv} can be evaluated: {report.summary()}")
@@ -296,32 +312,44 @@ def locate(data: Photos = Photos(), model: Path | None = None, index: Path | Non
         format: ``text``, ``jsonl``, ``csv`` or ``geojson`` (default: from the output's extension, else text).
         run: batch size, decoding processes, device and backbone runtime.
     """
+    check_search_changes(search)
     fmt = output_format(output, format)
-    results, count = _results(data, _load_geolocator(model, index, search, run), method, run)
-    progress = output is not None or (fmt == "text" and (count is None or count > 8))
+    source = _photo_source(data, _load_geolocator(model, index, search, run), method, run)
+    progress = output is not None or (fmt == "text" and (source.count is None or source.count > 8))
     if output is None:
         with PredictionWriter(sys.stdout, fmt) as w:
-            _write_results(results(progress), w)
+            _write_results(source.results(progress), w)
     else:
-        with storage.atomic_writer(output, "w") as f, PredictionWriter(f, fmt) as w:  # type: ignore[arg-type]
-            _write_results(results(progress), w)
-        log.info("%d photos located%s -> %s (%s)", w.located, f", {w.failed} failed" if w.failed else "", output, fmt)
-    if w.failed:
-        log.warning("%d of %d photos could not be located", w.failed, w.failed + w.located)
-    return LocateSummary(w.located, w.failed)
+        w = _write_output(source.results(progress), Path(output), fmt)
+    failed = w.failed + source.skipped  # rows of a list that name no usable photo fail too
+    if output is not None and w.located:
+        log.info("%d photos located%s -> %s (%s)", w.located, f", {failed} failed" if failed else "", output, fmt)
+    elif failed:
+        log.warning("%d of %d photos could not be located", failed, failed + w.located)
+    return LocateSummary(w.located, failed)
 
 
-def _results(data: Photos, geo: Any, method: Method, run: RunConfig) -> tuple[Any, int | None]:
-    """``(results(progress) -> iterator, photo count or None)`` of the photos ``data`` names."""
+@dataclass(frozen=True)
+class _PhotoSource:
+    """The photos a ``locate`` reads: their results (with or without a progress bar), how many there are
+    (None: not known ahead, shards), and how many rows of a list were skipped before locating."""
+
+    results: Callable[[bool], Iterator[Result]]
+    count: int | None
+    skipped: int = 0
+
+
+def _photo_source(data: Photos, geo: Any, method: Method, run: RunConfig) -> _PhotoSource:
     kw: dict[str, Any] = dict(method=method, batch_size=run.batch_size, num_workers=run.workers)
     if data.shards:
-        return lambda progress: geo.locate_shards(data.shards, progress=progress, **kw), None
+        return _PhotoSource(lambda progress: geo.locate_shards(data.shards, progress=progress, **kw), None)
     if data.csv:
-        records, _ = read_photo_csv(data.csv, data.images, positions=False)
+        records, report = read_photo_csv(data.csv, data.images, positions=False)
         if not records:
-            raise InputError(f"{data.csv} names no photo that exists")
-        return lambda progress: geo.locate_batch([r.path for r in records], names=[r.image for r in records],
-                                                 progress=progress, **kw), len(records)
+            raise InputError(f"{data.csv} names no photo that can be located: {report.summary()}")
+        return _PhotoSource(lambda progress: geo.locate_batch([r.path for r in records], progress=progress,
+                                                              names=[r.image for r in records], **kw),
+                            len(records), len(report.skipped))
     given = data.files or ([data.images] if data.images else [])
     if not given:
         raise InputError("give photo files or folders, --data.csv FILE (with --data.images DIR) or --data.shards")
@@ -331,7 +359,23 @@ def _results(data: Photos, geo: Any, method: Method, run: RunConfig) -> tuple[An
         if not found:
             raise InputError(f"no photos found in {item}; give image files or folders holding them")
         photos += found
-    return lambda progress: geo.locate_batch(photos, progress=progress, **kw), len(photos)
+    return _PhotoSource(lambda progress: geo.locate_batch(photos, progress=progress, **kw), len(photos))
+
+
+class _NothingLocated(Exception):
+    """Abandons an output file that would hold no prediction, keeping the file that was there."""
+
+
+def _write_output(results: Iterator[Result], output: Path, fmt: OutputFormat) -> PredictionWriter:
+    """Stream the results into ``output`` atomically; a run that locates nothing leaves an earlier file as it was."""
+    try:
+        with storage.atomic_writer(output, "w") as f, PredictionWriter(f, fmt) as w:  # type: ignore[arg-type]
+            _write_results(results, w)
+            if not w.located and output.exists():
+                raise _NothingLocated
+    except _NothingLocated:
+        log.warning("no photo was located: %s was left as it was", output)
+    return w
 
 
 def _write_results(results: Iterator[Result], writer: PredictionWriter) -> None:
@@ -359,8 +403,10 @@ def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool 
     """
     from .shards import write_shards
 
-    if samples_per_shard < 1:
-        raise SettingError(f"samples_per_shard must be >= 1, got {samples_per_shard}", None, "samples_per_shard")
+    if not 1 <= samples_per_shard <= 2**31:
+        raise SettingError(f"samples_per_shard must be in 1..2**31, got {samples_per_shard}", None,
+                           "samples_per_shard")
+    storage.claim_folder(out, "shard set")  # a bad output folder fails now, before the photos are read
     paths, report = write_shards(_geotagged(data), out, samples_per_shard, verify=verify, num_workers=run.workers,
                                  source=str(data.csv or data.images))
     log.info("%d photos in %d shards -> %s%s", report.kept, len(paths), out,
@@ -397,6 +443,7 @@ def serve(model: Path | None = None, index: Path | None = None, host: str = "127
     if not 0 <= port <= 65535:
         raise SettingError(f"port must be in 0..65535, got {port}", None, "port")
     settings = ServiceSettings.from_env(**service)
+    _check_bindable(host, port)  # before loading the model: a busy port is one line, at once
     geo = _load_geolocator(model, index, NO_SEARCH_CHANGES, run)
     geo.limits = settings.image_limits
     if not _is_loopback(host) and not settings.token:
@@ -404,6 +451,20 @@ def serve(model: Path | None = None, index: Path | None = None, host: str = "127
     log.info("serving model %s (gallery of %d photos) on http://%s:%d", geo.fingerprint,
              len(geo.gallery) if geo.gallery is not None else 0, host, port)
     run_server(geo, settings, host, port)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a host this machine cannot listen on, or a port something else holds."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:  # socket.gaierror included
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host or --port, "
+                         "or stop what uses it") from None
 
 
 def _is_loopback(host: str) -> bool:

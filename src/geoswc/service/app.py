@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -115,6 +116,24 @@ def _csp(settings: ServiceSettings) -> str:
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
+def _check_request_pixels(uploads: list[Upload], settings: ServiceSettings) -> None:
+    """Refuse (413) a request whose photos together hold more pixels than it may decode; a photo whose header
+    does not open counts for nothing here (it fails on its own later)."""
+    from ..errors import ImageError
+    from ..images import open_image
+
+    total = 0
+    for u in uploads:
+        try:
+            w, h = open_image(u.data, settings.image_limits, u.name).size
+        except ImageError:
+            continue
+        total += w * h
+    if total > settings.max_request_pixels:
+        raise ServiceError(413, "too_large", f"the request's photos hold {total / 1e6:.0f} MP together, above the "
+                           f"limit of {settings.max_request_pixels / 1e6:.0f} MP; send fewer or smaller photos")
+
+
 async def _locate_request(request: Request, geolocator: Geolocator, settings: ServiceSettings,
                           method: Method) -> list[dict[str, Any]]:
     """Admit, read the uploads, wait for an inference slot, locate; a lone failure is the answer itself."""
@@ -123,6 +142,7 @@ async def _locate_request(request: Request, geolocator: Geolocator, settings: Se
     gate = _gate(request.app)
     async with gate.admit():
         uploads = await UploadReader(settings).read(request)
+        _check_request_pixels(uploads, settings)
         async with gate.slot():
             try:
                 results = await run_in_threadpool(locate_uploads, geolocator, uploads, method)
@@ -184,6 +204,15 @@ def _page(app: FastAPI, settings: ServiceSettings) -> None:
                                       max_files=s.max_files, max_concurrent=s.max_concurrent,
                                       max_queue=s.max_queue).model_dump()}
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """The interactive API docs, served from the package (no CDN: they work offline)."""
+        vendor = "/static/vendor/swagger-ui"
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="geoswc API",
+                                   swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{vendor}/swagger-ui.css",
+                                   swagger_favicon_url=f"{vendor}/favicon-32x32.png")
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
@@ -212,7 +241,7 @@ def create_app(geolocator: Geolocator, settings: ServiceSettings | None = None) 
             await run_in_threadpool(_warmup, geolocator)
         yield
 
-    app = FastAPI(title="geoswc", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="geoswc", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Where on Earth was this photo taken? Search-within-Cell image geolocation.")
     app.state.settings = settings
     app.state.geolocator = geolocator

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
-from ..config import check_field
+from ..config import check_field, check_ints
 from ..errors import InputError
 from ..images import ImageLimits
 
@@ -23,6 +23,8 @@ _PART_OVERHEAD = 64 * 1024
 """Room per part for multipart headers and boundaries, for the whole-body limit."""
 MAX_OTHER_BYTES = 64 * 1024
 """Bytes of non-file form fields accepted per request."""
+_DAY_S = 86_400
+"""The longest time setting accepted: a day."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,14 @@ class ServiceSettings:
     """Further requests admitted to upload and wait for a slot; beyond, 503 with Retry-After."""
     queue_timeout_s: float = 30.0
     """Longest wait for an inference slot before answering 503."""
+    upload_timeout_s: float = 120.0
+    """Longest time a request's upload may take; longer gets 408 (and its admission is given back)."""
+    upload_idle_s: float = 5.0
+    """Longest pause between two chunks of an upload, and the grace before ``upload_min_kbs`` applies."""
+    upload_min_kbs: float = 32.0
+    """Slowest average upload rate (KiB/s) accepted after ``upload_idle_s``: a trickling client gets 408."""
+    max_request_pixels: int = 400_000_000
+    """Pixels of all the photos of one request together (what decoding them costs in memory); more gets 413."""
     token: str | None = None
     """When set, ``/api/*`` requires ``Authorization: Bearer <token>`` (prefer $GEOSWC_TOKEN: a flag is
     visible to other users in the process list)."""
@@ -53,13 +63,17 @@ class ServiceSettings:
     """Locate a dummy image at start-up (loads the place index, caches), so the first request is fast."""
 
     def __post_init__(self) -> None:
-        check_field(self, "max_upload_mb", math.isfinite(self.max_upload_mb) and self.max_upload_bytes >= 1,
-                    "must be a positive number")
+        check_ints(self)
+        check_field(self, "max_upload_mb", math.isfinite(self.max_upload_mb) and 1 <= self.max_upload_bytes <= 2**40,
+                    "must be a positive number of MiB, at most 2**20 (1 TiB)")
         for name in ("max_pixels", "max_files", "max_concurrent"):
             check_field(self, name, int(getattr(self, name)) >= 1, "must be at least 1")
         check_field(self, "max_queue", self.max_queue >= 0, "must be >= 0")
-        check_field(self, "queue_timeout_s", math.isfinite(self.queue_timeout_s) and self.queue_timeout_s > 0,
-                    "must be a number > 0")
+        for name in ("queue_timeout_s", "upload_timeout_s", "upload_idle_s"):
+            check_field(self, name, 0 < getattr(self, name) <= _DAY_S, f"must be a number of seconds in (0, {_DAY_S}]")
+        check_field(self, "upload_min_kbs", 0 <= self.upload_min_kbs <= 2**20, "must be a number of KiB/s in 0..2**20")
+        check_field(self, "max_request_pixels", self.max_request_pixels >= self.max_pixels,
+                    f"must be at least max_pixels ({self.max_pixels})")
         check_field(self, "tiles", self.tiles is None or urlsplit(self.tiles).scheme in ("http", "https"),
                     "must start with http:// or https://")
 
@@ -101,6 +115,10 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "GEOSWC_MAX_CONCURRENT": ("max_concurrent", int),
     "GEOSWC_MAX_QUEUE": ("max_queue", int),
     "GEOSWC_QUEUE_TIMEOUT": ("queue_timeout_s", float),
+    "GEOSWC_UPLOAD_TIMEOUT": ("upload_timeout_s", float),
+    "GEOSWC_UPLOAD_IDLE": ("upload_idle_s", float),
+    "GEOSWC_UPLOAD_MIN_KBS": ("upload_min_kbs", float),
+    "GEOSWC_MAX_REQUEST_PIXELS": ("max_request_pixels", int),
     "GEOSWC_TOKEN": ("token", str),
     "GEOSWC_TILES": ("tiles", str),
     "GEOSWC_TILES_ATTRIBUTION": ("tiles_attribution", str),

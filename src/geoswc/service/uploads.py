@@ -3,7 +3,9 @@ soon as the stream crosses it, never buffered whole. A client's file name is a l
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
@@ -14,7 +16,14 @@ from .gate import ServiceError
 from .settings import MAX_OTHER_BYTES, MiB, ServiceSettings
 
 UPLOAD_FIELD = "files"
+
 _MAX_OTHER_FIELDS = 32
+
+
+def _too_slow(s: ServiceSettings, what: str) -> ServiceError:
+    return ServiceError(408, "timeout", f"the upload was too slow ({what}); uploads must keep up "
+                        f"{s.upload_min_kbs:g} KiB/s, pause at most {s.upload_idle_s:g} s and end within "
+                        f"{s.upload_timeout_s:g} s")
 
 
 @dataclass
@@ -102,6 +111,27 @@ class UploadReader:
             self.files[-1].data = bytes(self._buf)
             self._buf = None
 
+    async def _timed(self, request: Request) -> AsyncIterator[bytes]:
+        """The request body's chunks, or a 408 for a client that pauses longer than ``upload_idle_s``, uploads
+        slower than ``upload_min_kbs`` once ``upload_idle_s`` have passed, or takes over ``upload_timeout_s``:
+        a trickling client gives its admission back instead of holding it."""
+        loop, s = asyncio.get_running_loop(), self.s
+        start, total = loop.time(), 0
+        chunks = request.stream().__aiter__()
+        while True:
+            left = s.upload_timeout_s - (loop.time() - start)
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, min(s.upload_idle_s, left)))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                raise _too_slow(s, "paused" if left > s.upload_idle_s else "took too long") from None
+            total += len(chunk)
+            elapsed = loop.time() - start
+            if elapsed > s.upload_idle_s and total < s.upload_min_kbs * 1024 * elapsed:
+                raise _too_slow(s, f"sent {total} bytes in {elapsed:.0f} s")
+            yield chunk
+
     async def read(self, request: Request) -> list[Upload]:
         ctype, params = parse_options_header(request.headers.get("content-type", ""))
         if ctype != b"multipart/form-data":
@@ -119,7 +149,7 @@ class UploadReader:
         parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
         total = 0
         try:
-            async for chunk in request.stream():
+            async for chunk in self._timed(request):
                 total += len(chunk)
                 if total > self.s.max_body_bytes:
                     raise ServiceError(413, "too_large", "the request body is above the limit of "

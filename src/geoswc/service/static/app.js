@@ -349,7 +349,7 @@
     if (p.fallback) {
       row(dl, 'evidence', 'the cell holds no gallery photo: its centroid is the estimate');
     } else if (p.neighbors.length) {
-      var agree = p.neighbors.filter(function (n) { return n.cluster === p.cluster; }).length;
+      var agree = p.neighbors.filter(function (n) { return n.cluster === p.cluster && n.cluster >= 0; }).length;  // noise agrees with nothing
       row(dl, 'evidence', agree + ' of ' + p.neighbors.length + ' retrieved photos agree (best similarity ' +
         p.neighbors[0].similarity.toFixed(2) + ')');
     }
