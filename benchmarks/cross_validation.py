@@ -43,7 +43,7 @@ from geoswc.metrics import accuracy_at, errors_km, median_km
 from geoswc.model import GeoModel
 from geoswc.options import Photos
 from geoswc.recipes import Recipe
-from geoswc.swc import neighborhood, select_cell
+from geoswc.swc import select_cell
 from geoswc.train import train_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def cell_prior(cells: CellTable, select_km: float) -> int:
     """The cell a pixel-blind guesser picks: the most populous one, or the one with the most photos within
     ``select_km`` (the same rule SwC applies to the classifier's probabilities)."""
     share = cells.count / cells.count.sum()
-    return select_cell(share, neighborhood(cells.xyz, select_km) if select_km > 0 else None)
+    return select_cell(share, cells.xyz, select_km)
 
 
 def label(changes: SearchChanges) -> str:

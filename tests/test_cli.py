@@ -119,6 +119,19 @@ def test_a_bug_gives_one_line_and_status_3(monkeypatch, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_running_out_of_memory_is_named_not_called_a_bug(monkeypatch, capsys):
+    import geoswc.backbone
+
+    class Huge(dict):
+        def items(self):
+            raise MemoryError("Unable to allocate 12.8 GiB for an array with shape (1000000, 3400)")
+
+    monkeypatch.setattr(geoswc.backbone, "REGISTRY", Huge())
+    assert main(["backbones"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("geoswc backbones: error: out of memory (Unable to allocate 12.8 GiB") and "\n" not in err
+
+
 def test_the_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "geoswc", "--version"], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"})

@@ -471,14 +471,16 @@ def test_no_command_writes_into_another_kind_of_artifact(kind: str, artifacts: d
 def test_locate_csv_rows_that_name_no_photo_fail_the_run(artifacts: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     listing = tmp_path / "list.csv"
-    listing.write_text(f"image\na.jpg\n\nmissing.jpg\n../photos/b.jpg\n{artifacts['photos'] / 'b.jpg'}\n")
+    rows = ["a.jpg", "", '"two\nlines.jpg"', "missing.jpg", "../photos/b.jpg", str(artifacts["photos"] / "b.jpg")]
+    listing.write_text("image\n" + "\n".join(rows) + "\n")
     out = tmp_path / "pred.jsonl"
     rc, stdout, err = run_cli(["locate", "--data.csv", listing, "--data.images", artifacts["photos"], "--output", out],
                               capsys)
     assert rc == 1, err
-    assert "1 photos located, 4 failed" in stdout
-    assert "missing.jpg (line 4): image file not found" in err
-    assert "../photos/b.jpg (line 5): outside the image folder" in err and "(line 6): outside" in err
+    assert "1 photos located, 5 failed" in stdout
+    assert "line 3: empty image name" in err and "lines.jpg (line 4): image file not found" in err
+    assert "missing.jpg (line 6): image file not found" in err  # the file's line: the quoted name spans two
+    assert "../photos/b.jpg (line 7): outside the image folder" in err and "(line 8): outside" in err
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ["a.jpg"]
 
 

@@ -39,6 +39,10 @@ def test_round_trip_records_and_bytes(dev_records, tmp_path):
     assert not list((tmp_path / "s").glob(".*.tmp"))  # temp files renamed away
     with tarfile.open(paths[0]) as tf:  # standard WebDataset naming: KEY.ext, one .json per sample
         assert tf.getnames()[:2] == ["000000000.jpg", "000000000.json"]
+        members = tf.getmembers()
+    assert not any(m.pax_headers for m in members)  # one 512-byte header per member, nothing more
+    data_blocks = sum(512 + -(-m.size // 512) * 512 for m in members)
+    assert data_blocks + 1024 <= paths[0].stat().st_size < data_blocks + 1024 + tarfile.RECORDSIZE
     back = list(iter_samples(tmp_path / "s"))
     assert [(s.image, s.lat, s.lon, s.author) for s in back] == [(r.image, r.lat, r.lon, r.author) for r in records]
     assert all(s.data == r.path.read_bytes() for s, r in zip(back, records, strict=True))

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geoswc.geo import haversine_km, latlon_to_xyz
 from geoswc.swc import cluster_positions, estimate_from_neighbors, largest_cluster, prediction_density
@@ -63,14 +65,34 @@ def test_prediction_density():
     assert prediction_density(probs, cells, 3, 0.0) == pytest.approx(0.1)
 
 
-def test_neighborhood_matrix_and_cell_selection():
-    from geoswc.swc import neighborhood, select_cell
+def test_cell_selection_and_neighbourhoods():
+    from geoswc.swc import cells_within, select_cell
 
     cells = latlon_to_xyz([48.85, 48.95, 52.52, -33.86], [2.35, 2.35, 13.40, 151.2])
     probs = np.array([0.3, 0.3, 0.05, 0.35])
-    hood = neighborhood(cells, 25.0)
-    assert hood.shape == (4, 4) and hood.diagonal().tolist() == [1, 1, 1, 1]
-    for c in range(4):
-        assert hood[c].dot(probs)[0] == pytest.approx(prediction_density(probs, cells, c, 25.0))
+    assert cells_within(cells, 0, 25.0).tolist() == [0, 1] and cells_within(cells, 3, 0.0).tolist() == [3]
+    assert cells_within(cells, 2, 1000.0).tolist() == [0, 1, 2]
     assert select_cell(probs) == 3  # the most probable cell: Sydney
-    assert select_cell(probs, hood) in (0, 1)  # but 60 % of the mass is around Paris
+    assert select_cell(probs, cells, 25.0) == 0  # but 60 % of the mass is around Paris (a tie: the lower index)
+    assert select_cell(probs, cells, 1000.0) == 0  # Paris, Paris and Berlin (878 km away) tie at 65 %
+    assert select_cell([0.05, 0.3, 0.3, 0.35], cells, 1000.0) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), r_km=st.sampled_from([25.0, 300.0, 2000.0]))
+def test_cell_selection_equals_the_dense_computation(seed, r_km):
+    """On tables up to SELECT_CANDIDATES cells the choice is exact: the argmax of every cell's mass within
+    r_km, computed here the slow way."""
+    from geoswc.swc import SELECT_CANDIDATES, select_cell
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 300))
+    lat, lon = rng.uniform(-80, 80, n), rng.uniform(-180, 180, n)
+    xyz = latlon_to_xyz(lat, lon)
+    probs = rng.dirichlet(np.full(n, 0.1))
+    d = haversine_km(lat[:, None], lon[:, None], lat[None, :], lon[None, :])
+    mass = (d <= r_km) @ probs
+    assert n <= SELECT_CANDIDATES
+    assert mass[select_cell(probs, xyz, r_km)] == pytest.approx(mass.max(), abs=1e-9)
+
+

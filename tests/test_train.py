@@ -3,15 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, TrainConfig
 from geoswc.data import read_photo_csv
 from geoswc.errors import InputError
 from geoswc.features import FeatureSet
-from geoswc.geo import latlon_to_xyz
+from geoswc.geo import haversine_km, latlon_to_xyz
 from geoswc.model import GeoModel
-from geoswc.train import positive_lists, train_heads, validation_split
+from geoswc.positives import PositiveSampler
+from geoswc.train import train_heads, validation_split
 
 from .conftest import DEV_IMAGES
 
@@ -32,6 +35,19 @@ def test_losses_decrease_and_runs_are_deterministic(tiny_workspace):
     untrained = m2.fingerprint
     train_heads(m2, fs, cfg, progress=False)
     assert m1.fingerprint == m2.fingerprint != untrained  # same seed, same weights, bit for bit
+
+
+def test_no_rrm_epochs_skip_the_phase_and_its_set_up(tiny_workspace, monkeypatch):
+    import geoswc.train
+
+    def refuse(*a, **k):
+        raise AssertionError("the positive sampler was built for a phase with no epoch")
+
+    monkeypatch.setattr(geoswc.train, "PositiveSampler", refuse)
+    fs, cells, cfg, m = _setup(tiny_workspace, epochs=1, rrm_epochs=0)
+    rrm_before = {k: v.clone() for k, v in m.rrm.state_dict().items()}
+    history = train_heads(m, fs, cfg, progress=False)
+    assert "rrm" not in history and all(torch.equal(v, m.rrm.state_dict()[k]) for k, v in rrm_before.items())
 
 
 def test_the_fingerprint_follows_the_weights(tiny_workspace, tmp_path):
@@ -123,14 +139,49 @@ def test_checkpoint_run_keys_survive_a_new_config_field():
     assert non_default(later(epochs=3, new_knob=1)) == {"epochs": 3, "new_knob": 1}
 
 
-def test_positive_lists_respect_authors():
+def test_positives_respect_radius_and_authors():
     lat = np.array([0.0, 0.001, 0.002, 10.0])
     lon = np.zeros(4)
     authors = np.array([0, 0, 1, 2])
-    pos = positive_lists(lat, lon, authors, 25.0, same_author_positives=False)
-    assert pos[0].tolist() == [2] and pos[1].tolist() == [2] and pos[3].tolist() == []
-    pos = positive_lists(lat, lon, authors, 25.0, same_author_positives=True)
-    assert pos[0].tolist() == [1, 2]
+    rng = np.random.default_rng(0)
+    anchors = np.repeat(np.arange(4), 200)
+    drawn = PositiveSampler(lat, lon, authors, 25.0).sample(anchors, rng)
+    assert {a: set(drawn[anchors == a].tolist()) for a in range(4)} == {0: {2}, 1: {2}, 2: {0, 1}, 3: {-1}}
+    drawn = PositiveSampler(lat, lon, authors, 25.0, same_author_positives=True).sample(anchors, rng)
+    assert set(drawn[anchors == 0].tolist()) == {1, 2}
+
+
+def _exact_positives(lat, lon, authors, r_km, same_author):
+    d = haversine_km(lat[:, None], lon[:, None], lat[None, :], lon[None, :])
+    ok = (d <= r_km) & ~np.eye(len(lat), dtype=bool)
+    if not same_author:
+        ok &= ~((authors[:, None] == authors[None, :]) & (authors[:, None] >= 0))
+    return ok
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), r_km=st.sampled_from([0.0, 0.5, 25.0, 400.0, 5000.0]),
+       same_author=st.booleans())
+def test_sampled_positives_are_exactly_the_positives(seed, r_km, same_author):
+    """Against brute force on clustered photos (poles and the antimeridian included): every draw is a true
+    positive, an anchor without positives never gets one, and over many draws every positive of a photo
+    with few of them turns up (the draw is uniform over them)."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[89.9, 0.0], [-89.95, 120.0], [10.0, 179.999], [10.0, -179.999], [45.0, 7.0]])
+    c = centres[rng.integers(len(centres), size=60)]
+    lat = np.clip(c[:, 0] + rng.normal(0, 0.05, 60), -90, 90)
+    lon = (c[:, 1] + rng.normal(0, 0.05, 60) + 180) % 360 - 180
+    lat[:5], lon[:5] = lat[5], lon[5]  # photos at exactly one place
+    authors = rng.integers(-1, 6, size=60)
+    exact = _exact_positives(lat, lon, authors, r_km, same_author)
+    anchors = np.repeat(np.arange(60), 300)
+    drawn = PositiveSampler(lat, lon, authors, r_km, same_author, tries=64).sample(anchors, rng).reshape(60, 300)
+    for a in range(60):
+        got = set(drawn[a].tolist()) - {-1}
+        assert got <= set(np.nonzero(exact[a])[0].tolist()), a
+        assert bool(got) == bool(exact[a].any()), a
+        if 0 < exact[a].sum() <= 5 and (drawn[a] >= 0).mean() > 0.9:
+            assert got == set(np.nonzero(exact[a])[0].tolist())
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from scipy import sparse
 
 from . import compat
 from .config import METHODS, Method, SearchChanges, SearchConfig
@@ -30,7 +29,7 @@ from .options import Runtime
 from .places import nearest_places
 from .prediction import CellProbability, LocateFailure, Neighbor, Prediction, Result
 from .progress import progress_bar
-from .swc import estimate_from_neighbors, neighborhood, select_cell
+from .swc import cells_within, estimate_from_neighbors, prediction_density, select_cell
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,6 @@ class Geolocator:
         self.search = search or model.config.search
         self.device = torch.device(device)
         self.limits = limits
-        self._hoods: dict[float, sparse.csr_matrix] = {}
         self._fast_backbone: Any = None  # set by use_runtime("onnx")
 
     @classmethod
@@ -165,12 +163,6 @@ class Geolocator:
 
     # -- the prediction path -------------------------------------------------------------------------
 
-    def _hood(self, r_km: float) -> sparse.csr_matrix:
-        """Cached cell neighbourhood matrix for a radius (prediction density, cell selection)."""
-        if r_km not in self._hoods:
-            self._hoods[r_km] = neighborhood(self.model.cells.xyz, r_km)
-        return self._hoods[r_km]
-
     @torch.inference_mode()
     def heads(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """``features (B, D)`` -> ``(cell probabilities (B, C), unit embeddings (B, D))`` as NumPy."""
@@ -206,11 +198,11 @@ class Geolocator:
     def _search_one(self, probs: np.ndarray, emb: np.ndarray, method: str, name: str,
                     exclude: np.ndarray | None) -> Prediction:
         cells, cfg = self.model.cells, self.search
-        chosen = select_cell(probs, self._hood(cfg.select_km) if cfg.select_km > 0 else None)
+        chosen = select_cell(probs, cells.xyz, cfg.select_km)
         top = np.argsort(-probs)[: cfg.top_cells]
         pred = Prediction(
             image=name, lat=float(cells.lat[chosen]), lon=float(cells.lon[chosen]),
-            confidence=float(np.clip(self._hood(cfg.r_km)[chosen].dot(probs)[0], 0.0, 1.0)), method=method,
+            confidence=prediction_density(probs, cells.xyz, chosen, cfg.r_km), method=method,
             cell=cells.tokens[chosen], cell_probability=float(probs[chosen]),
             top_cells=[CellProbability(cells.tokens[c], float(cells.lat[c]), float(cells.lon[c]), float(probs[c]),
                                        cells.polygon(int(c))) for c in top],
@@ -220,7 +212,7 @@ class Geolocator:
             return pred
         g = self.gallery
         if method == "swc" and cfg.search_km > 0:
-            idx, sim = g.search_cells(emb, cfg.k, self._hood(cfg.search_km)[chosen].indices, exclude=exclude)
+            idx, sim = g.search_cells(emb, cfg.k, cells_within(cells.xyz, chosen, cfg.search_km), exclude=exclude)
         else:
             idx, sim = g.search(emb, cfg.k, rows=g.cell_rows(chosen) if method == "swc" else None, exclude=exclude)
         if idx.size == 0:

@@ -26,9 +26,16 @@ from .progress import progress_bar
 log = logging.getLogger(__name__)
 
 
+TRAINING_SCHEME = 2
+"""How training draws its batches and computes its losses (2: contrastive positives sampled on the fly). Bump it
+with any change that would make a resumed run differ from a fresh one: a checkpoint of another scheme is not
+resumed."""
+
+
 def run_key(**parts: Any) -> str:
-    """Identity of a training run (its settings and data): a checkpoint resumes only the run it belongs to."""
-    return digest(canonical_json(parts))
+    """Identity of a training run (its settings, data and :data:`TRAINING_SCHEME`): a checkpoint resumes only the
+    run it belongs to."""
+    return digest(canonical_json({**parts, "scheme": TRAINING_SCHEME}))
 
 
 def epoch_seed(seed: int, phase: str, epoch: int) -> int:

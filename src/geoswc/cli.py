@@ -154,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(command, f"{flag_of(COMMANDS[command], e)}: {e}")
         except (GeoswcError, OSError) as e:  # bad input, or a path that is a folder, a full disk, no permission
             return _fail(command, str(e))
+        except MemoryError as e:  # the machine's limit, not a bug: say so, with what numpy or torch was building
+            return _fail(command, f"out of memory{f' ({e})' if str(e) else ''}; use a machine with more memory, "
+                         "or a smaller --run.batch_size or input")
         except KeyboardInterrupt:
             print(f"geoswc {command}: interrupted", file=sys.stderr)
             return 130

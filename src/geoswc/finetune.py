@@ -27,7 +27,8 @@ from .geo import latlon_to_xyz
 from .heads import geo_contrastive_loss
 from .model import GeoModel
 from .options import RunConfig
-from .train import author_ids, pair_batches, positive_lists
+from .positives import PositiveSampler
+from .train import author_ids, pair_batches
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def finetune(model: GeoModel, records: Sequence[Record], cfg: TrainConfig, check
     lat, lon = np.array([r.lat for r in records]), np.array([r.lon for r in records])
     xyz = torch.from_numpy(latlon_to_xyz(lat, lon)).float()
     authors = author_ids([r.author for r in records])
-    pos = positive_lists(lat, lon, authors, cfg.positive_km, cfg.same_author_positives)
+    positives = PositiveSampler(lat, lon, authors, cfg.positive_km, cfg.same_author_positives)
     ds = ImageDataset([r.path for r in records], model.config.backbone.preprocess, seed=cfg.seed, train_augment=True)
     key = run_key(finetune=non_default(cfg), heads=non_default(model.config.heads),
                   cells=model.config.cells_fingerprint, names=digest(*[r.image for r in records]))
@@ -154,7 +155,7 @@ def finetune(model: GeoModel, records: Sequence[Record], cfg: TrainConfig, check
 
     def batches(rng: np.random.Generator) -> list:
         ds.epoch = int(rng.integers(1 << 30))
-        return pair_batches(n, pairs, pos, 1, rng)
+        return pair_batches(n, pairs, positives, 1, rng)
 
     return ft.run(ft.phase(math.ceil(n / pairs), batches, loss), progress)
 

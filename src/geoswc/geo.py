@@ -50,14 +50,6 @@ def sklearn_haversine_points(lat: ArrayLike, lon: ArrayLike) -> NDArray[np.float
     return np.radians(np.stack([np.asarray(lat, np.float64), np.asarray(lon, np.float64)], axis=1))
 
 
-def points_within(lat: ArrayLike, lon: ArrayLike, r_km: float) -> list[NDArray[np.int64]]:
-    """For each of ``N`` points, the indices of the points within ``r_km`` of it (itself included)."""
-    from sklearn.neighbors import BallTree
-
-    x = sklearn_haversine_points(lat, lon)
-    return list(BallTree(x, metric="haversine").query_radius(x, r=max(r_km, 0.0) / EARTH_RADIUS_KM))
-
-
 def spherical_mean(
     lat: ArrayLike, lon: ArrayLike, weights: ArrayLike | None = None
 ) -> tuple[float, float]:

@@ -13,6 +13,7 @@ a command or fetches anything. Bad samples and unreadable shards are reported an
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import json
 import logging
@@ -221,18 +222,20 @@ def write_shards(records: Sequence[Record], out: str | Path, samples_per_shard: 
 
 
 def _write_tars(samples: Iterator[dict[str, Any]], out: Path, per_shard: int) -> list[tuple[Path, int]]:
-    """Write ``samples`` into consecutive shards of ``per_shard``, each atomically; ``[(path, count)]``."""
-    from webdataset import TarWriter
-
+    """Write ``samples`` into consecutive shards of ``per_shard``, each atomically; ``[(path, count)]``.
+    Members are plain ustar entries (``KEY.ext``, mtime 0): 512 bytes of header each, no PAX record."""
     written: list[tuple[Path, int]] = []
     for first in samples:
         path, n = out / (SHARD_NAME % len(written)), 0
-        with storage.atomic_writer(path) as f:
-            tw = TarWriter(f, encoder=False, mtime=0.0)
+        with storage.atomic_writer(path) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
             for sample in itertools.chain([first], itertools.islice(samples, per_shard - 1)):
-                tw.write(sample)
+                key = sample["__key__"]
+                for ext, data in sample.items():
+                    if ext != "__key__":
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size, info.mode = len(data), 0o444
+                        tf.addfile(info, io.BytesIO(data))
                 n += 1
-            tw.close()
         written.append((path, n))
     return written
 

@@ -22,9 +22,10 @@ from .checkpoint import Checkpointer, Phase, run_key, run_phase
 from .config import TrainConfig, digest, non_default
 from .errors import InputError
 from .features import FeatureSet
-from .geo import latlon_to_xyz, points_within
+from .geo import latlon_to_xyz
 from .heads import geo_contrastive_loss
 from .model import GeoModel
+from .positives import PositiveSampler
 
 log = logging.getLogger(__name__)
 
@@ -53,43 +54,29 @@ def validation_split(authors: Sequence[str], fraction: float, seed: int) -> tupl
     return np.nonzero(~held)[0], np.nonzero(held)[0]
 
 
-def positive_lists(lat: np.ndarray, lon: np.ndarray, authors: np.ndarray, positive_km: float,
-                   same_author_positives: bool) -> list[np.ndarray]:
-    """For each photo, the other photos that count as its positives (within ``positive_km``)."""
-    out = []
-    for i, js in enumerate(points_within(lat, lon, positive_km)):
-        js = js[js != i]
-        if not same_author_positives and authors[i] >= 0:
-            js = js[authors[js] != authors[i]]
-        out.append(np.sort(js))
-    return out
-
-
-def pair_batches(n: int, batch_pairs: int, pos: list[np.ndarray], views: int,
+def pair_batches(n: int, batch_pairs: int, positives: PositiveSampler, views: int,
                  rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Anchor/partner batches ``(rows, views, anchors, partners)``: the partner is a geographic positive when
-    one exists, else another view of the anchor (or a random photo when there is only one view)."""
+    """Anchor/partner batches ``(rows, views, anchors, partners)`` of one epoch: every photo is an anchor once;
+    its partner is a geographic positive when one is drawn (with several views, 3 times in 4), else another view
+    of the anchor (or a random photo when there is only one view)."""
     order = rng.permutation(n)
+    partners = positives.sample(order, rng)
+    use = partners >= 0
+    if views > 1:
+        use &= rng.random(n) < 0.75
+        partners = np.where(use, partners, order)
+    else:
+        partners = np.where(use, partners, rng.integers(n, size=n))
+    v_a, v_p = rng.integers(views, size=n), rng.integers(views, size=n)
+    if views > 1:  # two views of one photo must differ
+        same = partners == order
+        v_p[same] = (v_a[same] + 1 + rng.integers(views - 1, size=int(same.sum()))) % views
     batches = []
     for s in range(0, n, batch_pairs):
-        anchors = order[s:s + batch_pairs]
-        if len(anchors) < 2:
-            continue
-        partners = np.empty_like(anchors)
-        for j, a in enumerate(anchors):
-            if len(pos[a]) and (views == 1 or rng.random() < 0.75):
-                partners[j] = pos[a][rng.integers(len(pos[a]))]
-            elif views > 1:
-                partners[j] = a
-            else:
-                partners[j] = rng.integers(n)
-        idx = np.concatenate([anchors, partners])
-        v_a = rng.integers(views, size=len(anchors))
-        v_p = rng.integers(views, size=len(anchors))
-        if views > 1:  # two views of one photo must differ
-            same = partners == anchors
-            v_p[same] = (v_a[same] + 1 + rng.integers(views - 1, size=int(same.sum()))) % views
-        batches.append((idx, np.concatenate([v_a, v_p]), anchors, partners))
+        a, p = order[s:s + batch_pairs], partners[s:s + batch_pairs]
+        if len(a) >= 2:
+            batches.append((np.concatenate([a, p]), np.concatenate([v_a[s:s + batch_pairs], v_p[s:s + batch_pairs]]),
+                            a, p))
     return batches
 
 
@@ -125,6 +112,7 @@ class _HeadTraining:
             distributed.broadcast_module(m)
         self.xyz = torch.from_numpy(latlon_to_xyz(feats.lat, feats.lon)).float().to(self.dev)
         self.batch_size = min(cfg.batch_size, self.n)
+        self.positives: PositiveSampler | None = None
 
     # -- phase 1: MvMF, NLL of the true positions ------------------------------------------------------
 
@@ -182,16 +170,19 @@ class _HeadTraining:
 
     def rrm_phase(self) -> Phase:
         cfg = self.cfg
-        self.pos = positive_lists(self.feats.lat, self.feats.lon, self.authors, cfg.positive_km,
-                                  cfg.same_author_positives)
-        log.info("RRM: %d of %d photos have a geographic positive within %g km",
-                 sum(len(p) > 0 for p in self.pos), self.n, cfg.positive_km)
         opt = torch.optim.AdamW(self.model.rrm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.authors_t = torch.from_numpy(self.authors).to(self.dev)
         pairs = max(2, self.batch_size // 2)
-        return Phase("rrm", cfg.rrm_epochs, math.ceil(self.n / pairs),
-                     lambda rng: pair_batches(self.n, pairs, self.pos, self.views, rng), self.rrm_loss, opt,
+        return Phase("rrm", cfg.rrm_epochs, math.ceil(self.n / pairs), self.rrm_batches, self.rrm_loss, opt,
                      [cfg.lr], [self.model.rrm], sync_gradients=self.ctx.enabled)
+
+    def rrm_batches(self, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
+        """One epoch's anchor/partner batches; the positive sampler is built on the first call (not at all when
+        the phase has no epoch to run)."""
+        if self.positives is None:
+            self.positives = PositiveSampler(self.feats.lat, self.feats.lon, self.authors, self.cfg.positive_km,
+                                             self.cfg.same_author_positives)
+        return pair_batches(self.n, max(2, self.batch_size // 2), self.positives, self.views, rng)
 
     def rrm_loss(self, batch: tuple[np.ndarray, ...]) -> torch.Tensor:
         idx, v, _, _ = batch
