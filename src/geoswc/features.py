@@ -25,13 +25,11 @@ from .backbone import backbone_fingerprint
 from .config import BackboneConfig, from_dict, to_dict
 from .data import Batch, ImageDataset, LoadReport, Record, loader
 from .errors import ArtifactError, InputError
+from .feature_files import FEATURES_FORMAT, CacheInfo, FeatureWriter, Part, write_cache
 from .images import DEFAULT_LIMITS, ImageLimits
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-FEATURES_FORMAT = "geoswc-features/1"
-
 
 @dataclass(frozen=True)
 class Extractor:
@@ -98,22 +96,14 @@ class FeatureSet:
                           self.backbone_fingerprint, self.seed)
 
     def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        sha = storage.save_tensors(folder / "features.safetensors", {"features": self.features.half()})
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image", "author", "lat", "lon"])
-        for row in zip(self.names, self.authors, self.lat, self.lon, strict=True):
-            w.writerow([row[0], row[1], repr(float(row[2])), repr(float(row[3]))])
-        items = buf.getvalue().encode()
-        storage.write_bytes(folder / "items.csv", items)
-        storage.write_json(folder / "features.json", storage.seal({
-            "format": FEATURES_FORMAT,
-            "backbone_fingerprint": self.backbone_fingerprint,
-            "backbone": to_dict(self.backbone),
-            "size": len(self), "views": self.views, "seed": self.seed, "dim": int(self.features.shape[2]),
-            "tensors_sha256": sha, "items_sha256": storage.sha256_bytes(items),
-        }))
+        """Write the cache (``features.json`` last, so that its presence marks a whole cache)."""
+        with FeatureWriter(folder, self.views, int(self.features.shape[2])) as w:
+            for s in range(0, len(self), 4096):
+                e = min(len(self), s + 4096)
+                w.add(np.arange(s, e), self.features[s:e], self.names[s:e], self.authors[s:e], self.lat[s:e],
+                      self.lon[s:e])
+            w.finish(CacheInfo(to_dict(self.backbone), self.backbone_fingerprint, self.views,
+                               int(self.features.shape[2]), self.seed), progress=False)
 
     @classmethod
     def load(cls, folder: str | Path) -> FeatureSet:
@@ -160,16 +150,46 @@ def _shard_batches(shards: Sequence[str], ex: Extractor, how: Extraction) -> Ite
                       how.batch_size, how.workers)
 
 
+class _Collected:
+    """A sink keeping the features in memory (:func:`extract_features`): ``rows()`` sorts them by key."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.chunks: list[torch.Tensor] = []
+        self.metas: list[Any] = []
+
+    def add(self, keys: torch.Tensor, feats: torch.Tensor, metas: Sequence[Any]) -> None:
+        self.keys.append(keys)
+        self.chunks.append(feats)
+        self.metas += metas
+
+    def rows(self, views: int) -> tuple[torch.Tensor, list[Any]]:
+        if not self.chunks:
+            return torch.zeros(0, views, 0), []
+        sort = np.argsort(torch.cat(self.keys).numpy(), kind="stable")
+        return torch.cat(self.chunks)[torch.from_numpy(sort)], [self.metas[i] for i in sort]
+
+
+class _Written:
+    """A sink streaming the features to a :class:`~geoswc.feature_files.FeatureWriter`; counts the rows."""
+
+    def __init__(self, writer: FeatureWriter) -> None:
+        self.writer, self.count = writer, 0
+
+    def add(self, keys: torch.Tensor, feats: torch.Tensor, metas: Sequence[Any]) -> None:
+        self.writer.add(keys.numpy(), feats, [m.image for m in metas], [m.author for m in metas],
+                        [m.lat for m in metas], [m.lon for m in metas])
+        self.count += len(metas)
+
+
 @torch.inference_mode()
 def _run_backbone(ex: Extractor, batches: Iterator[Batch], how: Extraction, report: LoadReport,
-                  total: int | None) -> tuple[np.ndarray, torch.Tensor, list[Any]]:
-    """Features of every good photo, sorted by key: ``(keys (n,), features (n, V, D), metas [n])``."""
+                  total: int | None, sink: _Collected | _Written) -> None:
+    """Run the backbone over the batches: each good photo's features ``(V, D)`` go to ``sink`` with its key and
+    meta, each bad one to ``report``."""
     device = next(ex.backbone.parameters()).device
     dtype = distributed.resolve_precision(device, how.precision)
     ex.backbone.eval()
-    keys: list[torch.Tensor] = []
-    chunks: list[torch.Tensor] = []
-    metas: list[Any] = []
     show = how.progress and distributed.context().is_main
     with progress_bar(total=total, desc="features", unit="img", show=show) as bar:
         for b in batches:
@@ -179,15 +199,8 @@ def _run_backbone(ex: Extractor, batches: Iterator[Batch], how: Extraction, repo
                 x = b.images
                 with distributed.autocast(device, dtype):
                     f = ex.backbone(x.reshape(-1, *x.shape[-3:]).to(device))
-                chunks.append(f.float().cpu().reshape(x.shape[0], how.views, -1))
-                keys.append(b.keys)
-                metas += b.metas
+                sink.add(b.keys, f.float().cpu().reshape(x.shape[0], how.views, -1), b.metas)
             bar.update(len(b.keys) + len(b.bad))
-    if not chunks:
-        return np.zeros(0, np.int64), torch.zeros(0, how.views, 0), []
-    order = torch.cat(keys).numpy()
-    sort = np.argsort(order, kind="stable")
-    return order[sort], torch.cat(chunks)[torch.from_numpy(sort)], [metas[i] for i in sort]
 
 
 def _feature_set(feats: torch.Tensor, metas: Sequence[Any], ex: Extractor, seed: int) -> FeatureSet:
@@ -196,120 +209,118 @@ def _feature_set(feats: torch.Tensor, metas: Sequence[Any], ex: Extractor, seed:
                       ex.config, ex.fingerprint, seed)
 
 
+def _batches(ex: Extractor, how: Extraction, records: Sequence[Record] | None, shards: Sequence[str] | None,
+             rank: int = 0, world: int = 1) -> tuple[Iterator[Batch], LoadReport, int | None]:
+    """This process's batches (every ``world``-th record from ``rank``; shards are dealt by the dataset), an empty
+    report and the progress total."""
+    from .shards import listed_total
+
+    if records is not None:
+        if not records:
+            raise InputError("no photos to extract features from")
+        mine = range(rank, len(records), world)
+        report = LoadReport("feature extraction" + (f", rank {rank}" if world > 1 else ""), total=len(mine))
+        return _record_batches(records, ex, how, mine if world > 1 else None), report, len(mine)
+    assert shards is not None
+    if len(shards) < world:
+        log.warning("%d shards for %d ranks: some ranks have nothing to do", len(shards), world)
+    report = LoadReport("feature extraction (shards)" + (f", rank {rank}" if world > 1 else ""))
+    return _shard_batches(shards, ex, how), report, listed_total(shards[rank::world])
+
+
 def extract_features(ex: Extractor, records: Sequence[Record], how: Extraction = Extraction()
                      ) -> tuple[FeatureSet, LoadReport]:
-    """Run the backbone over photos. Undecodable photos are reported and left out, never fatal.
+    """Run the backbone over photos, features in memory. Undecodable photos are reported and left out.
 
     Returns:
         The features ``(N, V, D)`` of the photos that decoded, in ``records`` order, and the report of
         those that did not.
     """
-    if not records:
-        raise InputError("no photos to extract features from")
-    report = LoadReport("feature extraction", total=len(records))
-    _, feats, metas = _run_backbone(ex, _record_batches(records, ex, how), how, report, len(records))
-    report.log()
-    if not metas:
-        raise InputError(f"none of the {len(records)} photos could be decoded: {report.summary()}")
-    return _feature_set(feats, metas, ex, how.seed), report
+    batches, report, total = _batches(ex, how, records, None)
+    return _collect(ex, how, batches, report, total, f"none of the {len(records)} photos could be decoded")
 
 
 def extract_shard_features(ex: Extractor, shards: str | Path | Sequence[str | Path],
                            how: Extraction = Extraction()) -> tuple[FeatureSet, LoadReport]:
-    """:func:`extract_features` of the photos in WebDataset shards, streamed (never all in memory).
+    """:func:`extract_features` of the photos in WebDataset shards, streamed; the features come out in shard
+    order (with shards written by ``geoswc shards`` they equal those of the source CSV's photos)."""
+    from .shards import resolve_shards
 
-    The features come out in shard order; with shards written by ``geoswc shards`` they equal those of
-    the source CSV's photos (augmented views included).
-    """
-    from .shards import listed_total, resolve_shards
+    batches, report, total = _batches(ex, how, None, resolve_shards(shards))
+    return _collect(ex, how, batches, report, total, "no photo in the shards could be decoded")
 
-    urls = resolve_shards(shards)
-    report = LoadReport("feature extraction (shards)")
-    _, feats, metas = _run_backbone(ex, _shard_batches(urls, ex, how), how, report, listed_total(urls))
+
+def _collect(ex: Extractor, how: Extraction, batches: Iterator[Batch], report: LoadReport, total: int | None,
+             none: str) -> tuple[FeatureSet, LoadReport]:
+    sink = _Collected()
+    _run_backbone(ex, batches, how, report, total, sink)
+    feats, metas = sink.rows(how.views)
     report.total = len(metas) + len(report.skipped)
     report.log()
     if not metas:
-        raise InputError(f"no photo in the shards could be decoded: {report.summary()}")
+        raise InputError(f"{none}: {report.summary()}")
     return _feature_set(feats, metas, ex, how.seed), report
 
 
 def extract_and_save(out: str | Path, ex: Extractor, *, records: Sequence[Record] | None = None,
                      shards: str | Path | Sequence[str | Path] | None = None, how: Extraction = Extraction()
                      ) -> tuple[FeatureSet | None, LoadReport]:
-    """Extract the features of ``records`` or ``shards`` and save the cache to ``out``.
+    """Extract the features of ``records`` or ``shards`` into the cache ``out``, streaming them to disk as they
+    are computed (memory does not grow with the photos beyond 16 bytes each).
 
-    Under torchrun each rank extracts its share (every ``world_size``-th record, or shard), writes it to
-    ``out/.parts``, and rank 0 merges the parts in input order, saves the cache and returns it; the other
-    ranks return None. A multi-node job needs ``out`` on a shared filesystem.
+    Under torchrun each rank stages its share (every ``world_size``-th record, or its shards) in ``out/.parts``,
+    and rank 0 writes the cache from the parts in input order and returns it; the other ranks return None. A
+    multi-node job needs ``out`` on a shared filesystem.
 
     Returns:
-        The feature set (None on ranks other than 0) and the report of skipped photos (rank 0: all ranks').
+        The feature set, memory-mapped (None on ranks other than 0), and the report of skipped photos (rank 0:
+        all ranks').
     """
+    from .shards import resolve_shards
+
     if (records is None) == (shards is None):
         raise InputError("give records or shards")
     ctx = distributed.context()
-    if not ctx.enabled:
-        fs, report = (extract_features(ex, records, how) if records is not None
-                      else extract_shard_features(ex, shards, how))  # type: ignore[arg-type]
-        fs.save(out)
-        return fs, report
-    keys, feats, metas, report = _extract_share(ex, records, shards, how)
+    urls = resolve_shards(shards) if shards is not None else None
+    batches, report, total = _batches(ex, how, records, urls, ctx.rank, ctx.world_size)
     parts = Path(out) / ".parts"
-    storage.save_tensors(parts / f"rank-{ctx.rank:05d}.safetensors",
-                         {"features": feats.half(), "order": torch.from_numpy(keys.astype(np.int64))})
+    writer = FeatureWriter(parts / f"rank-{ctx.rank:05d}" if ctx.enabled else out, how.views, ex.config.feature_dim)
+    sink = _Written(writer)
+    try:
+        _run_backbone(ex, batches, how, report, total, sink)
+    except BaseException:
+        writer.abort()
+        raise
+    report.total = sink.count + len(report.skipped)
+    if not ctx.enabled:
+        try:
+            return _finish_cache(Path(out), [writer.part()], [report], ex, how)
+        finally:
+            writer.abort()
+    writer.part().save_index()
     storage.write_json(parts / f"rank-{ctx.rank:05d}.json", {
-        "names": [m.image for m in metas], "authors": [m.author for m in metas],
-        "lat": [float(m.lat) for m in metas], "lon": [float(m.lon) for m in metas],
-        "total": report.total, "skipped": report.skipped})
+        "staging": writer.staging.name, "total": report.total, "skipped": report.skipped})
     distributed.barrier()
     if not ctx.is_main:
         return None, report
-    fs, report = _merge_parts(parts, ctx.world_size, ex, how)
-    fs.save(out)
-    shutil.rmtree(parts, ignore_errors=True)
-    return fs, report
+    try:  # rank 0: the ranks' staged parts written as one cache, in input order
+        staged, reports = [], []
+        for r in range(ctx.world_size):
+            meta = storage.read_json(parts / f"rank-{r:05d}.json", f"features of rank {r}")
+            staged.append(Part.load(parts / f"rank-{r:05d}" / Path(str(meta["staging"])).name))
+            reports.append(LoadReport(f"rank {r}", int(meta["total"]), [(str(a), str(b)) for a, b in meta["skipped"]]))
+        return _finish_cache(Path(out), staged, reports, ex, how)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
 
 
-def _extract_share(ex: Extractor, records: Sequence[Record] | None, shards: str | Path | Sequence[str | Path] | None,
-                   how: Extraction) -> tuple[np.ndarray, torch.Tensor, list[Any], LoadReport]:
-    """This rank's share of a torchrun extraction: every ``world_size``-th record, or shard."""
-    from .shards import listed_total, resolve_shards
-
-    ctx = distributed.context()
-    if records is not None:
-        if not records:
-            raise InputError("no photos to extract features from")
-        mine = range(ctx.rank, len(records), ctx.world_size)
-        report = LoadReport(f"feature extraction, rank {ctx.rank}", total=len(mine))
-        keys, feats, metas = _run_backbone(ex, _record_batches(records, ex, how, mine), how, report, len(mine))
-        return keys, feats, metas, report
-    urls = resolve_shards(shards)  # type: ignore[arg-type]
-    if len(urls) < ctx.world_size:
-        log.warning("%d shards for %d ranks: some ranks have nothing to do", len(urls), ctx.world_size)
-    report = LoadReport(f"feature extraction (shards), rank {ctx.rank}")
-    total = listed_total(urls[ctx.rank::ctx.world_size])  # the shards split_by_node deals to this rank
-    keys, feats, metas = _run_backbone(ex, _shard_batches(urls, ex, how), how, report, total)
-    report.total = len(metas) + len(report.skipped)
-    return keys, feats, metas, report
-
-
-def _merge_parts(parts: Path, world: int, ex: Extractor, how: Extraction) -> tuple[FeatureSet, LoadReport]:
-    """Rank 0: the ranks' parts as one feature set, in input order."""
-    report = LoadReport("feature extraction")
-    keys, chunks, metas = [], [], []
-    for r in range(world):
-        t = storage.load_tensors(parts / f"rank-{r:05d}.safetensors", f"features of rank {r}")
-        meta = storage.read_json(parts / f"rank-{r:05d}.json", f"features of rank {r}")
-        if t["features"].shape[0]:
-            chunks.append(t["features"].float())
-        keys.append(t["order"])
-        report.total += int(meta["total"])
-        report.skipped += [(str(a), str(b)) for a, b in meta["skipped"]]
-        metas += [Record(n, Path(n), la, lo, a) for n, a, la, lo in
-                  zip(meta["names"], meta["authors"], meta["lat"], meta["lon"], strict=True)]
+def _finish_cache(out: Path, parts: Sequence[Part], reports: Sequence[LoadReport], ex: Extractor,
+                  how: Extraction) -> tuple[FeatureSet, LoadReport]:
+    """Write the cache ``out`` from staged parts; the processes' reports joined into one."""
+    report = LoadReport("feature extraction", sum(r.total for r in reports), [s for r in reports for s in r.skipped])
     report.log()
-    if not metas:
+    if not sum(len(p.keys) for p in parts):
         raise InputError(f"no photo could be decoded: {report.summary()}")
-    sort = torch.from_numpy(np.argsort(torch.cat(keys).numpy(), kind="stable"))
-    feats = torch.cat(chunks)[sort].reshape(len(metas), how.views, -1)
-    return _feature_set(feats, [metas[i] for i in sort.tolist()], ex, how.seed), report
+    info = CacheInfo(to_dict(ex.config), ex.fingerprint, how.views, int(ex.config.feature_dim), how.seed)
+    write_cache(out, parts, info, how.progress)
+    return FeatureSet.load(out), report
