@@ -190,10 +190,6 @@ ALLOWED_WRITERS = {
     # (file, code of the call): why it is safe
     ("storage.py", "*"): "the atomic writer itself (temp file + fsync + rename)",
     ("evaluate.py", "fig.savefig(buf, format='png')"): "renders into memory; written with storage.write_bytes",
-    ("gallery_files.py", "open(self._staging / 'embeddings.bin', 'wb')"): "staging folder, compacted atomically",
-    ("gallery_files.py", "open(self._staging / 'items.bin', 'wb')"): "staging folder, compacted atomically",
-    ("feature_files.py", "open(self.staging / 'features.bin', 'wb')"): "staging folder, the cache written atomically",
-    ("feature_files.py", "open(self.staging / 'items.bin', 'wb')"): "staging folder, the cache written atomically",
     ("feature_files.py", "np.save(self.folder / 'keys.npy', self.keys)"):
         "a rank's staging folder; rank 0 reads it only after the rank's JSON record, written atomically after it",
     ("feature_files.py", "np.save(self.folder / 'lines.npy', self.lines)"): "as keys.npy",

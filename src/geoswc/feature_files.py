@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +72,9 @@ class FeatureWriter:
     def __init__(self, folder: str | Path, views: int, dim: int) -> None:
         self.folder = storage.ensure_dir(folder)
         self.views, self.dim = int(views), int(dim)
-        storage.remove_stale(self.folder, "staging")  # what a killed run left
-        self.staging = Path(tempfile.mkdtemp(prefix=storage.temp_prefix("staging"), dir=self.folder))
-        self._rows = open(self.staging / "features.bin", "wb")  # noqa: SIM115 - closed in part/abort
-        self._items = open(self.staging / "items.bin", "wb")  # noqa: SIM115
+        self._stage = storage.Staging(self.folder, "features.bin", "items.bin")
+        self.staging = self._stage.path
+        self._rows, self._items = self._stage.files["features.bin"], self._stage.files["items.bin"]
         self._keys: list[np.ndarray] = []
         self._lines: list[np.ndarray] = []
 
@@ -95,8 +92,7 @@ class FeatureWriter:
 
     def part(self) -> Part:
         """Close the staged files: the rows so far, as a :class:`Part`."""
-        self._rows.close()
-        self._items.close()
+        self._stage.close()
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))  # noqa: E731
         return Part(self.staging, cat(self._keys), cat(self._lines))
 
@@ -109,9 +105,7 @@ class FeatureWriter:
 
     def abort(self) -> None:
         """Remove the staging folder."""
-        for f in (self._rows, self._items):
-            f.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._stage.remove()
 
     def __enter__(self) -> FeatureWriter:
         return self

@@ -20,8 +20,6 @@ import csv
 import io
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -188,10 +186,9 @@ class GalleryWriter:
     def __init__(self, folder: str | Path, dim: int, identity: GalleryIdentity) -> None:
         self.folder = storage.ensure_dir(folder)
         self.dim, self.identity = int(dim), identity
-        storage.remove_stale(self.folder, "staging")  # what a killed run left
-        self._staging = Path(tempfile.mkdtemp(prefix=storage.temp_prefix("staging"), dir=self.folder))
-        self._emb = open(self._staging / "embeddings.bin", "wb")  # noqa: SIM115 - closed in finish/abort
-        self._items = open(self._staging / "items.bin", "wb")  # noqa: SIM115
+        self._stage = storage.Staging(self.folder, "embeddings.bin", "items.bin")
+        self._staging = self._stage.path
+        self._emb, self._items = self._stage.files["embeddings.bin"], self._stage.files["items.bin"]
         self._cols: dict[str, list[np.ndarray]] = {k: [] for k in ("lat", "lon", "cell", "line_len", "name_key",
                                                                    "author_key")}
         self._max_norm = 0.0
@@ -231,8 +228,7 @@ class GalleryWriter:
 
     def finish(self) -> None:
         """Compact the chunks and write the index folder."""
-        self._emb.close()
-        self._items.close()
+        self._stage.close()
         col = self._columns()
         perm = np.argsort(col["cell"], kind="stable")  # the chunks are sorted: perm is a few long runs
         runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(perm, np.flatnonzero(np.diff(perm) != 1) + 1)] \
@@ -299,9 +295,7 @@ class GalleryWriter:
 
     def abort(self) -> None:
         """Remove the staging files (after :meth:`finish`, or to give up)."""
-        for f in (self._emb, self._items):
-            f.close()
-        shutil.rmtree(self._staging, ignore_errors=True)
+        self._stage.remove()
 
     def __enter__(self) -> GalleryWriter:
         return self

@@ -49,6 +49,31 @@ def _running(pid: int) -> bool:
     return True
 
 
+class Staging:
+    """A staging folder inside ``folder`` (``.staging.<pid>.*``, after removing what killed runs left there), with
+    ``names`` opened for writing: a writer appends to them, then builds its artifact from them atomically.
+
+    Attributes:
+        path: the folder.
+        files: the open files, by name.
+    """
+
+    def __init__(self, folder: Path, *names: str) -> None:
+        remove_stale(folder, "staging")
+        self.path = Path(tempfile.mkdtemp(prefix=temp_prefix("staging"), dir=folder))
+        self.files = {name: open(self.path / name, "wb") for name in names}  # noqa: SIM115 - closed by close()
+
+    def close(self) -> None:
+        """Close the files (the folder stays, e.g. for another process to read)."""
+        for f in self.files.values():
+            f.close()
+
+    def remove(self) -> None:
+        """Close the files and remove the folder."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temp file beside ``path``; on success fsync and rename it over ``path``. A ``path`` that is a
