@@ -139,6 +139,25 @@ def test_checkpoint_run_keys_survive_a_new_config_field():
     assert non_default(later(epochs=3, new_knob=1)) == {"epochs": 3, "new_knob": 1}
 
 
+def test_max_steps_bounds_every_epoch(tmp_path):
+    from geoswc.checkpoint import Checkpointer, Phase, run_phase
+
+    cfg = TrainConfig(max_steps=3)
+    assert (cfg.steps(10), cfg.steps(2), TrainConfig().steps(10)) == (3, 2, 10)
+    net, calls = torch.nn.Linear(2, 1), []
+
+    def loss(batch):
+        calls.append(batch)
+        return (net(batch) ** 2).mean()
+
+    batches = [torch.ones(4, 2)] * 10
+    phase = Phase("mvmf", 2, cfg.steps(len(batches)), lambda rng: batches, loss,
+                  torch.optim.SGD(net.parameters(), lr=0.1), [0.1], [net])
+    history: dict = {}
+    run_phase(phase, Checkpointer(None, "k", {"net": net}), 0, history, progress=False)
+    assert len(calls) == 2 * 3 and len(history["mvmf"]) == 2
+
+
 def test_positives_respect_radius_and_authors():
     lat = np.array([0.0, 0.001, 0.002, 10.0])
     lon = np.zeros(4)

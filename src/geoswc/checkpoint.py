@@ -7,6 +7,7 @@ resumes where it stopped and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -187,9 +188,9 @@ def _epoch(phase: Phase, epoch: int, rng: np.random.Generator, progress: bool) -
     warmup = min(total // 10, 100)
     batches = phase.batches(rng)
     losses: list[float] = []
-    bar = progress_bar(batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", unit="batch", leave=False,
-                       total=len(batches) if hasattr(batches, "__len__") else phase.steps_per_epoch,
-                       show=progress and distributed.context().is_main)
+    steps = min(len(batches), phase.steps_per_epoch) if hasattr(batches, "__len__") else phase.steps_per_epoch
+    bar = progress_bar(itertools.islice(batches, steps), desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                       unit="batch", leave=False, total=steps, show=progress and distributed.context().is_main)
     for b_i, batch in enumerate(bar):
         for g, base in zip(phase.optimizer.param_groups, phase.base_lrs, strict=True):
             g["lr"] = cosine_lr(base, epoch * phase.steps_per_epoch + b_i, total, warmup)

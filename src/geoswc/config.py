@@ -157,10 +157,16 @@ class TrainConfig:
     """Peak learning rate of the backbone while fine-tuning (the heads get 10x)."""
     checkpoint_every: int = 1
     """Save a checkpoint every this many epochs (fine-tuning)."""
+    max_steps: int = 0
+    """0: every epoch sees all the photos. >0: an epoch stops after this many steps (smoke runs, scale rehearsals)."""
+
+    def steps(self, per_epoch: int) -> int:
+        """The optimisation steps of an epoch that would take ``per_epoch``, with :attr:`max_steps` applied."""
+        return min(per_epoch, self.max_steps) if self.max_steps > 0 else per_epoch
 
     def __post_init__(self) -> None:
         check_ints(self)
-        for name in ("epochs", "rrm_epochs", "finetune_epochs"):
+        for name in ("epochs", "rrm_epochs", "finetune_epochs", "max_steps"):
             check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("batch_size", "checkpoint_every"):
             check_field(self, name, getattr(self, name) >= 1, "must be >= 1")

@@ -25,6 +25,7 @@ from PIL import Image
 from .config import Preprocess
 from .errors import ImageError, InputError
 from .images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, ImageSource, check_size, load_image, read_gps
+from .progress import progress_bar
 from .transforms import augment, preprocess
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     def rows() -> Iterator[tuple[int, list[str]]]:
         try:
             start = reader.line_num + 1
-            for row in reader:
+            for row in progress_bar(reader, desc=f"reading {path.name}", unit="row", show=len(raw) > 8 << 20):
                 yield start, row
                 start = reader.line_num + 1
         except csv.Error as e:

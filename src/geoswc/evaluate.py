@@ -31,6 +31,7 @@ from .errors import InputError
 from .geo import THRESHOLDS_KM
 from .metrics import accuracy_at, errors_km, median_km
 from .prediction import Prediction
+from .progress import progress_bar
 
 PREDICTION_COLUMNS = ["image", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "cell", "confidence"]
 
@@ -130,9 +131,20 @@ def locate_records(geolocator: Geolocator, records: Sequence[Record], methods: S
     features, names = torch.cat(chunks), [r.image for r in kept]
     exclude = [r.author for r in kept] if exclude_same_author else None
     tlat, tlon = np.array([r.lat for r in kept]), np.array([r.lon for r in kept])
-    return [MethodResult(m, names, tlat, tlon, geolocator.predict_features(
-        features, m, names=names, exclude_authors=exclude))  # type: ignore[arg-type]
-        for m in methods], decode
+    return [MethodResult(m, names, tlat, tlon, _search(geolocator, features, m, names, exclude, progress))
+            for m in methods], decode
+
+
+def _search(geolocator: Geolocator, features: torch.Tensor, method: str, names: list[str],
+            exclude: list[str] | None, progress: bool, step: int = 256) -> list[Prediction]:
+    """Predictions for features ``(N, D)`` with one method, ``step`` photos at a time under a progress bar."""
+    out: list[Prediction] = []
+    with progress_bar(total=len(names), desc=f"{method} search", unit="img", show=progress) as bar:
+        for s in range(0, len(names), step):
+            out += geolocator.predict_features(features[s:s + step], method, names=names[s:s + step],  # type: ignore[arg-type]
+                                               exclude_authors=exclude[s:s + step] if exclude else None)
+            bar.update(len(names[s:s + step]))
+    return out
 
 
 def write_evaluation(out: str | Path, geolocator: Geolocator, results: Sequence[MethodResult],

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,21 +170,20 @@ class _Collected:
         return torch.cat(self.chunks)[torch.from_numpy(sort)], [self.metas[i] for i in sort]
 
 
-class _Written:
-    """A sink streaming the features to a :class:`~geoswc.feature_files.FeatureWriter`; counts the rows."""
+class _Handed:
+    """A sink handing each batch on as it comes (``add(keys, feats, metas)``); counts the rows."""
 
-    def __init__(self, writer: FeatureWriter) -> None:
-        self.writer, self.count = writer, 0
+    def __init__(self, add: Callable[[torch.Tensor, torch.Tensor, Sequence[Any]], None]) -> None:
+        self.hand, self.count = add, 0
 
     def add(self, keys: torch.Tensor, feats: torch.Tensor, metas: Sequence[Any]) -> None:
-        self.writer.add(keys.numpy(), feats, [m.image for m in metas], [m.author for m in metas],
-                        [m.lat for m in metas], [m.lon for m in metas])
+        self.hand(keys, feats, metas)
         self.count += len(metas)
 
 
 @torch.inference_mode()
 def _run_backbone(ex: Extractor, batches: Iterator[Batch], how: Extraction, report: LoadReport,
-                  total: int | None, sink: _Collected | _Written) -> None:
+                  total: int | None, sink: _Collected | _Handed) -> None:
     """Run the backbone over the batches: each good photo's features ``(V, D)`` go to ``sink`` with its key and
     meta, each bad one to ``report``."""
     device = next(ex.backbone.parameters()).device
@@ -262,6 +261,32 @@ def _collect(ex: Extractor, how: Extraction, batches: Iterator[Batch], report: L
     return _feature_set(feats, metas, ex, how.seed), report
 
 
+def stream_features(ex: Extractor, add: Callable[[torch.Tensor, torch.Tensor, Sequence[Any]], None], *,
+                    records: Sequence[Record] | None = None, shards: str | Path | Sequence[str | Path] | None = None,
+                    how: Extraction = Extraction()) -> LoadReport:
+    """Run the backbone over ``records`` or ``shards`` and hand each batch on as it is computed, keeping nothing:
+    ``add(keys (b,), features (b, V, D), metas)``, each meta with ``image``, ``author``, ``lat`` and ``lon``.
+
+    Returns:
+        The report of the photos that could not be read.
+
+    Raises:
+        InputError: no photo could be read.
+    """
+    from .shards import resolve_shards
+
+    if (records is None) == (shards is None):
+        raise InputError("give records or shards")
+    batches, report, total = _batches(ex, how, records, resolve_shards(shards) if shards is not None else None)
+    sink = _Handed(add)
+    _run_backbone(ex, batches, how, report, total, sink)
+    report.total = sink.count + len(report.skipped)
+    report.log()
+    if not sink.count:
+        raise InputError(f"no photo could be decoded: {report.summary()}")
+    return report
+
+
 def extract_and_save(out: str | Path, ex: Extractor, *, records: Sequence[Record] | None = None,
                      shards: str | Path | Sequence[str | Path] | None = None, how: Extraction = Extraction()
                      ) -> tuple[FeatureSet | None, LoadReport]:
@@ -285,7 +310,9 @@ def extract_and_save(out: str | Path, ex: Extractor, *, records: Sequence[Record
     batches, report, total = _batches(ex, how, records, urls, ctx.rank, ctx.world_size)
     parts = Path(out) / ".parts"
     writer = FeatureWriter(parts / f"rank-{ctx.rank:05d}" if ctx.enabled else out, how.views, ex.config.feature_dim)
-    sink = _Written(writer)
+    sink = _Handed(lambda keys, feats, metas: writer.add(keys.numpy(), feats, [m.image for m in metas],
+                                                        [m.author for m in metas], [m.lat for m in metas],
+                                                        [m.lon for m in metas]))
     try:
         _run_backbone(ex, batches, how, report, total, sink)
     except BaseException:

@@ -78,7 +78,7 @@ class _Finetuning:
         self.scaler = torch.amp.GradScaler(self.dev.type) if dtype == torch.float16 else None
 
     def phase(self, steps: int, batches: Any, loss: Any) -> Phase:
-        return Phase("finetune", self.cfg.finetune_epochs, steps, batches, loss, self.opt,
+        return Phase("finetune", self.cfg.finetune_epochs, self.cfg.steps(steps), batches, loss, self.opt,
                      [self.cfg.finetune_lr, self.cfg.finetune_lr * 10], [self.model], scaler=self.scaler)
 
     def run(self, phase: Phase, progress: bool) -> dict[str, list[float]]:

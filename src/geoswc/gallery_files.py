@@ -31,6 +31,7 @@ from numpy.typing import ArrayLike, NDArray
 from . import storage
 from .errors import ArtifactError, InputError
 from .gallery import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
+from .progress import progress_bar
 
 INDEX_FORMAT = "geoswc-index/2"
 BLOCK_BYTES = 64 << 20
@@ -275,9 +276,11 @@ class GalleryWriter:
             for arr in small.values():
                 out.write(arr)
             src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, d)) if n else None
-            for a, b in runs:
-                for s in range(a, b, CHUNK_ROWS):
-                    out.write(np.asarray(src[s:min(b, s + CHUNK_ROWS)]))  # type: ignore[index]
+            with progress_bar(total=n, desc="writing index", unit="row", show=n > CHUNK_ROWS) as bar:
+                for a, b in runs:
+                    for s in range(a, b, CHUNK_ROWS):
+                        out.write(np.asarray(src[s:min(b, s + CHUNK_ROWS)]))  # type: ignore[index]
+                        bar.update(min(b, s + CHUNK_ROWS) - s)
             del src
         return {"bytes": out.size, "sha256": out.whole.hexdigest(), "block_bytes": BLOCK_BYTES,
                 "block_sha256": out.block_digests()}

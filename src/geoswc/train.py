@@ -124,8 +124,8 @@ class _HeadTraining:
         if self.best_mvmf is not None and "mvmf_val" not in self.history:
             self.history["mvmf_val"] = [self.val_nll()]  # epoch 0: the untrained head (the cells' prior) competes
         bs = min(self.batch_size, len(self.fit_rows))
-        return Phase("mvmf", cfg.epochs, math.ceil(len(self.fit_rows) / bs), self.mvmf_batches, self.mvmf_loss, opt,
-                     [cfg.lr, cfg.lr * 10], [mv], sync_gradients=self.ctx.enabled,
+        return Phase("mvmf", cfg.epochs, cfg.steps(math.ceil(len(self.fit_rows) / bs)), self.mvmf_batches,
+                     self.mvmf_loss, opt, [cfg.lr, cfg.lr * 10], [mv], sync_gradients=self.ctx.enabled,
                      end_of_epoch=self.keep_if_best if self.best_mvmf is not None else None)
 
     def mvmf_batches(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -173,7 +173,7 @@ class _HeadTraining:
         opt = torch.optim.AdamW(self.model.rrm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.authors_t = torch.from_numpy(self.authors).to(self.dev)
         pairs = max(2, self.batch_size // 2)
-        return Phase("rrm", cfg.rrm_epochs, math.ceil(self.n / pairs), self.rrm_batches, self.rrm_loss, opt,
+        return Phase("rrm", cfg.rrm_epochs, cfg.steps(math.ceil(self.n / pairs)), self.rrm_batches, self.rrm_loss, opt,
                      [cfg.lr], [self.model.rrm], sync_gradients=self.ctx.enabled)
 
     def rrm_batches(self, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import compat, distributed, storage
 from .backbone import BackboneSpec
 from .cells import CellTable, build_cells
@@ -35,12 +37,13 @@ from .config import (
 )
 from .data import Record, find_photos, load_records, read_coordinates, read_photo_csv
 from .errors import InputError, SettingError
-from .features import Extraction, Extractor, FeatureSet, extract_and_save, extract_features, extract_shard_features
+from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
 from .gallery_files import GalleryWriter, load_gallery
 from .model import GeoModel
 from .options import BackboneChoice, Photos, RunConfig
 from .prediction import OutputFormat, PredictionWriter, Result, output_format
+from .progress import progress_bar
 from .service.settings import NO_SERVICE_CHANGES, ServiceChanges
 
 log = logging.getLogger(__name__)
@@ -62,13 +65,6 @@ def _geotagged(data: Photos) -> list[Record]:
     if not records:
         raise InputError(f"{data.csv or data.images} holds no usable photo")
     return records
-
-
-def _extract(ex: Extractor, data: Photos, how: Extraction) -> FeatureSet:
-    """Features of ``data``'s photos: shards streamed, or a photo list."""
-    if data.shards:
-        return extract_shard_features(ex, data.shards, how)[0]
-    return extract_features(ex, _geotagged(data), how)[0]
 
 
 def _load_geolocator(model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig) -> Any:
@@ -175,6 +171,7 @@ def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConf
     """
     storage.claim_folder(out, "model")
     with _process_group(run.device) as ctx:
+        log.info("verifying and loading the feature cache %s", features)  # its checksum reads it once: minutes at MP-16
         feats, table = FeatureSet.load(features), CellTable.load(cells)
         config = ModelConfig(backbone=feats.backbone, heads=heads, train=train, search=search, cells=table.config,
                              recipe=provenance or {})
@@ -224,21 +221,28 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
     m = GeoModel.load(model, with_backbone=features is None)
     out = Path(out) if out is not None else Path(model) / "index"
     storage.claim_folder(out, "gallery index")
-    if features is not None:
-        fs = FeatureSet.load(features)
-        compat.check(m, features=fs, where=str(features))
-    elif not data.given:
+    if features is None and not data.given:
         raise InputError("give the gallery: --features (a feature cache made with the model's backbone), or photos "
                          "to embed (--data.csv with --data.images, a GPS-EXIF folder --data.images, or --data.shards)")
-    else:
-        ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
-        fs = _extract(ex, data, Extraction(batch_size=run.batch_size, workers=run.workers))
-    step = 1 << 16  # embedded and written chunk by chunk: the gallery is never whole in memory
+    fs = FeatureSet.load(features) if features is not None else None
+    if fs is not None:
+        compat.check(m, features=fs, where=str(features))
     with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity) as w:
-        for s in range(0, len(fs), step):
-            lat, lon = fs.lat[s:s + step], fs.lon[s:s + step]
-            w.add(m.embed(fs.features[s:s + step, 0]), lat, lon, m.cells.assign(lat, lon), fs.names[s:s + step],
-                  fs.authors[s:s + step])
+
+        def add(feats: Any, lat: Any, lon: Any, names: Sequence[str], authors: Sequence[str]) -> None:
+            lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+            w.add(m.embed(feats), lat, lon, m.cells.assign(lat, lon), names, authors)
+
+        if fs is not None:  # embedded and written chunk by chunk: the gallery is never whole in memory
+            for s in progress_bar(range(0, len(fs), 1 << 14), desc="index", unit="chunk", show=len(fs) > 1 << 14):
+                e = s + (1 << 14)
+                add(fs.features[s:e, 0], fs.lat[s:e], fs.lon[s:e], fs.names[s:e], fs.authors[s:e])
+        else:  # photos: each batch embedded as the backbone computes it
+            ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
+            stream_features(ex, lambda _, f, metas: add(f[:, 0], [x.lat for x in metas], [x.lon for x in metas],
+                                                       [x.image for x in metas], [x.author for x in metas]),
+                            records=None if data.shards else _geotagged(data), shards=data.shards or None,
+                            how=Extraction(batch_size=run.batch_size, workers=run.workers))
         w.finish()
     gallery = load_gallery(out)
     compat.check(m, gallery=gallery)
