@@ -17,6 +17,7 @@ Run:  python benchmarks/scale_rehearsal.py --sizes 100000,1000000 --out benchmar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -130,7 +131,7 @@ def step_features(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any
     from geoswc.feature_files import CacheInfo, FeatureWriter
 
     lat, lon, authors = synthetic_photos(n, args.coords)
-    config = default_config("efficientnet-lite0")
+    config = dataclasses.replace(default_config("efficientnet-lite0"), feature_dim=args.dim)
     rng = np.random.default_rng(1)
     with FeatureWriter(work / "features", 1, args.dim) as w:
         for s in range(0, n, 1024):
@@ -158,12 +159,15 @@ def step_index(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_locate(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from geoswc import storage
     from geoswc.api import Geolocator
-    from geoswc.features import FeatureSet
 
     geo = Geolocator.load(work / "model", work / "index", with_backbone=False, search={"select_km": 2000.0})
-    rows = np.random.default_rng(2).integers(n, size=args.queries)
-    queries = FeatureSet.load(work / "features").features[rows, 0].float()
+    rows = np.sort(np.random.default_rng(2).integers(n, size=args.queries))  # queries: rows of the cache, mapped
+    feats = storage.map_tensor(work / "features" / "features.safetensors", "features", "the rehearsal's features")
+    queries = feats[torch.from_numpy(rows), 0].float()
     start = time.perf_counter()
     geo.predict_features(queries, "swc")
     return {"ms_per_photo": round(1000 * (time.perf_counter() - start) / len(rows), 2)}

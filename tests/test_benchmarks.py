@@ -1,4 +1,5 @@
-"""Smoke test of the cross-validation benchmark (the README's table comes from it) on 40 real photos."""
+"""Smoke tests of the benchmarks whose figures the README shows: the cross-validation on 40 real photos, the
+scale rehearsal and the cell selection at small sizes."""
 
 from __future__ import annotations
 
@@ -17,11 +18,43 @@ from geoswc.geo import haversine_km
 from .conftest import DEV_IMAGES, MP16, ROOT, dev_rows, write_csv
 
 
-def _load_cv():
-    spec = importlib.util.spec_from_file_location("cross_validation", ROOT / "benchmarks" / "cross_validation.py")
-    mod = sys.modules["cross_validation"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_cv():
+    return _load("cross_validation")
+
+
+@pytest.mark.shared_data
+def test_scale_rehearsal_measures_every_step(tmp_path, capsys):
+    sr = _load("scale_rehearsal")
+    out = tmp_path / "scale.json"
+    assert sr.main(["--sizes", "3000,6000", "--out", str(out), "--steps", "2", "--queries", "5", "--dim", "64",
+                    "--coords", str(MP16), "--work", str(tmp_path)]) == 0
+    result = json.loads(out.read_text())
+    assert [s["n"] for s in result["sizes"]] == [3000, 6000]
+    for size in result["sizes"]:
+        assert set(size["steps"]) == set(sr.STEPS)
+        for m in size["steps"].values():
+            assert m["wall_s"] > 0 and m["anon_peak_mb"] > 50 and m["peak_rss_mb"] >= m["anon_peak_mb"]
+        assert size["steps"]["index"]["gallery"] == size["n"] and size["steps"]["cells"]["cells"] > 100
+    assert set(result["growth"]) == set(sr.STEPS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("rehearsal-")]  # scratch removed
+
+
+@pytest.mark.shared_data
+def test_cell_selection_benchmark(tmp_path, capsys):
+    cs = _load("cell_selection")
+    out = tmp_path / "cs.json"
+    assert cs.main(["--out", str(out), "--cells", "2000", "--photos", "10", "--exact-photos", "3",
+                    "--coords", str(MP16)]) == 0
+    result = json.loads(out.read_text())
+    assert result["cells"] == 2000 and result["ms_per_photo_median"] > 0
+    assert 0 < result["chosen_mass_over_exact_min"] <= 1 and 0 <= result["mass_outside_candidates_median"] < 1
 
 
 @pytest.mark.shared_data

@@ -8,11 +8,11 @@ returns a :class:`LoadReport` that counts them and names the first few, and logs
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
 import re
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,29 +99,30 @@ def parse_coord(text: str | None, name: str, bound: float) -> float:
 
 
 def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """The lower-cased header and the ``(line, row)`` of a UTF-8 CSV, ``line`` the file line its record starts
-    on (a quoted field may span lines); a malformed file is an :class:`InputError`."""
+    """The lower-cased header and the ``(line, row)`` of a UTF-8 CSV, read as a stream (never whole in memory),
+    ``line`` the file line its record starts on (a quoted field may span lines); a malformed file, or one that is
+    not UTF-8, is an :class:`InputError` when the reader reaches the fault."""
     if not path.is_file():
         raise InputError(f"CSV file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        raw = path.read_bytes()
+        f = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - closed when the rows are read
+        size = path.stat().st_size
     except OSError as e:
         raise InputError(f"cannot read CSV {path}: {e.strerror or e}") from e
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"CSV {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                         "save it as UTF-8 and try again") from e
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(f)
 
     def rows() -> Iterator[tuple[int, list[str]]]:
-        try:
-            start = reader.line_num + 1
-            for row in progress_bar(reader, desc=f"reading {path.name}", unit="row", show=len(raw) > 8 << 20):
-                yield start, row
+        with f:
+            try:
                 start = reader.line_num + 1
-        except csv.Error as e:
-            raise InputError(f"CSV {path} is malformed near line {reader.line_num}: {e}") from None
+                for row in progress_bar(reader, desc=f"reading {path.name}", unit="row", show=size > 8 << 20):
+                    yield start, row
+                    start = reader.line_num + 1
+            except csv.Error as e:
+                raise InputError(f"CSV {path} is malformed near line {reader.line_num}: {e}") from None
+            except UnicodeDecodeError as e:
+                raise InputError(f"CSV {path} is not UTF-8 text (near line {reader.line_num + 1}: byte "
+                                 f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8 and try again") from None
 
     it = rows()
     return [h.strip().lower() for h in next(it, (1, []))[1]], it
@@ -150,7 +151,7 @@ def read_coordinates(path: str | Path) -> tuple[np.ndarray, np.ndarray, LoadRepo
     if "lat" not in header or "lon" not in header:
         raise InputError(f"{path} needs 'lat' and 'lon' columns (any case); its header is {header}")
     report, cols = LoadReport(str(path)), _Columns(header)
-    lat, lon = [], []
+    lat, lon = array("d"), array("d")  # 8 bytes a value while reading (a list holds a Python float per value)
     for n, row in rows:
         report.total += 1
         try:
@@ -163,7 +164,7 @@ def read_coordinates(path: str | Path) -> tuple[np.ndarray, np.ndarray, LoadRepo
     report.log()
     if not lat:
         raise InputError(f"{path} holds no usable coordinates: {report.summary()}")
-    return np.array(lat), np.array(lon), report
+    return np.frombuffer(lat, np.float64).copy(), np.frombuffer(lon, np.float64).copy(), report
 
 
 def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *, positions: bool = True,
