@@ -64,10 +64,6 @@ REGISTRY.update({
 })
 
 
-def list_backbones() -> list[str]:
-    return list(REGISTRY)
-
-
 def get_spec(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
