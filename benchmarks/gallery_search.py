@@ -1,23 +1,28 @@
-"""Gallery search at scale: search within the chosen cell vs exhaustive flat search over the whole gallery.
+"""Gallery search at MP-16 scale: FAISS codes (flat, sq8, pq, opq) searched within the chosen cell, on ~30k cells.
 
 Synthetic galleries of 100k, 1M and 4.7M entries (the size of MP-16) with the embedding width D of the default
-model (1280, float16). Positions are MP-16 photo coordinates (../shared/data/priors, resampled with ~1 km
-jitter), so the cell sizes follow where people take photos; the cells are the embedded default model's
-adaptive S2 partition (``--cells`` for another). Embeddings are a mixture: a per-cell direction, a "landmark"
-direction shared by ~50 photos, and noise; a query is a fresh photo of a random gallery photo's landmark, so
-its cell is drawn in proportion to cell size, as real queries are.
+model (1280). Positions are resampled from the MP-16 coordinates in ../shared/data/priors (jittered ~1 km, as
+in ``scale_rehearsal.py``), and the cells are an adaptive S2 table built from them with the paper recipe's
+thresholds scaled to the size (350 / 45 at 4.72M photos: ~30k cells at every size), so cell sizes follow where
+people take photos. Each entry is a mixture: its cell's direction, a "landmark" direction shared by ~50 photos,
+and noise. Two embedding distributions are measured side by side:
 
-Each gallery is built with the streaming :class:`geoswc.gallery_files.GalleryWriter` (chunks in random cell order,
-compacted at the end), then opened memory-mapped. Measured per size:
+- ``synthetic``: the three parts are isotropic Gaussian directions;
+- ``realistic``: the three parts are drawn from the embedded default model's real gallery embeddings (2,245
+  photos): their mean plus a Gaussian in their top principal components (their spectrum), so the vectors share
+  a mean direction and have few dominant dimensions, as trained embeddings do.
 
-- ``per_query_ms``: mean latency of ``Gallery.search(q, 10, rows=gallery.cell_rows(cell))``, the call
-  ``Geolocator`` makes (single query, exact); ``flat_per_query_ms``: ``Gallery.search(q, 10)`` over all rows.
-- ``recall_at_10``: the within-cell top-10 against a float32 brute force over the same cell (1.0 = exact).
-- ``cell_share_of_global_top10``: how many of the whole gallery's top-10 lie in the query's cell
-  (a property of the synthetic data, shown for context).
-- ``bytes_per_entry``: the index folder's size on disk over N (memory-mapped at load, not read).
-- ``build_s``: time in the streaming writer (chunks in, compaction, checksums), synthetic generation excluded.
-- ``faiss``: FAISS (HNSW and IVF-SQfp16) on the largest cell, with recall@10 against the exact search.
+A query is a fresh photo of a random gallery photo's landmark, so its cell is drawn in proportion to cell size,
+as real queries are. Each gallery is written by :class:`geoswc.gallery_files.GalleryWriter` (training the
+quantiser on a sample, coding the rows as they are compacted), then opened with ``load_gallery`` as a service
+would. Measured per size, distribution and codes:
+
+- ``per_query_ms`` (mean, p50, p95): ``Gallery.search(q, 10, cells=[cell])``, the call ``Geolocator`` makes;
+  each query is one FAISS preassigned-list search plus the exact re-ranking of the short list from disk;
+- ``recall_at_10``: against the exact float32 top-10 over the same cell's stored vectors (1.0 = exact);
+- ``resident_bytes_per_entry``: the growth of the process's resident memory (anonymous + file-backed pages) from
+  before loading the index to after the queries, over N; ``anon_bytes_per_entry``: the anonymous part;
+- ``disk_bytes_per_entry``, ``build_s`` (writer time, synthetic generation excluded), ``load_s``.
 
 Run:  python benchmarks/gallery_search.py --out benchmarks/results/gallery_search.json [--quick]
 """
@@ -28,8 +33,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,30 +43,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geoswc import storage
+from geoswc import storage, workflow
 from geoswc.api import default_model_dir
-from geoswc.cells import CellTable
+from geoswc.config import CellConfig, GalleryCodes
 from geoswc.gallery import Gallery, GalleryIdentity
 from geoswc.gallery_files import GalleryWriter, load_gallery
+from scale_rehearsal import MP16, synthetic_photos  # noqa: E402 - a sibling script (benchmarks/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 K = 10
 CHUNK = 1 << 16
+LANDMARK_PHOTOS = 50
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
-    p.add_argument("--quick", action="store_true", help="small sizes and few queries (under 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="one small size, few queries (about a minute)")
     p.add_argument("--sizes", default=None, help="comma-separated gallery sizes (default 100000,1000000,4700000)")
-    p.add_argument("--queries", type=int, default=None, help="within-cell queries per size (default 300; quick 60)")
-    p.add_argument("--cells", type=Path, default=default_model_dir() / "cells.csv", help="cell table CSV")
+    p.add_argument("--codes", default="flat,pq", help="kinds of codes to measure, comma-separated")
+    p.add_argument("--flat-max", type=int, default=1_000_000,
+                   help="largest size measured with flat codes (flat holds 2 bytes a dimension in memory)")
+    p.add_argument("--pq-bytes", type=int, default=128, help="bytes of a pq/opq code")
+    p.add_argument("--rerank", type=int, default=100, help="candidates re-scored exactly")
+    p.add_argument("--distributions", default="synthetic,realistic")
+    p.add_argument("--queries", type=int, default=None, help="within-cell queries per gallery (default 300)")
     p.add_argument("--coords", type=Path, default=SHARED / "priors" / "mp16-coordinates-100k.csv")
     p.add_argument("--dim", type=int, default=None, help="embedding width (default: the default model's)")
     p.add_argument("--workdir", type=Path, default=None, help="where to build the galleries (default: a temp dir)")
-    p.add_argument("--no-faiss", action="store_true", help="skip the FAISS comparison")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch and FAISS threads (1 is faster on a busy machine)")
+    p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: measure one index, print JSON
+    p.add_argument("--queries-file", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -70,39 +85,79 @@ def default_dim() -> int:
     return int(cfg["backbone"]["feature_dim"])  # the RRM keeps the backbone's width
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def memory_mb() -> tuple[float, float]:
+    """This process's ``(VmRSS, RssAnon)`` in MiB."""
+    got = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon"):
+            got[key] = int(value.split()[0]) / 1024
+    return got["VmRSS"], got["RssAnon"]
 
 
 class Synth:
-    """The synthetic embedding model: cell direction + landmark direction + noise, unit norm."""
+    """The embedding model: cell direction + landmark direction + noise, unit norm.
 
-    def __init__(self, dim: int, num_cells: int, seed: int, landmarks: int = 20000) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.dim = dim
-        self.cell_dir = torch.nn.functional.normalize(torch.randn(num_cells + 1, dim, generator=g), dim=1)
-        self.lm_dir = torch.nn.functional.normalize(torch.randn(landmarks, dim, generator=g), dim=1)
-        self.g = g
+    Args:
+        basis: ``(mean (D,), components (r, D))`` with the components scaled by their standard deviations: the
+            parts are drawn in that space (``realistic``); None draws them isotropically (``synthetic``).
+    """
+
+    def __init__(self, dim: int, num_cells: int, seed: int, landmarks: int,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.dim, self.basis = dim, basis
+        self.cell_dir = self._draw(num_cells + 1)
+        self.lm_dir = self._draw(landmarks)
+
+    def _draw(self, n: int) -> torch.Tensor:
+        if self.basis is None:
+            return torch.nn.functional.normalize(torch.randn(n, self.dim, generator=self.g), dim=1)
+        _, comps = self.basis
+        x = torch.randn(n, comps.shape[0], generator=self.g) @ comps
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def make(self, cell: np.ndarray, lm: np.ndarray) -> torch.Tensor:
-        noise = torch.nn.functional.normalize(torch.randn(len(cell), self.dim, generator=self.g), dim=1)
         c = torch.from_numpy(np.where(cell < 0, len(self.cell_dir) - 1, cell))
-        x = 0.45 * self.cell_dir[c] + 0.6 * self.lm_dir[torch.from_numpy(lm % len(self.lm_dir))] + 0.66 * noise
+        x = 0.45 * self.cell_dir[c] + 0.6 * self.lm_dir[torch.from_numpy(lm % len(self.lm_dir))] + \
+            0.66 * self._draw(len(cell))
+        if self.basis is not None:
+            x = x + self.basis[0]
         return torch.nn.functional.normalize(x, dim=1)
 
 
-def build(folder: Path, n: int, synth: Synth, base_lat: np.ndarray, base_lon: np.ndarray, base_cell: np.ndarray,
-          num_cells: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """Write a synthetic gallery of n entries; returns the entries' (cell, landmark) and the time spent in the
-    writer (adding chunks and compacting; generating the synthetic data is not counted)."""
-    pick = rng.integers(0, len(base_lat), n)
-    cell = base_cell[pick]
-    lm = pick.astype(np.int64) * 2 + rng.integers(0, 2, n)  # two landmarks per MP-16 coordinate
-    lat = np.clip(base_lat[pick] + rng.normal(0, 0.01, n), -90, 90)
-    lon = (base_lon[pick] + rng.normal(0, 0.01, n) + 180) % 360 - 180
+def real_basis(rank: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and scaled principal components of the default model's real gallery embeddings."""
+    emb = torch.from_numpy(np.asarray(load_gallery(default_model_dir() / "index").embeddings, np.float32))
+    mean = emb.mean(0)
+    _, s, v = torch.linalg.svd(emb - mean, full_matrices=False)
+    r = min(rank, len(s))
+    comps = v[:r] * (s[:r, None] / np.sqrt(len(emb) - 1))
+    scale = float(comps.pow(2).sum().sqrt())  # the parts' typical norm: make them unit-sized, like the mean's
+    return mean / scale, comps / scale
+
+
+def cell_table(n: int, work: Path, coords: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Positions of ``n`` photos, and their cells in an adaptive S2 table of ~30k cells built from them."""
+    lat, lon, _ = synthetic_photos(n, coords)
+    path = work / "coords.csv"
+    with open(path, "w") as f:
+        f.write("lat,lon\n")
+        for s in range(0, n, CHUNK):
+            np.savetxt(f, np.column_stack([lat[s:s + CHUNK], lon[s:s + CHUNK]]), fmt="%.6f", delimiter=",")
+    thresholds = CellConfig(max_per_cell=max(4, round(350 * n / MP16)), min_per_cell=max(1, round(45 * n / MP16)))
+    table = workflow.cells(path, work / "cells.csv", thresholds)
+    return lat, lon, table.assign(lat, lon), len(table)
+
+
+def build(folder: Path, synth: Synth, photos: tuple, num_cells: int, codes: GalleryCodes, seed: int) -> float:
+    """Write the gallery; returns the seconds spent in the writer (synthetic generation excluded)."""
+    lat, lon, cell = photos
+    n = len(lat)
+    lm = np.random.default_rng(seed).integers(0, max(1, n // LANDMARK_PHOTOS), n)
     write_s = 0.0
-    with GalleryWriter(folder, synth.dim, GalleryIdentity("synthetic0000000", "synthetic0000000", num_cells)) as w:
+    with GalleryWriter(folder, synth.dim, GalleryIdentity("synthetic0000000", "synthetic0000000", num_cells),
+                       codes) as w:
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             emb = synth.make(cell[s:e], lm[s:e]).half().numpy()
@@ -113,206 +168,132 @@ def build(folder: Path, n: int, synth: Synth, base_lat: np.ndarray, base_lon: np
         t0 = time.perf_counter()
         w.finish()
         write_s += time.perf_counter() - t0
-    return cell, lm, write_s
+    return write_s
 
 
-def dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+def exact_top(g: Gallery, q: np.ndarray, cell: int) -> np.ndarray:
+    """The exact float32 top-k over the cell's stored vectors (ties by row)."""
+    rows = g.cell_rows(cell)
+    sims = np.asarray(g.embeddings[rows], np.float32) @ q
+    return rows[np.lexsort((rows, -sims))[:K]]
 
 
-def brute_top(g: Gallery, q: np.ndarray, start: int, stop: int, k: int = K) -> np.ndarray:
-    best_s, best_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
-    for s in range(start, stop, CHUNK):
-        e = min(stop, s + CHUNK)
-        sims = np.asarray(g.embeddings[s:e], np.float32) @ q
-        best_s, best_i = np.concatenate([best_s, sims]), np.concatenate([best_i, np.arange(s, e)])
-        keep = np.lexsort((best_i, -best_s))[:k]
-        best_s, best_i = best_s[keep], best_i[keep]
-    return best_i
+def queries_for(synth: Synth, photos: tuple, nq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``nq`` fresh photos of random gallery photos' landmarks, and their cells."""
+    lat, _, cell = photos
+    rng = np.random.default_rng(seed + 1)
+    qi = rng.choice(np.flatnonzero(cell >= 0), nq)
+    lm = np.random.default_rng(seed).integers(0, max(1, len(lat) // LANDMARK_PHOTOS), len(lat))[qi]
+    return synth.make(cell[qi], lm).numpy(), cell[qi]
 
 
-def faiss_on_cell(g: Gallery, cell: int, queries: np.ndarray) -> dict | None:
-    try:
-        import faiss
-    except ImportError:
-        return None
-    a, b = g.cell_range(cell)
-    x = np.ascontiguousarray(g.embeddings[a:b], np.float32)
-    exact = [g.search(q, K, rows=np.arange(a, b))[0] - a for q in queries]
-    t0 = time.perf_counter()
-    for q in queries:
-        g.search(q, K, rows=np.arange(a, b))
-    exact_ms = 1000 * (time.perf_counter() - t0) / len(queries)
-    out: dict = {"cell_entries": int(b - a), "exact_per_query_ms": exact_ms, "indexes": []}
-    n = b - a
-    nlist = max(8, int(np.sqrt(n)))
-    kinds = [("HNSW32,Flat efSearch=64", lambda: faiss.IndexHNSWFlat(g.dim, 32, faiss.METRIC_INNER_PRODUCT)),
-             (f"IVF{nlist},SQfp16 nprobe=16", lambda: faiss.IndexIVFScalarQuantizer(
-                 faiss.IndexFlatIP(g.dim), g.dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT))]
-    for name, make in kinds:
-        index = make()
-        faiss.omp_set_num_threads(torch.get_num_threads())  # build on all threads
-        t0 = time.perf_counter()
-        if not index.is_trained:
-            index.train(x)
-        if isinstance(index, faiss.IndexHNSWFlat):
-            index.hnsw.efConstruction = 40
-        index.add(x)
-        build_s = time.perf_counter() - t0
-        if isinstance(index, faiss.IndexHNSWFlat):
-            index.hnsw.efSearch = 64
-        else:
-            index.nprobe = 16
-        faiss.omp_set_num_threads(1)  # one query at a time, like the exact search
-        hits, t0 = 0, time.perf_counter()
-        found = [index.search(q[None, :], K)[1][0] for q in queries]
-        ms = 1000 * (time.perf_counter() - t0) / len(queries)
-        for f, e in zip(found, exact, strict=True):
-            hits += len(set(f.tolist()) & set(e.tolist()))
-        out["indexes"].append({"index": name, "per_query_ms": ms, "recall_at_10": hits / (K * len(queries)),
-                               "build_s": build_s, "bytes_per_entry": _faiss_bytes(faiss, index) / n})
-        del index
-    return out
-
-
-def _faiss_bytes(faiss, index) -> int:
-    with tempfile.NamedTemporaryFile() as f:
-        faiss.write_index(index, f.name)
-        return os.path.getsize(f.name)
-
-
-def run_size(n: int, args: argparse.Namespace, work: Path, table: CellTable, base: tuple, synth: Synth) -> dict:
-    rng = np.random.default_rng(args.seed + n)
-    folder = work / f"gallery-{n}"
-    print(f"[{n:,}] building ...", file=sys.stderr, flush=True)
-    cell, lm, build_s = build(folder, n, synth, *base, len(table), rng)
-    rss0 = rss_mb()
+def measure(folder: Path, queries: Path) -> dict:
+    """Open the index and time within-cell queries, in this (fresh) process; then recall against the exact
+    search (after the memory reading: the exact search maps the cells' vectors)."""
+    data = np.load(queries)
+    qs, qcells = data["queries"], data["cells"]
+    import faiss  # noqa: F401 - loaded before the first reading: the index's memory, not the library's
+    rss0, anon0 = memory_mb()
     t0 = time.perf_counter()
     g = load_gallery(folder)
-    load_ms = 1000 * (time.perf_counter() - t0)
-    rss_load = rss_mb() - rss0
-    t0 = time.perf_counter()
-    g.verify()  # every block's checksum once (reads the file into the page cache, as searches would)
-    verify_s = time.perf_counter() - t0
-
-    nq = args.queries or (60 if args.quick else 300)
-    inside = np.flatnonzero(cell >= 0)
-    qi = rng.choice(inside, nq)
-    queries = synth.make(cell[qi], lm[qi]).numpy()
-    qcells = cell[qi]
-    for q, c in zip(queries[:5], qcells[:5], strict=True):  # warm-up
-        g.search(q, K, rows=g.cell_rows(int(c)))
-    times, cand = [], []
-    for q, c in zip(queries, qcells, strict=True):
+    load_s = time.perf_counter() - t0
+    for q, c in zip(qs[:5], qcells[:5], strict=True):  # warm-up
+        g.search(q, K, cells=[int(c)])
+    times, found = [], []
+    for q, c in zip(qs, qcells, strict=True):
         t0 = time.perf_counter()
-        rows = g.cell_rows(int(c))
-        g.search(q, K, rows=rows)
-        times.append(time.perf_counter() - t0)
-        cand.append(rows.size)
-    times_ms = 1000 * np.array(times)
-
-    nflat = 5 if args.quick else (20 if n <= 200_000 else 10 if n <= 2_000_000 else 5)
-    flat_ms, share = [], []
-    g.search(queries[0], K)  # warm-up
-    for q, c in zip(queries[:nflat], qcells[:nflat], strict=True):
-        t0 = time.perf_counter()
-        top, _ = g.search(q, K)
-        flat_ms.append(1000 * (time.perf_counter() - t0))
-        share.append(float(np.mean(g.cell[top] == c)))
-
-    nrec = min(nq, 10 if args.quick else 30)
-    hits = 0
-    for q, c in zip(queries[:nrec], qcells[:nrec], strict=True):
-        a, b = g.cell_range(int(c))
-        got = g.search(q, K, rows=g.cell_rows(int(c)))[0]
-        hits += len(set(got.tolist()) & set(brute_top(g, q, a, b).tolist()))
-    recall = hits / (K * nrec)
-
-    faiss_res = None
-    if not args.no_faiss:
-        big = int(np.argmax(g.cell_sizes()))
-        fq = rng.choice(np.flatnonzero(cell == big), 50 if args.quick else 200)
-        print(f"[{n:,}] FAISS on the largest cell ({g.cell_sizes()[big]:,} entries) ...", file=sys.stderr, flush=True)
-        faiss_res = faiss_on_cell(g, big, synth.make(cell[fq], lm[fq]).numpy())
-
-    sizes = g.cell_sizes()
-    res = {
-        "entries": n,
-        "dim": g.dim,
-        "cells": len(table),
-        "nonempty_cells": int((sizes > 0).sum()),
-        "largest_cell": int(sizes.max()),
-        "mean_candidates": float(np.mean(cand)),
-        "per_query_ms": float(times_ms.mean()),
-        "p50_ms": float(np.median(times_ms)),
-        "p95_ms": float(np.percentile(times_ms, 95)),
-        "flat_per_query_ms": float(np.mean(flat_ms)),
-        "speedup_vs_flat": float(np.mean(flat_ms) / times_ms.mean()),
-        "bytes_per_entry": dir_bytes(folder) / n,
-        "embedding_bytes_per_entry": g.dim * 2,
-        "recall_at_10": recall,
-        "cell_share_of_global_top10": float(np.mean(share)),
-        "queries": nq,
-        "flat_queries": nflat,
-        "build_s": build_s,
-        "load_ms": load_ms,
-        "rss_after_load_mb": rss_load,
-        "verify_s": verify_s,
-        "faiss": faiss_res,
-    }
-    del g
-    shutil.rmtree(folder, ignore_errors=True)
-    return res
+        found.append(g.search(q, K, cells=[int(c)])[0])
+        times.append(1000 * (time.perf_counter() - t0))
+    rss1, anon1 = memory_mb()
+    truth = [exact_top(g, q, int(c)) for q, c in zip(qs, qcells, strict=True)]
+    hits = sum(int(np.isin(f, t).sum()) for f, t in zip(found, truth, strict=True))
+    ms, sizes, n = np.array(times), g.cell_sizes(), len(g)
+    return {"codes": g.codes, "code_bytes": int(g.lists.ivf.code_size), "rerank": g.rerank,
+            "per_query_ms": float(ms.mean()), "p50_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+            "recall_at_10": hits / max(1, sum(t.size for t in truth)), "queries": len(qs),
+            "mean_cell_searched": float(np.mean(sizes[qcells])), "cells": len(sizes),
+            "nonempty_cells": int((sizes > 0).sum()), "largest_cell": int(sizes.max()),
+            "resident_bytes_per_entry": (rss1 - rss0) * 2**20 / n, "anon_bytes_per_entry": (anon1 - anon0) * 2**20 / n,
+            "disk_bytes_per_entry": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / n,
+            "load_s": load_s}
 
 
-def print_table(rows: list[dict]) -> None:
-    print("| entries | cells (non-empty) | mean cell searched | within-cell ms/query (p50) | flat ms/query | "
-          "speedup | bytes/entry | recall@10 | write s | load ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['entries']:,} | {r['cells']} ({r['nonempty_cells']}) | {r['mean_candidates']:,.0f} | "
-              f"{r['per_query_ms']:.2f} ({r['p50_ms']:.2f}) | {r['flat_per_query_ms']:.1f} | "
-              f"{r['speedup_vs_flat']:.0f}x | {r['bytes_per_entry']:.0f} | {r['recall_at_10']:.3f} | "
-              f"{r['build_s']:.1f} | {r['load_ms']:.1f} |")
-    fa = [(r["entries"], r["faiss"]) for r in rows if r.get("faiss")]
-    if fa:
-        print("\nFAISS on the largest cell vs exact within-cell search (recall@10 against exact):\n")
-        print("| entries | cell entries | exact ms/query | index | ms/query | recall@10 | build s | bytes/entry |")
-        print("|---:|---:|---:|---|---:|---:|---:|---:|")
-        for n, f in fa:
-            for ix in f["indexes"]:
-                print(f"| {n:,} | {f['cell_entries']:,} | {f['exact_per_query_ms']:.2f} | {ix['index']} | "
-                      f"{ix['per_query_ms']:.2f} | {ix['recall_at_10']:.3f} | {ix['build_s']:.1f} | "
-                      f"{ix['bytes_per_entry']:.0f} |")
+def measure_in_child(folder: Path, queries: Path, threads: int) -> dict:
+    """:func:`measure` in a fresh process, so that its memory is the index's and the interpreter's alone."""
+    cmd = [sys.executable, __file__, "--out", "-", "--measure", str(folder), "--queries-file", str(queries),
+           "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring {folder} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def set_threads(n: int) -> None:
+    import faiss
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.queries_file)))
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
-        [20_000, 100_000] if args.quick else [100_000, 1_000_000, 4_700_000])
+        [20_000] if args.quick else [100_000, 1_000_000, 4_700_000])
+    kinds = args.codes.split(",")
     dim = args.dim or default_dim()
-    table = CellTable.load(args.cells)
-    coords = np.loadtxt(args.coords, delimiter=",", skiprows=1)
-    base = (coords[:, 0], coords[:, 1], table.assign(coords[:, 0], coords[:, 1]))
-    synth = Synth(dim, len(table), args.seed)
+    nq = args.queries or (40 if args.quick else 300)
     work = Path(tempfile.mkdtemp(prefix="geoswc-gallery-bench-", dir=args.workdir))
     rows = []
     try:
         for n in sizes:
-            rows.append(run_size(n, args, work, table, base, synth))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "faiss"}), file=sys.stderr, flush=True)
+            lat, lon, cell, num_cells = cell_table(n, work, args.coords)
+            photos = (lat, lon, cell)
+            for dist in args.distributions.split(","):
+                basis = real_basis() if dist == "realistic" else None
+                if basis is not None and basis[0].shape[0] != dim:
+                    raise SystemExit(f"--dim {dim} differs from the default model's embeddings ({basis[0].shape[0]})")
+                for kind in kinds:
+                    if kind == "flat" and n > args.flat_max:
+                        continue
+                    synth = Synth(dim, num_cells, args.seed, max(1, n // LANDMARK_PHOTOS), basis)
+                    codes = GalleryCodes(kind=kind, pq_bytes=args.pq_bytes, rerank=args.rerank, seed=args.seed)
+                    folder = work / f"gallery-{n}-{dist}-{kind}"
+                    print(f"[{n:,} {dist} {kind}] building ...", file=sys.stderr, flush=True)
+                    build_s = build(folder, synth, photos, num_cells, codes, args.seed)
+                    synth = Synth(dim, num_cells, args.seed, max(1, n // LANDMARK_PHOTOS), basis)  # same directions
+                    qs, qcells = queries_for(synth, photos, nq, args.seed)
+                    np.savez(work / "queries.npz", queries=qs, cells=qcells)
+                    row = {"entries": n, "dim": dim, "distribution": dist, "build_s": build_s,
+                           **measure_in_child(folder, work / "queries.npz", args.threads)}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
-    result = {
-        "benchmark": "gallery_search", "quick": args.quick, "k": K, "dim": dim, "cells_file": str(args.cells),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "sizes": rows,
-    }
+    result = {"benchmark": "gallery_search", "quick": args.quick, "k": K, "dim": dim, "cpu_count": os.cpu_count(),
+              "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+              "threads": args.threads, "faiss": __import__("faiss").__version__,
+              "command": " ".join(["python", *sys.argv]), "runs": rows}
     storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")
     return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| entries | embeddings | codes | cells (non-empty) | mean cell | ms/query (p50, p95) | recall@10 | "
+          "resident B/entry (anon) | disk B/entry | write s | load s |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        codes = r["codes"] + (f" {r['code_bytes']} B, re-rank {r['rerank']}" if r["codes"] != "flat" else "")
+        print(f"| {r['entries']:,} | {r['distribution']} | {codes} | {r['cells']:,} ({r['nonempty_cells']:,}) | "
+              f"{r['mean_cell_searched']:.0f} | {r['per_query_ms']:.2f} ({r['p50_ms']:.2f}, {r['p95_ms']:.2f}) | "
+              f"{r['recall_at_10']:.3f} | {r['resident_bytes_per_entry']:.0f} ({r['anon_bytes_per_entry']:.0f}) | "
+              f"{r['disk_bytes_per_entry']:.0f} | {r['build_s']:.0f} | {r['load_s']:.1f} |")
 
 
 if __name__ == "__main__":

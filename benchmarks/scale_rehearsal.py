@@ -7,9 +7,9 @@ and random float16 features of the backbone's width (EfficientNet-Lite0: 1280), 
 feature-cache writer. Cells use the paper recipe's thresholds (350 / 45 at 4.72M) scaled to the photos, so every
 size gets a table of roughly MP-16's ~30k cells. Each step runs in its own process through the library
 function the command runs (``workflow.cells``, ``FeatureWriter``, ``workflow.train`` with ``max_steps`` steps per
-phase, ``workflow.index``, ``Geolocator.predict_features``), sampled every 50 ms for its resident memory
-(``peak_rss_mb``, file-backed pages of memory-mapped caches included) and its anonymous memory
-(``anon_peak_mb``, what the step itself allocated).
+phase, ``workflow.index`` with the MP-16 recipe's ``pq`` codes, ``Geolocator.predict_features``), sampled every
+50 ms for its resident memory (``peak_rss_mb``, file-backed pages of memory-mapped caches included) and its
+anonymous memory (``anon_peak_mb``, what the step itself allocated).
 
 Run:  python benchmarks/scale_rehearsal.py --sizes 100000,1000000 --out benchmarks/results/scale_rehearsal.json
 """
@@ -153,8 +153,10 @@ def step_train(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def step_index(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from geoswc import workflow
+    from geoswc.config import GalleryCodes
 
-    gallery = workflow.index(work / "model", work / "index", features=work / "features")
+    codes = GalleryCodes(kind="pq", pq_bytes=math.gcd(args.dim, 128))  # the MP-16 recipe's codes (128 B at 1280-d)
+    gallery = workflow.index(work / "model", work / "index", features=work / "features", codes=codes)
     return {"gallery": len(gallery)}
 
 

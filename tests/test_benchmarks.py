@@ -1,5 +1,5 @@
 """Smoke tests of the benchmarks whose figures the README shows: the cross-validation on 40 real photos, the
-scale rehearsal and the cell selection at small sizes."""
+scale rehearsal, the cell selection and the gallery search at small sizes."""
 
 from __future__ import annotations
 
@@ -87,3 +87,21 @@ def test_cross_validation_quick_run(tmp_path, capsys):
     err = haversine_km(lat, lon, cells.lat[c], cells.lon[c])
     assert abs(result["methods"]["cell prior"]["median_km"] - float(np.median(err))) < 1e-6
     assert cv.cell_prior(cells, 0.0) == int(np.argmax(cells.count))
+
+
+@pytest.mark.shared_data
+def test_gallery_search_benchmark(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its sibling scale_rehearsal
+    gs = _load("gallery_search")
+    out = tmp_path / "gs.json"
+    assert gs.main(["--out", str(out), "--sizes", "4000", "--codes", "flat,pq", "--pq-bytes", "16", "--dim", "64",
+                    "--distributions", "synthetic", "--queries", "20", "--coords", str(MP16), "--threads", "1",
+                    "--workdir", str(tmp_path)]) == 0
+    runs = {r["codes"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"flat", "pq"} and runs["pq"]["code_bytes"] == 16 and runs["flat"]["code_bytes"] == 128
+    assert runs["flat"]["recall_at_10"] == 1.0 and runs["pq"]["recall_at_10"] >= 0.9
+    for r in runs.values():
+        assert r["entries"] == 4000 and r["cells"] > 1000 and r["per_query_ms"] > 0 and r["queries"] == 20
+    assert runs["pq"]["disk_bytes_per_entry"] > runs["flat"]["disk_bytes_per_entry"] + 16  # codes beside vectors
+    assert "| 4,000 | synthetic | pq 16 B" in capsys.readouterr().out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("geoswc-gallery-bench-")]  # scratch removed

@@ -254,3 +254,19 @@ def test_cells_command_reports_bad_rows(tmp_path, capsys):
                  "--cells.min_per_cell", "1"]) == 0
     out, err = capsys.readouterr()
     assert "3 skipped" in err and "lat 95.0 is outside" in err and "cells from 4 coordinates" in out
+
+
+def test_out_of_memory_names_what_was_being_built(monkeypatch, capsys, tmp_path):
+    """A MemoryError inside a builder says what it was building (and its size) on the one error line."""
+    import geoswc.workflow
+
+    def huge(*a, **k):
+        raise MemoryError("Unable to allocate 9.1 GiB for an array with shape (4723695, 256)")
+
+    monkeypatch.setattr(geoswc.workflow, "build_cells", huge)
+    coords = tmp_path / "c.csv"
+    coords.write_text("lat,lon\n" + "".join(f"{i % 80}.5,{i % 170}.25\n" for i in range(300)))
+    assert main(["cells", "--coords", str(coords), "--out", str(tmp_path / "cells.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines
+    assert err.startswith("geoswc cells: error: out of memory (while building cells from 300 coordinates: Unable to "
+                          "allocate 9.1 GiB")

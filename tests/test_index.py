@@ -1,4 +1,5 @@
-"""The gallery index: memory-mapped round trips, streamed building, exact search, and refusal of damaged files."""
+"""The gallery index: memory-mapped round trips, streamed building, exact and coded (FAISS) search, and refusal
+of damaged files."""
 
 import hashlib
 import json
@@ -6,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from geoswc import gallery_files
-from geoswc.errors import ArtifactError
+from geoswc import gallery_files, storage
+from geoswc.config import GalleryCodes
+from geoswc.errors import ArtifactError, InputError
 from geoswc.gallery import Gallery, GalleryIdentity
 from geoswc.gallery_files import GalleryWriter, load_gallery, save_gallery
 
@@ -91,17 +93,19 @@ def test_search_is_exact(tmp_path):
         c = int(rng.integers(C))
         rows = g.cell_rows(c)
         ex = g.excluded_rows([g.names[int(rows[0])]], [g.authors[int(rows[1])]])
-        idx, sim = g.search(q, 10, rows=rows, exclude=ex)
+        idx, sim = g.search(q, 10, cells=[c], exclude=ex)
         assert (idx == _brute(g, q, 10, rows, ex)).all()
         assert np.allclose(sim, g.embeddings[idx].astype(np.float32) @ q, atol=1e-6)
         assert (g.search(q, 10)[0] == _brute(g, q, 10, np.arange(N))).all()
-        scattered = np.sort(rng.choice(N, 300, replace=False))
-        assert (g.search(q, 7, rows=scattered)[0] == _brute(g, q, 7, scattered)).all()
         cells = [c, (c + 3) % C]
         union = np.concatenate([g.cell_rows(x) for x in cells])
-        assert (g.search_cells(q, 10, cells)[0] == _brute(g, q, 10, union)).all()
-    assert g.search(q, 10, rows=np.zeros(0, np.int64))[0].size == 0
-    assert g.search(q, 10, rows=g.cell_rows(0), exclude=g.cell_rows(0))[0].size == 0
+        assert (g.search(q, 10, cells=cells)[0] == _brute(g, q, 10, union)).all()
+    assert g.search(q, 10, cells=[])[0].size == 0
+    assert g.search(q, 10, cells=[C, -1, 10**9])[0].size == 0  # unknown cells hold nothing
+    assert g.search(q, 10, cells=[0], exclude=g.cell_rows(0))[0].size == 0
+    outside = np.flatnonzero(g.cell < 0)  # photos in no cell: found by whole-gallery searches only
+    found = g.search(g.embeddings[outside[0]].astype(np.float32), 1)[0]
+    assert outside.size and found[0] in outside
 
 
 def test_excluded_rows_by_name_and_author(tmp_path):
@@ -141,24 +145,125 @@ def test_truncated_or_tampered_index_is_refused(tmp_path):
         load_gallery(tmp_path / "idx")
 
 
-def test_large_index_verifies_embedding_blocks_on_first_use(tmp_path, monkeypatch):
-    """Above EAGER_VERIFY_BYTES only the metadata is checked at load; a search checks the blocks it reads."""
+def test_flat_index_verifies_every_block_at_load(tmp_path, monkeypatch):
+    """FAISS copies a flat index's embeddings into its lists: a damaged row anywhere is refused at load."""
+    monkeypatch.setattr(gallery_files, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(gallery_files, "EAGER_VERIFY_BYTES", 0)
+    save_gallery(_gallery(), tmp_path / "idx")
+    p = tmp_path / "idx" / "index.safetensors"
+    bad = bytearray(p.read_bytes())
+    bad[len(bad) - 3] ^= 0xFF  # the last row
+    p.write_bytes(bytes(bad))
+    with pytest.raises(ArtifactError, match="damaged"):
+        load_gallery(tmp_path / "idx")
+
+
+PQ = GalleryCodes(kind="pq", pq_bytes=12, rerank=40)
+
+
+@pytest.mark.parametrize("codes", [GalleryCodes(kind="sq8", rerank=40), PQ,
+                                   GalleryCodes(kind="opq", pq_bytes=12, rerank=40)], ids=lambda c: c.kind)
+def test_coded_index_round_trip_recall_and_exclusion(tmp_path, codes):
+    """A coded index holds ``code_size`` bytes a row in FAISS, re-ranks exactly, and honours the leakage guard."""
+    g = _gallery()
+    save_gallery(g, tmp_path / "idx", codes)
+    h = load_gallery(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert h.codes == codes.kind and meta["codes"]["kind"] == codes.kind and h.rerank == 40
+    assert h.lists.ivf.ntotal == N and h.lists.ivf.code_size == (D if codes.kind == "sq8" else 12)
+    rng = np.random.default_rng(2)
+    hits = total = 0
+    for _ in range(30):
+        i = int(rng.integers(N))
+        q = h.embeddings[i].astype(np.float32) + 0.3 * rng.standard_normal(D).astype(np.float32)
+        q /= np.linalg.norm(q)
+        c = max(int(h.cell[i]), 0)
+        ex = h.excluded_rows([h.names[i]], [h.authors[int(h.cell_rows(c)[3])]])
+        idx, sim = h.search(q, 10, cells=[c], exclude=ex)
+        assert not np.isin(idx, ex).any() and (h.cell[idx] == c).all()
+        assert np.allclose(sim, h.embeddings[idx].astype(np.float32) @ q, atol=1e-6)  # exact scores, re-ranked
+        assert (np.diff(sim) <= 0).all()
+        truth = _brute(h, q, 10, h.cell_rows(c), ex)
+        hits += np.isin(idx, truth).sum()
+        total += truth.size
+    assert hits / total >= 0.9  # ~250 rows a cell, 40 re-ranked
+
+
+def test_coded_index_build_is_deterministic_and_streams(tmp_path):
+    emb, lat, lon, cell, names, authors = _data()
+    save_gallery(_gallery(), tmp_path / "one", PQ)
+    with GalleryWriter(tmp_path / "stream", D, IDENTITY, PQ) as w:
+        for s in range(0, N, 700):
+            w.add(emb[s:s + 700], lat[s:s + 700], lon[s:s + 700], cell[s:s + 700], names[s:s + 700],
+                  authors[s:s + 700])
+        w.finish()
+    for f in ("index.safetensors", "items.csv", "codes.safetensors"):
+        assert _sha(tmp_path / "one" / f) == _sha(tmp_path / "stream" / f), f
+    save_gallery(_gallery(), tmp_path / "one")  # rebuilt flat: the codes file goes
+    assert not (tmp_path / "one" / "codes.safetensors").exists()
+    assert load_gallery(tmp_path / "one").codes == "flat"
+
+
+def test_tampered_codes_are_refused_before_faiss_reads_them(tmp_path):
+    save_gallery(_gallery(), tmp_path / "idx", PQ)
+    p = tmp_path / "idx" / "codes.safetensors"
+    good = p.read_bytes()
+    for bad in (good[:-8], good[:100] + bytes([good[100] ^ 1]) + good[101:], b"\xff" * len(good)):
+        p.write_bytes(bad)
+        with pytest.raises(ArtifactError, match="damaged or was changed"):
+            load_gallery(tmp_path / "idx")
+    p.unlink()
+    with pytest.raises(ArtifactError, match="lacks codes.safetensors"):
+        load_gallery(tmp_path / "idx")
+    p.write_bytes(good)
+    meta_path = tmp_path / "idx" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codes"]["rerank"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="damaged"):  # the seal covers the codes' settings
+        load_gallery(tmp_path / "idx")
+
+
+def test_coded_index_verifies_rows_it_rescores(tmp_path, monkeypatch):
+    """Large coded indexes check only metadata and codes at load; each re-scored row is checked on first read."""
     monkeypatch.setattr(gallery_files, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(gallery_files, "EAGER_VERIFY_BYTES", 0)
     g = _gallery()
-    save_gallery(g, tmp_path / "idx")
+    save_gallery(g, tmp_path / "idx", PQ)
     p = tmp_path / "idx" / "index.safetensors"
-    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert len(meta["tensors"]["block_sha256"]) > 20
     last = C - 1
     a, _ = g.cell_range(last)
     bad = bytearray(p.read_bytes())
-    bad[len(bad) - (N - a) * D * 2 + 1] ^= 0xFF  # inside the last cell's rows
+    bad[len(bad) - (N - a) * D * 2 + 1] ^= 0xFF  # the first row of the last cell
     p.write_bytes(bytes(bad))
-    h = load_gallery(tmp_path / "idx")  # metadata intact: opens
+    h = load_gallery(tmp_path / "idx")  # metadata and codes intact: opens
     q = np.ones(D, np.float32) / np.sqrt(D)
-    h.search(q, 5, rows=h.cell_rows(0))  # an intact cell far from the damage
+    h.search(q, 5, cells=[0])  # an intact cell far from the damage
     with pytest.raises(ArtifactError, match="damaged"):
-        h.search(q, 5, rows=h.cell_rows(last))
+        h.search(q, 300, cells=[last])
     with pytest.raises(ArtifactError, match="damaged"):
         load_gallery(tmp_path / "idx", verify=True)
+
+
+def test_index_without_codes_entry_is_flat(tmp_path):
+    """Indexes written before codes existed (no ``codes`` in index.json) load as exact flat indexes."""
+    save_gallery(_gallery(), tmp_path / "idx")
+    meta_path = tmp_path / "idx" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["codes"], meta[storage.SEAL_KEY]
+    storage.write_json(meta_path, storage.seal(meta))
+    h = load_gallery(tmp_path / "idx")
+    assert h.codes == "flat"
+    q = h.embeddings[10].astype(np.float32)
+    assert (h.search(q, 5)[0] == _brute(h, q, 5, np.arange(N))).all()
+
+
+def test_codes_that_cannot_be_built_are_refused(tmp_path):
+    with pytest.raises(InputError, match="--codes.pq_bytes must divide the embedding width 48"):
+        GalleryWriter(tmp_path / "a", D, IDENTITY, GalleryCodes(kind="pq", pq_bytes=10))
+    emb, lat, lon, cell, names, authors = _data(n=100)
+    with GalleryWriter(tmp_path / "b", D, IDENTITY, PQ) as w:
+        w.add(emb, lat, lon, cell, names, authors)
+        with pytest.raises(InputError, match="at least 256 photos"):
+            w.finish()
+    assert not (tmp_path / "b" / "index.json").exists()

@@ -211,10 +211,10 @@ class Geolocator:
         if method == "classification" or self.gallery is None:
             return pred
         g = self.gallery
-        if method == "swc" and cfg.search_km > 0:
-            idx, sim = g.search_cells(emb, cfg.k, cells_within(cells.xyz, chosen, cfg.search_km), exclude=exclude)
-        else:
-            idx, sim = g.search(emb, cfg.k, rows=g.cell_rows(chosen) if method == "swc" else None, exclude=exclude)
+        within = None
+        if method == "swc":
+            within = cells_within(cells.xyz, chosen, cfg.search_km) if cfg.search_km > 0 else [chosen]
+        idx, sim = g.search(emb, cfg.k, cells=within, exclude=exclude)
         if idx.size == 0:
             pred.fallback = True
             return pred

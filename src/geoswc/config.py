@@ -212,6 +212,37 @@ class SearchConfig:
         check_field(self, "top_cells", 1 <= self.top_cells <= 10_000, "must be in 1..10000")
 
 
+CodeKind = Literal["flat", "sq8", "pq", "opq"]
+
+
+@dataclass(frozen=True)
+class GalleryCodes:
+    """How a gallery index codes its embeddings for FAISS (saved with the index).
+
+    ``flat`` keeps the float16 vectors (exact; 2 bytes a dimension in memory), ``sq8`` one byte a dimension,
+    ``pq`` ``pq_bytes`` a vector, ``opq`` the same after a learned rotation. The coded kinds re-score a short
+    list exactly from the float16 vectors, which stay on disk (memory-mapped).
+    """
+
+    kind: CodeKind = "flat"
+    pq_bytes: int = 128
+    """Bytes of a ``pq``/``opq`` code (sub-vectors of 256 centroids each); must divide the embedding width."""
+    rerank: int = 100
+    """Candidates of a coded search re-scored exactly."""
+    train_rows: int = 65_536
+    """Rows sampled from the gallery to train the quantiser."""
+    seed: int = 0
+    """Seed of the training sample and of the quantiser's k-means."""
+
+    def __post_init__(self) -> None:
+        check_ints(self)
+        check_field(self, "kind", self.kind in typing.get_args(CodeKind), f"must be one of {typing.get_args(CodeKind)}")
+        check_field(self, "pq_bytes", 1 <= self.pq_bytes <= 4096, "must be in 1..4096")
+        check_field(self, "rerank", 1 <= self.rerank <= 100_000, "must be in 1..100000")
+        check_field(self, "train_rows", 256 <= self.train_rows <= 10_000_000, "must be in 256..10000000")
+        check_field(self, "seed", 0 <= self.seed < 2**31, "must be in 0..2**31-1")
+
+
 SearchChanges = TypedDict("SearchChanges", typing.get_type_hints(SearchConfig), total=False)  # type: ignore[misc]
 """Some fields of :class:`SearchConfig` to change (``{"k": 5}``); the others keep a model's saved values."""
 NO_SEARCH_CHANGES: SearchChanges = {}

@@ -49,3 +49,21 @@ class ArtifactError(GeoswcError):
 
 class ModelMismatchError(ArtifactError):
     """An artifact was built by another model (or backbone, or cell table) than the one in use."""
+
+
+class building:  # noqa: N801 - used as a lower-case context manager, like contextlib's
+    """Name what was being built when memory ran out: ``with building(f"the positives grid of {n:,} photos"):``.
+
+    A :class:`MemoryError` inside becomes one that starts with it (NumPy's and PyTorch's own messages, which
+    give the size of the failed allocation, follow), so the CLI's one-line report says which step ran out.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if kind is not None and issubclass(kind, MemoryError) and not str(exc).startswith("while building"):
+            raise MemoryError(f"while building {self.what}{f': {exc}' if str(exc) else ''}") from exc

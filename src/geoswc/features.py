@@ -24,7 +24,7 @@ from . import distributed, storage
 from .backbone import backbone_fingerprint
 from .config import BackboneConfig, from_dict, to_dict
 from .data import Batch, ImageDataset, LoadReport, Record, loader
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, building
 from .feature_files import FEATURES_FORMAT, CacheInfo, FeatureWriter, Part, write_cache
 from .images import DEFAULT_LIMITS, ImageLimits
 from .progress import progress_bar
@@ -116,7 +116,8 @@ class FeatureSet:
         raw = (folder / "items.csv").read_bytes() if (folder / "items.csv").is_file() else b""
         if storage.sha256_bytes(raw) != meta.get("items_sha256"):
             raise ArtifactError(f"{folder / 'items.csv'} is missing, damaged or was changed; re-extract features")
-        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))[1:]
+        with building(f"the photo list of feature cache {folder}"):
+            rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))[1:]
         if feats.ndim != 3 or feats.shape[0] != len(rows) or list(feats.shape) != [meta["size"], meta["views"],
                                                                                   meta["dim"]]:
             raise ArtifactError(f"feature cache {folder} is inconsistent; re-extract features")

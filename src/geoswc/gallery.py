@@ -1,24 +1,22 @@
-"""The background gallery in memory: L2-normalised retrieval embeddings of geotagged photos, grouped by
-cell, and the exact within-cell search over them. The files are :mod:`geoswc.gallery_files`."""
+"""The background gallery: L2-normalised retrieval embeddings of geotagged photos, grouped by cell, and the
+search within cells over them (FAISS's inverted lists, :mod:`geoswc.gallery_codes`). The files are
+:mod:`geoswc.gallery_files`."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike, NDArray
 
 from .errors import ArtifactError, InputError
+from .gallery_codes import CellLists, Codebook
 
 CHUNK_ROWS = 1 << 16
-"""Rows scored (and written) at a time."""
-_MARGIN = 2.0**-8
-"""Score margin (in units of ``|q| * max row norm``) that covers the float16 kernel's rounding."""
+"""Rows written (and coded) at a time."""
 
 
 @dataclass(frozen=True)
@@ -52,31 +50,15 @@ def lookup_table(keys: NDArray[np.uint64], valid: NDArray[np.bool_] | None = Non
     return k[order], rows[order]
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch ops on the calling thread only (torch's thread count is per thread with OpenMP).
-
-    A query's matrix-vector product is memory-bound and small; waking a second thread costs more than it
-    saves, up to a whole scheduler slice (~8 ms) on a busy machine. Concurrent queries give the parallelism.
-    """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 @dataclass
 class Gallery:
     """Embeddings ``(N, D)`` float16 with positions ``(N,)``, cells ``(N,)`` (-1: no cell), ids and authors.
 
-    Rows are grouped by cell, so a cell is the contiguous slice :meth:`cell_range`. Search scores rows with a
-    float16 kernel and re-ranks the survivors in float32: the exact float32 top-k over the stored vectors.
-    Make one with :meth:`build` (or load one with :func:`geoswc.gallery_files.load_gallery`).
+    Rows are grouped by cell, so a cell is the contiguous slice :meth:`cell_range`, and FAISS's inverted list
+    of the same number (:class:`~geoswc.gallery_codes.CellLists`). A search scores the codes in FAISS, then
+    re-scores the best ``rerank`` candidates exactly (float32 over the stored float16 vectors): with ``flat``
+    codes the result is the exact top-k. Make one with :meth:`build` (or load one with
+    :func:`geoswc.gallery_files.load_gallery`).
     """
 
     embeddings: NDArray[np.float16]
@@ -90,7 +72,9 @@ class Gallery:
     """``(num_cells + 1,)``: cell ``c`` holds rows ``offsets[c] .. offsets[c + 1] - 1``."""
     name_lookup: tuple[NDArray[np.uint64], NDArray[np.int64]]
     author_lookup: tuple[NDArray[np.uint64], NDArray[np.int64]]
-    max_norm: float = 1.0
+    lists: CellLists
+    rerank: int = 100
+    """Candidates of coded (non-flat) searches re-scored exactly."""
     checker: RowChecker | None = field(default=None, repr=False)
     source: str = ""
     """The index folder it was loaded from ("" for one built in memory), for messages."""
@@ -98,7 +82,7 @@ class Gallery:
     @classmethod
     def build(cls, embeddings: ArrayLike, lat: ArrayLike, lon: ArrayLike, cell: ArrayLike, names: Sequence[str],
               authors: Sequence[str], identity: GalleryIdentity) -> Gallery:
-        """A gallery of ``N`` photos in any order: rows are regrouped by cell (stably)."""
+        """A gallery of ``N`` photos in any order, with ``flat`` codes: rows are regrouped by cell (stably)."""
         emb, cell = np.asarray(embeddings), np.asarray(cell, np.int64)
         n = len(names)
         if emb.ndim != 2:
@@ -110,14 +94,14 @@ class Gallery:
         order = np.argsort(cell, kind="stable")
         emb16 = np.ascontiguousarray(emb[order], dtype=np.float16)
         names, authors = [names[i] for i in order], [authors[i] for i in order]
-        norms = np.linalg.norm(emb16.astype(np.float32), axis=1)
+        offsets = np.searchsorted(cell[order], np.arange(identity.num_cells + 1)).astype(np.int64)
+        codebook = Codebook("flat", int(emb16.shape[1]), {})
         return cls(emb16, np.asarray(lat, np.float64)[order], np.asarray(lon, np.float64)[order], cell[order],
-                   names, authors, identity,
-                   offsets=np.searchsorted(cell[order], np.arange(identity.num_cells + 1)).astype(np.int64),
+                   names, authors, identity, offsets,
                    name_lookup=lookup_table(np.array([item_key(s) for s in names], np.uint64)),
                    author_lookup=lookup_table(np.array([item_key(s) for s in authors], np.uint64),
                                               np.array([bool(a) for a in authors], bool)),
-                   max_norm=float(norms.max()) if n else 1.0)
+                   lists=CellLists(codebook, offsets, lambda a, b: codebook.encode(emb16[a:b])))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -125,6 +109,11 @@ class Gallery:
     @property
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
+
+    @property
+    def codes(self) -> str:
+        """The kind of codes FAISS searches (``flat``, ``sq8``, ``pq`` or ``opq``)."""
+        return self.lists.codebook.kind
 
     @property
     def model_fingerprint(self) -> str:
@@ -162,77 +151,36 @@ class Gallery:
                 parts.append(np.array([r for r in hit if column[int(r)] == v], np.int64))
         return np.unique(np.concatenate(parts))
 
-    # -- search ---------------------------------------------------------------------------------------
-
-    def search(self, query: ArrayLike, k: int, rows: NDArray[np.int64] | None = None,
+    def search(self, query: ArrayLike, k: int, cells: Iterable[int] | None = None,
                exclude: NDArray[np.int64] | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """Top-``k`` rows by cosine similarity (higher is better), most similar first; exact.
+        """Top-``k`` rows by cosine similarity (higher is better), most similar first, ties by row.
 
         Args:
-            query: ``(D,)`` unit vector.
-            rows: candidate rows (e.g. :meth:`cell_rows`); None searches the whole gallery.
-            exclude: rows never returned (leakage guard).
+            query: ``(D,)`` vector (normalised here).
+            cells: search these cells (e.g. the chosen one, or it and its neighbours); None: the whole gallery.
+            exclude: rows never returned (leakage guard; a FAISS ID selector).
 
         Returns:
-            ``(rows (k',), similarities (k',))`` with ``k' <= k``.
+            ``(rows (k',), similarities (k',))`` with ``k' <= k``: exact similarities of the stored vectors.
         """
-        if rows is None:
-            return self._search(query, k, [(0, len(self))], None, exclude)
-        rows = np.asarray(rows, np.int64)
-        contiguous = rows.size == 0 or int(rows[-1]) - int(rows[0]) + 1 == rows.size and bool(
-            (np.diff(rows) == 1).all())
-        segments = ([(int(rows[0]), int(rows[-1]) + 1)] if rows.size else []) if contiguous else None
-        return self._search(query, k, segments, rows, exclude)
-
-    def search_cells(self, query: ArrayLike, k: int, cells: Iterable[int],
-                     exclude: NDArray[np.int64] | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """Like :meth:`search` over the union of ``cells`` (e.g. the chosen cell and its neighbours)."""
-        segments = sorted({self.cell_range(int(c)) for c in cells})
-        return self._search(query, k, [s for s in segments if s[1] > s[0]], None, exclude)
-
-    def _approx_scores(self, q16: torch.Tensor, start: int, stop: int) -> NDArray[np.float32]:
-        """float16-kernel scores of rows ``[start, stop)`` (error well under ``_MARGIN``)."""
-        out = np.empty(stop - start, np.float32)
-        for s in range(start, stop, CHUNK_ROWS):
-            e = min(stop, s + CHUNK_ROWS)
-            out[s - start:e - start] = torch.mv(torch.from_numpy(self.rows_view(s, e)), q16).float().numpy()
-        return out
-
-    def _gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
-        if self.checker is not None and rows.size:
-            self.checker.rows(rows)
-        return self.embeddings[rows]
-
-    def _search(self, query: ArrayLike, k: int, segments: list[tuple[int, int]] | None,
-                rows: NDArray[np.int64] | None, exclude: NDArray[np.int64] | None
-                ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """Search ``segments`` (row ranges), or the scattered ``rows`` when ``segments`` is None."""
         q = np.asarray(query, np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise InputError(f"query has {q.shape[0]} dimensions, the gallery {self.dim}")
         empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
         qnorm = float(np.linalg.norm(q))
-        if k <= 0 or len(self) == 0 or not np.isfinite(qnorm) or segments == []:
+        if k <= 0 or len(self) == 0 or not np.isfinite(qnorm):
             return empty
-        q16 = torch.from_numpy(q / qnorm if qnorm > 0 else q).half()
-        with _one_thread():
-            if segments is None:
-                cand = np.asarray(rows, np.int64)
-                approx = torch.mv(torch.from_numpy(self._gather(cand)), q16).float().numpy() if cand.size else \
-                    np.zeros(0, np.float32)
-            else:
-                cand = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in segments])
-                approx = np.concatenate([self._approx_scores(q16, a, b) for a, b in segments])
-        if exclude is not None and exclude.size:
-            approx[np.isin(cand, exclude)] = -np.inf
-        valid = int(np.isfinite(approx).sum())
-        if valid == 0:
+        q = q / qnorm if qnorm > 0 else q
+        lists = self.lists.lists_of(None if cells is None else np.fromiter(cells, np.int64))
+        short = 2 * k if self.lists.codebook.exact else max(2 * k, self.rerank)  # 2k: ties and summation order
+        cand, _ = self.lists.search(q, short, lists, exclude)
+        if cand.size == 0:
             return empty
-        keep = np.isfinite(approx)
-        if valid > k:
-            kth = np.partition(approx, approx.size - k)[approx.size - k]
-            keep = approx >= kth - _MARGIN * max(self.max_norm, 1.0)
-        cand = cand[keep]
         exact = self._gather(cand).astype(np.float32) @ q
         order = np.lexsort((cand, -exact))[:k]
         return cand[order], exact[order]
+
+    def _gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
+        if self.checker is not None and rows.size:
+            self.checker.rows(rows)
+        return self.embeddings[rows]

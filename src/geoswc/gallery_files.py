@@ -4,11 +4,18 @@
   positions, cells, and lookup tables of the photos' ids and authors. It is memory-mapped, not read, so an
   index of millions of photos opens in well under a second; a query reads only its cell's rows.
 * ``items.csv``: image id and author of each row, in row order (human-readable; rows read on demand).
-* ``index.json``: format, the gallery's identity (model and cell-table fingerprints), and checksums: the
-  sha256 of ``items.csv`` and of every 64 MiB block of ``index.safetensors``, and a seal over its own
-  fields. Everything but the embeddings is verified at load (all of it for files up to 512 MiB); an
-  embedding block is verified the first time a search reads it. ``index.json`` is written last: its
-  presence marks a whole index.
+* ``codes.safetensors`` (coded indexes: ``sq8``, ``pq``, ``opq``): the FAISS codes ``(N, code_size)`` in row order,
+  the quantiser's trained arrays, and a 64-bit BLAKE2b digest of each embedding row.
+* ``index.json``: format, the gallery's identity (model and cell-table fingerprints), the codes' settings, and
+  checksums: the sha256 of ``items.csv``, of ``codes.safetensors`` and of every 64 MiB block of
+  ``index.safetensors``, and a seal over its own fields. ``index.json`` is written last: its presence marks a
+  whole index.
+
+Every file is verified before FAISS or a search reads it. At load: everything but the embeddings, and the whole
+of ``codes.safetensors`` (FAISS copies the codes into its inverted lists). A ``flat`` index copies the
+embeddings themselves into FAISS, so they are verified at load too; a coded index re-scores a few rows a
+query from the memory-mapped embeddings, each verified against its row digest the first time it is read.
+An index written before codes existed has no ``codes`` entry and is ``flat``.
 
 :class:`GalleryWriter` streams: it takes chunks, stages each sorted by cell, and compacts them into the final
 layout at the end, so a gallery is never whole in memory.
@@ -16,10 +23,14 @@ layout at the end, so a gallery is never whole in memory.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
+import logging
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -29,15 +40,20 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 
 from . import storage
-from .errors import ArtifactError, InputError
+from .config import GalleryCodes, to_dict
+from .errors import ArtifactError, InputError, building
 from .gallery import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
+from .gallery_codes import PARAM_NAMES, CellLists, Codebook, check_codes, train_codebook
 from .progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "geoswc-index/2"
 BLOCK_BYTES = 64 << 20
 """Checksum granularity of ``index.safetensors``."""
 EAGER_VERIFY_BYTES = 512 << 20
 """Files up to this size are verified completely at load."""
+CODES_FILE = "codes.safetensors"
 _ITEMS_HEADER = b"image,author\n"
 _META_KEYS = ("model_fingerprint", "cells_fingerprint", "num_cells", "size", "dim", "max_norm", "tensors",
               "items_sha256", storage.SEAL_KEY)
@@ -137,18 +153,88 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
     t = {name: storage.tensor_view(data, spec, base) for name, spec in header.items()}
     row0 = base + int(header["embeddings"]["data_offsets"][0])
     blocks.check(0, row0)  # everything but the embeddings
-    if verify or size <= EAGER_VERIFY_BYTES:
+    codes = dict(meta.get("codes", {"kind": "flat"}))
+    if verify or size <= EAGER_VERIFY_BYTES or codes["kind"] == "flat":  # flat: FAISS copies the embeddings
         blocks.check_all()
     items = _items(folder, meta)
-    n = int(meta["size"])
-    if t["embeddings"].shape != (n, int(meta["dim"])) or len(t["cell_offsets"]) != int(meta["num_cells"]) + 1 or \
+    n, dim = int(meta["size"]), int(meta["dim"])
+    if t["embeddings"].shape != (n, dim) or len(t["cell_offsets"]) != int(meta["num_cells"]) + 1 or \
             len(t["item_offsets"]) != n + 1 or (n and int(t["item_offsets"][-1]) != len(items)):
         raise ArtifactError(f"gallery index {folder} is inconsistent with its index.json; rebuild it")
     identity = GalleryIdentity(str(meta["model_fingerprint"]), str(meta["cells_fingerprint"]), int(meta["num_cells"]))
+    offsets = np.asarray(t["cell_offsets"], np.int64)
+    if codes["kind"] == "flat":  # the codes are the embeddings: read (verified above), not mapped
+        lists = CellLists(Codebook("flat", dim, {}), offsets, lambda a, b: _read_rows(path, row0, 2 * dim, a, b))
+        checker: _BlockRows | _RowDigests = _BlockRows(blocks, row0, 2 * dim)
+    else:
+        codebook, code0, digests = _read_codes(folder, codes, n, dim)
+        size = codebook.code_size
+        lists = CellLists(codebook, offsets, lambda a, b: _read_rows(folder / CODES_FILE, code0, size, a, b))
+        checker = _BlockRows(blocks, row0, 2 * dim) if blocks.verified else _RowDigests(t["embeddings"], digests)
     return Gallery(t["embeddings"], t["lat"], t["lon"], t["cell"], ItemColumn(items, t["item_offsets"], 0),
-                   ItemColumn(items, t["item_offsets"], 1), identity, np.asarray(t["cell_offsets"], np.int64),
-                   (t["name_keys"], t["name_rows"]), (t["author_keys"], t["author_rows"]), float(meta["max_norm"]),
-                   _BlockRows(blocks, row0, 2 * int(meta["dim"])), str(folder))
+                   ItemColumn(items, t["item_offsets"], 1), identity, offsets,
+                   (t["name_keys"], t["name_rows"]), (t["author_keys"], t["author_rows"]), lists,
+                   int(codes.get("rerank", GalleryCodes().rerank)), checker, str(folder))
+
+
+def _read_rows(path: Path, row0: int, row_bytes: int, a: int, b: int) -> NDArray[np.uint8]:
+    """Rows ``[a, b)`` of a table of ``row_bytes``-byte rows starting at byte ``row0`` of a file, as ``(b - a,
+    row_bytes)`` bytes."""
+    return np.frombuffer(storage.read_span(path, row0 + a * row_bytes, row0 + b * row_bytes), np.uint8).reshape(
+        b - a, row_bytes)
+
+
+def _read_codes(folder: Path, codes: dict[str, Any], n: int, dim: int
+                ) -> tuple[Codebook, int, NDArray[np.uint64]]:
+    """The codebook, the byte offset of the codes ``(n, code_size)`` and the row digests ``(n,)`` of a coded
+    index, after checking the whole of ``codes.safetensors`` against its recorded sha256 (before FAISS reads a
+    byte of it)."""
+    path = folder / CODES_FILE
+    if not path.is_file():
+        raise ArtifactError(f"gallery index {folder} lacks {CODES_FILE}; rebuild it")
+    if path.stat().st_size != int(codes["bytes"]) or storage.sha256_file(path) != codes["sha256"]:
+        raise ArtifactError(f"gallery index {path} is damaged or was changed; rebuild the index or restore the "
+                            "original file")
+    check_codes(str(codes["kind"]), dim, int(codes.get("pq_bytes", 0)))
+    data = np.memmap(path, np.uint8, mode="r")
+    header, base = storage.safetensors_header(bytes(data[:8 + storage.header_length(data)]), len(data))
+    t = {name: storage.tensor_view(data, spec, base) for name, spec in header.items()}
+    codebook = Codebook(str(codes["kind"]), dim, {k: np.array(t[k], np.float32) for k in PARAM_NAMES[codes["kind"]]})
+    shapes = {"sq_trained": (2 * dim,), "opq_matrix": (dim, dim),
+              "pq_centroids": (codebook.m, 256, dim // max(codebook.m, 1))}
+    if any(v.shape != shapes[k] for k, v in codebook.params.items()) or \
+            t["codes"].shape != (n, codebook.code_size) or t["row_blake2b"].shape != (n,):
+        raise ArtifactError(f"gallery index {path} does not fit its index.json; rebuild the index")
+    return codebook, base + int(header["codes"]["data_offsets"][0]), t["row_blake2b"]
+
+
+def row_digest(row: NDArray[np.float16]) -> int:
+    """64-bit BLAKE2b of one embedding row's bytes (what :class:`_RowDigests` checks)."""
+    return int.from_bytes(hashlib.blake2b(memoryview(np.ascontiguousarray(row)).cast("B"), digest_size=8).digest(),
+                          "little")
+
+
+class _RowDigests:
+    """Checks embedding rows against their row digests, each row once (a coded index's :class:`RowChecker`)."""
+
+    def __init__(self, embeddings: NDArray[np.float16], digests: NDArray[np.uint64]) -> None:
+        self.embeddings, self.digests = embeddings, digests
+        self._done = np.zeros(len(digests), bool)
+        self._lock = threading.Lock()
+
+    def span(self, start: int, stop: int) -> None:
+        self.rows(np.arange(start, stop, dtype=np.int64))
+
+    def rows(self, rows: NDArray[np.int64]) -> None:
+        todo = rows[~self._done[rows]]
+        if not todo.size:
+            return
+        with self._lock:
+            for r in todo.tolist():
+                if row_digest(self.embeddings[r]) != int(self.digests[r]):
+                    raise ArtifactError(f"a gallery index's embeddings are damaged or were changed (row {r} fails its "
+                                        "digest); rebuild the index or restore the original file")
+                self._done[r] = True
 
 
 def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
@@ -160,9 +246,9 @@ def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
     return np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
 
 
-def save_gallery(gallery: Gallery, folder: str | Path) -> None:
+def save_gallery(gallery: Gallery, folder: str | Path, codes: GalleryCodes = GalleryCodes()) -> None:
     """Write a gallery (in memory or loaded) as an index folder, streamed in chunks."""
-    with GalleryWriter(folder, gallery.dim, gallery.identity) as w:
+    with GalleryWriter(folder, gallery.dim, gallery.identity, codes) as w:
         for s in range(0, len(gallery), CHUNK_ROWS):
             e = min(len(gallery), s + CHUNK_ROWS)
             w.add(gallery.rows_view(s, e), gallery.lat[s:e], gallery.lon[s:e], gallery.cell[s:e],
@@ -175,18 +261,23 @@ class GalleryWriter:
 
     Each :meth:`add` appends a chunk, sorted by cell, to a staging folder inside ``folder``; :meth:`finish`
     compacts the chunks into the cell-grouped layout (sequential copies of contiguous slices), writes
-    ``index.safetensors`` and ``items.csv`` atomically, then ``index.json``. Memory use is about 60 bytes
-    per photo (positions, cells, id hashes) plus one chunk.
+    ``index.safetensors`` and ``items.csv`` atomically, then ``index.json``. Coded indexes first train their
+    quantiser on a sample of the staged rows, then code the rows as they are compacted (``codes.safetensors``).
+    Memory use is about 70 bytes per photo (positions, cells, id hashes, row digests) plus one chunk and the
+    training sample.
 
     Args:
         folder: the index folder to write.
         dim: embedding width D.
         identity: the model and cell table of the gallery.
+        codes: how FAISS codes the embeddings.
     """
 
-    def __init__(self, folder: str | Path, dim: int, identity: GalleryIdentity) -> None:
+    def __init__(self, folder: str | Path, dim: int, identity: GalleryIdentity,
+                 codes: GalleryCodes = GalleryCodes()) -> None:
+        check_codes(codes.kind, int(dim), codes.pq_bytes)
         self.folder = storage.ensure_dir(folder)
-        self.dim, self.identity = int(dim), identity
+        self.dim, self.identity, self.codes = int(dim), identity, codes
         self._stage = storage.Staging(self.folder, "embeddings.bin", "items.bin")
         self._staging = self._stage.path
         self._emb, self._items = self._stage.files["embeddings.bin"], self._stage.files["items.bin"]
@@ -229,6 +320,10 @@ class GalleryWriter:
 
     def finish(self) -> None:
         """Compact the chunks and write the index folder."""
+        with building(f"the gallery index of {self.size:,} photos"):
+            self._finish()
+
+    def _finish(self) -> None:
         self._stage.close()
         col = self._columns()
         perm = np.argsort(col["cell"], kind="stable")  # the chunks are sorted: perm is a few long runs
@@ -246,17 +341,37 @@ class GalleryWriter:
             "name_keys": name_keys, "name_rows": name_rows, "author_keys": author_keys, "author_rows": author_rows,
             "cell": cell,
         }
-        tensors = self._write_tensors(small, runs)
+        with contextlib.ExitStack() as stack:
+            sink = None
+            if self.codes.kind != "flat":
+                sink = stack.enter_context(_CodesWriter(self.folder / CODES_FILE, self._train(perm), self.size))
+            tensors = self._write_tensors(small, runs, sink)
         line_start = np.concatenate([[0], np.cumsum(col["line_len"])])
         items_sha = self._write_items([(int(line_start[a]), int(line_start[b])) for a, b in runs])
         meta = {"format": INDEX_FORMAT, "model_fingerprint": self.identity.model_fingerprint,
                 "cells_fingerprint": self.identity.cells_fingerprint, "num_cells": self.identity.num_cells,
                 "size": self.size, "dim": self.dim, "max_norm": _ceil6(self._max_norm or 1.0), "tensors": tensors,
-                "items_sha256": items_sha}
+                "items_sha256": items_sha, "codes": {**to_dict(self.codes), **(sink.record if sink else {})}}
+        if sink is None:
+            (self.folder / CODES_FILE).unlink(missing_ok=True)  # a coded index's, rebuilt flat
         storage.write_json(self.folder / "index.json", storage.seal(meta))  # last: its presence marks a whole index
         self.abort()
 
-    def _write_tensors(self, small: dict[str, np.ndarray], runs: list[tuple[int, int]]) -> dict[str, Any]:
+    def _train(self, perm: NDArray[np.int64]) -> Codebook:
+        """The quantiser, trained on up to ``codes.train_rows`` rows drawn at random (seeded) from the final row
+        order (``perm``: final row -> staged row), so that how the rows were chunked does not matter."""
+        rng = np.random.default_rng(self.codes.seed)
+        n = self.size
+        pick = perm[np.sort(rng.choice(n, size=min(n, self.codes.train_rows), replace=False))] if n else \
+            np.zeros(0, np.int64)
+        src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, self.dim)) if n else None
+        sample = np.asarray(src[pick], np.float32) if src is not None else np.zeros((0, self.dim), np.float32)
+        del src
+        log.info("training %s codes on %d of %d rows", self.codes.kind, len(sample), n)
+        return train_codebook(self.codes.kind, sample, self.codes.pq_bytes, self.codes.seed)
+
+    def _write_tensors(self, small: dict[str, np.ndarray], runs: list[tuple[int, int]],
+                       sink: _CodesWriter | None) -> dict[str, Any]:
         """``index.safetensors``: the small tensors, then the embeddings copied run by run from staging."""
         specs: dict[str, Any] = {}
         pos = 0
@@ -279,8 +394,11 @@ class GalleryWriter:
             with progress_bar(total=n, desc="writing index", unit="row", show=n > CHUNK_ROWS) as bar:
                 for a, b in runs:
                     for s in range(a, b, CHUNK_ROWS):
-                        out.write(np.asarray(src[s:min(b, s + CHUNK_ROWS)]))  # type: ignore[index]
-                        bar.update(min(b, s + CHUNK_ROWS) - s)
+                        chunk = np.asarray(src[s:min(b, s + CHUNK_ROWS)])  # type: ignore[index]
+                        out.write(chunk)
+                        if sink is not None:
+                            sink.add(chunk)
+                        bar.update(len(chunk))
             del src
         return {"bytes": out.size, "sha256": out.whole.hexdigest(), "block_bytes": BLOCK_BYTES,
                 "block_sha256": out.block_digests()}
@@ -305,3 +423,52 @@ class GalleryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+class _CodesWriter:
+    """Writes ``codes.safetensors`` as rows stream in (final row order): the quantiser's arrays, the codes and
+    the row digests (kept in memory, 8 bytes a row, and written last)."""
+
+    def __init__(self, path: Path, codebook: Codebook, n: int) -> None:
+        self.path, self.codebook, self.n = path, codebook, n
+        self.digests = np.zeros(n, np.uint64)
+        self.done = 0
+        self.record: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _CodesWriter:
+        specs: dict[str, Any] = {}
+        pos = 0
+        parts = [(k, v.dtype, v.shape) for k, v in self.codebook.params.items()]
+        parts += [("codes", np.dtype(np.uint8), (self.n, self.codebook.code_size)),
+                  ("row_blake2b", np.dtype(np.uint64), (self.n,))]
+        for name, dtype, shape in parts:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            specs[name] = {"dtype": storage.safetensors_dtype(dtype), "shape": list(shape),
+                           "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
+        header = json.dumps(specs, separators=(",", ":")).encode("utf-8")
+        header += b" " * (-(8 + len(header)) % 64)
+        self.out = storage.HashingWriter(self._stack.enter_context(storage.atomic_writer(self.path)), BLOCK_BYTES)
+        self.out.write(len(header).to_bytes(8, "little"))
+        self.out.write(header)
+        for v in self.codebook.params.values():
+            self.out.write(np.ascontiguousarray(v))
+        return self
+
+    def add(self, rows: NDArray[np.float16]) -> None:
+        """Code and digest the next rows ``(b, D)``."""
+        self.out.write(self.codebook.encode(rows.astype(np.float32)))
+        self.digests[self.done:self.done + len(rows)] = [row_digest(r) for r in rows]
+        self.done += len(rows)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                if self.done != self.n:
+                    raise ArtifactError(f"coded {self.done} of {self.n} gallery rows")
+                self.out.write(self.digests)
+                self.record = {"bytes": self.out.size,
+                               "sha256": self.out.whole.hexdigest()}
+        finally:
+            self._stack.__exit__(*exc)  # type: ignore[arg-type]

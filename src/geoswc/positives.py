@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .errors import building
 from .geo import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz
 
 _MIN_SIDE_KM = 0.01
@@ -39,10 +40,11 @@ class PositiveSampler:
         self.r_km, self.same_author, self.tries = float(positive_km), same_author_positives, tries
         self.scale = EARTH_RADIUS_KM / max(self.r_km, _MIN_SIDE_KM)
         self.width = 2 * (int(self.scale) + 2) + 1  # cube coordinates lie in -scale-1 .. scale+1
-        keys = self._keys(np.arange(len(self.lat)))
-        self.order = np.argsort(keys, kind="stable")
-        self.cube_keys, self.cube_start, self.cube_count = np.unique(keys[self.order], return_index=True,
-                                                                      return_counts=True)
+        with building(f"the contrastive positives' grid of {len(self.lat):,} photos"):
+            keys = self._keys(np.arange(len(self.lat)))
+            self.order = np.argsort(keys, kind="stable")
+            self.cube_keys, self.cube_start, self.cube_count = np.unique(keys[self.order], return_index=True,
+                                                                          return_counts=True)
         w = self.width
         self.offsets = np.array([(dx * w + dy) * w + dz for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)],
                                 np.int64)

@@ -335,6 +335,37 @@ def map_tensor(path: str | Path, name: str, what: str, sha256: str | None = None
     return torch.from_numpy(arr.copy() if arr.size == 0 else arr)
 
 
+def read_span(path: str | Path, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of a file, read (not memory-mapped: the pages stay out of this process's resident
+    memory). Raises ArtifactError if the file is shorter."""
+    out = bytearray()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while len(out) < stop - start:
+            part = f.read(min(stop - start - len(out), 16 << 20))
+            if not part:
+                raise ArtifactError(f"{path} is truncated (ends before byte {stop}); rebuild it or restore the "
+                                    "original file")
+            out += part
+    return bytes(out)
+
+
+def sha256_span(path: str | Path, start: int, stop: int) -> str:
+    """sha256 of bytes ``[start, stop)`` of a file, read 1 MiB at a time (a truncated file hashes what it has)."""
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = stop - start
+        while left > 0:
+            got = f.readinto(memoryview(buf)[:min(left, len(buf))])
+            if not got:
+                break
+            h.update(memoryview(buf)[:got])
+            left -= got
+    return h.hexdigest()
+
+
 class BlockChecksums:
     """Checks blocks of a (memory-mapped) file against recorded sha256s, each block once, thread-safely, so
     a large file is verified where and when it is read.
@@ -365,14 +396,19 @@ class BlockChecksums:
             for b in todo:
                 if self._done[b]:
                     continue
-                chunk = self.data[b * self.block_bytes:(b + 1) * self.block_bytes]
-                if hashlib.sha256(memoryview(chunk)).hexdigest() != self.digests[b]:
+                start = b * self.block_bytes
+                if sha256_span(self.path, start, min(len(self.data), start + self.block_bytes)) != self.digests[b]:
                     raise ArtifactError(f"{self.path} is damaged or was changed (block {b} of {len(self.digests)} "
                                         "fails its checksum); rebuild it or restore the original file")
                 self._done[b] = True
 
     def check_all(self) -> None:
         self.check(0, len(self.data))
+
+    @property
+    def verified(self) -> bool:
+        """Whether every block has been verified."""
+        return bool(self._done.all())
 
 
 class HashingWriter:

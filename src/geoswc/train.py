@@ -20,7 +20,7 @@ import torch
 from . import compat, distributed
 from .checkpoint import Checkpointer, Phase, run_key, run_phase
 from .config import TrainConfig, digest, non_default
-from .errors import InputError
+from .errors import InputError, building
 from .features import FeatureSet
 from .geo import latlon_to_xyz
 from .heads import geo_contrastive_loss
@@ -219,7 +219,8 @@ def train_heads(model: GeoModel, feats: FeatureSet, cfg: TrainConfig, checkpoint
     if len(feats) < 2:
         raise InputError(f"training needs at least 2 photos, got {len(feats)}")
     compat.check(model, features=feats)
-    run = _HeadTraining(model, feats, cfg, checkpoint_dir, device)
+    with building(f"the training set-up of {len(feats):,} photos and {len(model.cells):,} cells"):
+        run = _HeadTraining(model, feats, cfg, checkpoint_dir, device)
     run_phase(run.mvmf_phase(), run.ckpt, cfg.seed, run.history, progress)
     if run.best_mvmf is not None:
         model.mvmf.load_state_dict(run.best_mvmf.state_dict())  # (a run resumed in the RRM phase has it already)

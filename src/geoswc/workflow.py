@@ -27,6 +27,7 @@ from .cells import CellTable, build_cells
 from .config import (
     NO_SEARCH_CHANGES,
     CellConfig,
+    GalleryCodes,
     HeadConfig,
     Method,
     ModelConfig,
@@ -36,7 +37,7 @@ from .config import (
     check_search_changes,
 )
 from .data import Record, find_photos, load_records, read_coordinates, read_photo_csv
-from .errors import InputError, SettingError
+from .errors import InputError, SettingError, building
 from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
 from .gallery_files import GalleryWriter, load_gallery
@@ -97,7 +98,8 @@ def cells(coords: Path, out: Path, cells: CellConfig = CellConfig()) -> CellTabl
     """
     _claim_cell_table(Path(out))
     lat, lon, _ = read_coordinates(coords)
-    table = build_cells(lat, lon, cells, progress=True)
+    with building(f"cells from {len(lat):,} coordinates"):
+        table = build_cells(lat, lon, cells, progress=True)
     table.save(out)
     log.info("%d cells from %d coordinates -> %s (fingerprint %s)", len(table), len(lat), out, table.fingerprint)
     return table
@@ -208,7 +210,7 @@ def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunCo
 
 
 def index(model: Path, out: Path | None = None, features: Path | None = None, data: Photos = Photos(),
-          run: RunConfig = RunConfig()) -> Gallery:
+          codes: GalleryCodes = GalleryCodes(), run: RunConfig = RunConfig()) -> Gallery:
     """Embed a background gallery with a model and index it by the model's cells.
 
     Args:
@@ -216,6 +218,7 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
         out: the index folder to write (default: ``MODEL/index``).
         features: a feature cache made with the model's backbone (the gallery's photos); else ``data``.
         data: geotagged photos to embed (a CSV and its folder, a GPS-EXIF folder, or shards).
+        codes: how FAISS codes the embeddings (``flat``: exact; ``pq``: ~``pq_bytes`` a photo in memory).
         run: batch size and decoding processes of the extraction.
     """
     m = GeoModel.load(model, with_backbone=features is None)
@@ -227,7 +230,7 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
     fs = FeatureSet.load(features) if features is not None else None
     if fs is not None:
         compat.check(m, features=fs, where=str(features))
-    with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity) as w:
+    with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity, codes) as w:
 
         def add(feats: Any, lat: Any, lon: Any, names: Sequence[str], authors: Sequence[str]) -> None:
             lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
