@@ -61,7 +61,7 @@ def _geotagged(data: Photos) -> list[Record]:
         raise InputError("give geotagged photos: --data.csv FILE (image,lat,lon[,author]) with --data.images DIR, "
                          "or --data.images DIR alone (photos with GPS EXIF)"
                          + (", or --data.shards" if not data.shards else ""))
-    records, _ = load_records(data.csv, data.images)
+    records, _ = load_records(data.csv, data.images, data.columns)
     if not records:
         raise InputError(f"{data.csv or data.images} holds no usable photo")
     return records
@@ -87,16 +87,18 @@ def _process_group(device: str) -> Iterator[distributed.DistContext]:
 # -- the steps -----------------------------------------------------------------------------------------
 
 
-def cells(coords: Path, out: Path, cells: CellConfig = CellConfig()) -> CellTable:
+def cells(coords: Path, out: Path, cells: CellConfig = CellConfig(), columns: str | None = None) -> CellTable:
     """Build an adaptive S2 cell partition from coordinates.
 
     Args:
-        coords: CSV with ``lat`` and ``lon`` columns (any case); bad rows are reported and skipped.
+        coords: CSV with ``lat`` and ``lon`` columns (or a benchmark's published layout, any case); bad rows are
+            reported and skipped.
         out: the cell table CSV to write (its thresholds go into a ``.json`` beside it).
         cells: the partition's thresholds.
+        columns: the coordinate columns of another layout: ``lat=COL,lon=COL``.
     """
     _claim_cell_table(Path(out))
-    lat, lon, _ = read_coordinates(coords)
+    lat, lon, _ = read_coordinates(coords, columns)
     table = build_cells(lat, lon, cells, progress=True)
     table.save(out)
     log.info("%d cells from %d coordinates -> %s (fingerprint %s)", len(table), len(lat), out, table.fingerprint)
@@ -276,7 +278,7 @@ def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | N
         raise InputError("evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and "
                          "--data.images DIR")
     storage.claim_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
-    records, report = read_photo_csv(data.csv, data.images)
+    records, report = read_photo_csv(data.csv, data.images, columns=data.columns)
     if not records:
         raise InputError(f"no photo of {data.csv} can be evaluated: {report.summary()}")
     geo = _load_geolocator(model, index, search, run)
@@ -348,7 +350,7 @@ def _photo_source(data: Photos, geo: Any, method: Method, run: RunConfig) -> _Ph
     if data.shards:
         return _PhotoSource(lambda progress: geo.locate_shards(data.shards, progress=progress, **kw), None)
     if data.csv:
-        records, report = read_photo_csv(data.csv, data.images, positions=False)
+        records, report = read_photo_csv(data.csv, data.images, positions=False, columns=data.columns)
         if not records:
             raise InputError(f"{data.csv} names no photo that can be located: {report.summary()}")
         return _PhotoSource(lambda progress: geo.locate_batch([r.path for r in records], progress=progress,
