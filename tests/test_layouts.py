@@ -3,6 +3,8 @@ layout (synthetic), the alias matching, ``--data.columns`` and the one-line erro
 
 from __future__ import annotations
 
+import csv
+import json
 import random
 
 import pytest
@@ -134,3 +136,58 @@ def test_cli_reads_a_published_layout_and_maps_columns(tmp_path, capsys) -> None
     assert main(["cells", "--coords", str(YFCC4K), "--out", str(tmp_path / "c.csv"), "--cells.max_per_cell", "500",
                  "--cells.min_per_cell", "10"]) == 0
     assert "from 4536 coordinates" in capsys.readouterr().out
+
+
+@pytest.mark.shared_data
+def test_evaluate_a_benchmark_without_its_photos_names_every_missing_one(tmp_path, capsys) -> None:
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--benchmark", "yfcc4k", "--data.csv", str(YFCC4K), "--data.images", str(empty),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the reader's warning, one error line
+    assert err.startswith("geoswc evaluate: error: ")
+    assert "yfcc4k: 4536 photos expected as published, 0 evaluated, 4536 missing" in err
+    assert str(out / "missing.csv") in err and not (out / "metrics.json").exists()
+    with open(out / "missing.csv", encoding="utf-8") as f:
+        missing = list(csv.DictReader(f))
+    assert len(missing) == 4536 and missing[0] == {"image": "10201275523.jpg", "line": "2",
+                                                   "reason": "image file not found"}
+    assert len({m["image"] for m in missing}) == 4536
+
+
+@pytest.mark.shared_data
+def test_evaluate_a_published_subset_counts_the_benchmarks_photos(tmp_path, capsys) -> None:
+    """Six rows of Im2GPS3k as published, one naming a photo that is not there: 2,997 expected, 6 evaluated."""
+    with open(IM2GPS3K, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    (tmp_path / "sub.csv").write_text("\n".join(lines[:7] + ["gone.jpg,someone,1.0,2.0,0,0,0,0,0,0"]) + "\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--benchmark", "im2gps3k", "--data.csv", str(tmp_path / "sub.csv"), "--data.images",
+                 str(DEV_IMAGES), "--out", str(out)]) == 0
+    assert "2997 photos expected as published, 6 evaluated, 2991 missing" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 6 and metrics["missing"] == 1
+    assert metrics["benchmark"] == {"name": "im2gps3k", "expected": 2997, "evaluated": 6, "missing": 2991,
+                                    "rows_in_file": 7}
+    with open(out / "missing.csv", encoding="utf-8") as f:
+        missing = list(csv.DictReader(f))
+    assert missing[0] == {"image": "gone.jpg", "line": "8", "reason": "image file not found"}
+    assert missing[1]["image"] == "" and missing[1]["reason"].startswith("2990 of the 2997 photos of im2gps3k")
+    assert json.loads((out / "run.json").read_text())["benchmark"] == "im2gps3k"
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_evaluate_im2gps3k_as_published_on_every_development_photo(tmp_path, capsys) -> None:
+    """The issue's command: Im2GPS3k's own metadata file, read as published, n = 2,245."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--benchmark", "im2gps3k", "--data.csv", str(IM2GPS3K), "--data.images",
+                 str(DEV_IMAGES), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 2245 and metrics["missing"] == 0
+    assert metrics["benchmark"] == {"name": "im2gps3k", "expected": 2997, "evaluated": 2245, "missing": 752,
+                                    "rows_in_file": 2245}
+    with open(out / "predictions.csv", encoding="utf-8") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 2245
+    assert "752 of the 2997 photos" in (out / "missing.csv").read_text()

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import compat, distributed, storage
 from .backbone import BackboneSpec
+from .benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
 from .cells import CellTable, build_cells
 from .config import (
     NO_SEARCH_CHANGES,
@@ -35,7 +36,7 @@ from .config import (
     TrainConfig,
     check_search_changes,
 )
-from .data import Record, find_photos, load_records, read_coordinates, read_photo_csv
+from .data import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
 from .errors import InputError, SettingError
 from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
@@ -257,21 +258,25 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
 
 def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | None = None,
              methods: Sequence[Method] = ("swc",), exclude_same_author: bool = False,
-             search: SearchChanges = NO_SEARCH_CHANGES, run: RunConfig = RunConfig()) -> dict[str, Any]:
+             search: SearchChanges = NO_SEARCH_CHANGES, benchmark: BenchmarkName | None = None,
+             run: RunConfig = RunConfig()) -> dict[str, Any]:
     """Evaluate on geotagged photos: accuracy at 1/25/200/750/2500 km and the median error, written as
-    ``metrics.json``, ``predictions.csv``, ``accuracy.png`` and ``run.json``.
+    ``metrics.json``, ``predictions.csv``, ``missing.csv``, ``accuracy.png`` and ``run.json``.
 
     Args:
-        data: the benchmark: a CSV (``image,lat,lon[,author]``) and its image folder (default: the CSV's).
+        data: the benchmark: a CSV (``image,lat,lon[,author]`` or its published layout) and its image folder
+            (default: the CSV's).
         out: the output folder.
         model: the model folder (default: the embedded model).
         index: the gallery index folder (default: ``MODEL/index``).
         methods: ``swc``, ``classification``, ``retrieval``; the first is the ``metrics.json`` contract's.
         exclude_same_author: never retrieve gallery photos by the query's author.
         search: search settings to change from the model's, e.g. ``{k: 5}``.
+        benchmark: the benchmark the CSV is (``im2gps3k``, ``yfcc4k``, ``yfcc26k``, ``im2gps``, ``osv5m-test``):
+            its size as published, the photos evaluated and those missing go into ``metrics.json``.
         run: batch size, decoding processes, device and backbone runtime.
     """
-    from .evaluate import format_metrics, locate_records, write_evaluation
+    from .evaluate import benchmark_counts, format_metrics, locate_records, write_evaluation
 
     check_search_changes(search)
     if data.csv is None or data.files or data.shards:
@@ -279,15 +284,35 @@ def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | N
                          "--data.images DIR")
     storage.claim_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
     records, report = read_photo_csv(data.csv, data.images, columns=data.columns)
+    bench = BENCHMARKS[benchmark] if benchmark else None
     if not records:
-        raise InputError(f"no photo of {data.csv} can be evaluated: {report.summary()}")
+        _nothing_to_evaluate(Path(out), data.csv, report, bench)
     geo = _load_geolocator(model, index, search, run)
     results, decode = locate_records(geo, records, methods, exclude_same_author, run.batch_size, run.workers)
+    counts, gap = (benchmark_counts(bench, report.total, len(results[0].names), str(data.csv)) if bench
+                   else (None, ""))
     metrics = write_evaluation(out, geo, results, report.skipped + decode.skipped, {
         "title": Path(data.csv).name, "csv": str(data.csv), "images": str(data.images) if data.images else None,
-        "exclude_same_author": exclude_same_author})
-    log.info("%s\n-> %s, predictions.csv, accuracy.png", format_metrics(metrics), Path(out) / "metrics.json")
+        "columns": data.columns, "benchmark": benchmark, "exclude_same_author": exclude_same_author}, counts, gap)
+    log.info("%s\n-> %s, predictions.csv, missing.csv, accuracy.png", format_metrics(metrics),
+             Path(out) / "metrics.json")
     return metrics
+
+
+def _nothing_to_evaluate(out: Path, csv: Path, report: LoadReport, bench: Benchmark | None) -> None:
+    """Refuse an evaluation over no photo: name every missing one in ``out/missing.csv`` when ``out`` is a new or
+    empty folder (what an earlier run wrote stays as it was) and say how many a named benchmark expected."""
+    from .evaluate import benchmark_counts, missing_csv
+
+    counts, gap = benchmark_counts(bench, report.total, 0, str(csv)) if bench else ({}, "")
+    named = ""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        storage.ensure_dir(out)
+        storage.write_text(out / "missing.csv", missing_csv(report.skipped, gap))
+        named = f"; every missing photo is named in {out / 'missing.csv'}"
+    expected = (f" ({bench.name}: {counts['expected']} photos expected as published, 0 evaluated, "
+                f"{counts['missing']} missing)" if bench else "")
+    raise InputError(f"no photo of {csv} can be evaluated{expected}{named}: {report.summary(first=3)}")
 
 
 @dataclass(frozen=True)
