@@ -180,7 +180,8 @@ def test_evaluate_a_published_subset_counts_the_benchmarks_photos(tmp_path, caps
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_evaluate_im2gps3k_as_published_on_every_development_photo(tmp_path, capsys) -> None:
-    """The issue's command: Im2GPS3k's own metadata file, read as published, n = 2,245."""
+    """The issue's commands: Im2GPS3k's own metadata file, read as published, n = 2,245; then the evaluation
+    beside the six published GeoEstimation models on the same photos."""
     out = tmp_path / "eval"
     assert main(["evaluate", "--benchmark", "im2gps3k", "--data.csv", str(IM2GPS3K), "--data.images",
                  str(DEV_IMAGES), "--out", str(out)]) == 0
@@ -191,3 +192,10 @@ def test_evaluate_im2gps3k_as_published_on_every_development_photo(tmp_path, cap
     with open(out / "predictions.csv", encoding="utf-8") as f:
         assert sum(1 for _ in csv.DictReader(f)) == 2245
     assert "752 of the 2997 photos" in (out / "missing.csv").read_text()
+    baselines = sorted((SHARED / "baselines" / "geoestimation-im2gps3k").glob("*-dev.csv"))
+    assert len(baselines) == 6
+    capsys.readouterr()
+    assert main(["compare", str(out), *map(str, baselines), "--out", str(tmp_path / "cmp")]) == 0
+    stdout = capsys.readouterr().out
+    assert "| ISNs_M-fstar-S3-dev | 2245 | 0 | 11.0 | 28.2 | 36.8 | 50.4 | 66.2 |" in stdout
+    assert "| eval | 2245 | 0 |" in stdout and "Every system predicted the same 2245 photos" in stdout

@@ -27,7 +27,8 @@ from .errors import GeoswcError, SettingError
 
 log = logging.getLogger("geoswc")
 
-POSITIONALS = {"locate": ("data.files", "photo files or folders")}
+POSITIONALS = {"locate": ("data.files", "photo files or folders"),
+               "compare": ("runs", "evaluation folders or per-photo prediction files; the first is the reference")}
 """Commands whose first option is also taken from positional arguments."""
 
 

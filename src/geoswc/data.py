@@ -100,7 +100,7 @@ def parse_coord(text: str | None, name: str, bound: float) -> float:
     return v
 
 
-def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+def csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """The header (as written) and the ``(line, row)`` of a UTF-8 CSV, read as a stream (never whole in memory),
     ``line`` the file line its record starts on (a quoted field may span lines); a malformed file, or one that is
     not UTF-8, is an :class:`InputError` when the reader reaches the fault."""
@@ -142,7 +142,7 @@ def read_coordinates(path: str | Path, columns: str | None = None) -> tuple[np.n
         InputError: no such columns, or no usable row.
     """
     path = Path(path)
-    header, rows = _csv_table(path)
+    header, rows = csv_table(path)
     cols = resolve_layout(header, str(path), ("lat", "lon"), _column_map(columns, "--columns"), "--columns")
     report = LoadReport(str(path))
     lat, lon = array("d"), array("d")  # 8 bytes a value while reading (a list holds a Python float per value)
@@ -206,7 +206,7 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
     root = Path(images_dir) if images_dir is not None else csv_path.parent
     if check_images and not root.is_dir():
         raise InputError(f"image folder not found: {root}")
-    header, rows = _csv_table(csv_path)
+    header, rows = csv_table(csv_path)
     cols = resolve_layout(header, str(csv_path), ("image", "lat", "lon") if positions else ("image",),
                           _column_map(columns, "--data.columns"))
     has_coords = cols.has("lat") and cols.has("lon")

@@ -445,6 +445,40 @@ def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool 
     return paths
 
 
+def compare(out: Path, runs: Sequence[Path] = (), names: Sequence[str] = (), resamples: int = 2000,
+            seed: int = 0) -> dict[str, Any]:
+    """Compare systems photo for photo: accuracy at 1/25/200/750/2500 km and the median error over the photos they
+    all share, each system's difference from the first with a 95 % paired-bootstrap interval, and how many photos
+    each lacks; printed, and written as ``compare.json``, ``compare.md`` and ``compare.png``.
+
+    Args:
+        out: the folder to write the comparison into.
+        runs: geoswc evaluation folders (their ``predictions.csv``) or per-photo prediction files (geoswc's, or
+            GeoEstimation's as published, summary block included); the first is the reference.
+        names: the systems' names, in order (default: each file or folder name without its extension).
+        resamples: bootstrap resamples of the shared photos.
+        seed: the bootstrap's seed.
+    """
+    from .compare import read_system, write_comparison
+
+    if len(runs) < 2:
+        raise InputError("give at least two evaluation folders or prediction files to compare")
+    if names and len(names) != len(runs):
+        raise SettingError(f"names must name each of the {len(runs)} systems, got {len(names)}", None, "names")
+    if not 100 <= resamples <= 100_000:
+        raise SettingError(f"resamples must be in 100..100000, got {resamples}", None, "resamples")
+    if not 0 <= seed < 2**63:
+        raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
+    storage.claim_folder(out, "comparison")
+    systems = [read_system(Path(r), names[i] if names else None) for i, r in enumerate(runs)]
+    taken = [s.name for s in systems]
+    if len(set(taken)) < len(taken):
+        raise SettingError(f"two systems are named alike ({', '.join(taken)}); name them with --names", None, "names")
+    result, text = write_comparison(Path(out), systems, resamples, seed)
+    log.info("%s\n-> %s, compare.md, compare.png", text, Path(out) / "compare.json")
+    return result
+
+
 def backbones() -> list[BackboneSpec]:
     """List the backbones: feature width, input size, and where their weights come from."""
     from .backbone import REGISTRY
@@ -510,5 +544,5 @@ def _is_loopback(host: str) -> bool:
 
 
 COMMANDS = {"locate": locate, "cells": cells, "features": features, "train": train, "index": index,
-            "evaluate": evaluate, "shards": shards, "backbones": backbones, "serve": serve}
+            "evaluate": evaluate, "compare": compare, "shards": shards, "backbones": backbones, "serve": serve}
 """The ``geoswc`` commands, in the order ``--help`` lists them."""
