@@ -59,8 +59,8 @@ MAX_VIEWS = 64
 def _geotagged(data: Photos) -> list[Record]:
     """The photos of ``data`` with their positions: a CSV's rows, or a folder's GPS-EXIF photos."""
     if data.files or data.shards or not (data.csv or data.images):
-        raise InputError("give geotagged photos: --data.csv FILE (image,lat,lon[,author]) with --data.images DIR, "
-                         "or --data.images DIR alone (photos with GPS EXIF)"
+        raise InputError("give geotagged photos: --data.csv FILE (image,lat,lon[,author] or a published layout) with "
+                         "--data.images DIR, or --data.images DIR alone (photos with GPS EXIF)"
                          + (", or --data.shards" if not data.shards else ""))
     records, _ = load_records(data.csv, data.images, data.columns)
     if not records:
@@ -426,7 +426,8 @@ def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool 
     """Pack geotagged photos into WebDataset tar shards (each photo as stored, plus a ``.json`` of its position).
 
     Args:
-        data: a CSV (``image,lat,lon[,author]``) and its image folder, or a folder of GPS-EXIF photos.
+        data: a CSV (``image,lat,lon[,author]`` or a published layout) and its image folder, or a folder of
+            GPS-EXIF photos.
         out: the folder for ``shard-%06d.tar`` and ``shards.json``.
         samples_per_shard: photos per shard.
         verify: decode every photo first and skip those that fail.
