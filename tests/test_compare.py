@@ -145,3 +145,18 @@ def test_the_six_published_models_reproduce_their_summary_blocks(tmp_path, capsy
     assert stdout.count("summary block") == 6 and stdout.count("is reproduced") == 6
     result = json.loads((out / "compare.json").read_text())
     assert result["common_photos"] == 2245 and [s["name"] for s in result["systems"]] == SIX
+
+
+@pytest.mark.shared_data
+def test_the_readme_comparison_is_what_compare_makes_of_the_committed_predictions(tmp_path, capsys) -> None:
+    """benchmarks/results/compare/ (the README's table) is reproduced from the committed out-of-fold predictions
+    and the published files."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    committed = json.loads((results / "compare" / "compare.json").read_text())
+    assert main(["compare", str(results / "geoswc-swc-cv"), *(str(BASELINES / f"{n}.csv") for n in SIX),
+                 "--out", str(tmp_path / "cmp")]) == 0
+    again = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    for system in (*committed["systems"], *again["systems"]):
+        system.pop("source")  # where the files were read from
+    assert again == committed and committed["common_photos"] == 2245
+    assert (tmp_path / "cmp" / "compare.md").read_text() == (results / "compare" / "compare.md").read_text()

@@ -116,7 +116,7 @@ def test_an_unknown_layout_is_one_line_showing_its_header_and_the_mapping(tmp_pa
 
 def test_row_labels_read_back() -> None:
     assert parse_row_label(row_label("a (line 3).jpg", 12)) == ("a (line 3).jpg", 12)
-    assert parse_row_label("decoding failed") == ("decoding failed", None)
+    assert parse_row_label("decoding failed") == ("decoding failed", None) and parse_row_label("line 7") == ("", 7)
 
 
 @pytest.mark.shared_data

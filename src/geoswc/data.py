@@ -174,12 +174,17 @@ def row_label(image: str, line: int) -> str:
 
 
 _ROW_LABEL = re.compile(r"(.*) \(line ([0-9]+)\)", re.DOTALL)
+_BARE_ROW = re.compile(r"line ([0-9]+)")
 
 
 def parse_row_label(item: str) -> tuple[str, int | None]:
-    """``(image, line)`` of a report item made by :func:`row_label` (``(item, None)`` for any other item)."""
-    m = _ROW_LABEL.fullmatch(item)
-    return (m.group(1), int(m.group(2))) if m else (item, None)
+    """``(image, line)`` of a report item made by :func:`row_label`, ``("", line)`` of a row without an image
+    (``line N``), ``(item, None)`` of any other item."""
+    if m := _ROW_LABEL.fullmatch(item):
+        return m.group(1), int(m.group(2))
+    if m := _BARE_ROW.fullmatch(item):
+        return "", int(m.group(1))
+    return item, None
 
 
 def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *, positions: bool = True,
