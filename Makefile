@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: setup browser demo test test-fast lint default-model cross-validation clean
+.PHONY: setup browser demo test test-fast lint default-model cross-validation comparison clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,15 @@ cross-validation: setup  ## the README's cross-validation table (reuses the defa
 	$(PY) benchmarks/cross_validation.py --recipe recipes/default.yaml \
 		$(if $(wildcard work/default-model/features/features.json),--features work/default-model/features) \
 		--also '[{select_km: 0}]' --out benchmarks/results/cross_validation.json
+
+BASELINES := $(SHARED)/baselines/geoestimation-im2gps3k
+comparison: setup  ## the README's table beside published systems: out-of-fold predictions, then geoswc compare
+	$(PY) benchmarks/cross_validation.py --recipe recipes/default.yaml \
+		$(if $(wildcard work/default-model/features/features.json),--features work/default-model/features) \
+		--out benchmarks/results/geoswc-swc-cv/cross_validation.json --predictions benchmarks/results/geoswc-swc-cv
+	$(VENV)/bin/geoswc compare benchmarks/results/geoswc-swc-cv $(BASELINES)/ISNs_M-fstar-S3-dev.csv \
+		$(BASELINES)/base_M-fstar-dev.csv $(BASELINES)/base_M-m-dev.csv $(BASELINES)/base_L-m-dev.csv \
+		$(BASELINES)/base-vgg_L-m-dev.csv $(BASELINES)/base-vgg-c_L-m-dev.csv --out benchmarks/results/compare
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -38,6 +38,7 @@ from geoswc.api import Geolocator
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, SearchChanges, SearchConfig, TrainConfig
 from geoswc.data import author_folds
+from geoswc.evaluate import MethodResult
 from geoswc.features import FeatureSet
 from geoswc.metrics import accuracy_at, errors_km, median_km
 from geoswc.model import GeoModel
@@ -75,6 +76,10 @@ class CrossValidation:
     """2 folds, 2 epochs of each head: a smoke run."""
     also: list[SearchChanges] = field(default_factory=list)
     """Extra swc rows, each with these search settings changed, e.g. ``[{select_km: 0}]``."""
+    predictions: Path | None = None
+    """Also write the ``swc`` method's out-of-fold predictions of every photo into this folder, as
+    ``predictions.csv`` in the format of ``geoswc evaluate`` (so ``geoswc compare`` reads it like an
+    evaluation folder)."""
 
 
 def merged(recipe: Recipe, changes: dict[str, dict]) -> Recipe:
@@ -119,24 +124,43 @@ def label(changes: SearchChanges) -> str:
 
 
 def fold_errors(feats: FeatureSet, cells: CellTable, train_args: dict[str, Any], tr: np.ndarray, te: np.ndarray,
-                variants: dict[str, SearchConfig]) -> dict[str, np.ndarray]:
-    """Train on rows ``tr``, locate rows ``te`` with every method; the errors in km of each."""
+                variants: dict[str, SearchConfig]) -> tuple[dict[str, np.ndarray], MethodResult]:
+    """Train on rows ``tr``, locate rows ``te`` with every method; the errors in km of each, and the ``swc``
+    predictions of the rows ``te``."""
     train, test = feats.subset(tr), feats.subset(te)
     cfg: TrainConfig = train_args["train"]
     model = GeoModel(ModelConfig(backbone=feats.backbone, heads=train_args["heads"], train=cfg,
                                  search=train_args["search"], cells=cells.config), cells)
     train_heads(model, train, cfg, progress=False)
     geo = Geolocator(model, model.gallery(train.features[:, 0], train.lat, train.lon, train.names, train.authors))
-    out = {}
+    out, swc = {}, None
     for name, search in {"swc": train_args["search"], **variants, "classification": train_args["search"],
                          "retrieval": train_args["search"]}.items():
         geo.search = search
         preds = geo.predict_features(test.features[:, 0], name.split()[0], names=test.names)  # type: ignore[arg-type]
         out[name] = errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds])
+        if name == "swc":
+            swc = MethodResult("swc", list(test.names), test.lat, test.lon, preds)
+    assert swc is not None
     out["raw 1-NN"] = errors_km(test.lat, test.lon, *raw_nn(train, test))
     prior = cell_prior(cells, train_args["search"].select_km)
     out["cell prior"] = errors_km(test.lat, test.lon, cells.lat[prior], cells.lon[prior])
-    return out
+    return out, swc
+
+
+def write_predictions(folder: Path, folds: list[tuple[np.ndarray, MethodResult]], argv: list[str]) -> None:
+    """``folder/predictions.csv``: every photo's out-of-fold ``swc`` prediction, in the photo set's order."""
+    order = np.argsort(np.concatenate([rows for rows, _ in folds]), kind="stable")
+    parts = [r for _, r in folds]
+    names = [n for r in parts for n in r.names]
+    preds = [p for r in parts for p in r.predictions]
+    merged_result = MethodResult("swc", [names[i] for i in order],
+                                 np.concatenate([r.true_lat for r in parts])[order],
+                                 np.concatenate([r.true_lon for r in parts])[order], [preds[i] for i in order])
+    storage.write_text(folder / "predictions.csv", merged_result.to_csv())
+    storage.write_json(folder / "run.json", {"method": "swc", "what": "out-of-fold predictions of the "
+                                             "cross-validation", "command": shlex.join(
+                                                 ["python", "benchmarks/cross_validation.py", *argv])})
 
 
 def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
@@ -151,12 +175,17 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
     variants = {label(c): dataclasses.replace(train_args["search"], **c) for c in opts.also}
     fold = author_folds(feats.authors, folds)
     errors: dict[str, list[np.ndarray]] = {}
+    swc_folds: list[tuple[np.ndarray, MethodResult]] = []
     for f in range(folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
-        for name, e in fold_errors(feats, cells, train_args, tr, te, variants).items():
+        fold_err, swc = fold_errors(feats, cells, train_args, tr, te, variants)
+        swc_folds.append((te, swc))
+        for name, e in fold_err.items():
             errors.setdefault(name, []).append(e)
         log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds, len(tr), len(te),
                  {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()})
+    if opts.predictions is not None:
+        write_predictions(opts.predictions, swc_folds, argv)
     rows = {m: {"accuracy": accuracy_at(np.concatenate(e)), "median_km": median_km(np.concatenate(e)),
                 "n": int(sum(len(x) for x in e))} for m, e in errors.items()}
     return {

@@ -410,7 +410,7 @@ def _unreadable_csv(p: Path) -> None:
 
 # kind -> (how to make it, text the error must show; None: it reads as empty)
 FILE_KINDS: dict[str, tuple[Maker, str | None]] = {
-    "missing_columns": (lambda p: p.write_text("image,latitude,longitude\na.jpg,1,2\n"), "lacks column(s) lat, lon"),
+    "missing_columns": (lambda p: p.write_text("image,y,x\na.jpg,1,2\n"), "lacks column(s) lat, lon"),
     "wrong_delimiter": (lambda p: p.write_text("image;lat;lon\na.jpg;1;2\n"), "lacks column(s)"),
     "non_utf8": (lambda p: p.write_bytes("image,lat,lon\ncafé.jpg,1,2\n".encode("latin-1")), "not UTF-8"),
     "binary_garbage": (lambda p: p.write_bytes(REAL_JPEG[:4000]), "not UTF-8"),

@@ -3,6 +3,7 @@ scale rehearsal, the cell selection and the gallery search at small sizes."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import sys
@@ -13,6 +14,7 @@ import pytest
 from geoswc.cells import build_cells
 from geoswc.config import CellConfig
 from geoswc.data import read_coordinates
+from geoswc.evaluate import PREDICTION_COLUMNS
 from geoswc.geo import haversine_km
 
 from .conftest import DEV_IMAGES, MP16, ROOT, dev_rows, write_csv
@@ -67,7 +69,7 @@ def test_cross_validation_quick_run(tmp_path, capsys):
                "train": {"search": {"select_km": 2000}}}
     assert cv.main(["--out", str(out), "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES), "--cache",
                     str(tmp_path / "cache"), "--quick", "true", "--changes", json.dumps(changes),
-                    "--also", "[{select_km: 0}]"]) == 0
+                    "--also", "[{select_km: 0}]", "--predictions", str(tmp_path / "oof")]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 40 and result["folds"] == 2 and result["views"] == 1 and result["cells"] > 10
     assert result["recipe"]["train"]["search"]["select_km"] == 2000 and result["search"]["select_km"] == 2000
@@ -77,6 +79,12 @@ def test_cross_validation_quick_run(tmp_path, capsys):
         assert r["n"] == 40 and all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
         assert list(r["accuracy"].values()) == sorted(r["accuracy"].values())  # monotone in the threshold
     assert "| cell prior |" in (tmp_path / "cv.md").read_text() and "| swc |" in capsys.readouterr().out
+    # the out-of-fold swc predictions, as `geoswc evaluate` writes them, in the photo list's order
+    with open(tmp_path / "oof" / "predictions.csv", encoding="utf-8") as f:
+        preds = list(csv.DictReader(f))
+    assert list(preds[0]) == PREDICTION_COLUMNS and [p["image"] for p in preds] == [r["image"] for r in rows]
+    err = np.array([float(p["error_km"]) for p in preds])
+    assert abs(np.mean(err <= 2500) - result["methods"]["swc"]["accuracy"]["2500"]) < 1e-9
 
     # The prior row is the constant guess: recompute its median error from the cells alone.
     la, lo, _ = read_coordinates(MP16)

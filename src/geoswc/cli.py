@@ -27,8 +27,10 @@ from .errors import GeoswcError, SettingError
 
 log = logging.getLogger("geoswc")
 
-POSITIONALS = {"locate": ("data.files", "photo files or folders")}
-"""Commands whose first option is also taken from positional arguments."""
+POSITIONALS = {"locate": ("data.files", "PHOTO", "photo files or folders"),
+               "compare": ("runs", "RUN_OR_FILE",
+                           "evaluation folders or per-photo prediction files; the first is the reference")}
+"""Commands whose first option is also taken from positional arguments: the option, its metavar and its help."""
 
 
 def command_parser(name: str, fn: Callable[..., Any]) -> Any:
@@ -45,7 +47,8 @@ def command_parser(name: str, fn: Callable[..., Any]) -> Any:
                         help="a config file of this command (--print_config writes one), or a recipe with a "
                              f"'{name}' section")
     if name in POSITIONALS:
-        parser.add_argument("positional", nargs="*", default=[], metavar="PHOTO", help=POSITIONALS[name][1])
+        _, metavar, help_text = POSITIONALS[name]
+        parser.add_argument("positional", nargs="*", default=[], metavar=metavar, help=help_text)
     parser.add_function_arguments(fn, as_group=False, sub_configs=True, fail_untyped=True)
     return parser
 

@@ -1,7 +1,8 @@
 """Geotagged photo lists and the datasets that decode them.
 
-A photo list is a CSV (``image,lat,lon[,author]``) plus a folder, or a folder of GPS-EXIF photos; a
-coordinate list is a CSV with ``lat``/``lon`` columns. Bad rows are never dropped silently: every reader
+A photo list is a CSV (``image,lat,lon[,author]``, or a benchmark's published layout: see
+:mod:`geoswc.layouts`) plus a folder, or a folder of GPS-EXIF photos; a coordinate list is a CSV with latitude
+and longitude columns. Bad rows are never dropped silently: every reader
 returns a :class:`LoadReport` that counts them and names the first few, and logs it.
 """
 
@@ -25,6 +26,7 @@ from PIL import Image
 from .config import Preprocess
 from .errors import ImageError, InputError
 from .images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, ImageSource, check_size, load_image, read_gps
+from .layouts import parse_columns, resolve_layout
 from .progress import progress_bar
 from .transforms import augment, preprocess
 
@@ -98,8 +100,8 @@ def parse_coord(text: str | None, name: str, bound: float) -> float:
     return v
 
 
-def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """The lower-cased header and the ``(line, row)`` of a UTF-8 CSV, read as a stream (never whole in memory),
+def csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The header (as written) and the ``(line, row)`` of a UTF-8 CSV, read as a stream (never whole in memory),
     ``line`` the file line its record starts on (a quoted field may span lines); a malformed file, or one that is
     not UTF-8, is an :class:`InputError` when the reader reaches the fault."""
     if not path.is_file():
@@ -125,32 +127,24 @@ def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
                                  f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8 and try again") from None
 
     it = rows()
-    return [h.strip().lower() for h in next(it, (1, []))[1]], it
+    return [h.strip() for h in next(it, (1, []))[1]], it
 
 
-class _Columns:
-    """Cells of a row by column name (a column the header lacks, or a short row, gives None)."""
+def read_coordinates(path: str | Path, columns: str | None = None) -> tuple[np.ndarray, np.ndarray, LoadReport]:
+    """The latitudes and longitudes of a CSV, ``(N,)`` each: its ``lat``/``lon`` columns (or another known
+    layout's, header names in any case, see :mod:`geoswc.layouts`); bad rows are reported and skipped.
 
-    def __init__(self, header: list[str]) -> None:
-        self.index = {name: i for i, name in reversed(list(enumerate(header)))}
-
-    def get(self, row: list[str], column: str) -> str | None:
-        i = self.index.get(column, -1)
-        return row[i] if 0 <= i < len(row) else None
-
-
-def read_coordinates(path: str | Path) -> tuple[np.ndarray, np.ndarray, LoadReport]:
-    """The ``lat``/``lon`` columns (header names in any case) of a CSV, ``(N,)`` each; bad rows are
-    reported and skipped.
+    Args:
+        path: the CSV file.
+        columns: ``lat=COL,lon=COL`` for another layout.
 
     Raises:
         InputError: no such columns, or no usable row.
     """
     path = Path(path)
-    header, rows = _csv_table(path)
-    if "lat" not in header or "lon" not in header:
-        raise InputError(f"{path} needs 'lat' and 'lon' columns (any case); its header is {header}")
-    report, cols = LoadReport(str(path)), _Columns(header)
+    header, rows = csv_table(path)
+    cols = resolve_layout(header, str(path), ("lat", "lon"), _column_map(columns, "--columns"), "--columns")
+    report = LoadReport(str(path))
     lat, lon = array("d"), array("d")  # 8 bytes a value while reading (a list holds a Python float per value)
     for n, row in rows:
         report.total += 1
@@ -167,9 +161,36 @@ def read_coordinates(path: str | Path) -> tuple[np.ndarray, np.ndarray, LoadRepo
     return np.frombuffer(lat, np.float64).copy(), np.frombuffer(lon, np.float64).copy(), report
 
 
+def _column_map(columns: str | None, flag: str) -> dict[str, str]:
+    try:
+        return parse_columns(columns)
+    except ValueError as e:
+        raise InputError(f"{flag}: {e}") from None
+
+
+def row_label(image: str, line: int) -> str:
+    """How a report names a CSV row: ``IMAGE (line N)`` (long names cut); :func:`parse_row_label` reads it back."""
+    return f"{image if len(image) <= 200 else image[:200] + '…'} (line {line})"
+
+
+_ROW_LABEL = re.compile(r"(.*) \(line ([0-9]+)\)", re.DOTALL)
+_BARE_ROW = re.compile(r"line ([0-9]+)")
+
+
+def parse_row_label(item: str) -> tuple[str, int | None]:
+    """``(image, line)`` of a report item made by :func:`row_label`, ``("", line)`` of a row without an image
+    (``line N``), ``(item, None)`` of any other item."""
+    if m := _ROW_LABEL.fullmatch(item):
+        return m.group(1), int(m.group(2))
+    if m := _BARE_ROW.fullmatch(item):
+        return "", int(m.group(1))
+    return item, None
+
+
 def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *, positions: bool = True,
-                   check_images: bool = True) -> tuple[list[Record], LoadReport]:
-    """The photos a CSV names in its ``image`` column, with ``lat``, ``lon`` and an optional ``author``.
+                   check_images: bool = True, columns: str | None = None) -> tuple[list[Record], LoadReport]:
+    """The photos a CSV names, with their positions and authors, in ``image,lat,lon[,author]`` or a benchmark's
+    published layout (see :mod:`geoswc.layouts`).
 
     Args:
         csv_path: the CSV file (UTF-8, header row required; extra columns are ignored).
@@ -177,6 +198,7 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
         positions: require ``lat``/``lon`` columns; with False (photos to locate) they are read when present,
             else left NaN.
         check_images: skip rows whose image file does not exist.
+        columns: ``image=COL,lat=COL,lon=COL,author=COL`` (any subset) for a layout the reader does not know.
 
     Returns:
         The usable records, and the report of skipped rows (bad or missing coordinates, missing images,
@@ -189,19 +211,16 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
     root = Path(images_dir) if images_dir is not None else csv_path.parent
     if check_images and not root.is_dir():
         raise InputError(f"image folder not found: {root}")
-    header, rows = _csv_table(csv_path)
-    has_coords = "lat" in header and "lon" in header
-    missing = [c for c in ("image", *(("lat", "lon") if positions else ())) if c not in header]
-    if missing:
-        raise InputError(f"CSV {csv_path} lacks column(s) {', '.join(missing)}; its header is {header}. "
-                         "Expected a header with image,lat,lon (and optionally author).")
-    report, cols = LoadReport(str(csv_path)), _Columns(header)
+    header, rows = csv_table(csv_path)
+    cols = resolve_layout(header, str(csv_path), ("image", "lat", "lon") if positions else ("image",),
+                          _column_map(columns, "--data.columns"))
+    has_coords = cols.has("lat") and cols.has("lon")
+    report = LoadReport(str(csv_path))
     records: list[Record] = []
     seen: set[str] = set()
     for line, row in rows:
         report.total += 1
-        image = (cols.get(row, "image") or "").strip()
-        label = image if len(image) <= 200 else image[:200] + "…"
+        image = cols.image(row)
         if not image:
             report.skip(f"line {line}", "empty image name")
             continue
@@ -211,11 +230,11 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
             if image in seen:
                 raise ValueError("duplicate image id")
         except ValueError as e:
-            report.skip(f"{label} (line {line})", str(e))
+            report.skip(row_label(image, line), str(e))
             continue
         problem = _image_problem(root, image) if check_images else ""
         if problem:
-            report.skip(f"{label} (line {line})", problem)
+            report.skip(row_label(image, line), problem)
             continue
         seen.add(image)
         records.append(Record(image, root / image, lat, lon, (cols.get(row, "author") or "").strip()))
@@ -262,10 +281,12 @@ def find_photos(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_records(csv_path: str | Path | None, images_dir: str | Path | None) -> tuple[list[Record], LoadReport]:
-    """A CSV's geotagged photos when ``csv_path`` is given, else the GPS-EXIF photos of ``images_dir``."""
+def load_records(csv_path: str | Path | None, images_dir: str | Path | None, columns: str | None = None
+                 ) -> tuple[list[Record], LoadReport]:
+    """A CSV's geotagged photos when ``csv_path`` is given (``columns`` maps its layout, see
+    :func:`read_photo_csv`), else the GPS-EXIF photos of ``images_dir``."""
     if csv_path is not None:
-        return read_photo_csv(csv_path, images_dir)
+        return read_photo_csv(csv_path, images_dir, columns=columns)
     if images_dir is None:
         raise InputError("give a CSV of geotagged photos, or a folder of photos with GPS EXIF")
     return scan_exif_folder(images_dir)

@@ -8,13 +8,17 @@
 
 ``n`` counts the photos evaluated, ``missing`` the CSV rows that could not be (bad coordinates, missing
 or undecodable images); accuracies are fractions of ``n``. With several methods, the first is the
-contract's, the others are under ``"methods"`` and in ``predictions_<method>.csv``.
+contract's, the others are under ``"methods"`` and in ``predictions_<method>.csv``. A named benchmark
+(``--benchmark``) adds ``"benchmark": {"name", "expected", "evaluated", "missing", "rows_in_file"}``, its
+size as published against what was scored. ``missing.csv`` names every row that could not be evaluated
+(``image,line,reason``), and last, when the file holds fewer rows than the benchmark as published, how many.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +29,46 @@ import torch
 
 from . import storage
 from .api import Geolocator
+from .benchmark_sets import Benchmark
 from .config import METHODS, to_dict
-from .data import LoadReport, Record
+from .data import LoadReport, Record, parse_row_label
 from .errors import InputError
 from .geo import THRESHOLDS_KM
 from .metrics import accuracy_at, errors_km, median_km
 from .prediction import Prediction
 from .progress import progress_bar
 
+log = logging.getLogger(__name__)
+
 PREDICTION_COLUMNS = ["image", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "cell", "confidence"]
+MISSING_COLUMNS = ["image", "line", "reason"]
+
+
+def missing_csv(skipped: Sequence[tuple[str, str]], gap: str = "") -> str:
+    """``missing.csv``: each row or photo that could not be evaluated (its image, its line in the list when
+    known, why), then ``gap`` (the photos the list itself lacks) as a last row without an image."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MISSING_COLUMNS)
+    for item, why in skipped:
+        image, line = parse_row_label(item)
+        w.writerow([image, "" if line is None else line, why])
+    if gap:
+        w.writerow(["", "", gap])
+    return buf.getvalue()
+
+
+def benchmark_counts(bench: Benchmark, rows_in_file: int, evaluated: int, source: str) -> tuple[dict[str, Any], str]:
+    """``metrics.json``'s ``benchmark`` entry, and the note on the photos the file lacks ("" when none)."""
+    counts = {"name": bench.name, "expected": bench.expected, "evaluated": evaluated,
+              "missing": max(bench.expected - evaluated, 0), "rows_in_file": rows_in_file}
+    gap = bench.expected - rows_in_file
+    note = (f"{gap} of the {bench.expected} photos of {bench.name} as published are not in {source}"
+            if gap > 0 else "")
+    if gap < 0:
+        log.warning("%s holds %d rows, more than the %d of %s as published (%s)", source, rows_in_file,
+                    bench.expected, bench.name, bench.source)
+    return counts, note
 
 
 @dataclass
@@ -148,13 +183,17 @@ def _search(geolocator: Geolocator, features: torch.Tensor, method: str, names: 
 
 
 def write_evaluation(out: str | Path, geolocator: Geolocator, results: Sequence[MethodResult],
-                     skipped: Sequence[tuple[str, str]], run: dict[str, Any]) -> dict[str, Any]:
-    """Write ``metrics.json``, ``predictions[_METHOD].csv``, ``accuracy.png`` and ``run.json`` into ``out``.
+                     skipped: Sequence[tuple[str, str]], run: dict[str, Any], benchmark: dict[str, Any] | None = None,
+                     gap: str = "") -> dict[str, Any]:
+    """Write ``metrics.json``, ``predictions[_METHOD].csv``, ``missing.csv``, ``accuracy.png`` and ``run.json``
+    into ``out``.
 
     Args:
         results: the methods' results; the first is the contract's.
         skipped: ``(item, reason)`` of every row or photo that could not be evaluated.
         run: what was evaluated (source files, options), recorded in ``run.json``.
+        benchmark: the named benchmark's counts (:func:`benchmark_counts`), recorded in ``metrics.json``.
+        gap: the note on the photos the list lacks, the last row of ``missing.csv``.
 
     Returns:
         The ``metrics.json`` content.
@@ -168,6 +207,9 @@ def write_evaluation(out: str | Path, geolocator: Geolocator, results: Sequence[
                                **primary.metrics(), "model": geolocator.fingerprint}
     if len(results) > 1:
         metrics["methods"] = {r.method: r.metrics() for r in results}
+    if benchmark is not None:
+        metrics["benchmark"] = benchmark
+    storage.write_text(out / "missing.csv", missing_csv(skipped, gap))
     for r in results:
         storage.write_text(out / ("predictions.csv" if r is primary else f"predictions_{r.method}.csv"), r.to_csv())
     plot_accuracy([(r.method, r.errors_km) for r in results], out / "accuracy.png",
@@ -189,6 +231,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     rows = metrics.get("methods") or {metrics["method"]: metrics}
     head = "method          " + "".join(f"{k + ' km':>10}" for k in metrics["accuracy"]) + "   median km"
     lines = [f"n={metrics['n']} missing={metrics['missing']} model={metrics['model']}", head]
+    if "benchmark" in metrics:
+        b = metrics["benchmark"]
+        lines.insert(1, f"benchmark {b['name']}: {b['expected']} photos expected as published, {b['evaluated']} "
+                        f"evaluated, {b['missing']} missing (named in missing.csv)")
     for m, r in rows.items():
         acc = "".join(f"{100 * v:>9.1f}%" for v in r["accuracy"].values())
         lines.append(f"{m:<16}{acc}{r['median_km']:>12.1f}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import BackboneConfig, check_field, check_ints
+from .layouts import parse_columns
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Runtime = Literal["torch", "onnx"]
@@ -23,14 +24,19 @@ def names_remote(location: str) -> bool:
 
 @dataclass(frozen=True)
 class Photos:
-    """Photos to read: files or folders, a CSV naming them (``image,lat,lon[,author]``; positions are needed
-    to train, index and evaluate) with the folder its names are relative to, a folder of photos whose
-    GPS EXIF gives their positions, or WebDataset shards."""
+    """Photos to read: files or folders, a CSV naming them (``image,lat,lon[,author]`` or a benchmark's published
+    layout; positions are needed to train, index and evaluate) with the folder its names are relative to, a
+    folder of photos whose GPS EXIF gives their positions, or WebDataset shards."""
 
     files: list[Path] = field(default_factory=list)
     """Photo files or folders (the positional arguments of ``geoswc locate``)."""
     csv: Path | None = None
-    """CSV whose ``image`` column names the photos (relative to ``images``, else to the CSV's folder)."""
+    """CSV naming the photos (relative to ``images``, else to the CSV's folder): ``image,lat,lon[,author]``, or
+    Im2GPS3k/MP-16's ``IMG_ID,AUTHOR,LAT,LON``, YFCC4k's ``name,OwnerNSID,lon,lat``, YFCC26k's
+    ``name,AUTHOR,lat,lon``, OSV-5M's ``id,latitude,longitude`` (headers in any case)."""
+    columns: str | None = None
+    """The CSV's columns when its layout is none of those: ``image=COL,lat=COL,lon=COL,author=COL`` (any subset;
+    the others are found by their usual names)."""
     images: Path | None = None
     """Folder the CSV's names are relative to; without a CSV, a folder of photos with GPS EXIF."""
     shards: str | None = None
@@ -41,6 +47,11 @@ class Photos:
         check_field(self, "shards", len(given) <= 1, f"goes alone: give one of files, csv or shards, not {given}")
         check_field(self, "images", not (self.images and (self.files or self.shards)),
                     "goes with a CSV, or alone (a folder of GPS-EXIF photos)")
+        check_field(self, "columns", not (self.columns and not self.csv), "goes with a CSV (--data.csv)")
+        try:
+            parse_columns(self.columns)
+        except ValueError as e:
+            check_field(self, "columns", False, str(e))
         check_field(self, "shards", not (self.shards and names_remote(self.shards)),
                     "must be local files: geoswc never runs commands or downloads shards; copy them to a local "
                     "folder first")

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import compat, distributed, storage
 from .backbone import BackboneSpec
+from .benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
 from .cells import CellTable, build_cells
 from .config import (
     NO_SEARCH_CHANGES,
@@ -36,7 +37,7 @@ from .config import (
     TrainConfig,
     check_search_changes,
 )
-from .data import Record, find_photos, load_records, read_coordinates, read_photo_csv
+from .data import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
 from .errors import InputError, SettingError, building
 from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
@@ -59,10 +60,10 @@ MAX_VIEWS = 64
 def _geotagged(data: Photos) -> list[Record]:
     """The photos of ``data`` with their positions: a CSV's rows, or a folder's GPS-EXIF photos."""
     if data.files or data.shards or not (data.csv or data.images):
-        raise InputError("give geotagged photos: --data.csv FILE (image,lat,lon[,author]) with --data.images DIR, "
-                         "or --data.images DIR alone (photos with GPS EXIF)"
+        raise InputError("give geotagged photos: --data.csv FILE (image,lat,lon[,author] or a published layout) with "
+                         "--data.images DIR, or --data.images DIR alone (photos with GPS EXIF)"
                          + (", or --data.shards" if not data.shards else ""))
-    records, _ = load_records(data.csv, data.images)
+    records, _ = load_records(data.csv, data.images, data.columns)
     if not records:
         raise InputError(f"{data.csv or data.images} holds no usable photo")
     return records
@@ -88,16 +89,18 @@ def _process_group(device: str) -> Iterator[distributed.DistContext]:
 # -- the steps -----------------------------------------------------------------------------------------
 
 
-def cells(coords: Path, out: Path, cells: CellConfig = CellConfig()) -> CellTable:
+def cells(coords: Path, out: Path, cells: CellConfig = CellConfig(), columns: str | None = None) -> CellTable:
     """Build an adaptive S2 cell partition from coordinates.
 
     Args:
-        coords: CSV with ``lat`` and ``lon`` columns (any case); bad rows are reported and skipped.
+        coords: CSV with ``lat`` and ``lon`` columns (or a benchmark's published layout, any case); bad rows are
+            reported and skipped.
         out: the cell table CSV to write (its thresholds go into a ``.json`` beside it).
         cells: the partition's thresholds.
+        columns: the coordinate columns of another layout: ``lat=COL,lon=COL``.
     """
     _claim_cell_table(Path(out))
-    lat, lon, _ = read_coordinates(coords)
+    lat, lon, _ = read_coordinates(coords, columns)
     with building(f"cells from {len(lat):,} coordinates"):
         table = build_cells(lat, lon, cells, progress=True)
     table.save(out)
@@ -258,37 +261,61 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
 
 def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | None = None,
              methods: Sequence[Method] = ("swc",), exclude_same_author: bool = False,
-             search: SearchChanges = NO_SEARCH_CHANGES, run: RunConfig = RunConfig()) -> dict[str, Any]:
+             search: SearchChanges = NO_SEARCH_CHANGES, benchmark: BenchmarkName | None = None,
+             run: RunConfig = RunConfig()) -> dict[str, Any]:
     """Evaluate on geotagged photos: accuracy at 1/25/200/750/2500 km and the median error, written as
-    ``metrics.json``, ``predictions.csv``, ``accuracy.png`` and ``run.json``.
+    ``metrics.json``, ``predictions.csv``, ``missing.csv``, ``accuracy.png`` and ``run.json``.
 
     Args:
-        data: the benchmark: a CSV (``image,lat,lon[,author]``) and its image folder (default: the CSV's).
+        data: the benchmark: a CSV (``image,lat,lon[,author]`` or its published layout) and its image folder
+            (default: the CSV's).
         out: the output folder.
         model: the model folder (default: the embedded model).
         index: the gallery index folder (default: ``MODEL/index``).
         methods: ``swc``, ``classification``, ``retrieval``; the first is the ``metrics.json`` contract's.
         exclude_same_author: never retrieve gallery photos by the query's author.
         search: search settings to change from the model's, e.g. ``{k: 5}``.
+        benchmark: the benchmark the CSV is (``im2gps3k``, ``yfcc4k``, ``yfcc26k``, ``im2gps``, ``osv5m-test``):
+            its size as published, the photos evaluated and those missing go into ``metrics.json``.
         run: batch size, decoding processes, device and backbone runtime.
     """
-    from .evaluate import format_metrics, locate_records, write_evaluation
+    from .evaluate import benchmark_counts, format_metrics, locate_records, write_evaluation
 
     check_search_changes(search)
     if data.csv is None or data.files or data.shards:
         raise InputError("evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and "
                          "--data.images DIR")
     storage.claim_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
-    records, report = read_photo_csv(data.csv, data.images)
+    records, report = read_photo_csv(data.csv, data.images, columns=data.columns)
+    bench = BENCHMARKS[benchmark] if benchmark else None
     if not records:
-        raise InputError(f"no photo of {data.csv} can be evaluated: {report.summary()}")
+        _nothing_to_evaluate(Path(out), data.csv, report, bench)
     geo = _load_geolocator(model, index, search, run)
     results, decode = locate_records(geo, records, methods, exclude_same_author, run.batch_size, run.workers)
+    counts, gap = (benchmark_counts(bench, report.total, len(results[0].names), str(data.csv)) if bench
+                   else (None, ""))
     metrics = write_evaluation(out, geo, results, report.skipped + decode.skipped, {
         "title": Path(data.csv).name, "csv": str(data.csv), "images": str(data.images) if data.images else None,
-        "exclude_same_author": exclude_same_author})
-    log.info("%s\n-> %s, predictions.csv, accuracy.png", format_metrics(metrics), Path(out) / "metrics.json")
+        "columns": data.columns, "benchmark": benchmark, "exclude_same_author": exclude_same_author}, counts, gap)
+    log.info("%s\n-> %s, predictions.csv, missing.csv, accuracy.png", format_metrics(metrics),
+             Path(out) / "metrics.json")
     return metrics
+
+
+def _nothing_to_evaluate(out: Path, csv: Path, report: LoadReport, bench: Benchmark | None) -> None:
+    """Refuse an evaluation over no photo: name every missing one in ``out/missing.csv`` when ``out`` is a new or
+    empty folder (what an earlier run wrote stays as it was) and say how many a named benchmark expected."""
+    from .evaluate import benchmark_counts, missing_csv
+
+    counts, gap = benchmark_counts(bench, report.total, 0, str(csv)) if bench else ({}, "")
+    named = ""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        storage.ensure_dir(out)
+        storage.write_text(out / "missing.csv", missing_csv(report.skipped, gap))
+        named = f"; every missing photo is named in {out / 'missing.csv'}"
+    expected = (f" ({bench.name}: {counts['expected']} photos expected as published, 0 evaluated, "
+                f"{counts['missing']} missing)" if bench else "")
+    raise InputError(f"no photo of {csv} can be evaluated{expected}{named}: {report.summary(first=3)}")
 
 
 @dataclass(frozen=True)
@@ -351,7 +378,7 @@ def _photo_source(data: Photos, geo: Any, method: Method, run: RunConfig) -> _Ph
     if data.shards:
         return _PhotoSource(lambda progress: geo.locate_shards(data.shards, progress=progress, **kw), None)
     if data.csv:
-        records, report = read_photo_csv(data.csv, data.images, positions=False)
+        records, report = read_photo_csv(data.csv, data.images, positions=False, columns=data.columns)
         if not records:
             raise InputError(f"{data.csv} names no photo that can be located: {report.summary()}")
         return _PhotoSource(lambda progress: geo.locate_batch([r.path for r in records], progress=progress,
@@ -402,7 +429,8 @@ def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool 
     """Pack geotagged photos into WebDataset tar shards (each photo as stored, plus a ``.json`` of its position).
 
     Args:
-        data: a CSV (``image,lat,lon[,author]``) and its image folder, or a folder of GPS-EXIF photos.
+        data: a CSV (``image,lat,lon[,author]`` or a published layout) and its image folder, or a folder of
+            GPS-EXIF photos.
         out: the folder for ``shard-%06d.tar`` and ``shards.json``.
         samples_per_shard: photos per shard.
         verify: decode every photo first and skip those that fail.
@@ -419,6 +447,40 @@ def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool 
     log.info("%d photos in %d shards -> %s%s", report.kept, len(paths), out,
              f"; {len(report.skipped)} skipped" if report.skipped else "")
     return paths
+
+
+def compare(out: Path, runs: Sequence[Path] = (), names: Sequence[str] = (), resamples: int = 2000,
+            seed: int = 0) -> dict[str, Any]:
+    """Compare systems photo for photo: accuracy at 1/25/200/750/2500 km and the median error over the photos they
+    all share, each system's difference from the first with a 95 % paired-bootstrap interval, and how many photos
+    each lacks; printed, and written as ``compare.json``, ``compare.md`` and ``compare.png``.
+
+    Args:
+        out: the folder to write the comparison into.
+        runs: geoswc evaluation folders (their ``predictions.csv``) or per-photo prediction files (geoswc's, or
+            GeoEstimation's as published, summary block included); the first is the reference.
+        names: the systems' names, in order (default: each file or folder name without its extension).
+        resamples: bootstrap resamples of the shared photos.
+        seed: the bootstrap's seed.
+    """
+    from .compare import read_system, write_comparison
+
+    if len(runs) < 2:
+        raise InputError("give at least two evaluation folders or prediction files to compare")
+    if names and len(names) != len(runs):
+        raise SettingError(f"names must name each of the {len(runs)} systems, got {len(names)}", None, "names")
+    if not 100 <= resamples <= 100_000:
+        raise SettingError(f"resamples must be in 100..100000, got {resamples}", None, "resamples")
+    if not 0 <= seed < 2**63:
+        raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
+    storage.claim_folder(out, "comparison")
+    systems = [read_system(Path(r), names[i] if names else None) for i, r in enumerate(runs)]
+    taken = [s.name for s in systems]
+    if len(set(taken)) < len(taken):
+        raise SettingError(f"two systems are named alike ({', '.join(taken)}); name them with --names", None, "names")
+    result, text = write_comparison(Path(out), systems, resamples, seed)
+    log.info("%s\n-> %s, compare.md, compare.png", text, Path(out) / "compare.json")
+    return result
 
 
 def backbones() -> list[BackboneSpec]:
@@ -486,5 +548,5 @@ def _is_loopback(host: str) -> bool:
 
 
 COMMANDS = {"locate": locate, "cells": cells, "features": features, "train": train, "index": index,
-            "evaluate": evaluate, "shards": shards, "backbones": backbones, "serve": serve}
+            "evaluate": evaluate, "compare": compare, "shards": shards, "backbones": backbones, "serve": serve}
 """The ``geoswc`` commands, in the order ``--help`` lists them."""
