@@ -37,6 +37,7 @@ from geoswc import storage, workflow
 from geoswc.api import Geolocator
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, SearchChanges, SearchConfig, TrainConfig
+from geoswc.crossfit import OutOfFold, calibration_report
 from geoswc.data import author_folds
 from geoswc.features import FeatureSet
 from geoswc.metrics import accuracy_at, errors_km, median_km
@@ -119,8 +120,9 @@ def label(changes: SearchChanges) -> str:
 
 
 def fold_errors(feats: FeatureSet, cells: CellTable, train_args: dict[str, Any], tr: np.ndarray, te: np.ndarray,
-                variants: dict[str, SearchConfig]) -> dict[str, np.ndarray]:
-    """Train on rows ``tr``, locate rows ``te`` with every method; the errors in km of each."""
+                variants: dict[str, SearchConfig], keep: dict[str, list] | None = None) -> dict[str, np.ndarray]:
+    """Train on rows ``tr``, locate rows ``te`` with every method; the errors in km of each (and, into ``keep``,
+    the predictions of each method)."""
     train, test = feats.subset(tr), feats.subset(te)
     cfg: TrainConfig = train_args["train"]
     model = GeoModel(ModelConfig(backbone=feats.backbone, heads=train_args["heads"], train=cfg,
@@ -132,11 +134,38 @@ def fold_errors(feats: FeatureSet, cells: CellTable, train_args: dict[str, Any],
                          "retrieval": train_args["search"]}.items():
         geo.search = search
         preds = geo.predict_features(test.features[:, 0], name.split()[0], names=test.names)  # type: ignore[arg-type]
+        if keep is not None:
+            keep[name] = preds
         out[name] = errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds])
     out["raw 1-NN"] = errors_km(test.lat, test.lon, *raw_nn(train, test))
     prior = cell_prior(cells, train_args["search"].select_km)
     out["cell prior"] = errors_km(test.lat, test.lon, cells.lat[prior], cells.lon[prior])
     return out
+
+
+def calibration(feats: FeatureSet, fold: np.ndarray, swc: list[Any]) -> dict[str, Any]:
+    """How far the swc estimates can be trusted, out of fold: the ``calibration`` and ``selective`` blocks of
+    ``geoswc evaluate`` for ``within_km`` from a calibrator fitted on the other folds' predictions (the embedded
+    model's calibrator is fitted on all of them: ``geoswc calibrate --features``), and ``selective_density``
+    ranked by the prediction density."""
+    e = errors_km(feats.lat, feats.lon, [p.lat for p in swc], [p.lon for p in swc])
+    return calibration_report(OutOfFold(fold, {"swc": swc}, {"swc": e}), "swc")
+
+
+def calibration_table(result: dict) -> str:
+    """The calibration report as Markdown: ECE and Brier per threshold, then accuracy against coverage."""
+    cal = result["calibration"]
+    keys = list(cal["calibration"]["ece"])
+    lines = ["| within_km | " + " | ".join(f"{k} km" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines += [f"| {name} | " + " | ".join(f"{cal['calibration'][name][k]:.3f}" for k in keys) + " |"
+              for name in ("ece", "brier")]
+    cov = cal["selective"]["coverage"]
+    lines += ["", "| accuracy among the most confident (%) | " + " | ".join(f"{100 * c:g} %" for c in cov) + " |",
+              "|---|" + "---:|" * len(cov)]
+    for block, by in (("selective", "within_km"), ("selective_density", "density")):
+        lines += [f"| within {k} km, ranked by {by} | " + " | ".join(f"{100 * v:.1f}" for v in acc) + " |"
+                  for k, acc in cal[block]["accuracy"].items()]
+    return "\n".join(lines)
 
 
 def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
@@ -151,10 +180,14 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
     variants = {label(c): dataclasses.replace(train_args["search"], **c) for c in opts.also}
     fold = author_folds(feats.authors, folds)
     errors: dict[str, list[np.ndarray]] = {}
+    swc: list[Any] = [None] * len(feats)  # the swc predictions, for the calibration report
     for f in range(folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
-        for name, e in fold_errors(feats, cells, train_args, tr, te, variants).items():
+        kept: dict[str, list] = {}
+        for name, e in fold_errors(feats, cells, train_args, tr, te, variants, kept).items():
             errors.setdefault(name, []).append(e)
+        for i, p in zip(te, kept["swc"], strict=True):
+            swc[i] = p
         log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds, len(tr), len(te),
                  {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()})
     rows = {m: {"accuracy": accuracy_at(np.concatenate(e)), "median_km": median_km(np.concatenate(e)),
@@ -164,7 +197,8 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
         "backbone": feats.backbone.name, "image_size": feats.backbone.preprocess.image_size,
         "resize": feats.backbone.preprocess.resize, "views": feats.views,
         "train": dataclasses.asdict(train_args["train"]), "heads": dataclasses.asdict(train_args["heads"]),
-        "search": dataclasses.asdict(train_args["search"]), "methods": rows, "seconds": round(time.time() - t0, 1),
+        "search": dataclasses.asdict(train_args["search"]), "methods": rows,
+        "calibration": calibration(feats, fold, swc), "seconds": round(time.time() - t0, 1),
         "command": shlex.join(["python", "benchmarks/cross_validation.py", *argv]),
     }
 
@@ -191,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     opts: CrossValidation = auto_cli(CrossValidation, args=argv, as_positional=False, return_instance=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     result = run(opts, argv)
-    table = markdown_table(result)
+    table = markdown_table(result) + "\n\n" + calibration_table(result)
     print(table)
     storage.write_text(opts.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     storage.write_text(opts.out.with_suffix(".md"), table + "\n")

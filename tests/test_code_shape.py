@@ -15,7 +15,9 @@ SRC = ROOT / "src" / "geoswc"
 MAX_LINES = 80
 MAX_PARAMS = 8
 WIDER = {("workflow.py", "train"): "the command's groups: 3 inputs, 3 settings saved with the model, the photos and "
-                                   "run options of fine-tuning, and the provenance recorded in the model"}
+                                   "run options of fine-tuning, and the provenance recorded in the model",
+         ("workflow.py", "locate"): "the command's groups: the photos, the model and its index, the method, search "
+                                    "settings, the abstention rule, the output file and its format, run options"}
 """Functions allowed one parameter more than MAX_PARAMS, and why."""
 
 
