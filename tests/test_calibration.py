@@ -251,3 +251,64 @@ def test_equal_mass_bins_partition_and_keep_ties_together(p: np.ndarray) -> None
     assert sorted(np.concatenate(parts).tolist()) == list(range(p.size)) and len(parts) <= 10
     values = [set(p[b].tolist()) for b in parts]
     assert all(not (a & b) for i, a in enumerate(values) for b in values[i + 1:])
+
+
+# -- the commands -------------------------------------------------------------------------------------------
+
+
+def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from geoswc.cli import main
+
+    from .conftest import DEV_IMAGES, KAUAI, dev_rows, write_csv
+
+    model = Path(shutil.copytree(tiny_workspace["model"], tmp_path / "model",
+                                 ignore=shutil.ignore_patterns("checkpoint*")))
+    fingerprint = json.loads((model / "config.json").read_text())["fingerprint"]
+    assert main(["calibrate", "--model", str(model), "--features", str(tiny_workspace["features"]), "--folds", "2",
+                 "--rule.within_km", "2500", "--rule.p", "0.3"]) == 0
+    cal = Calibrator.load(model / CALIBRATION_FILE)
+    assert cal.model == fingerprint and set(cal.methods) == {"swc", "classification", "retrieval"}
+    assert cal.fitted["folds"] == 2 and cal.fitted["n"] == 60 and cal.rule == LocalizableRule(2500.0, 0.3)
+    assert set(cal.fitted["cross_fitted"]["calibration"]["ece"]) == set(THRESHOLD_KEYS)
+    assert json.loads((model / "config.json").read_text())["fingerprint"] == fingerprint  # the model is unchanged
+    capsys.readouterr()
+
+    assert main(["locate", str(KAUAI), "--model", str(model), "--format", "jsonl"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert list(p["within_km"]) == list(THRESHOLD_KEYS) and isinstance(p["localizable"], bool)
+    assert list(p["within_km"].values()) == sorted(p["within_km"].values()) and set(p["signals"]) == set(SIGNALS)
+    assert p["localizable"] == (p["within_km"]["2500"] >= 0.3)
+    assert main(["locate", str(KAUAI), "--model", str(model)]) == 0
+    text = capsys.readouterr().out
+    assert "within 25 km:" in text and "within 2500 km:" in text and "localizable" in text
+
+    photos = [str(DEV_IMAGES / r["image"]) for r in dev_rows(3, step=211)]
+    out = tmp_path / "kept.csv"
+    assert main(["locate", *photos, "--model", str(model), "--abstain.p", "1.0", "--abstain.leave_out", "true",
+                 "--output", str(out)]) == 0
+    assert out.read_text().splitlines()[1:] == []  # nobody is sure to be within 2500 km: all left out
+    assert main(["locate", *photos, "--model", str(model), "--abstain.p", "0", "--output", str(out)]) == 0
+    rows = out.read_text().splitlines()
+    assert len(rows) == 4 and "within_2500_km" in rows[0] and all(r.split(",")[13] == "True" for r in rows[1:])
+
+    rows = dev_rows(12, step=101)
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--data.csv", str(write_csv(tmp_path / "bench.csv", rows)), "--data.images",
+                 str(DEV_IMAGES), "--out", str(ev), "--model", str(model)]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert list(m["calibration"]) == ["ece", "brier"] and list(m["calibration"]["ece"]) == list(THRESHOLD_KEYS)
+    assert list(m["selective"]["accuracy"]) == ["25", "750", "2500"]
+    assert m["selective"]["accuracy"]["2500"][-1] == pytest.approx(m["accuracy"]["2500"])
+    for png in ("reliability.png", "selective.png", "accuracy.png"):
+        assert (ev / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ECE" in capsys.readouterr().out
+
+    # on a labelled set instead, and refusals that name the fix
+    assert main(["calibrate", "--model", str(model), "--data.csv", str(tmp_path / "bench.csv"), "--data.images",
+                 str(DEV_IMAGES), "--exclude_same_author", "true"]) == 0
+    assert Calibrator.load(model / CALIBRATION_FILE).fitted["how"] == "labelled set bench.csv"
+    assert main(["calibrate", "--model", str(model)]) == 2
+    assert "--features" in capsys.readouterr().err
+    assert main(["locate", str(KAUAI), "--model", str(tiny_workspace["model"]), "--abstain.leave_out", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "--abstain.leave_out" in err and "calibrator" in err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,12 +92,20 @@ def cross_fitted(oof: OutOfFold, method: str = "swc") -> np.ndarray:
     return within
 
 
-def calibration_report(oof: OutOfFold, method: str = "swc") -> dict[str, Any]:
+def calibration_report(oof: OutOfFold, method: str = "swc", plots: Path | None = None) -> dict[str, Any]:
     """The ``calibration`` and ``selective`` blocks of ``geoswc evaluate`` for the cross-fitted ``within_km``
-    (:func:`cross_fitted`), and ``selective_density``: the same ranked by the prediction density instead."""
-    from .metrics import calibration_block, selective_block
+    (:func:`cross_fitted`), and ``selective_density``: the same ranked by the prediction density instead. With
+    ``plots``, also ``reliability.png`` and ``selective.png`` in that folder, as ``geoswc evaluate`` draws them."""
+    from .metrics import accuracy_at, calibration_block, selective_block
 
     within, e = cross_fitted(oof, method), oof.errors_km[method]
     density = np.array([p.confidence for p in oof.predictions[method]])
-    return {"method": method, "n": len(e), "calibration": calibration_block(within, e),
-            "selective": selective_block(within, e), "selective_density": selective_block(density, e)}
+    report = {"method": method, "n": len(e), "accuracy": accuracy_at(e), "calibration": calibration_block(within, e),
+              "selective": selective_block(within, e), "selective_density": selective_block(density, e)}
+    if plots is not None:
+        from .evaluate import plot_reliability, plot_selective
+
+        what = f"{method}, {len(e)} photos, out of fold, cross-fitted"
+        plot_reliability(within, e, plots / "reliability.png", f"Reliability of within_km ({what})")
+        plot_selective(within, e, plots / "selective.png", f"Selective prediction ({what}; ranked by within_km)")
+    return report

@@ -296,9 +296,9 @@ def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | N
     return metrics
 
 
-def calibrate(model: Path, features: Path | None = None, folds: int = 5, data: Photos = Photos(),
-              index: Path | None = None, exclude_same_author: bool = False, rule: LocalizableRule = LocalizableRule(),
-              run: RunConfig = RunConfig()) -> Calibrator:
+def calibrate(model: Path, features: Path | None = None, folds: int = 5, report: Path | None = None,
+              data: Photos = Photos(), index: Path | None = None, exclude_same_author: bool = False,
+              rule: LocalizableRule = LocalizableRule(), run: RunConfig = RunConfig()) -> Calibrator:
     """Fit a model's calibrator (``MODEL/calibration.json``): the probabilities ``within_km`` each prediction
     carries, learnt on photos of photographers the model did not train on, and the rule that says which
     predictions are localizable. The model's weights and fingerprint do not change.
@@ -309,6 +309,9 @@ def calibrate(model: Path, features: Path | None = None, folds: int = 5, data: P
             the model's settings on ``folds`` author-disjoint folds and each fold is located by the heads that did
             not see its photographers.
         folds: the number of author-disjoint folds of ``features``.
+        report: with ``features``, write here how well such a calibrator does on photographers it did not see
+            (each fold calibrated on the other folds' predictions): ``calibration.json`` with ``geoswc evaluate``'s
+            calibration and selective blocks, ``reliability.png`` and ``selective.png``.
         data: or a labelled set the model did not train on (``--data.csv`` and ``--data.images``), located with the
             model itself and its gallery.
         index: the gallery index folder of ``data`` (default: ``MODEL/index``).
@@ -319,12 +322,16 @@ def calibrate(model: Path, features: Path | None = None, folds: int = 5, data: P
     from .calibration import fit_calibrator
     from .config import to_dict
 
+    if report is not None and features is None:
+        raise SettingError("report needs --features (the out-of-fold calibration)", None, "report")
+    if report is not None:
+        storage.claim_folder(report, "calibration report")
     if (features is None) == (not data.given):
         raise InputError("give the photos to calibrate on: --features (the model's training features, out of fold) "
                          "or --data.csv with --data.images (a labelled set the model did not train on), not both")
     m = GeoModel.load(model, with_backbone=features is None)
     if features is not None:
-        per_method, fitted = _out_of_fold_signals(m, features, folds)
+        per_method, fitted = _out_of_fold_signals(m, features, folds, report)
     else:
         per_method, fitted = _labelled_signals(m, data, Path(index or Path(model) / "index"), exclude_same_author, run)
     cal = fit_calibrator(m.fingerprint, per_method, rule, to_dict(m.config.search), fitted)
@@ -334,7 +341,8 @@ def calibrate(model: Path, features: Path | None = None, folds: int = 5, data: P
     return cal
 
 
-def _out_of_fold_signals(m: GeoModel, features: Path, folds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _out_of_fold_signals(m: GeoModel, features: Path, folds: int,
+                         report: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     from .calibration import signal_matrix
     from .crossfit import calibration_report, out_of_fold
 
@@ -342,10 +350,13 @@ def _out_of_fold_signals(m: GeoModel, features: Path, folds: int) -> tuple[dict[
     compat.check(m, features=fs, where=str(features))
     oof = out_of_fold(fs, m.cells, m.config, folds)
     per_method = {k: (signal_matrix([p.signals for p in ps]), oof.errors_km[k]) for k, ps in oof.predictions.items()}
-    report = calibration_report(oof, "swc")
-    log.info("cross-fitted (each fold calibrated on the others): ECE %s", report["calibration"]["ece"])
-    return per_method, {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds,
-                        "cross_fitted": report}
+    cross = calibration_report(oof, "swc", storage.ensure_dir(report) if report is not None else None)
+    fitted = {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds,
+              "cross_fitted": cross}
+    if report is not None:
+        storage.write_json(report / "calibration.json", {"model": m.fingerprint, "features": str(features), **cross})
+    log.info("cross-fitted (each fold calibrated on the others): ECE %s", cross["calibration"]["ece"])
+    return per_method, fitted
 
 
 def _labelled_signals(m: GeoModel, data: Photos, index: Path, exclude_same_author: bool,
