@@ -37,7 +37,8 @@ default-model: setup  ## rebuild the embedded model from $(SHARED)
 	$(PY) scripts/build_default_model.py --shared $(SHARED)
 
 calibrate-default: setup  ## refit the embedded model's calibrator out of fold (needs work/default-model/features)
-	$(VENV)/bin/geoswc calibrate --model src/geoswc/assets/default --features work/default-model/features --folds 5
+	$(VENV)/bin/geoswc calibrate --model src/geoswc/assets/default --features work/default-model/features --folds 5 \
+		--report benchmarks/results/calibration
 
 cross-validation: setup  ## the README's cross-validation table (reuses the default model's feature cache if built)
 	$(PY) benchmarks/cross_validation.py --recipe recipes/default.yaml \

@@ -312,3 +312,11 @@ def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, caps
     assert main(["locate", str(KAUAI), "--model", str(tiny_workspace["model"]), "--abstain.leave_out", "true"]) == 2
     err = capsys.readouterr().err
     assert "--abstain.leave_out" in err and "calibrator" in err
+
+    # a model retrained in its folder keeps a stale calibrator: train warns, and loading refuses it
+    assert main(["train", "--features", str(tiny_workspace["features"]), "--cells", str(tiny_workspace["cells"]),
+                 "--out", str(model), "--train.epochs", "1", "--train.rrm_epochs", "1",
+                 "--train.batch_size", "16"]) == 0
+    assert "refit it with `geoswc calibrate" in capsys.readouterr().err
+    with pytest.raises(ModelMismatchError, match="geoswc calibrate"):
+        Geolocator.load(model, with_backbone=False)

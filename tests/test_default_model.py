@@ -142,3 +142,18 @@ def test_evaluate_real_photos_with_the_shipped_model(tmp_path):
         err = haversine_km(float(t["lat"]), float(t["lon"]), float(p["pred_lat"]), float(p["pred_lon"]))
         assert float(p["error_km"]) == pytest.approx(float(err), abs=1e-2)
         assert err < 25, f"{name}: {err:.0f} km off"
+
+
+def test_shipped_calibrator_was_fitted_out_of_fold_for_this_model(model):
+    """The calibrator beside the model is tied to its fingerprint, fitted on 5 author-disjoint folds of the
+    development split, and its cross-fitted report is the one committed under benchmarks/results/calibration."""
+    from geoswc.calibration import CALIBRATION_FILE, Calibrator
+
+    cal = Calibrator.load(default_model_dir() / CALIBRATION_FILE)
+    assert cal.model == model.fingerprint
+    assert cal.fitted["folds"] == 5 and cal.fitted["n"] == 2245 and set(cal.methods) == {"swc", "classification",
+                                                                                         "retrieval"}
+    report = json.loads((ROOT / "benchmarks" / "results" / "calibration" / "calibration.json").read_text())
+    assert report["model"] == model.fingerprint
+    assert report["calibration"] == cal.fitted["cross_fitted"]["calibration"]
+    assert report["selective"] == cal.fitted["cross_fitted"]["selective"]

@@ -37,7 +37,7 @@ from .config import (
     check_search_changes,
 )
 from .data import Record, find_photos, load_records, read_coordinates, read_photo_csv
-from .errors import InputError, SettingError
+from .errors import ArtifactError, InputError, SettingError
 from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
 from .gallery_files import GalleryWriter, load_gallery
@@ -195,7 +195,20 @@ def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConf
     if train.finetune:
         log.info("the backbone was fine-tuned: re-embed the gallery with `geoswc index --model %s --data.csv ...`",
                  out)
+    _check_calibrator(Path(out), fp)
     return model
+
+
+def _check_calibrator(folder: Path, fingerprint: str) -> None:
+    """Warn when a model folder keeps the calibrator of an earlier model (loading the model will refuse it)."""
+    path = folder / CALIBRATION_FILE
+    try:
+        stale = path.exists() and storage.read_json(path, "calibrator").get("model") != fingerprint
+    except ArtifactError:
+        stale = True
+    if stale:
+        log.warning("%s was fitted for an earlier model in %s: refit it with `geoswc calibrate --model %s ...`",
+                    path, folder, folder)
 
 
 def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunConfig) -> dict[str, list[float]]:
