@@ -37,7 +37,7 @@ from geoswc import storage, workflow
 from geoswc.api import Geolocator
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, SearchChanges, SearchConfig, TrainConfig
-from geoswc.crossfit import OutOfFold, calibration_report
+from geoswc.crossfit import OutOfFold, calibration_report, report_markdown
 from geoswc.data import author_folds
 from geoswc.features import FeatureSet
 from geoswc.metrics import accuracy_at, errors_km, median_km
@@ -152,22 +152,6 @@ def calibration(feats: FeatureSet, fold: np.ndarray, swc: list[Any]) -> dict[str
     return calibration_report(OutOfFold(fold, {"swc": swc}, {"swc": e}), "swc")
 
 
-def calibration_table(result: dict) -> str:
-    """The calibration report as Markdown: ECE and Brier per threshold, then accuracy against coverage."""
-    cal = result["calibration"]
-    keys = list(cal["calibration"]["ece"])
-    lines = ["| within_km | " + " | ".join(f"{k} km" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
-    lines += [f"| {name} | " + " | ".join(f"{cal['calibration'][name][k]:.3f}" for k in keys) + " |"
-              for name in ("ece", "brier")]
-    cov = cal["selective"]["coverage"]
-    lines += ["", "| accuracy among the most confident (%) | " + " | ".join(f"{100 * c:g} %" for c in cov) + " |",
-              "|---|" + "---:|" * len(cov)]
-    for block, by in (("selective", "within_km"), ("selective_density", "density")):
-        lines += [f"| within {k} km, ranked by {by} | " + " | ".join(f"{100 * v:.1f}" for v in acc) + " |"
-                  for k, acc in cal[block]["accuracy"].items()]
-    return "\n".join(lines)
-
-
 def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
     t0 = time.time()
     recipe = merged(Recipe.load(opts.recipe), opts.changes)
@@ -225,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     opts: CrossValidation = auto_cli(CrossValidation, args=argv, as_positional=False, return_instance=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     result = run(opts, argv)
-    table = markdown_table(result) + "\n\n" + calibration_table(result)
+    table = markdown_table(result) + "\n\n" + report_markdown(result["calibration"])
     print(table)
     storage.write_text(opts.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     storage.write_text(opts.out.with_suffix(".md"), table + "\n")

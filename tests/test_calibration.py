@@ -265,7 +265,12 @@ def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, caps
                                  ignore=shutil.ignore_patterns("checkpoint*")))
     fingerprint = json.loads((model / "config.json").read_text())["fingerprint"]
     assert main(["calibrate", "--model", str(model), "--features", str(tiny_workspace["features"]), "--folds", "2",
-                 "--rule.within_km", "2500", "--rule.p", "0.3"]) == 0
+                 "--rule.within_km", "2500", "--rule.p", "0.3", "--report", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "calibration.json").read_text())
+    assert report["model"] == fingerprint and report["n"] == 60 and "| ece |" in (tmp_path / "report" /
+                                                                                   "calibration.md").read_text()
+    assert (tmp_path / "report" / "reliability.png").is_file() and (tmp_path / "report" / "selective.png").is_file()
+
     cal = Calibrator.load(model / CALIBRATION_FILE)
     assert cal.model == fingerprint and set(cal.methods) == {"swc", "classification", "retrieval"}
     assert cal.fitted["folds"] == 2 and cal.fitted["n"] == 60 and cal.rule == LocalizableRule(2500.0, 0.3)

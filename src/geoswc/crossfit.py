@@ -109,3 +109,20 @@ def calibration_report(oof: OutOfFold, method: str = "swc", plots: Path | None =
         plot_reliability(within, e, plots / "reliability.png", f"Reliability of within_km ({what})")
         plot_selective(within, e, plots / "selective.png", f"Selective prediction ({what}; ranked by within_km)")
     return report
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A :func:`calibration_report` as Markdown: ECE and Brier per threshold, then accuracy against coverage."""
+    keys = list(report["calibration"]["ece"])
+    lines = ["| within_km | " + " | ".join(f"{k} km" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines += [f"| {name} | " + " | ".join(f"{report['calibration'][name][k]:.3f}" for k in keys) + " |"
+              for name in ("ece", "brier")]
+    if "accuracy" in report:
+        lines.append("| accuracy | " + " | ".join(f"{report['accuracy'][k]:.3f}" for k in keys) + " |")
+    cov = report["selective"]["coverage"]
+    lines += ["", "| accuracy (%) among the most confident | " + " | ".join(f"{100 * c:g} %" for c in cov) + " |",
+              "|---|" + "---:|" * len(cov)]
+    for block, by in (("selective", "within_km"), ("selective_density", "prediction density")):
+        lines += [f"| within {k} km, ranked by {by} | " + " | ".join(f"{100 * v:.1f}" for v in acc) + " |"
+                  for k, acc in report[block]["accuracy"].items()]
+    return "\n".join(lines)

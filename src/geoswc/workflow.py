@@ -324,7 +324,8 @@ def calibrate(model: Path, features: Path | None = None, folds: int = 5, report:
         folds: the number of author-disjoint folds of ``features``.
         report: with ``features``, write here how well such a calibrator does on photographers it did not see
             (each fold calibrated on the other folds' predictions): ``calibration.json`` with ``geoswc evaluate``'s
-            calibration and selective blocks, ``reliability.png`` and ``selective.png``.
+            calibration and selective blocks (and its table, ``calibration.md``), ``reliability.png`` and
+            ``selective.png``.
         data: or a labelled set the model did not train on (``--data.csv`` and ``--data.images``), located with the
             model itself and its gallery.
         index: the gallery index folder of ``data`` (default: ``MODEL/index``).
@@ -357,7 +358,7 @@ def calibrate(model: Path, features: Path | None = None, folds: int = 5, report:
 def _out_of_fold_signals(m: GeoModel, features: Path, folds: int,
                          report: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     from .calibration import signal_matrix
-    from .crossfit import calibration_report, out_of_fold
+    from .crossfit import calibration_report, out_of_fold, report_markdown
 
     fs = FeatureSet.load(features)
     compat.check(m, features=fs, where=str(features))
@@ -368,6 +369,7 @@ def _out_of_fold_signals(m: GeoModel, features: Path, folds: int,
               "cross_fitted": cross}
     if report is not None:
         storage.write_json(report / "calibration.json", {"model": m.fingerprint, "features": str(features), **cross})
+        storage.write_text(report / "calibration.md", report_markdown(cross) + "\n")
     log.info("cross-fitted (each fold calibrated on the others): ECE %s", cross["calibration"]["ece"])
     return per_method, fitted
 
