@@ -129,6 +129,18 @@ def _design(x: NDArray[np.float64]) -> NDArray[np.float64]:
     return x
 
 
+def rounded(obj: Any, digits: int = 10) -> Any:
+    """``obj`` (numbers, lists, dicts) with every float rounded to ``digits`` significant digits: a saved number
+    then has one decimal form, so a changed digit in the file is a changed value (and caught by the seal)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def monotone(p: ArrayLike) -> NDArray[np.float64]:
     """Probabilities ``(N, T)`` made non-decreasing along the thresholds (a running maximum), in [0, 1]."""
     return np.maximum.accumulate(np.clip(np.asarray(p, np.float64), 0.0, 1.0), axis=-1)
@@ -172,7 +184,8 @@ class MethodCalibration:
                 rate = (y.sum() + 0.5) / (len(y) + 1.0)
                 coef.append([0.0] * x.shape[1])
                 intercept.append(float(np.log(rate / (1 - rate))))
-        return cls([float(v) for v in mean], [float(v) for v in scale], coef, intercept, len(x), positives)
+        return cls(rounded([float(v) for v in mean]), rounded([float(v) for v in scale]), rounded(coef),
+                   rounded(intercept), len(x), positives)
 
     def predict(self, signals: ArrayLike) -> NDArray[np.float64]:
         """``P(error <= t)`` ``(N, T)`` for signals ``(N, F)``, non-decreasing along ``t``."""
@@ -260,7 +273,7 @@ def fit_calibrator(model_fingerprint: str, per_method: dict[str, tuple[ArrayLike
     methods = {m: MethodCalibration.fit(x, e) for m, (x, e) in per_method.items()}
     for m, c in methods.items():
         log.info("calibrated %s on %d photos (within 1/25/200/750/2500 km: %s)", m, c.n, c.positives)
-    return Calibrator(model_fingerprint, methods, rule, search or {}, fitted or {})
+    return Calibrator(model_fingerprint, methods, rule, search or {}, rounded(fitted or {}))
 
 
 def load_calibrator(model_dir: str | Path) -> Calibrator | None:

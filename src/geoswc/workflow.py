@@ -364,7 +364,9 @@ def _out_of_fold_signals(m: GeoModel, features: Path, folds: int,
     compat.check(m, features=fs, where=str(features))
     oof = out_of_fold(fs, m.cells, m.config, folds)
     per_method = {k: (signal_matrix([p.signals for p in ps]), oof.errors_km[k]) for k, ps in oof.predictions.items()}
-    cross = calibration_report(oof, "swc", storage.ensure_dir(report) if report is not None else None)
+    from .calibration import rounded
+
+    cross = rounded(calibration_report(oof, "swc", storage.ensure_dir(report) if report is not None else None))
     fitted = {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds,
               "cross_fitted": cross}
     if report is not None:
