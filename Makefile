@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: setup browser demo test test-fast lint default-model cross-validation comparison clean
+.PHONY: setup browser demo test test-fast lint default-model calibrate-default cross-validation comparison clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: setup
 
 default-model: setup  ## rebuild the embedded model from $(SHARED)
 	$(PY) scripts/build_default_model.py --shared $(SHARED)
+
+calibrate-default: setup  ## refit the embedded model's calibrator out of fold (needs work/default-model/features)
+	$(VENV)/bin/geoswc calibrate --model src/geoswc/assets/default --features work/default-model/features --folds 5 \
+		--report benchmarks/results/calibration
 
 cross-validation: setup  ## the README's cross-validation table (reuses the default model's feature cache if built)
 	$(PY) benchmarks/cross_validation.py --recipe recipes/default.yaml \

@@ -37,6 +37,7 @@ from geoswc import storage, workflow
 from geoswc.api import Geolocator
 from geoswc.cells import CellTable
 from geoswc.config import ModelConfig, SearchChanges, SearchConfig, TrainConfig
+from geoswc.crossfit import OutOfFold, calibration_report, report_markdown
 from geoswc.data import author_folds
 from geoswc.evaluate import MethodResult
 from geoswc.features import FeatureSet
@@ -124,9 +125,10 @@ def label(changes: SearchChanges) -> str:
 
 
 def fold_errors(feats: FeatureSet, cells: CellTable, train_args: dict[str, Any], tr: np.ndarray, te: np.ndarray,
-                variants: dict[str, SearchConfig]) -> tuple[dict[str, np.ndarray], MethodResult]:
+                variants: dict[str, SearchConfig], keep: dict[str, list] | None = None
+                ) -> tuple[dict[str, np.ndarray], MethodResult]:
     """Train on rows ``tr``, locate rows ``te`` with every method; the errors in km of each, and the ``swc``
-    predictions of the rows ``te``."""
+    predictions of the rows ``te`` (and, into ``keep``, the predictions of each method)."""
     train, test = feats.subset(tr), feats.subset(te)
     cfg: TrainConfig = train_args["train"]
     model = GeoModel(ModelConfig(backbone=feats.backbone, heads=train_args["heads"], train=cfg,
@@ -138,6 +140,8 @@ def fold_errors(feats: FeatureSet, cells: CellTable, train_args: dict[str, Any],
                          "retrieval": train_args["search"]}.items():
         geo.search = search
         preds = geo.predict_features(test.features[:, 0], name.split()[0], names=test.names)  # type: ignore[arg-type]
+        if keep is not None:
+            keep[name] = preds
         out[name] = errors_km(test.lat, test.lon, [p.lat for p in preds], [p.lon for p in preds])
         if name == "swc":
             swc = MethodResult("swc", list(test.names), test.lat, test.lon, preds)
@@ -163,6 +167,15 @@ def write_predictions(folder: Path, folds: list[tuple[np.ndarray, MethodResult]]
                                                  ["python", "benchmarks/cross_validation.py", *argv])})
 
 
+def calibration(feats: FeatureSet, fold: np.ndarray, swc: list[Any]) -> dict[str, Any]:
+    """How far the swc estimates can be trusted, out of fold: the ``calibration`` and ``selective`` blocks of
+    ``geoswc evaluate`` for ``within_km`` from a calibrator fitted on the other folds' predictions (the embedded
+    model's calibrator is fitted on all of them: ``geoswc calibrate --features``), and ``selective_density``
+    ranked by the prediction density."""
+    e = errors_km(feats.lat, feats.lon, [p.lat for p in swc], [p.lon for p in swc])
+    return calibration_report(OutOfFold(fold, {"swc": swc}, {"swc": e}), "swc")
+
+
 def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
     t0 = time.time()
     recipe = merged(Recipe.load(opts.recipe), opts.changes)
@@ -176,12 +189,16 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
     fold = author_folds(feats.authors, folds)
     errors: dict[str, list[np.ndarray]] = {}
     swc_folds: list[tuple[np.ndarray, MethodResult]] = []
+    swc: list[Any] = [None] * len(feats)  # the swc predictions, for the calibration report
     for f in range(folds):
         tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
-        fold_err, swc = fold_errors(feats, cells, train_args, tr, te, variants)
-        swc_folds.append((te, swc))
+        kept: dict[str, list] = {}
+        fold_err, swc_result = fold_errors(feats, cells, train_args, tr, te, variants, kept)
+        swc_folds.append((te, swc_result))
         for name, e in fold_err.items():
             errors.setdefault(name, []).append(e)
+        for i, p in zip(te, kept["swc"], strict=True):
+            swc[i] = p
         log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds, len(tr), len(te),
                  {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()})
     if opts.predictions is not None:
@@ -193,7 +210,8 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
         "backbone": feats.backbone.name, "image_size": feats.backbone.preprocess.image_size,
         "resize": feats.backbone.preprocess.resize, "views": feats.views,
         "train": dataclasses.asdict(train_args["train"]), "heads": dataclasses.asdict(train_args["heads"]),
-        "search": dataclasses.asdict(train_args["search"]), "methods": rows, "seconds": round(time.time() - t0, 1),
+        "search": dataclasses.asdict(train_args["search"]), "methods": rows,
+        "calibration": calibration(feats, fold, swc), "seconds": round(time.time() - t0, 1),
         "command": shlex.join(["python", "benchmarks/cross_validation.py", *argv]),
     }
 
@@ -220,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     opts: CrossValidation = auto_cli(CrossValidation, args=argv, as_positional=False, return_instance=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     result = run(opts, argv)
-    table = markdown_table(result)
+    table = markdown_table(result) + "\n\n" + report_markdown(result["calibration"])
     print(table)
     storage.write_text(opts.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     storage.write_text(opts.out.with_suffix(".md"), table + "\n")

@@ -1,8 +1,9 @@
 """Rebuild the embedded default model from ../shared/data with recipes/default.yaml.
 
 It runs the steps a user runs on their own data (cells, features, train, index) through the same workflow
-functions as the ``geoswc`` commands, each with its recipe section, then copies the model folder (without
-checkpoints) into src/geoswc/assets/default/.
+functions as the ``geoswc`` commands, each with its recipe section, fits the model's calibrator out of fold
+(``geoswc calibrate --features ... --folds 5``: a file beside the model that leaves its weights and fingerprint
+as they are), then copies the model folder (without checkpoints) into src/geoswc/assets/default/.
 
     python scripts/build_default_model.py [--shared ../shared/data] [--work work/default-model]
 """
@@ -25,6 +26,8 @@ from geoswc.storage import sha256_file
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "default.yaml"
 ASSET = ROOT / "src" / "geoswc" / "assets" / "default"
+CALIBRATION_FOLDS = 5
+"""Author-disjoint folds of the out-of-fold calibration (as the cross-validation benchmark)."""
 
 
 def folder_sha256(folder: Path) -> str:
@@ -69,6 +72,7 @@ def build(recipe: Recipe, shared: Path, work: Path) -> None:
     train = recipe.arguments("train", features=work / "features", cells=work / "cells.csv", out=work / "model")
     workflow.train(**{**train, "provenance": {**recipe.content, "digest": recipe.digest}})  # recorded as it is
     workflow.index(**recipe.arguments("index", model=work / "model", features=work / "features"))
+    workflow.calibrate(work / "model", features=work / "features", folds=CALIBRATION_FOLDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,16 @@ def test_cross_validation_quick_run(tmp_path, capsys):
     assert list(preds[0]) == PREDICTION_COLUMNS and [p["image"] for p in preds] == [r["image"] for r in rows]
     err = np.array([float(p["error_km"]) for p in preds])
     assert abs(np.mean(err <= 2500) - result["methods"]["swc"]["accuracy"]["2500"]) < 1e-9
+    cal = result["calibration"]  # the out-of-fold calibration report, in geoswc evaluate's blocks
+    assert cal["n"] == 40 and set(cal["calibration"]) == {"ece", "brier"}
+    assert set(cal["calibration"]["ece"]) == {"1", "25", "200", "750", "2500"}
+    assert all(0 <= v <= 1 for b in cal["calibration"].values() for v in b.values())
+    assert cal["selective"]["coverage"] == [0.1, 0.25, 0.5, 0.75, 1.0]
+    swc_acc = result["methods"]["swc"]["accuracy"]
+    for k in ("25", "750", "2500"):  # at full coverage, selective accuracy is the plain accuracy
+        assert cal["selective"]["accuracy"][k][-1] == pytest.approx(swc_acc[k])
+        assert cal["selective_density"]["accuracy"][k][-1] == pytest.approx(swc_acc[k])
+    assert "| ece |" in (tmp_path / "cv.md").read_text()
 
     # The prior row is the constant guess: recompute its median error from the cells alone.
     la, lo, _ = read_coordinates(MP16)

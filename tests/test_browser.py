@@ -39,6 +39,19 @@ ANTIMERIDIAN_JS = """() => {
   return spans;
 }"""
 
+RINGS_JS = """() => {
+  const p = {image: 'doubtful.jpg', lat: 48.85, lon: 2.35, confidence: 0.01, method: 'swc', cell: 'x',
+             cell_probability: 0.1, cluster: -1, fallback: false, place: null, exif: null, neighbors: [],
+             top_cells: [], cell_polygon: [], signals: {},
+             within_km: {'1': 0.0, '25': 0.1, '200': 0.3, '750': 0.5, '2500': 0.95}, localizable: false};
+  const s = geoswc.state;
+  s.items.push({name: p.image, url: '', status: 'done', result: p});
+  geoswc.select(s.items.length - 1);
+  const radii = {};
+  s.overlay.eachLayer(l => { if (l instanceof L.Circle) radii[l.options.className] = l.getRadius() / 1000; });
+  return radii;
+}"""
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -115,7 +128,14 @@ def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path
             assert page.inner_text("#details h2") == "kauai.png"
             assert page.locator("path.geoswc-cell").count() >= 5
             assert page.locator("path.geoswc-searched").count() >= 1
-            assert page.locator("path.geoswc-confidence").count() == 1
+            # The embedded model ships a calibrator: chances in words, rings instead of the formula circle.
+            assert page.locator("path.geoswc-confidence").count() == 0
+            details = page.inner_text("#details")
+            assert "within 25 km:" in details and "within 2500 km:" in details and "50 %:" in details
+            kauai = page.evaluate("geoswc.state.items[0].result")
+            rings = page.locator("path.geoswc-ring50").count() + page.locator("path.geoswc-ring90").count()
+            assert rings == sum(kauai["within_km"]["2500"] >= q for q in (0.5, 0.9))
+            assert ("Not localizable" in details) == (not kauai["localizable"])
             assert page.locator("path.geoswc-neighbor").count() >= 1
             assert [t.strip() for t in page.locator("#results li .name").all_inner_texts()] == [
                 "kauai.png", "kauai_gps.jpg"]
@@ -133,12 +153,25 @@ def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path
             # A cell across the antimeridian (Fiji) must be drawn as one 10°-wide polygon, not a 350° band.
             spans = page.evaluate(ANTIMERIDIAN_JS)
             assert spans and max(spans) < 20, spans
+
+            # Rings hold 50 % and 90 % of the calibrated mass (log-interpolated between thresholds); a
+            # non-localizable estimate says so plainly.
+            radii = page.evaluate(RINGS_JS)
+            assert radii["geoswc-ring50"] == pytest.approx(750, rel=1e-6)
+            assert radii["geoswc-ring90"] == pytest.approx(750 * (2500 / 750) ** (0.4 / 0.45), rel=1e-6)
+            assert "Not localizable" in page.inner_text("#details .not-localizable")
+            assert "not localizable" in page.inner_text("#results li.selected")
+            assert page.evaluate("geoswc.massRadiusKm({'1': 0, '25': 0.1, '200': 0.2, '750': 0.3, '2500': 0.4}, 0.5)") \
+                is None
+            page.wait_for_timeout(400)
+            shot_rings = tmp_path / "rings.png"
+            page.screenshot(path=str(shot_rings))
         finally:
             browser.close()
     assert not page_errors, page_errors
-    assert shot.stat().st_size > 20_000 and shot_gps.stat().st_size > 20_000
-    log.info("screenshots: %s, %s", shot, shot_gps)
+    assert shot.stat().st_size > 20_000 and shot_gps.stat().st_size > 20_000 and shot_rings.stat().st_size > 20_000
+    log.info("screenshots: %s, %s, %s", shot, shot_gps, shot_rings)
     if keep := os.environ.get("GEOSWC_SCREENSHOT_DIR"):
         Path(keep).mkdir(parents=True, exist_ok=True)
-        for s in (shot, shot_gps):
+        for s in (shot, shot_gps, shot_rings):
             shutil.copy(s, Path(keep) / s.name)

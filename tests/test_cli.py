@@ -216,7 +216,11 @@ def test_evaluate_writes_contract(tiny_workspace, tmp_path, capsys):
     assert m["model"] == json.loads((tiny_workspace["model"] / "config.json").read_text())["fingerprint"]
     assert set(m["methods"]) == {"swc", "classification", "retrieval"}
     header = (out / "predictions.csv").read_text().splitlines()[0]
-    assert header == "image,true_lat,true_lon,pred_lat,pred_lon,error_km,cell,confidence"
+    assert header == ("image,true_lat,true_lon,pred_lat,pred_lon,error_km,cell,confidence,within_1_km,within_25_km,"
+                      "within_200_km,within_750_km,within_2500_km,localizable")
+    assert m["calibration"] is None  # the tiny model has no calibrator: no reliability diagram either
+    assert m["selective"]["coverage"] == [0.1, 0.25, 0.5, 0.75, 1.0] and not (out / "reliability.png").exists()
+    assert (out / "selective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "predictions.csv").read_text().splitlines()) == 13
     assert (out / "predictions_retrieval.csv").is_file()
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,11 @@ MAX_PARAMS = 8
 WIDER = {("workflow.py", "train"): "the command's groups: 3 inputs, 3 settings saved with the model, the photos and "
                                    "run options of fine-tuning, and the provenance recorded in the model",
          ("workflow.py", "evaluate"): "the command's options: the photos and the benchmark they are (--benchmark, as "
-                                      "the field names it), the model and its index, methods, search and run"}
+                                      "the field names it), the model and its index, methods, search and run",
+         ("workflow.py", "locate"): "the command's groups: the photos, the model and its index, the method, search "
+                                    "settings, the abstention rule, the output file and its format, run options",
+         ("workflow.py", "calibrate"): "the command's two sources (out-of-fold features and folds, or a labelled set "
+                                       "with its index and author exclusion), the model, the report, the rule, run"}
 """Functions allowed one parameter more than MAX_PARAMS, and why."""
 
 

@@ -169,3 +169,16 @@ def test_pq_coded_copy_of_the_shipped_index_finds_the_exact_neighbours(geo, tmp_
     flat_answer = geo.locate(ROOT / "examples" / "kauai.png")
     pq_answer = Geolocator(geo.model, pq).locate(ROOT / "examples" / "kauai.png")
     assert haversine_km(flat_answer.lat, flat_answer.lon, pq_answer.lat, pq_answer.lon) < 1.0
+def test_shipped_calibrator_was_fitted_out_of_fold_for_this_model(model):
+    """The calibrator beside the model is tied to its fingerprint, fitted on 5 author-disjoint folds of the
+    development split, and its cross-fitted report is the one committed under benchmarks/results/calibration."""
+    from geoswc.calibration import CALIBRATION_FILE, Calibrator
+
+    cal = Calibrator.load(default_model_dir() / CALIBRATION_FILE)
+    assert cal.model == model.fingerprint
+    assert cal.fitted["folds"] == 5 and cal.fitted["n"] == 2245 and set(cal.methods) == {"swc", "classification",
+                                                                                         "retrieval"}
+    report = json.loads((ROOT / "benchmarks" / "results" / "calibration" / "calibration.json").read_text())
+    assert report["model"] == model.fingerprint
+    assert report["calibration"] == cal.fitted["cross_fitted"]["calibration"]
+    assert report["selective"] == cal.fitted["cross_fitted"]["selective"]

@@ -169,6 +169,11 @@ def test_locate_kauai_matches_cli_json(client: TestClient, capsys: pytest.Captur
     assert probs == sorted(probs, reverse=True)
     assert p["neighbors"] and {"image", "lat", "lon", "similarity", "cluster"} == set(p["neighbors"][0])
     assert p["place"]["name"] and p["place"]["country"] and p["exif"] is None
+    # the embedded model ships a calibrator: calibrated chances, monotone, and the localizable mark
+    assert list(p["within_km"]) == ["1", "25", "200", "750", "2500"] and isinstance(p["localizable"], bool)
+    assert list(p["within_km"].values()) == sorted(p["within_km"].values())
+    rule = client.get("/config.json").json()["localizable_rule"]
+    assert p["localizable"] == (p["within_km"][str(int(rule["within_km"]))] >= rule["p"])
 
     from geoswc.cli import main
 

@@ -20,6 +20,7 @@ import torch
 
 from geoswc.api import Geolocator, default_model_dir
 from geoswc.backbone import create_backbone, default_config
+from geoswc.calibration import CALIBRATION_FILE, Calibrator
 from geoswc.errors import ArtifactError
 from geoswc.features import FeatureSet
 from geoswc.gallery_files import load_gallery
@@ -82,6 +83,8 @@ ARTEFACTS: dict[str, tuple[str, str, Callable[[Path], Any]]] = {
     "features/features.json": ("features", "features.json", FeatureSet.load),
     "features/features.safetensors": ("features", "features.safetensors", FeatureSet.load),
     "features/items.csv": ("features", "items.csv", FeatureSet.load),
+    # the embedded model's calibrator: a file beside the model, read on its own here (Geolocator.load reads it too)
+    "default/calibration.json": ("default", CALIBRATION_FILE, lambda f: Calibrator.load(f / CALIBRATION_FILE)),
 }
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from . import compat
-from .config import METHODS, Method, SearchChanges, SearchConfig
+from .calibration import Calibrator, LocalizableRule, density_signals, load_calibrator, retrieval_signals
+from .config import METHODS, Method, SearchChanges, SearchConfig, to_dict
 from .data import Batch, ImageDataset, loader
 from .errors import ArtifactError, GeoswcError, ImageError, InputError
 from .gallery import Gallery
@@ -81,15 +82,23 @@ class Geolocator:
         search: search-within-cell settings (default: the model's).
         device: torch device for the networks.
         limits: image size limits.
+        calibrator: turns each prediction's signals into ``within_km`` (checked against the model); None: no
+            ``within_km`` or ``localizable``.
     """
 
     def __init__(self, model: GeoModel, gallery: Gallery | None = None, search: SearchConfig | None = None,
-                 device: str | torch.device = "cpu", limits: ImageLimits = DEFAULT_LIMITS) -> None:
+                 device: str | torch.device = "cpu", limits: ImageLimits = DEFAULT_LIMITS,
+                 calibrator: Calibrator | None = None) -> None:
         if gallery is not None:
             compat.check(model, gallery=gallery)
+        if calibrator is not None:
+            compat.check(model, calibrator=calibrator)
         self.model = model.to(device).eval()
         self.gallery = gallery
         self.search = search or model.config.search
+        self.calibrator = calibrator
+        self.rule: LocalizableRule = calibrator.rule if calibrator is not None else LocalizableRule()
+        """Which predictions are localizable (default: the rule saved with the calibrator)."""
         self.device = torch.device(device)
         self.limits = limits
         self._fast_backbone: Any = None  # set by use_runtime("onnx")
@@ -119,7 +128,10 @@ class Geolocator:
         gallery = load_gallery(index_dir) if index_dir is not None else None
         if gallery is None:
             log.warning("no gallery index: only the 'classification' method is available")
-        geo = cls(model, gallery, search, device, limits)
+        geo = cls(model, gallery, search, device, limits, load_calibrator(model_dir))
+        if geo.calibrator is not None and geo.calibrator.search and geo.calibrator.search != to_dict(geo.search):
+            log.warning("the calibrator was fitted with other search settings (%s): within_km may be off",
+                        geo.calibrator.search)
         if with_backbone:
             geo.use_runtime(runtime)
         return geo
@@ -193,7 +205,16 @@ class Geolocator:
                 author = exclude_authors[i] if exclude_authors is not None else ""
                 exclude = self.gallery.excluded_rows([name] if name else [], [author] if author else [])
             out.append(self._search_one(probs[i], emb[i], method, name, exclude))
+        self._calibrate(out, method)
         return out
+
+    def _calibrate(self, preds: list[Prediction], method: str) -> None:
+        """Fill ``within_km`` and ``localizable`` (left None without a calibrator for ``method``)."""
+        within = self.calibrator.within_km(method, [p.signals for p in preds]) if self.calibrator else None
+        if within is None:
+            return
+        for p, w in zip(preds, within, strict=True):
+            p.within_km, p.localizable = w, w[self.rule.key] >= self.rule.p
 
     def _search_one(self, probs: np.ndarray, emb: np.ndarray, method: str, name: str,
                     exclude: np.ndarray | None) -> Prediction:
@@ -206,9 +227,10 @@ class Geolocator:
             cell=cells.tokens[chosen], cell_probability=float(probs[chosen]),
             top_cells=[CellProbability(cells.tokens[c], float(cells.lat[c]), float(cells.lon[c]), float(probs[c]),
                                        cells.polygon(int(c))) for c in top],
-            cell_polygon=cells.polygon(int(chosen)),
+            cell_polygon=cells.polygon(int(chosen)), signals=density_signals(probs, cells.xyz, chosen),
         )
         if method == "classification" or self.gallery is None:
+            pred.signals |= retrieval_signals([], [], -1, cfg.k)
             return pred
         g = self.gallery
         within = None
@@ -217,9 +239,11 @@ class Geolocator:
         idx, sim = g.search(emb, cfg.k, cells=within, exclude=exclude)
         if idx.size == 0:
             pred.fallback = True
+            pred.signals |= retrieval_signals([], [], -1, cfg.k, fallback=True)
             return pred
         est = estimate_from_neighbors(g.lat[idx], g.lon[idx], sim, cfg.eps_km, cfg.min_samples)
         pred.lat, pred.lon, pred.cluster = est.lat, est.lon, est.cluster
+        pred.signals |= retrieval_signals(sim, est.labels, est.cluster, cfg.k)
         pred.neighbors = [Neighbor(g.names[j], float(g.lat[j]), float(g.lon[j]), float(s), int(lab))
                           for j, s, lab in zip(idx, sim, est.labels, strict=True)]
         return pred

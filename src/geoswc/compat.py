@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .errors import ModelMismatchError
 
 if TYPE_CHECKING:
+    from .calibration import Calibrator
     from .cells import CellTable
     from .config import ModelConfig
     from .features import FeatureSet
@@ -31,13 +32,14 @@ def check_cells(config: ModelConfig, cells: CellTable) -> None:
 
 
 def check(model: GeoModel, *, gallery: Gallery | None = None, features: FeatureSet | None = None,
-          where: str = "") -> None:
-    """Refuse a gallery or a feature set that another model, cell table or backbone made.
+          calibrator: Calibrator | None = None, where: str = "") -> None:
+    """Refuse a gallery, a feature set or a calibrator that another model, cell table or backbone made.
 
     Args:
         model: the model in use.
         gallery: must have been embedded by ``model`` and grouped by its cells.
         features: must come from ``model``'s backbone (fine-tuned weights included) and have its width.
+        calibrator: must have been fitted for ``model`` (its fingerprint).
         where: the artifact's path, for the message (default: the folder a gallery was loaded from).
 
     Raises:
@@ -57,6 +59,10 @@ def check(model: GeoModel, *, gallery: Gallery | None = None, features: FeatureS
         if len(gallery) and gallery.dim != model.config.backbone.feature_dim:
             raise ModelMismatchError(f"the gallery index{at} holds {gallery.dim}-d embeddings, the model makes "
                                      f"{model.config.backbone.feature_dim}-d ones; rebuild it with `geoswc index`")
+    if calibrator is not None and calibrator.model != model.fingerprint:
+        at = f" in {where}" if where else ""
+        raise ModelMismatchError(f"the calibrator{at} was fitted for model {calibrator.model}, but the model in use is "
+                                 f"{model.fingerprint}; refit it with `geoswc calibrate`")
     if features is not None:
         at = f" in {where}" if where else ""
         if features.backbone_fingerprint != model.backbone_fingerprint:

@@ -12,6 +12,16 @@ contract's, the others are under ``"methods"`` and in ``predictions_<method>.csv
 (``--benchmark``) adds ``"benchmark": {"name", "expected", "evaluated", "missing", "rows_in_file"}``, its
 size as published against what was scored. ``missing.csv`` names every row that could not be evaluated
 (``image,line,reason``), and last, when the file holds fewer rows than the benchmark as published, how many.
+contract's, the others are under ``"methods"`` and in ``predictions_<method>.csv``. Two blocks say how far to
+trust the estimates::
+
+    "calibration": {"ece": {"1": ..., "25": ..., "200": ..., "750": ..., "2500": ...}, "brier": {...}},
+    "selective": {"coverage": [0.1, 0.25, 0.5, 0.75, 1.0], "accuracy": {"25": [...], "750": [...], "2500": [...]}}
+
+``calibration`` compares the calibrated ``within_km`` with what happened (ECE over 10 equal-mass bins of the
+predicted probability, and the Brier score); it is null when the model has no calibrator. ``selective`` is the
+accuracy among the most confident photos, ranked at each threshold by ``within_km`` at that threshold (by the
+prediction density ``confidence`` without a calibrator).
 """
 
 from __future__ import annotations
@@ -34,13 +44,23 @@ from .config import METHODS, to_dict
 from .data import LoadReport, Record, parse_row_label
 from .errors import InputError
 from .geo import THRESHOLDS_KM
-from .metrics import accuracy_at, errors_km, median_km
+from .metrics import (
+    COVERAGES,
+    SELECTIVE_KM,
+    accuracy_at,
+    calibration_block,
+    equal_mass_bins,
+    errors_km,
+    median_km,
+    selective_block,
+)
 from .prediction import Prediction
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ["image", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "cell", "confidence"]
+PREDICTION_COLUMNS = ["image", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km", "cell", "confidence",
+                      *(f"within_{int(t)}_km" for t in THRESHOLDS_KM), "localizable"]
 MISSING_COLUMNS = ["image", "line", "reason"]
 
 
@@ -84,9 +104,19 @@ class MethodResult:
         return errors_km(self.true_lat, self.true_lon, [p.lat for p in self.predictions],
                          [p.lon for p in self.predictions])
 
+    @property
+    def within(self) -> np.ndarray | None:
+        """The calibrated ``within_km`` of every prediction ``(N, T)``, or None when some prediction has none."""
+        if not self.predictions or any(p.within_km is None for p in self.predictions):
+            return None
+        return np.array([[p.within_km[f"{int(t)}"] for t in THRESHOLDS_KM] for p in self.predictions])  # type: ignore[index]
+
     def metrics(self) -> dict[str, Any]:
-        e = self.errors_km
-        return {"accuracy": accuracy_at(e), "median_km": median_km(e)}
+        e, w = self.errors_km, self.within
+        confidence = w if w is not None else np.array([p.confidence for p in self.predictions])
+        return {"accuracy": accuracy_at(e), "median_km": median_km(e),
+                "calibration": calibration_block(w, e) if w is not None else None,
+                "selective": selective_block(confidence, e)}
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -94,19 +124,15 @@ class MethodResult:
         w.writerow(PREDICTION_COLUMNS)
         for name, tl, tn, p, e in zip(self.names, self.true_lat, self.true_lon, self.predictions, self.errors_km,
                                       strict=True):
+            within = [f"{p.within_km[f'{int(t)}']:.4f}" for t in THRESHOLDS_KM] if p.within_km else [""] * 5
             w.writerow([name, f"{tl:.6f}", f"{tn:.6f}", f"{p.lat:.6f}", f"{p.lon:.6f}", f"{e:.3f}", p.cell,
-                        f"{p.confidence:.4f}"])
+                        f"{p.confidence:.4f}", *within, "" if p.localizable is None else p.localizable])
         return buf.getvalue()
 
 
 def plot_accuracy(results: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "") -> None:
     """Accuracy against distance threshold (log axis), one line per method, the standard thresholds marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5), dpi=120)
     grid = np.logspace(-1, np.log10(20000), 400)
     for name, err in results:
         curve = [(err <= t).mean() * 100 if err.size else 0.0 for t in grid]
@@ -125,11 +151,70 @@ def plot_accuracy(results: Sequence[tuple[str, np.ndarray]], path: str | Path, t
     ax.set_title(title or "Geolocation accuracy")
     ax.grid(axis="y", color="0.9")
     ax.legend(loc="upper left")
+    save_figure(fig, path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG atomically, and close it."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     storage.write_bytes(path, buf.getvalue())
+
+
+def plot_reliability(within: np.ndarray, errors: np.ndarray, path: str | Path, title: str = "",
+                     bins: int = 10) -> None:
+    """One reliability diagram per threshold: the observed rate against the mean calibrated probability of
+    ``bins`` equal-mass bins of ``within (N, T)`` (the diagonal is perfect calibration)."""
+    fig, axes = _pyplot().subplots(1, len(THRESHOLDS_KM), figsize=(3.0 * len(THRESHOLDS_KM), 3.4), dpi=110)
+    for j, (ax, t) in enumerate(zip(axes, THRESHOLDS_KM, strict=True)):
+        p, hit = within[:, j], errors <= t
+        parts = equal_mass_bins(p, bins)
+        mp, rate = [p[b].mean() for b in parts], [hit[b].mean() for b in parts]
+        top = max(0.05, min(1.0, 1.15 * max([*mp, *rate], default=0.0)))
+        ax.plot([0, top], [0, top], color="0.7", lw=1, ls="--")
+        ax.plot(mp, rate, "o-", ms=4, lw=1.5)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_title(f"within {int(t)} km")
+        ax.set_xlabel("predicted probability")
+        if j == 0:
+            ax.set_ylabel("observed rate")
+    fig.suptitle(title or "Reliability of within_km (10 equal-mass bins)")
+    save_figure(fig, path)
+
+
+def plot_selective(confidence: np.ndarray, errors: np.ndarray, path: str | Path, title: str = "") -> None:
+    """Accuracy against coverage (the most confident fraction of photos kept), one line per threshold of
+    :data:`~geoswc.metrics.SELECTIVE_KM`; ``confidence`` as in :func:`~geoswc.metrics.selective_block`."""
+    block = selective_block(confidence, errors)
+    grid = np.linspace(0.02, 1.0, 50)
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.2), dpi=120)
+    for t in SELECTIVE_KM:
+        col = confidence[:, list(THRESHOLDS_KM).index(t)] if confidence.ndim == 2 else confidence
+        order = np.argsort(-col, kind="stable")
+        hit = (errors <= t)[order]
+        curve = [100 * hit[: max(1, int(np.ceil(c * len(hit))))].mean() for c in grid] if len(hit) else []
+        line = ax.plot(grid[: len(curve)], curve, lw=2, label=f"within {int(t)} km")[0]
+        ax.plot(COVERAGES, [100 * v for v in block["accuracy"][str(int(t))]], "o", color=line.get_color(), ms=5)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("coverage (share of photos kept, most confident first)")
+    ax.set_ylabel("accuracy among kept photos (%)")
+    ax.set_title(title or "Selective prediction")
+    ax.grid(color="0.9")
+    ax.legend(loc="upper right")
+    save_figure(fig, path)
 
 
 def locate_records(geolocator: Geolocator, records: Sequence[Record], methods: Sequence[str] = ("swc",),
@@ -185,8 +270,8 @@ def _search(geolocator: Geolocator, features: torch.Tensor, method: str, names: 
 def write_evaluation(out: str | Path, geolocator: Geolocator, results: Sequence[MethodResult],
                      skipped: Sequence[tuple[str, str]], run: dict[str, Any], benchmark: dict[str, Any] | None = None,
                      gap: str = "") -> dict[str, Any]:
-    """Write ``metrics.json``, ``predictions[_METHOD].csv``, ``missing.csv``, ``accuracy.png`` and ``run.json``
-    into ``out``.
+    """Write ``metrics.json``, ``predictions[_METHOD].csv``, ``missing.csv``, ``accuracy.png``, ``reliability.png``
+    (only with a calibrator), ``selective.png`` and ``run.json`` into ``out``.
 
     Args:
         results: the methods' results; the first is the contract's.
@@ -212,14 +297,23 @@ def write_evaluation(out: str | Path, geolocator: Geolocator, results: Sequence[
     storage.write_text(out / "missing.csv", missing_csv(skipped, gap))
     for r in results:
         storage.write_text(out / ("predictions.csv" if r is primary else f"predictions_{r.method}.csv"), r.to_csv())
-    plot_accuracy([(r.method, r.errors_km) for r in results], out / "accuracy.png",
-                  f"{run.get('title', 'evaluation')}: n={len(primary.names)}")
+    title = f"{run.get('title', 'evaluation')}: {primary.method}, n={len(primary.names)}"
+    plot_accuracy([(r.method, r.errors_km) for r in results], out / "accuracy.png", title)
+    within = primary.within
+    (out / "reliability.png").unlink(missing_ok=True)
+    if within is not None:
+        plot_reliability(within, primary.errors_km, out / "reliability.png", f"Reliability of within_km ({title})")
+    plot_selective(within if within is not None else np.array([p.confidence for p in primary.predictions]),
+                   primary.errors_km, out / "selective.png",
+                   f"Selective prediction ({title}; ranked by {'within_km' if within is not None else 'confidence'})")
     storage.write_json(out / "run.json", {
         **run, "methods": [r.method for r in results], "model": geolocator.fingerprint,
         "cells_fingerprint": geolocator.model.config.cells_fingerprint,
         "gallery_size": len(geolocator.gallery) if geolocator.gallery is not None else 0,
         "search": to_dict(geolocator.search), "preprocess": to_dict(geolocator.model.config.backbone.preprocess),
         "model_config": to_dict(geolocator.model.config),
+        "calibrator": geolocator.calibrator.fingerprint if geolocator.calibrator is not None else None,
+        "localizable_rule": to_dict(geolocator.rule) if geolocator.calibrator is not None else None,
         "skipped": [{"item": i, "reason": why} for i, why in skipped],
     })
     storage.write_json(out / "metrics.json", metrics)
@@ -238,4 +332,11 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     for m, r in rows.items():
         acc = "".join(f"{100 * v:>9.1f}%" for v in r["accuracy"].values())
         lines.append(f"{m:<16}{acc}{r['median_km']:>12.1f}")
+    cal = metrics.get("calibration")
+    lines.append("calibration     " + ("no calibrator: within_km is not available" if cal is None else
+                                       "ECE " + " ".join(f"{k} km {v:.3f}" for k, v in cal["ece"].items())))
+    sel = metrics["selective"]
+    lines.append("selective       " + "; ".join(
+        f"within {k} km: " + " ".join(f"{100 * v:.0f}%" for v in acc) for k, acc in sel["accuracy"].items())
+        + f" (at coverage {', '.join(f'{c:g}' for c in sel['coverage'])})")
     return "\n".join(lines)

@@ -74,6 +74,15 @@ class Prediction:
     exif: ExifPosition | None = None
     cell_polygon: list[tuple[float, float]] = field(default_factory=list)
     """The searched cell's outline as ``(lat, lon)`` points (for maps; it may not be among ``top_cells``)."""
+    signals: dict[str, float] = field(default_factory=dict)
+    """What a calibrator reads (:data:`geoswc.calibration.SIGNALS`): prediction density at 25/200/750/2500 km,
+    the top cell's probability, the best retrieval similarity, the winning cluster's share of ``k`` and mean
+    similarity, and the fallback flag."""
+    within_km: dict[str, float] | None = None
+    """Calibrated probability that the estimate lies within each threshold (``"1"``, ``"25"``, ``"200"``,
+    ``"750"``, ``"2500"`` km) of the truth; non-decreasing. None: the model has no calibrator."""
+    localizable: bool | None = None
+    """Whether ``within_km`` meets the localizable rule (``P(<= r km) >= p``). None: no calibrator."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,8 +121,14 @@ OUTPUT_FORMATS: dict[str, OutputFormat] = {".jsonl": "jsonl", ".ndjson": "jsonl"
                                            ".geojson": "geojson", ".txt": "text"}
 """File extension -> output format."""
 
-CSV_COLUMNS = ("image", "lat", "lon", "confidence", "method", "cell", "cell_probability", "fallback", "place",
-               "country", "exif_lat", "exif_lon", "exif_distance_km", "error", "kind")
+WITHIN_KEYS = ("1", "25", "200", "750", "2500")
+"""The thresholds of ``within_km``, as its keys (:data:`geoswc.calibration.THRESHOLD_KEYS`)."""
+SHOWN_KEYS = ("25", "200", "750", "2500")
+"""The thresholds the text output puts in words."""
+CSV_COLUMNS = ("image", "lat", "lon", "confidence", "method", "cell", "cell_probability", "fallback",
+               *(f"within_{k}_km" for k in WITHIN_KEYS), "localizable", "place", "country", "exif_lat", "exif_lon",
+               "exif_distance_km", "error", "kind")
+NO_CALIBRATOR = "not calibrated: this model has no calibrator (fit one with `geoswc calibrate`)"
 
 
 def output_format(path: str | Path | None, fmt: str | None = None) -> OutputFormat:
@@ -141,6 +156,8 @@ def prediction_row(result: Result) -> dict[str, Any]:
     row.update(lat=round(result.lat, 6), lon=round(result.lon, 6), confidence=round(result.confidence, 4),
                method=result.method, cell=result.cell, cell_probability=round(result.cell_probability, 4),
                fallback=result.fallback)
+    if result.within_km is not None:
+        row.update({f"within_{k}_km": result.within_km[k] for k in WITHIN_KEYS}, localizable=result.localizable)
     if result.place is not None:
         row.update(place=result.place.label(), country=result.place.country)
     if result.exif is not None:
@@ -154,6 +171,7 @@ def format_text(p: Result) -> str:
     if isinstance(p, LocateFailure):
         return f"{p.image}\n  error       {p.error}"
     lines = [p.image, f"  estimate    {p.lat:.5f}, {p.lon:.5f}   ({p.method}; confidence {p.confidence:.2f})"]
+    lines += chances_text(p)
     if p.place is not None:
         d = p.place.distance_km
         lines.append(f"  near        {p.place.label()} ({d:.1f} km away)" if d < 10 else
@@ -171,6 +189,19 @@ def format_text(p: Result) -> str:
         lines.append(f"  GPS EXIF    {p.exif.lat:.5f}, {p.exif.lon:.5f}   "
                      f"(estimate is {p.exif.distance_km:.1f} km off)")
     return "\n".join(lines)
+
+
+def chances_text(p: Prediction) -> list[str]:
+    """The calibrated chances in words, and whether the photo is localizable (or why neither is known)."""
+    if p.within_km is None:
+        return [f"  chances     {NO_CALIBRATOR}"]
+    words = ", ".join(f"within {k} km: {_percent(p.within_km[k])}" for k in SHOWN_KEYS)
+    return [f"  chances     {words}",
+            f"  localizable {'yes' if p.localizable else 'no: the estimate is shown, but do not rely on it'}"]
+
+
+def _percent(v: float) -> str:
+    return f"{100 * v:.0f} %" if v >= 0.01 else "< 1 %"
 
 
 class PredictionWriter:

@@ -24,6 +24,7 @@ import numpy as np
 from . import compat, distributed, storage
 from .backbone import BackboneSpec
 from .benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
+from .calibration import CALIBRATION_FILE, Abstention, Calibrator, LocalizableRule
 from .cells import CellTable, build_cells
 from .config import (
     NO_SEARCH_CHANGES,
@@ -38,7 +39,7 @@ from .config import (
     check_search_changes,
 )
 from .data import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
-from .errors import InputError, SettingError, building
+from .errors import ArtifactError, InputError, SettingError, building
 from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
 from .gallery_files import GalleryWriter, load_gallery
@@ -69,11 +70,17 @@ def _geotagged(data: Photos) -> list[Record]:
     return records
 
 
-def _load_geolocator(model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig) -> Any:
+def _load_geolocator(model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig,
+                     abstain: Abstention = Abstention()) -> Any:
     from .api import Geolocator
 
     device = "cpu" if run.device == "auto" and run.runtime == "onnx" else distributed.resolve_device(run.device)
-    return Geolocator.load(model, index, search=search, device=device, runtime=run.runtime)
+    geo = Geolocator.load(model, index, search=search, device=device, runtime=run.runtime)
+    if geo.calibrator is None and (abstain.leave_out or abstain.within_km is not None or abstain.p is not None):
+        raise SettingError("abstaining needs a model with a calibrator (fit one with `geoswc calibrate`)", Abstention,
+                           "leave_out" if abstain.leave_out else "within_km" if abstain.within_km else "p")
+    geo.rule = abstain.rule(geo.rule)
+    return geo
 
 
 @contextmanager
@@ -193,7 +200,20 @@ def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConf
     if train.finetune:
         log.info("the backbone was fine-tuned: re-embed the gallery with `geoswc index --model %s --data.csv ...`",
                  out)
+    _check_calibrator(Path(out), fp)
     return model
+
+
+def _check_calibrator(folder: Path, fingerprint: str) -> None:
+    """Warn when a model folder keeps the calibrator of an earlier model (loading the model will refuse it)."""
+    path = folder / CALIBRATION_FILE
+    try:
+        stale = path.exists() and storage.read_json(path, "calibrator").get("model") != fingerprint
+    except ArtifactError:
+        stale = True
+    if stale:
+        log.warning("%s was fitted for an earlier model in %s: refit it with `geoswc calibrate --model %s ...`",
+                    path, folder, folder)
 
 
 def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunConfig) -> dict[str, list[float]]:
@@ -297,8 +317,8 @@ def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | N
     metrics = write_evaluation(out, geo, results, report.skipped + decode.skipped, {
         "title": Path(data.csv).name, "csv": str(data.csv), "images": str(data.images) if data.images else None,
         "columns": data.columns, "benchmark": benchmark, "exclude_same_author": exclude_same_author}, counts, gap)
-    log.info("%s\n-> %s, predictions.csv, missing.csv, accuracy.png", format_metrics(metrics),
-             Path(out) / "metrics.json")
+    log.info("%s\n-> %s, predictions.csv, missing.csv, accuracy.png, reliability.png, selective.png",
+             format_metrics(metrics), Path(out) / "metrics.json")
     return metrics
 
 
@@ -318,12 +338,100 @@ def _nothing_to_evaluate(out: Path, csv: Path, report: LoadReport, bench: Benchm
     raise InputError(f"no photo of {csv} can be evaluated{expected}{named}: {report.summary(first=3)}")
 
 
+def calibrate(model: Path, features: Path | None = None, folds: int = 5, report: Path | None = None,
+              data: Photos = Photos(), index: Path | None = None, exclude_same_author: bool = False,
+              rule: LocalizableRule = LocalizableRule(), run: RunConfig = RunConfig()) -> Calibrator:
+    """Fit a model's calibrator (``MODEL/calibration.json``): the probabilities ``within_km`` each prediction
+    carries, learnt on photos of photographers the model did not train on, and the rule that says which
+    predictions are localizable. The model's weights and fingerprint do not change.
+
+    Args:
+        model: the model folder; the calibrator is written into it.
+        features: out-of-fold: the model's training features (``geoswc features``); the heads are retrained with
+            the model's settings on ``folds`` author-disjoint folds and each fold is located by the heads that did
+            not see its photographers.
+        folds: the number of author-disjoint folds of ``features``.
+        report: with ``features``, write here how well such a calibrator does on photographers it did not see
+            (each fold calibrated on the other folds' predictions): ``calibration.json`` with ``geoswc evaluate``'s
+            calibration and selective blocks (and its table, ``calibration.md``), ``reliability.png`` and
+            ``selective.png``.
+        data: or a labelled set the model did not train on (``--data.csv`` and ``--data.images``), located with the
+            model itself and its gallery.
+        index: the gallery index folder of ``data`` (default: ``MODEL/index``).
+        exclude_same_author: with ``data``: never retrieve gallery photos by the query's author.
+        rule: the localizable rule saved with the calibrator.
+        run: batch size, decoding processes and device.
+    """
+    from .calibration import fit_calibrator
+    from .config import to_dict
+
+    if report is not None and features is None:
+        raise SettingError("report needs --features (the out-of-fold calibration)", None, "report")
+    if report is not None:
+        storage.claim_folder(report, "calibration report")
+    if (features is None) == (not data.given):
+        raise InputError("give the photos to calibrate on: --features (the model's training features, out of fold) "
+                         "or --data.csv with --data.images (a labelled set the model did not train on), not both")
+    m = GeoModel.load(model, with_backbone=features is None)
+    if features is not None:
+        per_method, fitted = _out_of_fold_signals(m, features, folds, report)
+    else:
+        per_method, fitted = _labelled_signals(m, data, Path(index or Path(model) / "index"), exclude_same_author, run)
+    cal = fit_calibrator(m.fingerprint, per_method, rule, to_dict(m.config.search), fitted)
+    cal.save(Path(model) / CALIBRATION_FILE)
+    log.info("calibrator %s for model %s (%s, %d photos; localizable: %s) -> %s", cal.fingerprint, m.fingerprint,
+             fitted["how"], fitted["n"], rule.describe(), Path(model) / CALIBRATION_FILE)
+    return cal
+
+
+def _out_of_fold_signals(m: GeoModel, features: Path, folds: int,
+                         report: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    from .calibration import signal_matrix
+    from .crossfit import calibration_report, out_of_fold, report_markdown
+
+    fs = FeatureSet.load(features)
+    compat.check(m, features=fs, where=str(features))
+    oof = out_of_fold(fs, m.cells, m.config, folds)
+    per_method = {k: (signal_matrix([p.signals for p in ps]), oof.errors_km[k]) for k, ps in oof.predictions.items()}
+    from .calibration import rounded
+
+    cross = rounded(calibration_report(oof, "swc", storage.ensure_dir(report) if report is not None else None))
+    fitted = {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds,
+              "cross_fitted": cross}
+    if report is not None:
+        storage.write_json(report / "calibration.json", {"model": m.fingerprint, "features": str(features), **cross})
+        storage.write_text(report / "calibration.md", report_markdown(cross) + "\n")
+    log.info("cross-fitted (each fold calibrated on the others): ECE %s", cross["calibration"]["ece"])
+    return per_method, fitted
+
+
+def _labelled_signals(m: GeoModel, data: Photos, index: Path, exclude_same_author: bool,
+                      run: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    from .api import Geolocator
+    from .calibration import signal_matrix
+    from .evaluate import locate_records
+
+    if data.csv is None or data.files or data.shards:
+        raise InputError("calibrate reads a labelled CSV: give --data.csv FILE (image,lat,lon[,author]) and "
+                         "--data.images DIR")
+    records, report = read_photo_csv(data.csv, data.images)
+    if not records:
+        raise InputError(f"no photo of {data.csv} can be used: {report.summary()}")
+    gallery = load_gallery(index) if (index / "index.json").is_file() else None
+    geo = Geolocator(m, gallery, device=distributed.resolve_device(run.device))  # no calibrator: it is being fitted
+    results, _ = locate_records(geo, records, geo.methods, exclude_same_author, run.batch_size, run.workers)
+    per_method = {r.method: (signal_matrix([p.signals for p in r.predictions]), r.errors_km) for r in results}
+    return per_method, {"how": f"labelled set {Path(data.csv).name}", "n": len(results[0].names)}
+
+
 @dataclass(frozen=True)
 class LocateSummary:
     """How a batch went: photos located, and photos that could not be (each reported on the way)."""
 
     located: int
     failed: int
+    left_out: int = 0
+    """Located but left out of the output as not localizable (``--abstain.leave_out``)."""
 
     @property
     def exit_status(self) -> int:
@@ -332,8 +440,8 @@ class LocateSummary:
 
 
 def locate(data: Photos = Photos(), model: Path | None = None, index: Path | None = None, method: Method = "swc",
-           search: SearchChanges = NO_SEARCH_CHANGES, output: Path | None = None, format: OutputFormat | None = None,
-           run: RunConfig = RunConfig()) -> LocateSummary:
+           search: SearchChanges = NO_SEARCH_CHANGES, abstain: Abstention = Abstention(), output: Path | None = None,
+           format: OutputFormat | None = None, run: RunConfig = RunConfig()) -> LocateSummary:
     """Estimate where photos were taken; a photo that cannot be read is reported and the rest are finished.
 
     Args:
@@ -342,25 +450,47 @@ def locate(data: Photos = Photos(), model: Path | None = None, index: Path | Non
         index: the gallery index folder (default: ``MODEL/index``).
         method: ``swc`` (search within the chosen cell), ``classification`` or ``retrieval``.
         search: search settings to change from the model's, e.g. ``{k: 5}``.
+        abstain: which photos are localizable (default: the rule saved with the model's calibrator), and whether
+            the output leaves the others out; every prediction is marked ``localizable`` either way.
         output: write the results to this file (atomically); default: standard output.
         format: ``text``, ``jsonl``, ``csv`` or ``geojson`` (default: from the output's extension, else text).
         run: batch size, decoding processes, device and backbone runtime.
     """
     check_search_changes(search)
     fmt = output_format(output, format)
-    source = _photo_source(data, _load_geolocator(model, index, search, run), method, run)
+    source = _photo_source(data, _load_geolocator(model, index, search, run, abstain), method, run)
     progress = output is not None or (fmt == "text" and (source.count is None or source.count > 8))
+    kept = _Kept(source.results(progress), abstain.leave_out)
     if output is None:
         with PredictionWriter(sys.stdout, fmt) as w:
-            _write_results(source.results(progress), w)
+            _write_results(iter(kept), w)
     else:
-        w = _write_output(source.results(progress), Path(output), fmt)
+        w = _write_output(iter(kept), Path(output), fmt)
     failed = w.failed + source.skipped  # rows of a list that name no usable photo fail too
-    if output is not None and w.located:
-        log.info("%d photos located%s -> %s (%s)", w.located, f", {failed} failed" if failed else "", output, fmt)
+    left = f", {kept.left_out} not localizable left out" if kept.left_out else ""
+    if output is not None and (w.located or kept.left_out):
+        log.info("%d photos located%s%s -> %s (%s)", w.located, left, f", {failed} failed" if failed else "",
+                 output, fmt)
     elif failed:
-        log.warning("%d of %d photos could not be located", failed, failed + w.located)
-    return LocateSummary(w.located, failed)
+        log.warning("%d of %d photos could not be located", failed, failed + w.located + kept.left_out)
+    if output is None and kept.left_out:
+        log.warning("%d photos were not localizable and were left out", kept.left_out)
+    return LocateSummary(w.located, failed, kept.left_out)
+
+
+class _Kept:
+    """The results to write: all of them, or (``leave_out``) all but the predictions that are not localizable,
+    which are counted."""
+
+    def __init__(self, results: Iterator[Result], leave_out: bool) -> None:
+        self.results, self.leave_out, self.left_out = results, leave_out, 0
+
+    def __iter__(self) -> Iterator[Result]:
+        for r in self.results:
+            if self.leave_out and getattr(r, "localizable", None) is False:
+                self.left_out += 1
+                continue
+            yield r
 
 
 @dataclass(frozen=True)
@@ -548,5 +678,6 @@ def _is_loopback(host: str) -> bool:
 
 
 COMMANDS = {"locate": locate, "cells": cells, "features": features, "train": train, "index": index,
-            "evaluate": evaluate, "compare": compare, "shards": shards, "backbones": backbones, "serve": serve}
+            "calibrate": calibrate, "evaluate": evaluate, "compare": compare, "shards": shards, "backbones": backbones,
+            "serve": serve}
 """The ``geoswc`` commands, in the order ``--help`` lists them."""

@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..config import Method
+from ..config import Method, to_dict
 from ..errors import GeoswcError
 from .gate import KIND_STATUS, InferenceGate, ServiceError
 from .schemas import ErrorModel, FailureModel, HealthModel, LimitsModel, PageConfigModel, PredictionModel
@@ -191,14 +191,16 @@ def _api(geolocator: Geolocator, settings: ServiceSettings) -> APIRouter:
     return api
 
 
-def _page(app: FastAPI, settings: ServiceSettings) -> None:
+def _page(app: FastAPI, settings: ServiceSettings, geolocator: Geolocator) -> None:
     csp = _csp(settings)
+    rule = to_dict(geolocator.rule) if geolocator.calibrator is not None else None
 
     @app.get("/config.json", response_model=PageConfigModel, tags=["page"])
     async def page_config() -> dict[str, Any]:
-        """What the map page needs: whether a token is required, the tile URL and the limits (public)."""
+        """What the map page needs: whether a token is required, the tile URL, the limits and the localizable rule
+        (public)."""
         s = settings
-        return {"version": __version__, "auth_required": bool(s.token), "tiles": s.tiles,
+        return {"version": __version__, "auth_required": bool(s.token), "tiles": s.tiles, "localizable_rule": rule,
                 "tiles_attribution": s.tiles_attribution,
                 "limits": LimitsModel(max_upload_bytes=s.max_upload_bytes, max_pixels=s.max_pixels,
                                       max_files=s.max_files, max_concurrent=s.max_concurrent,
@@ -263,7 +265,7 @@ def create_app(geolocator: Geolocator, settings: ServiceSettings | None = None) 
         return response
 
     app.include_router(_api(geolocator, settings))
-    _page(app, settings)
+    _page(app, settings, geolocator)
     return app
 
 

@@ -74,6 +74,15 @@ class PredictionModel(_Strict):
     exif: ExifModel | None
     cell_polygon: list[tuple[float, float]] = Field(
         description="The searched cell's outline as (lat, lon) points; it may not be among top_cells.")
+    signals: dict[str, float] = Field(
+        description="What the calibrator reads: density_25/200/750/2500 (prediction density at those radii), "
+                    "cell_probability, top_similarity, cluster_size (share of k), cluster_similarity, fallback.")
+    within_km: dict[str, float] | None = Field(
+        description="Calibrated probability that the estimate lies within 1, 25, 200, 750 and 2500 km of the truth "
+                    "(keys '1' ... '2500'), non-decreasing; null when the model has no calibrator.")
+    localizable: bool | None = Field(
+        description="Whether within_km meets the model's localizable rule (P(within r km) >= p); null without a "
+                    "calibrator. A non-localizable estimate is still given, marked.")
 
 
 class FailureModel(_Strict):
@@ -116,6 +125,13 @@ class LimitsModel(_Strict):
     max_queue: int
 
 
+class RuleModel(_Strict):
+    """Which estimates are called localizable: P(within ``within_km``) >= ``p``."""
+
+    within_km: float
+    p: float
+
+
 class PageConfigModel(_Strict):
     """What the page needs to know (public, no secrets)."""
 
@@ -124,3 +140,5 @@ class PageConfigModel(_Strict):
     tiles: str | None
     tiles_attribution: str | None
     limits: LimitsModel
+    localizable_rule: RuleModel | None = Field(description="The served model's localizable rule; null without a "
+                                                           "calibrator.")

@@ -21,8 +21,36 @@
     return ref + d;
   }
 
-  /** Confidence -> circle radius in km: 25 km x 100^(1 - confidence), i.e. 25 km when the model is sure,
-   * 250 km at 0.5, 2500 km (a continent) at 0. Lower confidence, bigger circle, on a log scale. */
+  var THRESHOLDS = [1, 25, 200, 750, 2500]; // the keys of within_km
+  var RING_MASS = [0.5, 0.9];
+
+  /** The radius in km that holds `q` of the calibrated mass: the first threshold whose P(within) reaches q,
+   * interpolated on a log scale between it and the threshold below; null when even 2500 km holds less. */
+  function massRadiusKm(within, q) {
+    if (!within) return null;
+    for (var i = 0; i < THRESHOLDS.length; i++) {
+      var pi = within[String(THRESHOLDS[i])];
+      if (pi >= q) {
+        if (i === 0) return THRESHOLDS[0];
+        var lo = within[String(THRESHOLDS[i - 1])], f = pi > lo ? (q - lo) / (pi - lo) : 1;
+        return Math.exp(Math.log(THRESHOLDS[i - 1]) + f * (Math.log(THRESHOLDS[i]) - Math.log(THRESHOLDS[i - 1])));
+      }
+    }
+    return null;
+  }
+
+  function fmtPct(v) {
+    return v >= 0.01 ? (100 * v).toFixed(0) + ' %' : '< 1 %';
+  }
+
+  /** The calibrated chances in words: "within 25 km: 2 %, within 750 km: 31 %, ...". */
+  function chances(within) {
+    return THRESHOLDS.slice(1).map(function (t) { return 'within ' + t + ' km: ' + fmtPct(within[String(t)]); })
+      .join(', ');
+  }
+
+  /** Without a calibrator: confidence -> circle radius in km: 25 km x 100^(1 - confidence), i.e. 25 km when the
+   * model is sure, 250 km at 0.5, 2500 km (a continent) at 0. Lower confidence, bigger circle, on a log scale. */
   function radiusKm(confidence) {
     var c = Math.min(1, Math.max(0, Number(confidence) || 0));
     return 25 * Math.pow(100, 1 - c);
@@ -207,7 +235,31 @@
     return km < 10 ? km.toFixed(1) + ' km' : Math.round(km).toLocaleString('en') + ' km';
   }
 
-  /** Draw one prediction: top cells, confidence circle, neighbours, estimate marker and the photo's GPS. */
+  /** The rings holding 50 % and 90 % of the calibrated mass (without a calibrator, the confidence circle);
+   * returns the bounds to frame: the outer ring, or 2500 km around the estimate when no ring fits. */
+  function drawRings(p, lat, lon, group) {
+    var bounds = L.latLng(lat, lon).toBounds(2 * 2500e3);
+    if (!p.within_km) {
+      var circle = L.circle([lat, lon], {
+        radius: radiusKm(p.confidence) * 1000, color: '#1c7ed6', weight: 2, dashArray: '6 5', fillColor: '#1c7ed6',
+        fillOpacity: 0.08, className: 'geoswc-confidence', interactive: false,
+      }).addTo(group);
+      return circle.getBounds();
+    }
+    RING_MASS.slice().reverse().forEach(function (q) {
+      var km = massRadiusKm(p.within_km, q);
+      if (km === null) return;
+      var ring = L.circle([lat, lon], {
+        radius: km * 1000, color: q === 0.5 ? '#1c7ed6' : '#74a0c8', weight: 2, dashArray: q === 0.5 ? null : '6 5',
+        fillColor: '#1c7ed6', fillOpacity: q === 0.5 ? 0.1 : 0.04, className: 'geoswc-ring' + Math.round(100 * q),
+      }).bindTooltip(Math.round(100 * q) + ' % calibrated chance that the photo was taken within ' + fmtKm(km))
+        .addTo(group);
+      if (q === 0.9) bounds = ring.getBounds();
+    });
+    return bounds;
+  }
+
+  /** Draw one prediction: top cells, probability rings, neighbours, estimate marker and the photo's GPS. */
   function drawPrediction(p) {
     var map = state.map, group = state.overlay;
     group.clearLayers();
@@ -239,11 +291,7 @@
           .addTo(group);
       });
     }
-    var radius = radiusKm(p.confidence);
-    var circle = L.circle([lat, lon], {
-      radius: radius * 1000, color: '#1c7ed6', weight: 2, dashArray: '6 5', fillColor: '#1c7ed6', fillOpacity: 0.08,
-      className: 'geoswc-confidence', interactive: false,
-    }).addTo(group);
+    var bounds = drawRings(p, lat, lon, group);
     p.neighbors.forEach(function (n) {
       var same = n.cluster === p.cluster && n.cluster >= 0;
       L.circleMarker([n.lat, nearLon(n.lon, lon)], {
@@ -252,7 +300,6 @@
       }).bindTooltip(esc(n.image) + '<br>similarity ' + n.similarity.toFixed(3) + ', cluster ' +
         (n.cluster < 0 ? 'none (noise)' : n.cluster)).addTo(group);
     });
-    var bounds = circle.getBounds();
     if (context) bounds.extend(L.latLngBounds(context.map(function (q) { return [Math.max(-85, Math.min(85, q[0])), q[1]]; })));
     if (p.exif) {
       var path = greatCircle([lat, lon], [p.exif.lat, p.exif.lon], 64);
@@ -267,7 +314,8 @@
     var label = placeLabel(p.place);
     var marker = L.marker([lat, lon], { title: label || 'estimate', alt: 'estimate', riseOnHover: true })
       .bindPopup('<b>' + esc(label || 'Estimate') + '</b><br>' + lat.toFixed(4) + ', ' + p.lon.toFixed(4) +
-        '<br>confidence ' + (100 * p.confidence).toFixed(0) + ' %')
+        (p.within_km ? '<br>' + esc(chances(p.within_km)) + (p.localizable ? '' : '<br><b>not localizable</b>')
+          : '<br>confidence ' + (100 * p.confidence).toFixed(0) + ' %'))
       .addTo(group);
     marker.getElement().classList.add('geoswc-estimate');
     map.fitBounds(bounds, { padding: [30, 30], maxZoom: 9 });
@@ -307,7 +355,8 @@
       if (it.status === 'pending') sub = 'locating…';
       else if (it.status === 'error') sub = it.error;
       else sub = (placeLabel(it.result.place) || it.result.lat.toFixed(3) + ', ' + it.result.lon.toFixed(3)) +
-        ' · ' + (100 * it.result.confidence).toFixed(0) + ' %';
+        ' · ' + (it.result.within_km ? (it.result.localizable ? '' : 'not localizable · ') + 'within 2500 km: ' +
+          fmtPct(it.result.within_km['2500']) : (100 * it.result.confidence).toFixed(0) + ' %');
       text.appendChild(el('div', 'sub', sub));
       li.appendChild(img);
       li.appendChild(text);
@@ -341,9 +390,19 @@
       place.appendChild(el('span', 'place-name', 'no named place'));
     }
     d.appendChild(place);
+    if (p.localizable === false) d.appendChild(el('p', 'not-localizable', notLocalizable()));
     var dl = el('dl');
     row(dl, 'estimate', p.lat.toFixed(5) + ', ' + p.lon.toFixed(5));
-    row(dl, 'confidence', (100 * p.confidence).toFixed(1) + ' % (circle ' + fmtKm(radiusKm(p.confidence)) + ')');
+    if (p.within_km) {
+      row(dl, 'chances', chances(p.within_km));
+      row(dl, 'rings', RING_MASS.map(function (q) {
+        var km = massRadiusKm(p.within_km, q);
+        return Math.round(100 * q) + ' %: ' + (km === null ? 'beyond 2500 km (not drawn)' : 'within ' + fmtKm(km));
+      }).join('; '));
+    } else {
+      row(dl, 'chances', 'not calibrated: this model has no calibrator (geoswc calibrate)');
+      row(dl, 'confidence', (100 * p.confidence).toFixed(1) + ' % (circle ' + fmtKm(radiusKm(p.confidence)) + ')');
+    }
     row(dl, 'method', p.method);
     row(dl, 'cell', p.cell + ' (' + (100 * p.cell_probability).toFixed(1) + ' %)');
     if (p.fallback) {
@@ -371,6 +430,13 @@
       table.appendChild(tr);
     });
     d.appendChild(table);
+  }
+
+  function notLocalizable() {
+    var r = state.config && state.config.localizable_rule;
+    return 'Not localizable: ' + (r ? 'the model gives less than ' + Math.round(100 * r.p) +
+      ' % chance that this estimate is within ' + r.within_km + ' km of where the photo was taken'
+      : 'the model does not trust this estimate') + '. It is shown, but do not rely on it.';
   }
 
   function select(i) {
@@ -528,7 +594,7 @@
   }
 
   window.geoswc = {
-    state: state, nearLon: nearLon, unwrapRing: unwrapRing, radiusKm: radiusKm,
+    state: state, nearLon: nearLon, unwrapRing: unwrapRing, radiusKm: radiusKm, massRadiusKm: massRadiusKm,
     geometryPolygons: geometryPolygons, greatCircle: greatCircle, basemapMaxJump: basemapMaxJump, select: select,
   };
   start();
