@@ -66,13 +66,17 @@ class _Finetuning:
         if self.ctx.enabled and self.dev.type == "cuda":  # batch statistics over the global batch
             model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
             self.ckpt.modules["backbone"] = model.backbone  # (the same state dict)
+        trainable = model.backbone.train_last_blocks(cfg.finetune_blocks)
+        if cfg.finetune_blocks:
+            log.info("fine-tuning the last %d blocks of the backbone (%d tensors); the rest is frozen",
+                     cfg.finetune_blocks, trainable)
         model.to(self.dev)
         self.net: nn.Module = _FinetuneNet(model, dtype)
         if self.ctx.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.dev] if self.dev.type == "cuda" else None)
         self.opt = torch.optim.AdamW([
-            {"params": model.backbone.parameters(), "weight_decay": cfg.weight_decay},
+            {"params": [p for p in model.backbone.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay},
             {"params": list(model.mvmf.parameters()) + list(model.rrm.parameters()), "weight_decay": cfg.weight_decay},
         ], lr=cfg.finetune_lr)
         self.scaler = torch.amp.GradScaler(self.dev.type) if dtype == torch.float16 else None
