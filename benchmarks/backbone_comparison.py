@@ -15,7 +15,6 @@ It prints a Markdown table and writes it (``.md``) beside the JSON; ``--help`` l
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import shlex
@@ -28,21 +27,13 @@ from typing import Any
 from geoswc import storage
 from geoswc.options import BackboneChoice, Photos
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+import cross_validation as cv  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("backbone_comparison")
 METHODS = ("swc", "classification", "retrieval", "raw 1-NN", "cell prior")
-
-
-def _cross_validation() -> Any:
-    """benchmarks/cross_validation.py as a module (its folds, training and table are reused, not copied)."""
-    if "cross_validation" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("cross_validation", Path(__file__).with_name(
-            "cross_validation.py"))
-        assert spec is not None and spec.loader is not None
-        sys.modules["cross_validation"] = mod = importlib.util.module_from_spec(spec)  # dataclasses look it up
-        spec.loader.exec_module(mod)
-    return sys.modules["cross_validation"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,6 @@ def backbone_section(choice: BackboneChoice) -> dict[str, Any]:
 
 
 def run(opts: BackboneComparison, argv: list[str]) -> dict[str, Any]:
-    cv = _cross_validation()
     results = []
     for choice in opts.backbones:
         t0 = time.time()

@@ -426,7 +426,7 @@ def backbones() -> list[BackboneSpec]:
 
     log.info("%-20s %-12s %6s %6s %-11s %8s  %-38s %s", "name", "family", "dim", "px", "resize", "params",
              "pooled output", "weights")
-    for spec in REGISTRY.values():
+    for _, spec in REGISTRY.items():
         pooled = FAMILIES[spec.family].pooled_doc if spec.family in FAMILIES else "global average pool"
         log.info("%-20s %-12s %4d-d %3d px %-11s %7.1fM  %-38s %s", spec.name, spec.family, spec.feature_dim,
                  spec.image_size, spec.resize, spec.params_m, pooled, spec.source)
