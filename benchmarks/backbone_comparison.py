@@ -45,7 +45,7 @@ class BackboneComparison:
     backbones: list[BackboneChoice] = field(default_factory=lambda: [
         BackboneChoice("efficientnet-lite0"), BackboneChoice("efficientnet-lite1"),
         BackboneChoice("efficientnet-lite2")])
-    """The backbones to compare (registry name, weights, input size, resize policy)."""
+    """The backbones to compare (registry name, weights, input size, resize policy; unset: the backbone's own)."""
     recipe: Path = ROOT / "recipes" / "default.yaml"
     """The recipe whose ``cells``, ``features`` (all but the backbone) and ``train`` sections are used."""
     views: int = 1
@@ -65,8 +65,10 @@ class BackboneComparison:
 
 
 def backbone_section(choice: BackboneChoice) -> dict[str, Any]:
-    """The recipe's ``features.backbone`` group for ``choice`` (unset fields left out)."""
-    return {k: v for k, v in dataclasses.asdict(choice).items() if v is not None}
+    """The recipe's ``features.backbone`` group for ``choice``, whole: an unset size or resize policy is the
+    backbone's own, not the recipe's (SigLIP squashes, EfficientNet-Lite2 reads 260 px)."""
+    pre = choice.resolve().preprocess
+    return {**dataclasses.asdict(choice), "image_size": pre.image_size, "resize": pre.resize}
 
 
 def run(opts: BackboneComparison, argv: list[str]) -> dict[str, Any]:

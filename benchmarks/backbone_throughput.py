@@ -64,7 +64,7 @@ def measure(name: str, batch_size: int, batches: int) -> dict:
     n = batch_size * batches
     per_core = n / cpu
     return {"backbone": name, "family": spec.family, "params_m": spec.params_m, "feature_dim": cfg.feature_dim,
-            "image_size": size, "gflops_per_image": round(gflops, 2), "images_per_cpu_s": round(per_core, 3),
+            "image_size": size, "gflops_per_image": round(gflops, 4), "images_per_cpu_s": round(per_core, 3),
             "images_per_s": round(n / wall, 3), "cpu_ms_per_image": round(1000 / per_core, 1),
             "gflops_per_cpu_s": round(gflops * per_core, 1),
             "mp16_core_hours": round(MP16_PHOTOS / per_core / 3600), "mp16_pflop": round(MP16_PHOTOS * gflops / 1e6, 1)}

@@ -29,7 +29,7 @@ from geoswc.hf_backbones import FAMILIES, HFBackbone, architecture, require_tran
 from geoswc.model import GeoModel
 from geoswc.options import BackboneChoice, Photos, RunConfig
 
-from .conftest import free_port, jpeg_bytes, write_csv
+from .conftest import ROOT, free_port, jpeg_bytes, write_csv
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -338,3 +338,63 @@ def test_features_under_torchrun_equal_one_process(tiny, tmp_path):
     assert torch.allclose(two.features.float(), one.features.float(), atol=1e-3)
     ex = Extractor.from_config(BackboneChoice(TINY["dinov2"].name, w).resolve())
     assert ex.fingerprint == one.backbone_fingerprint
+
+
+# -- recipe and benchmarks -------------------------------------------------------------------------------
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_clip_recipe_builds_every_command():
+    from geoswc.recipes import Recipe
+
+    recipe = Recipe.load(ROOT / "recipes" / "clip-l14-mp16.yaml")
+    feats = recipe.arguments("features", out="f", data={"shards": "s"})
+    assert feats["backbone"].resolve() == default_config("clip-vit-l14") and feats["views"] == 1
+    train = recipe.arguments("train", features="f", cells="c.csv", out="m")
+    assert not train["train"].finetune and train["search"].k == 10
+    assert recipe.arguments("cells", coords="x.csv", out="c.csv")["cells"].max_per_cell == 350
+    assert recipe.arguments("evaluate", data={"csv": "t.csv"}, out="e")["methods"] == ["swc", "classification",
+                                                                                         "retrieval"]
+    assert "docs/clip-l14-mp16.md" in (ROOT / "recipes" / "clip-l14-mp16.yaml").read_text()
+    assert "recipes/clip-l14-mp16.yaml" in (ROOT / "docs" / "clip-l14-mp16.md").read_text()
+
+
+def test_throughput_benchmark(tiny, tmp_path, capsys):
+    bt = _benchmark("backbone_throughput")
+    out = tmp_path / "tp.json"
+    assert bt.main(["--out", str(out), "--backbones", "efficientnet-lite0,tiny-dinov2", "--batch-size", "2",
+                    "--batches", "1"]) == 0
+    rows = {r["backbone"]: r for r in json.loads(out.read_text())["backbones"]}
+    assert abs(rows["efficientnet-lite0"]["gflops_per_image"] - 0.77) < 0.01  # as backbone_peak.py counts it
+    assert rows["tiny-dinov2"]["feature_dim"] == 32 and 0 < rows["tiny-dinov2"]["gflops_per_image"] < 0.01
+    for r in rows.values():
+        assert r["images_per_cpu_s"] > 0 and r["mp16_core_hours"] >= 0
+    assert "| efficientnet-lite0 |" in capsys.readouterr().out and out.with_suffix(".md").is_file()
+
+
+@pytest.mark.slow
+def test_backbone_comparison_on_any_labelled_set(tiny, tmp_path, capsys):
+    """Two foundation families (local weight folders) compared on a labelled set, author-disjoint."""
+    bc = _benchmark("backbone_comparison")
+    out = tmp_path / "bc.json"
+    backbones = [{"name": TINY[f].name, "weights": str(tiny["weights"][f])} for f in ("dinov2", "siglip")]
+    changes = {"cells": {"cells": {"max_per_cell": 40, "min_per_cell": 5}}, "train": {"search": {"select_km": 0}}}
+    assert bc.main(["--out", str(out), "--data.csv", str(tiny["csv"]), "--data.images", str(tiny["images"]),
+                    "--cell_coords", str(tiny["dir"] / "coords.csv"), "--cache", str(tmp_path / "cache"), "--quick",
+                    "true", "--backbones", json.dumps(backbones), "--changes", json.dumps(changes)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["backbone"] for r in result["results"]] == ["tiny-dinov2", "tiny-siglip"]
+    for r in result["results"]:
+        assert r["n"] == 48 and r["folds"] == 2 and r["views"] == 1 and set(bc.METHODS) <= set(r["methods"])
+        assert r["choice"]["weights"] == str(tiny["weights"][r["backbone"].split("-")[1]])
+    assert result["results"][1]["resize"] == "squash"  # each backbone with its own preprocessing
+    table = (tmp_path / "bc.md").read_text()
+    assert "| tiny-siglip | 32 | swc |" in table and "| tiny-dinov2 | 32 | retrieval |" in table
