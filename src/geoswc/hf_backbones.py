@@ -35,6 +35,7 @@ from . import distributed
 from .backbone import TrunkBackbone, check_weights_digest
 from .config import BackboneConfig
 from .errors import ArtifactError, GeoswcError, InputError
+from .progress import interactive, quiet
 
 if TYPE_CHECKING:
     from .backbone import BackboneSpec
@@ -117,15 +118,18 @@ def model_id(spec: BackboneSpec) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """``transformers`` warns about the unused text tower when a vision tower loads from a full checkpoint."""
-    lg = logging.getLogger("transformers")
-    level = lg.level
-    lg.setLevel(logging.ERROR)
+def _quiet_loading(tf: Any) -> Iterator[None]:
+    """``transformers`` warns about the unused text tower when a vision tower loads from a full checkpoint, and
+    draws its own progress bars: keep both out of logs and pipes."""
+    bars = tf.utils.logging.is_progress_bar_enabled()
+    if bars and not interactive():
+        tf.utils.logging.disable_progress_bar()
     try:
-        yield
+        with quiet("transformers"):
+            yield
     finally:
-        lg.setLevel(level)
+        if bars:
+            tf.utils.logging.enable_progress_bar()
 
 
 def _missing(spec: BackboneSpec, why: str) -> ArtifactError:
@@ -138,7 +142,8 @@ def _missing(spec: BackboneSpec, why: str) -> ArtifactError:
 
 def _pretrained(spec: BackboneSpec, weights: str) -> nn.Module:
     """Load the weights from the cache (``default``) or a local folder; safetensors only."""
-    cls = getattr(require_transformers(), FAMILIES[spec.family].model_class)
+    tf = require_transformers()
+    cls = getattr(tf, FAMILIES[spec.family].model_class)
     if weights != "default":
         folder = Path(weights)
         if not (folder / "config.json").is_file():
@@ -149,7 +154,7 @@ def _pretrained(spec: BackboneSpec, weights: str) -> nn.Module:
         source, local = model_id(spec), offline() or distributed.context().enabled
     log.info("loading %s weights from %s", spec.name, source)
     try:
-        with _quiet_transformers():
+        with _quiet_loading(tf):
             return cls.from_pretrained(source, local_files_only=local, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - the hub and transformers raise many kinds
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]
