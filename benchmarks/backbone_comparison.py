@@ -42,10 +42,11 @@ class BackboneComparison:
 
     out: Path
     """The JSON results file (a ``.md`` table is written beside it)."""
-    backbones: list[BackboneChoice] = field(default_factory=lambda: [
-        BackboneChoice("efficientnet-lite0"), BackboneChoice("efficientnet-lite1"),
-        BackboneChoice("efficientnet-lite2")])
-    """The backbones to compare (registry name, weights, input size, resize policy; unset: the backbone's own)."""
+    backbones: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"name": "efficientnet-lite0"}, {"name": "efficientnet-lite1"}, {"name": "efficientnet-lite2"}])
+    """The backbones to compare, each a :class:`geoswc.options.BackboneChoice` as a mapping (``name``, ``weights``,
+    ``image_size``, ``resize``; unset: the backbone's own). Plain mappings: the geoswc CLI's parser settings (no
+    class paths) may be in force in the same process."""
     recipe: Path = ROOT / "recipes" / "default.yaml"
     """The recipe whose ``cells``, ``features`` (all but the backbone) and ``train`` sections are used."""
     views: int = 1
@@ -73,7 +74,7 @@ def backbone_section(choice: BackboneChoice) -> dict[str, Any]:
 
 def run(opts: BackboneComparison, argv: list[str]) -> dict[str, Any]:
     results = []
-    for choice in opts.backbones:
+    for choice in (BackboneChoice(**b) for b in opts.backbones):
         t0 = time.time()
         log.info("backbone %s", choice.name)
         cv_opts = cv.CrossValidation(out=opts.out, recipe=opts.recipe, data=opts.data, cell_coords=opts.cell_coords,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .backbone import TrunkBackbone
 from .checkpoint import Checkpointer, Phase, run_key, run_phase
 from .config import TrainConfig, digest, non_default
 from .data import Batch, ImageDataset, Record, loader
@@ -66,8 +67,10 @@ class _Finetuning:
         if self.ctx.enabled and self.dev.type == "cuda":  # batch statistics over the global batch
             model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
             self.ckpt.modules["backbone"] = model.backbone  # (the same state dict)
-        trainable = model.backbone.train_last_blocks(cfg.finetune_blocks)
-        if cfg.finetune_blocks:
+        if cfg.finetune_blocks:  # any nn.Module can be fine-tuned whole; a registry backbone also by blocks
+            if not isinstance(model.backbone, TrunkBackbone):
+                raise InputError("train.finetune_blocks needs a registry backbone (one with blocks)")
+            trainable = model.backbone.train_last_blocks(cfg.finetune_blocks)
             log.info("fine-tuning the last %d blocks of the backbone (%d tensors); the rest is frozen",
                      cfg.finetune_blocks, trainable)
         model.to(self.dev)
