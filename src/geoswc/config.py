@@ -155,6 +155,9 @@ class TrainConfig:
     """Epochs of end-to-end fine-tuning."""
     finetune_lr: float = 1e-4
     """Peak learning rate of the backbone while fine-tuning (the heads get 10x)."""
+    finetune_blocks: int = 0
+    """0: fine-tune the whole backbone; N: only its last N blocks and the layers after them (the stem and the
+    earlier blocks stay frozen): cheaper, and safer for large pretrained backbones such as CLIP ViT-L/14."""
     checkpoint_every: int = 1
     """Save a checkpoint every this many epochs (fine-tuning)."""
     max_steps: int = 0
@@ -166,7 +169,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ints(self)
-        for name in ("epochs", "rrm_epochs", "finetune_epochs", "max_steps"):
+        for name in ("epochs", "rrm_epochs", "finetune_epochs", "finetune_blocks", "max_steps"):
             check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("batch_size", "checkpoint_every"):
             check_field(self, name, getattr(self, name) >= 1, "must be >= 1")

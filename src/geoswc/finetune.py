@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .backbone import TrunkBackbone
 from .checkpoint import Checkpointer, Phase, run_key, run_phase
 from .config import TrainConfig, digest, non_default
 from .data import Batch, ImageDataset, Record, loader
@@ -66,13 +67,19 @@ class _Finetuning:
         if self.ctx.enabled and self.dev.type == "cuda":  # batch statistics over the global batch
             model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
             self.ckpt.modules["backbone"] = model.backbone  # (the same state dict)
+        if cfg.finetune_blocks:  # any nn.Module can be fine-tuned whole; a registry backbone also by blocks
+            if not isinstance(model.backbone, TrunkBackbone):
+                raise InputError("train.finetune_blocks needs a registry backbone (one with blocks)")
+            trainable = model.backbone.train_last_blocks(cfg.finetune_blocks)
+            log.info("fine-tuning the last %d blocks of the backbone (%d tensors); the rest is frozen",
+                     cfg.finetune_blocks, trainable)
         model.to(self.dev)
         self.net: nn.Module = _FinetuneNet(model, dtype)
         if self.ctx.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.dev] if self.dev.type == "cuda" else None)
         self.opt = torch.optim.AdamW([
-            {"params": model.backbone.parameters(), "weight_decay": cfg.weight_decay},
+            {"params": [p for p in model.backbone.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay},
             {"params": list(model.mvmf.parameters()) + list(model.rrm.parameters()), "weight_decay": cfg.weight_decay},
         ], lr=cfg.finetune_lr)
         self.scaler = torch.amp.GradScaler(self.dev.type) if dtype == torch.float16 else None

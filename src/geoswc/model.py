@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from . import compat, storage
-from .backbone import Backbone, create_backbone
+from .backbone import TrunkBackbone, create_backbone
 from .cells import CellTable
 from .config import ModelConfig, canonical_json, digest, from_dict, to_dict
 from .errors import ArtifactError, ModelMismatchError
@@ -53,7 +53,7 @@ class GeoModel(nn.Module):
             it); the fingerprint digests this form. Default: ``config`` itself.
     """
 
-    def __init__(self, config: ModelConfig, cells: CellTable, backbone: Backbone | None = None,
+    def __init__(self, config: ModelConfig, cells: CellTable, backbone: TrunkBackbone | None = None,
                  config_json: dict[str, Any] | None = None) -> None:
         super().__init__()
         compat.check_cells(config, cells)
@@ -255,7 +255,7 @@ def _read_cells(folder: Path, meta: dict[str, Any], config: ModelConfig) -> Cell
     return cells
 
 
-def _load_backbone(folder: Path, config: ModelConfig, files: dict[str, str]) -> Backbone:
+def _load_backbone(folder: Path, config: ModelConfig, files: dict[str, str]) -> TrunkBackbone:
     if not config.backbone_finetuned:
         return create_backbone(config.backbone)[0]
     backbone, _ = create_backbone(config.backbone, load_weights=False)

@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from . import storage
 from .errors import ArtifactError, GeoswcError, InputError
+from .progress import quiet
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,6 @@ def default_cache_dir() -> Path:
         return Path(env) / "onnx"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "geoswc" / "onnx"
-
-
-@contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    lg = logging.getLogger(logger)
-    level = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        lg.setLevel(level)
 
 
 def _paths(cache_dir: Path, fingerprint: str) -> tuple[Path, Path]:
@@ -143,7 +132,7 @@ def export_backbone(backbone: nn.Module, fingerprint: str, image_size: int, cach
         # The exporter reports progress on stdout, which carries results (`geoswc locate --json`), and
         # warns about its own internals; keep both out of the user's way.
         with contextlib.redirect_stdout(sys.stderr), torch.no_grad(), warnings.catch_warnings(), \
-                _quiet("torch.onnx"):
+                quiet("torch.onnx"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 backbone, (x,), dynamo=True, input_names=["images"], output_names=["features"],

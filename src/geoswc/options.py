@@ -92,11 +92,14 @@ class BackboneChoice:
     name: str = "efficientnet-lite0"
     """A registry name (``geoswc backbones`` lists them)."""
     weights: str = "default"
-    """``default`` (the registry's ImageNet weights), ``none`` (random) or a local state-dict file."""
+    """``default`` (the registry's pretrained weights: from a wheel, downloaded, or the Hugging Face cache),
+    ``none`` (random), a local state-dict file (EfficientNets) or a folder holding a saved Hugging Face model
+    (CLIP, DINOv2, SigLIP: offline use)."""
     image_size: int | None = None
     """Input side in pixels (default: the backbone's own)."""
-    resize: Literal["center_crop", "squash"] = "center_crop"
-    """``center_crop`` (shorter side to the size, then the central square) or ``squash`` (whole image)."""
+    resize: Literal["center_crop", "squash"] | None = None
+    """``center_crop`` (shorter side to the size, then the central square) or ``squash`` (whole image);
+    default: the policy the backbone was trained with (``squash`` for SigLIP, else ``center_crop``)."""
 
     def resolve(self) -> BackboneConfig:
         """The backbone config (registry preprocessing, this size and weights); the digest and width are

@@ -614,12 +614,17 @@ def compare(out: Path, runs: Sequence[Path] = (), names: Sequence[str] = (), res
 
 
 def backbones() -> list[BackboneSpec]:
-    """List the backbones: feature width, input size, and where their weights come from."""
+    """List the backbones: family, feature width, input size and resize policy, parameters, pooled output, and
+    where their weights come from (CLIP, DINOv2 and SigLIP need ``pip install 'geoswc[hf]'``)."""
     from .backbone import REGISTRY
+    from .hf_backbones import FAMILIES
 
+    log.info("%-20s %-12s %6s %6s %-11s %8s  %-38s %s", "name", "family", "dim", "px", "resize", "params",
+             "pooled output", "weights")
     for _, spec in REGISTRY.items():
-        src = "offline (wheel)" if spec.offline else "downloaded on first use"
-        log.info("%-20s %5d-d  %d px  weights: %s", spec.name, spec.feature_dim, spec.image_size, src)
+        pooled = FAMILIES[spec.family].pooled_doc if spec.family in FAMILIES else "global average pool"
+        log.info("%-20s %-12s %4d-d %3d px %-11s %7.1fM  %-38s %s", spec.name, spec.family, spec.feature_dim,
+                 spec.image_size, spec.resize, spec.params_m, pooled, spec.source)
     return list(REGISTRY.values())
 
 
