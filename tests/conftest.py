@@ -7,10 +7,13 @@ Without that folder they are not run, and one line says so; under ``CI`` a missi
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import socket
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -131,3 +134,12 @@ def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
                  str(w / "model"), "--train.epochs", "3", "--train.rrm_epochs", "3", "--train.batch_size", "16"]) == 0
     assert main(["index", "--model", str(w / "model"), "--features", str(w / "features")]) == 0
     return {"dir": w, "csv": csv_path, "model": w / "model", "features": w / "features", "cells": w / "cells.csv"}
+
+
+def load_script(folder: str, name: str) -> ModuleType:
+    """A script of the repository (``benchmarks/NAME.py``, ``scripts/NAME.py``) as a module, registered under its
+    name (dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,9 +4,7 @@ scale rehearsal, the cell selection and the gallery search at small sizes."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -17,14 +15,11 @@ from geoswc.data import read_coordinates
 from geoswc.evaluate import PREDICTION_COLUMNS
 from geoswc.geo import haversine_km
 
-from .conftest import DEV_IMAGES, MP16, ROOT, dev_rows, write_csv
+from .conftest import DEV_IMAGES, MP16, ROOT, dev_rows, load_script, write_csv
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", name)
 
 
 def _load_cv():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import numpy as np
@@ -17,16 +16,13 @@ from geoswc.geo import haversine_km
 from geoswc.model import GeoModel
 from geoswc.recipes import Recipe
 
-from .conftest import ROOT, SHARED
+from .conftest import ROOT, SHARED, load_script
 
 DEV = SHARED / "im2gps3k-dev"
 
 
 def _build_script():
-    spec = importlib.util.spec_from_file_location("build_default_model", ROOT / "scripts" / "build_default_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts", "build_default_model")
 
 
 @pytest.fixture(scope="module")

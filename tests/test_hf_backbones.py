@@ -29,7 +29,7 @@ from geoswc.hf_backbones import FAMILIES, HFBackbone, architecture, require_tran
 from geoswc.model import GeoModel
 from geoswc.options import BackboneChoice, Photos, RunConfig
 
-from .conftest import ROOT, free_port, jpeg_bytes, write_csv
+from .conftest import ROOT, free_port, jpeg_bytes, load_script, write_csv
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -344,12 +344,7 @@ def test_features_under_torchrun_equal_one_process(tiny, tmp_path):
 
 
 def _benchmark(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", name)
 
 
 def test_clip_recipe_builds_every_command():
