@@ -173,6 +173,16 @@ class Geolocator:
         """The methods this locator can use (without a gallery, only ``classification``)."""
         return METHODS if self.gallery is not None else ("classification",)
 
+    def thumbnail(self, row: int) -> bytes | None:
+        """The JPEG thumbnail of gallery row ``row`` (a neighbour's ``row``), checked against its digest; None when
+        the index holds none for it (or there is no gallery).
+
+        Raises:
+            InputError: ``row`` is not a row of the gallery.
+            ArtifactError: the stored thumbnail was damaged or changed (it is never returned then).
+        """
+        return self.gallery.thumbnail(row) if self.gallery is not None else None
+
     # -- the prediction path -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -244,8 +254,8 @@ class Geolocator:
         est = estimate_from_neighbors(g.lat[idx], g.lon[idx], sim, cfg.eps_km, cfg.min_samples)
         pred.lat, pred.lon, pred.cluster = est.lat, est.lon, est.cluster
         pred.signals |= retrieval_signals(sim, est.labels, est.cluster, cfg.k)
-        pred.neighbors = [Neighbor(g.names[j], float(g.lat[j]), float(g.lon[j]), float(s), int(lab))
-                          for j, s, lab in zip(idx, sim, est.labels, strict=True)]
+        pred.neighbors = [Neighbor(g.names[j], float(g.lat[j]), float(g.lon[j]), float(s), int(lab), int(j),
+                                   g.has_thumbnail(int(j))) for j, s, lab in zip(idx, sim, est.labels, strict=True)]
         return pred
 
     def _require_backbone(self) -> None:

@@ -7,13 +7,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .errors import ArtifactError, InputError
 from .gallery_codes import CellLists, Codebook
+
+if TYPE_CHECKING:
+    from .thumbnails import Thumbnails
 
 CHUNK_ROWS = 1 << 16
 """Rows written (and coded) at a time."""
@@ -78,6 +81,8 @@ class Gallery:
     checker: RowChecker | None = field(default=None, repr=False)
     source: str = ""
     """The index folder it was loaded from ("" for one built in memory), for messages."""
+    thumbnails: Thumbnails | None = field(default=None, repr=False)
+    """The photos' thumbnails (an index built with ``--thumbnails``), else None."""
 
     @classmethod
     def build(cls, embeddings: ArrayLike, lat: ArrayLike, lon: ArrayLike, cell: ArrayLike, names: Sequence[str],
@@ -118,6 +123,22 @@ class Gallery:
     @property
     def model_fingerprint(self) -> str:
         return self.identity.model_fingerprint
+
+    def has_thumbnail(self, row: int) -> bool:
+        """Whether gallery row ``row`` has a thumbnail."""
+        return self.thumbnails is not None and self.thumbnails.has(row)
+
+    def thumbnail(self, row: int) -> bytes | None:
+        """The JPEG bytes of gallery row ``row``'s thumbnail, checked against its digest; None when the index has
+        none for it.
+
+        Raises:
+            InputError: ``row`` is not a row of the gallery.
+            ArtifactError: the stored thumbnail was damaged or changed.
+        """
+        if not 0 <= row < len(self):
+            raise InputError(f"gallery row {row} is out of range (the gallery has {len(self)} rows)")
+        return self.thumbnails.get(row) if self.thumbnails is not None else None
 
     def cell_range(self, cell: int) -> tuple[int, int]:
         """``(start, stop)``: the rows of ``cell`` are ``start .. stop - 1`` (empty if unknown)."""

@@ -6,10 +6,12 @@
 * ``items.csv``: image id and author of each row, in row order (human-readable; rows read on demand).
 * ``codes.safetensors`` (coded indexes: ``sq8``, ``pq``, ``opq``): the FAISS codes ``(N, code_size)`` in row order,
   the quantiser's trained arrays, and a 64-bit BLAKE2b digest of each embedding row.
-* ``index.json``: format, the gallery's identity (model and cell-table fingerprints), the codes' settings, and
-  checksums: the sha256 of ``items.csv``, of ``codes.safetensors`` and of every 64 MiB block of
-  ``index.safetensors``, and a seal over its own fields. ``index.json`` is written last: its presence marks a
-  whole index.
+* ``thumbnails.bin`` and ``thumbnails.safetensors`` (``geoswc index --thumbnails N``): a small JPEG per photo,
+  each checked against its own digest when read (:mod:`geoswc.thumbnails`).
+* ``index.json``: format, the gallery's identity (model and cell-table fingerprints), the codes' and thumbnails'
+  settings, and checksums: the sha256 of ``items.csv``, of ``codes.safetensors``, of ``thumbnails.safetensors``
+  and of every 64 MiB block of ``index.safetensors``, and a seal over its own fields. ``index.json`` is written
+  last: its presence marks a whole index.
 
 Every file is verified before FAISS or a search reads it. At load: everything but the embeddings, and the whole
 of ``codes.safetensors`` (FAISS copies the codes into its inverted lists). A ``flat`` index copies the
@@ -45,6 +47,7 @@ from .errors import ArtifactError, InputError, building
 from .gallery import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
 from .gallery_codes import PARAM_NAMES, CellLists, Codebook, check_codes, train_codebook
 from .progress import progress_bar
+from .thumbnails import Thumbnails, ThumbnailSettings, ThumbnailWriter, remove_files
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,7 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
             len(t["item_offsets"]) != n + 1 or (n and int(t["item_offsets"][-1]) != len(items)):
         raise ArtifactError(f"gallery index {folder} is inconsistent with its index.json; rebuild it")
     identity = GalleryIdentity(str(meta["model_fingerprint"]), str(meta["cells_fingerprint"]), int(meta["num_cells"]))
+    thumbs = Thumbnails.open(folder, meta["thumbnails"], n) if "thumbnails" in meta else None
     offsets = np.asarray(t["cell_offsets"], np.int64)
     if codes["kind"] == "flat":  # the codes are the embeddings: read (verified above), not mapped
         lists = CellLists(Codebook("flat", dim, {}), offsets, lambda a, b: _read_rows(path, row0, 2 * dim, a, b))
@@ -174,7 +178,7 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
     return Gallery(t["embeddings"], t["lat"], t["lon"], t["cell"], ItemColumn(items, t["item_offsets"], 0),
                    ItemColumn(items, t["item_offsets"], 1), identity, offsets,
                    (t["name_keys"], t["name_rows"]), (t["author_keys"], t["author_rows"]), lists,
-                   int(codes.get("rerank", GalleryCodes().rerank)), checker, str(folder))
+                   int(codes.get("rerank", GalleryCodes().rerank)), checker, str(folder), thumbs)
 
 
 def _read_rows(path: Path, row0: int, row_bytes: int, a: int, b: int) -> NDArray[np.uint8]:
@@ -247,12 +251,14 @@ def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
 
 
 def save_gallery(gallery: Gallery, folder: str | Path, codes: GalleryCodes = GalleryCodes()) -> None:
-    """Write a gallery (in memory or loaded) as an index folder, streamed in chunks."""
-    with GalleryWriter(folder, gallery.dim, gallery.identity, codes) as w:
+    """Write a gallery (in memory or loaded) as an index folder, streamed in chunks (its thumbnails too)."""
+    t = gallery.thumbnails
+    with GalleryWriter(folder, gallery.dim, gallery.identity, codes, t.settings if t is not None else None) as w:
         for s in range(0, len(gallery), CHUNK_ROWS):
             e = min(len(gallery), s + CHUNK_ROWS)
             w.add(gallery.rows_view(s, e), gallery.lat[s:e], gallery.lon[s:e], gallery.cell[s:e],
-                  list(gallery.names[s:e]), list(gallery.authors[s:e]))
+                  list(gallery.names[s:e]), list(gallery.authors[s:e]),
+                  [t.get(r) for r in range(s, e)] if t is not None else None)
         w.finish()
 
 
@@ -271,10 +277,11 @@ class GalleryWriter:
         dim: embedding width D.
         identity: the model and cell table of the gallery.
         codes: how FAISS codes the embeddings.
+        thumbnails: store a thumbnail per photo (each :meth:`add` then gives them), made with these settings.
     """
 
     def __init__(self, folder: str | Path, dim: int, identity: GalleryIdentity,
-                 codes: GalleryCodes = GalleryCodes()) -> None:
+                 codes: GalleryCodes = GalleryCodes(), thumbnails: ThumbnailSettings | None = None) -> None:
         check_codes(codes.kind, int(dim), codes.pq_bytes)
         self.folder = storage.ensure_dir(folder)
         self.dim, self.identity, self.codes = int(dim), identity, codes
@@ -285,16 +292,21 @@ class GalleryWriter:
                                                                    "author_key")}
         self._max_norm = 0.0
         self.size = 0
+        self._thumbs = ThumbnailWriter(self._staging, thumbnails) if thumbnails is not None else None
 
     def add(self, embeddings: ArrayLike | torch.Tensor, lat: ArrayLike, lon: ArrayLike, cell: ArrayLike,
-            names: Sequence[str], authors: Sequence[str]) -> None:
-        """Append ``b`` photos: unit embeddings ``(b, D)``, positions and cells ``(b,)``, ids and authors."""
+            names: Sequence[str], authors: Sequence[str], thumbnails: Sequence[bytes | None] | None = None) -> None:
+        """Append ``b`` photos: unit embeddings ``(b, D)``, positions and cells ``(b,)``, ids and authors, and
+        (a writer with thumbnails) their JPEG thumbnails (None: that photo has none)."""
         emb = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
         cell = np.asarray(cell, np.int64)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise InputError(f"gallery embeddings must be (b, {self.dim}), got {emb.shape}")
         if not len(emb) == len(lat) == len(lon) == len(cell) == len(names) == len(authors):
             raise InputError("gallery chunk arrays have different lengths")
+        if (self._thumbs is not None) != (thumbnails is not None) or \
+                (thumbnails is not None and len(thumbnails) != len(cell)):
+            raise InputError("give a thumbnail (or None) for each photo exactly when the writer stores thumbnails")
         if len(cell) and (cell.min() < -1 or cell.max() >= self.identity.num_cells):
             raise InputError(f"gallery cells must lie in [-1, {self.identity.num_cells})")
         order = np.argsort(cell, kind="stable")
@@ -303,6 +315,8 @@ class GalleryWriter:
             norms = torch.linalg.vector_norm(torch.from_numpy(emb16), dim=1, dtype=torch.float32)
             self._max_norm = max(self._max_norm, float(norms.max()))
         self._emb.write(memoryview(emb16).cast("B"))
+        if self._thumbs is not None:
+            self._thumbs.add([thumbnails[i] for i in order])  # type: ignore[index]
         lines = [_csv_line(names[i], authors[i]) for i in order]
         self._items.write(b"".join(lines))
         c = self._cols
@@ -354,6 +368,10 @@ class GalleryWriter:
                 "items_sha256": items_sha, "codes": {**to_dict(self.codes), **(sink.record if sink else {})}}
         if sink is None:
             (self.folder / CODES_FILE).unlink(missing_ok=True)  # a coded index's, rebuilt flat
+        if self._thumbs is not None:
+            meta["thumbnails"] = self._thumbs.finish(self.folder, perm)
+        else:
+            remove_files(self.folder)  # an earlier build's, rebuilt without
         storage.write_json(self.folder / "index.json", storage.seal(meta))  # last: its presence marks a whole index
         self.abort()
 
@@ -416,6 +434,8 @@ class GalleryWriter:
 
     def abort(self) -> None:
         """Remove the staging files (after :meth:`finish`, or to give up)."""
+        if self._thumbs is not None:
+            self._thumbs.close()
         self._stage.remove()
 
     def __enter__(self) -> GalleryWriter:

@@ -39,6 +39,11 @@ class Neighbor:
     """Cosine similarity of the retrieval embeddings (higher is more alike)."""
     cluster: int
     """DBSCAN label among the retrieved neighbours (-1: noise)."""
+    row: int = -1
+    """Its row in the gallery index (what :meth:`geoswc.api.Geolocator.thumbnail` and the service's
+    ``GET /api/thumbnails/{row}`` take)."""
+    thumbnail: bool = False
+    """Whether the index holds a thumbnail of it (an index built with ``geoswc index --thumbnails``)."""
 
 
 @dataclass

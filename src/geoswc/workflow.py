@@ -48,6 +48,7 @@ from .options import BackboneChoice, Photos, RunConfig
 from .prediction import OutputFormat, PredictionWriter, Result, output_format
 from .progress import progress_bar
 from .service.settings import NO_SERVICE_CHANGES, ServiceChanges
+from .thumbnails import ThumbnailSettings, check_side, photo_under, thumbnails_of
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunCo
 
 
 def index(model: Path, out: Path | None = None, features: Path | None = None, data: Photos = Photos(),
-          codes: GalleryCodes = GalleryCodes(), run: RunConfig = RunConfig()) -> Gallery:
+          codes: GalleryCodes = GalleryCodes(), thumbnails: int = 0, run: RunConfig = RunConfig()) -> Gallery:
     """Embed a background gallery with a model and index it by the model's cells.
 
     Args:
@@ -242,8 +243,13 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
         features: a feature cache made with the model's backbone (the gallery's photos); else ``data``.
         data: geotagged photos to embed (a CSV and its folder, a GPS-EXIF folder, or shards).
         codes: how FAISS codes the embeddings (``flat``: exact; ``pq``: ~``pq_bytes`` a photo in memory).
+        thumbnails: store a small JPEG of each photo in the index, this many pixels on its longest side (32..512;
+            128 is a good size; 0: none), to show the retrieved photos as the evidence of an estimate. Only for
+            photos you may show. It reads the photos: ``--data.csv`` with ``--data.images``, a GPS-EXIF folder,
+            or ``--features`` with ``--data.images`` (the cache's image ids under it); not shards.
         run: batch size and decoding processes of the extraction.
     """
+    thumbs = _thumbnail_settings(thumbnails, features, data)
     m = GeoModel.load(model, with_backbone=features is None)
     out = Path(out) if out is not None else Path(model) / "index"
     storage.claim_folder(out, "gallery index")
@@ -253,20 +259,25 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
     fs = FeatureSet.load(features) if features is not None else None
     if fs is not None:
         compat.check(m, features=fs, where=str(features))
-    with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity, codes) as w:
+    with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity, codes, thumbs) as w:
 
-        def add(feats: Any, lat: Any, lon: Any, names: Sequence[str], authors: Sequence[str]) -> None:
+        def add(feats: Any, lat: Any, lon: Any, names: Sequence[str], authors: Sequence[str],
+                paths: Sequence[Path | None]) -> None:
             lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
-            w.add(m.embed(feats), lat, lon, m.cells.assign(lat, lon), names, authors)
+            w.add(m.embed(feats), lat, lon, m.cells.assign(lat, lon), names, authors,
+                  thumbnails_of(paths, names, thumbs) if thumbs is not None else None)
 
         if fs is not None:  # embedded and written chunk by chunk: the gallery is never whole in memory
+            root = Path(data.images) if data.images else None
             for s in progress_bar(range(0, len(fs), 1 << 14), desc="index", unit="chunk", show=len(fs) > 1 << 14):
                 e = s + (1 << 14)
-                add(fs.features[s:e, 0], fs.lat[s:e], fs.lon[s:e], fs.names[s:e], fs.authors[s:e])
+                add(fs.features[s:e, 0], fs.lat[s:e], fs.lon[s:e], fs.names[s:e], fs.authors[s:e],
+                    [photo_under(root, n) if root else None for n in fs.names[s:e]])
         else:  # photos: each batch embedded as the backbone computes it
             ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
             stream_features(ex, lambda _, f, metas: add(f[:, 0], [x.lat for x in metas], [x.lon for x in metas],
-                                                       [x.image for x in metas], [x.author for x in metas]),
+                                                       [x.image for x in metas], [x.author for x in metas],
+                                                       [getattr(x, "path", None) for x in metas]),
                             records=None if data.shards else _geotagged(data), shards=data.shards or None,
                             how=Extraction(batch_size=run.batch_size, workers=run.workers))
         w.finish()
@@ -274,9 +285,24 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
     compat.check(m, gallery=gallery)
     held = int((gallery.cell_sizes() > 0).sum())
     outside = int((gallery.cell < 0).sum())
-    log.info("gallery of %d photos -> %s; %d of %d cells hold photos%s", len(gallery), out, held,
-             len(m.cells), f", {outside} photos fall in no cell" if outside else "")
+    log.info("gallery of %d photos -> %s; %d of %d cells hold photos%s%s", len(gallery), out, held,
+             len(m.cells), f", {outside} photos fall in no cell" if outside else "",
+             f"; {gallery.thumbnails.count} thumbnails" if gallery.thumbnails is not None else "")
     return gallery
+
+
+def _thumbnail_settings(thumbnails: int, features: Path | None, data: Photos) -> ThumbnailSettings | None:
+    """The settings of ``index --thumbnails`` (None: 0, none), after checking that the photos can be read."""
+    if not check_side(thumbnails):
+        return None
+    if data.shards:
+        raise SettingError("thumbnails read the photos from an image folder, and shards are not supported: give "
+                           "--data.csv with --data.images, a GPS-EXIF folder --data.images, or --features with "
+                           "--data.images", None, "thumbnails")
+    if features is not None and not data.images:
+        raise SettingError("thumbnails with --features read the photos by the cache's image ids: give --data.images "
+                           "DIR, the folder they are in", None, "thumbnails")
+    return ThumbnailSettings(thumbnails)
 
 
 def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | None = None,

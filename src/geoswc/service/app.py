@@ -1,4 +1,5 @@
-"""The FastAPI application: ``POST /api/locate``, ``GET /api/health``, and the map page at ``/``.
+"""The FastAPI application: ``POST /api/locate``, ``GET /api/health``, ``GET /api/thumbnails/{row}``, and the map
+page at ``/``.
 
 Every prediction goes through :meth:`geoswc.api.Geolocator.locate_batch` (the one prediction path), in a
 worker thread, behind a bounded admission gate (:mod:`.gate`); uploads are read by :mod:`.uploads`.
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -27,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..config import Method, to_dict
-from ..errors import GeoswcError
+from ..errors import ArtifactError, GeoswcError
 from .gate import KIND_STATUS, InferenceGate, ServiceError
 from .schemas import ErrorModel, FailureModel, HealthModel, LimitsModel, PageConfigModel, PredictionModel
 from .settings import ServiceSettings
@@ -164,6 +166,33 @@ async def _locate_request(request: Request, geolocator: Geolocator, settings: Se
     return out
 
 
+_THUMBNAIL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/jpeg": {}}, "description": "The thumbnail (a baseline JPEG)."},
+    401: _ERRORS[401],
+    404: {"model": ErrorModel, "description": "No such gallery row, or the index holds no thumbnail of it."},
+    500: {"model": ErrorModel, "description": "The stored thumbnail is damaged (it is never served then)."},
+}
+
+
+def read_thumbnail(geo: Geolocator, row: int) -> bytes:
+    """Runs in a worker thread: the JPEG of gallery row ``row``, checked against its digest (404: none; 500:
+    damaged). Only ever read from the index, by row."""
+    g = geo.gallery
+    if g is None or g.thumbnails is None:
+        raise ServiceError(404, "not_found", "the served gallery index holds no thumbnails (build one with "
+                           "`geoswc index --thumbnails 128`)")
+    if not 0 <= row < len(g):
+        raise ServiceError(404, "not_found", f"no gallery row {row}: the served index has {len(g)} rows")
+    try:
+        data = g.thumbnail(row)
+    except ArtifactError as e:
+        log.error("%s", e)
+        raise ServiceError(500, "damaged", f"the thumbnail of gallery row {row} is damaged; see the server log") from e
+    if data is None:
+        raise ServiceError(404, "not_found", f"gallery row {row} has no thumbnail")
+    return data
+
+
 def _api(geolocator: Geolocator, settings: ServiceSettings) -> APIRouter:
     api = APIRouter(prefix="/api", dependencies=[Depends(_require_token)])
 
@@ -187,6 +216,20 @@ def _api(geolocator: Geolocator, settings: ServiceSettings) -> APIRouter:
         byte limit, busy) fail the whole request.
         """
         return await _locate_request(request, geolocator, settings, method or geolocator.methods[0])
+
+    @api.get("/thumbnails/{row}", response_class=Response, responses=_THUMBNAIL_RESPONSES)
+    async def thumbnail(request: Request, row: Annotated[int, PathParam(
+            ge=0, description="A neighbour's gallery row (its `row`, when its `thumbnail` is true).")]) -> Response:
+        """The thumbnail of a retrieved gallery photo (an index built with ``geoswc index --thumbnails``), read
+        from the served index by row and checked against its digest."""
+        from ..thumbnails import digest
+
+        data = await run_in_threadpool(read_thumbnail, geolocator, row)
+        etag = f'"{digest(data):016x}"'
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     return api
 

@@ -54,6 +54,9 @@ class NeighborModel(_Strict):
     lon: float
     similarity: float = Field(description="Cosine similarity of the retrieval embeddings.")
     cluster: int = Field(description="DBSCAN label among the retrieved neighbours (-1: noise).")
+    row: int = Field(description="Its row in the served gallery index.")
+    thumbnail: bool = Field(description="Whether the index holds a thumbnail of it: GET /api/thumbnails/{row} "
+                                        "(image/jpeg) returns it.")
 
 
 class PredictionModel(_Strict):
@@ -99,7 +102,7 @@ class ErrorModel(_Strict):
 
     error: str
     kind: str = Field(description="What went wrong: empty, unsupported, corrupt, too_large, unreadable, "
-                                  "too_many_files, bad_request, unauthorized, busy, internal.")
+                                  "too_many_files, bad_request, unauthorized, busy, not_found, damaged, internal.")
     status: int
     image: str | None = Field(default=None, description="The file at fault, when there is one.")
 
