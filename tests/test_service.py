@@ -167,7 +167,9 @@ def test_locate_kauai_matches_cli_json(client: TestClient, capsys: pytest.Captur
     assert len(p["top_cells"]) == 5 and all(len(c["polygon"]) >= 4 for c in p["top_cells"])
     probs = [c["probability"] for c in p["top_cells"]]
     assert probs == sorted(probs, reverse=True)
-    assert p["neighbors"] and {"image", "lat", "lon", "similarity", "cluster"} == set(p["neighbors"][0])
+    assert p["neighbors"] and {"image", "lat", "lon", "similarity", "cluster", "row", "thumbnail"} == set(
+        p["neighbors"][0])
+    assert not any(n["thumbnail"] for n in p["neighbors"]), "the embedded default ships no thumbnails"
     assert p["place"]["name"] and p["place"]["country"] and p["exif"] is None
     # the embedded model ships a calibrator: calibrated chances, monotone, and the localizable mark
     assert list(p["within_km"]) == ["1", "25", "200", "750", "2500"] and isinstance(p["localizable"], bool)

@@ -201,6 +201,11 @@ class Thumbnails:
         """Whether gallery row ``row`` has a thumbnail."""
         return 0 <= row < len(self) and int(self._length[row]) > 0
 
+    def span(self, row: int) -> tuple[int, int]:
+        """``(start, stop)``: the bytes of row ``row``'s thumbnail in ``thumbnails.bin`` (empty: none)."""
+        start = int(self._start[row])
+        return start, start + int(self._length[row])
+
     def get(self, row: int) -> bytes | None:
         """The JPEG bytes of gallery row ``row``, or None when it has none.
 
@@ -210,11 +215,10 @@ class Thumbnails:
         """
         if not 0 <= row < len(self):
             raise InputError(f"gallery row {row} is out of range (the gallery has {len(self)} rows)")
-        n = int(self._length[row])
-        if n == 0:
+        start, stop = self.span(row)
+        if stop == start:
             return None
-        start = int(self._start[row])
-        data = storage.read_span(self.path, start, start + n)
+        data = storage.read_span(self.path, start, stop)
         if digest(data) != int(self._digest[row]):
             raise ArtifactError(f"the thumbnail of gallery row {row} in {self.path} is damaged or was changed (it "
                                 "fails its digest); rebuild the index or restore the original file")
@@ -222,11 +226,12 @@ class Thumbnails:
 
 
 def photo_under(root: Path, name: str) -> Path | None:
-    """The photo ``name`` (a feature cache's image id: a path relative to the image folder) inside ``root``, or
-    None when it would lie outside it."""
-    base = root.resolve()
-    path = (base / name).resolve()
-    return path if path.is_relative_to(base) and path != base else None
+    """The photo ``name`` (a feature cache's image id: a path relative to the image folder) in ``root``, or None
+    when the name would leave the folder (absolute, or with ``..``), as the photo lists rule."""
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or rel == Path("."):
+        return None
+    return root / rel
 
 
 def thumbnails_of(paths: Sequence[Path | None], names: Sequence[str], settings: ThumbnailSettings,
