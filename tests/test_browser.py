@@ -3,6 +3,8 @@ the page's file input, the estimate drawn on the offline map. Needs /usr/bin/chr
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import logging
 import os
@@ -17,7 +19,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import KAUAI, ROOT, free_port, gps_exif
+from geoswc.geo import haversine_km
+
+from .conftest import DEV_CSV, DEV_IMAGES, KAUAI, ROOT, free_port, gps_exif, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +57,14 @@ RINGS_JS = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``geoswc serve`` (the real command, embedded model) in a subprocess; yields its base URL."""
+@contextlib.contextmanager
+def serving(logfile: Path, *args: str) -> Iterator[str]:
+    """``geoswc serve ARGS`` (the real command) in a subprocess on a free port; yields its base URL."""
     port = free_port()
-    logfile = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GEOSWC_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     with open(logfile, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "geoswc.cli", "serve", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "geoswc.cli", "serve", "--port", str(port), *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -85,6 +88,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``geoswc serve`` with the embedded model (no thumbnails); yields its base URL."""
+    with serving(tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +185,83 @@ def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path
         Path(keep).mkdir(parents=True, exist_ok=True)
         for s in (shot, shot_gps, shot_rings):
             shutil.copy(s, Path(keep) / s.name)
+
+
+# -- the evidence: thumbnails of the retrieved photos, from a gallery built here with them -----------------------
+
+@pytest.fixture(scope="module")
+def thumbnail_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``geoswc serve --index`` of a gallery with thumbnails built at test time (``geoswc index --thumbnails``,
+    embedded model) from 30 development photos: the ten the embedded gallery retrieves for the example photo (so
+    that it retrieves them here too), and 20 others. Yields its URL."""
+    from geoswc.api import Geolocator, default_model_dir
+    from geoswc.cli import main
+
+    d = tmp_path_factory.mktemp("thumbs")
+    near = {n.image for n in Geolocator.load().locate(KAUAI, with_place=False).neighbors}
+    with open(DEV_CSV, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    gallery = [r for r in rows if r["image"] in near] + [r for r in rows[::97] if r["image"] not in near][:20]
+    assert len(near) >= 3 and len(gallery) == len(near) + 20
+    csv_path = write_csv(d / "gallery.csv", gallery)
+    assert main(["index", "--model", str(default_model_dir()), "--out", str(d / "index"), "--data.csv",
+                 str(csv_path), "--data.images", str(DEV_IMAGES), "--thumbnails", "128"]) == 0
+    with serving(d / "serve.log", "--index", str(d / "index")) as url:
+        yield url
+
+
+@pytest.mark.shared_data
+def test_page_shows_the_thumbnails_of_the_retrieved_photos(chromium: str, thumbnail_server: str,
+                                                           tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, photo = thumbnail_server, KAUAI
+    page_errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.on("requestfailed", lambda r: page_errors.append(f"request failed: {r.url}"))
+            page.on("console", lambda m: page_errors.append(m.text) if m.type == "error" else None)
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+            page.wait_for_selector("#map[data-basemap=ready]", timeout=30_000)
+            page.set_input_files("#file", [str(photo)])
+            page.wait_for_selector(".geoswc-estimate", timeout=60_000)
+            p = page.evaluate("geoswc.state.items[0].result")
+            with_thumb = [n for n in p["neighbors"] if n["thumbnail"]]
+            assert len(with_thumb) >= 3, f"the photo should retrieve gallery photos of its place: {p['neighbors']}"
+            n = len(with_thumb)
+            loaded = ("n => document.querySelectorAll('{} img').length === n && "
+                      "[...document.querySelectorAll('{} img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function(loaded.format(".evidence-strip", ".evidence-strip"), arg=n, timeout=20_000)
+            page.wait_for_function(loaded.format(".geoswc-thumb-marker", ".geoswc-thumb-marker"), arg=n,
+                                   timeout=20_000)
+            sizes = page.evaluate("[...document.querySelectorAll('.evidence-strip img')].map(i => [i.naturalWidth, "
+                                  "i.naturalHeight, i.dataset.row, i.src.slice(0, 5)])")
+            assert all(max(w, h) == 128 and src == "blob:" for w, h, _, src in sizes), sizes
+            assert sorted(int(r) for _, _, r, _ in sizes) == sorted(x["row"] for x in with_thumb)
+            strip = page.inner_text("#details .evidence")
+            assert "Retrieved gallery photos" in strip and "sim " in strip and " km" in strip
+            first = p["neighbors"][0]
+            km = page.evaluate("([a, b]) => geoswc.distanceKm(a, b)", [[p["lat"], p["lon"]], [first["lat"],
+                                                                                           first["lon"]]])
+            assert km == pytest.approx(float(haversine_km(p["lat"], p["lon"], first["lat"], first["lon"])), rel=1e-3,
+                                       abs=1e-3)
+            cell = page.inner_text(".evidence-strip li:first-child")
+            assert f"sim {first['similarity']:.2f}" in cell and " km" in cell
+            assert page.locator("path.geoswc-neighbor").count() == len(p["neighbors"])
+            assert "--thumbnails" in page.inner_text("#legend")
+            page.locator("#details .evidence").scroll_into_view_if_needed()
+            page.wait_for_timeout(400)  # let fitBounds' animation settle
+            shot = tmp_path / "thumbnails.png"
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    assert not page_errors, page_errors
+    assert shot.stat().st_size > 20_000
+    log.info("screenshot: %s", shot)
+    if keep := os.environ.get("GEOSWC_SCREENSHOT_DIR"):
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / shot.name)

@@ -10,7 +10,7 @@
   var NOISE_COLOR = '#868e96';
   var CELL_COLOR = '#e8590c';
 
-  var state = { config: null, items: [], selected: -1, map: null, overlay: null, basemap: null, retries: 0 };
+  var state = { config: null, items: [], selected: -1, map: null, overlay: null, basemap: null, retries: 0, thumbs: {} };
   var $ = function (id) { return document.getElementById(id); };
 
   // -- geometry ------------------------------------------------------------------------------------
@@ -122,6 +122,13 @@
       out = out.concat(polygonCopies(rings, -BAND, BAND));
     });
     return out;
+  }
+
+  /** Great-circle distance in km between [lat, lon] points (the haversine formula, mean Earth radius). */
+  function distanceKm(a, b) {
+    var rad = Math.PI / 180, dLat = (b[0] - a[0]) * rad, dLon = (b[1] - a[1]) * rad;
+    var h = Math.pow(Math.sin(dLat / 2), 2) + Math.cos(a[0] * rad) * Math.cos(b[0] * rad) * Math.pow(Math.sin(dLon / 2), 2);
+    return 2 * 6371.0088 * Math.asin(Math.min(1, Math.sqrt(h)));
   }
 
   /** Points along the great circle from a to b ([lat, lon] degrees), longitudes continuous from a's. */
@@ -259,6 +266,69 @@
     return bounds;
   }
 
+  // -- the evidence: thumbnails of the retrieved gallery photos ----------------------------------------
+
+  /** A promise of an object URL for the thumbnail of gallery row `row` (GET api/thumbnails/{row}, with the token
+   * when one is set: an <img> could not send it), fetched once per row; null when it cannot be had. */
+  function thumbnailUrl(row) {
+    if (!(row in state.thumbs)) {
+      var headers = {};
+      if (token()) headers.Authorization = 'Bearer ' + token();
+      state.thumbs[row] = fetch('api/thumbnails/' + row, { headers: headers })
+        .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.blob(); })
+        .then(function (b) { return URL.createObjectURL(b); })
+        .catch(function () { delete state.thumbs[row]; return null; });
+    }
+    return state.thumbs[row];
+  }
+
+  /** An <img> showing the thumbnail of neighbour `n` once it has loaded (a grey box until then, or if it fails). */
+  function thumbnailImg(n, cls) {
+    var img = el('img', cls);
+    img.alt = n.image;
+    img.title = n.image;
+    img.dataset.row = String(n.row);
+    thumbnailUrl(n.row).then(function (url) { if (url) img.src = url; else img.classList.add('missing'); });
+    return img;
+  }
+
+  function neighborLabel(n, p) {
+    return 'similarity ' + n.similarity.toFixed(2) + ' · ' + fmtKm(distanceKm([p.lat, p.lon], [n.lat, n.lon])) +
+      ' from the estimate';
+  }
+
+  /** Small image markers beside the neighbours' dots on the map (only for neighbours that have a thumbnail). */
+  function drawThumbnails(p, lon, group) {
+    p.neighbors.forEach(function (n) {
+      if (!n.thumbnail) return;
+      var box = el('div');
+      box.appendChild(thumbnailImg(n));
+      L.marker([n.lat, nearLon(n.lon, lon)], {
+        icon: L.divIcon({ html: box, className: 'geoswc-thumb-marker', iconSize: [40, 40], iconAnchor: [-8, 20] }),
+        alt: n.image, riseOnHover: true, zIndexOffset: -100,
+      }).bindTooltip(esc(n.image) + '<br>' + esc(neighborLabel(n, p))).addTo(group);
+    });
+  }
+
+  /** The strip of retrieved photos under the details: thumbnail, similarity and distance to the estimate. */
+  function renderEvidence(p, d) {
+    if (!p.neighbors.some(function (n) { return n.thumbnail; })) return;
+    var box = el('section', 'evidence');
+    box.appendChild(el('h3', null, 'Retrieved gallery photos (the evidence)'));
+    var list = el('ol', 'evidence-strip');
+    p.neighbors.forEach(function (n) {
+      var li = el('li');
+      if (n.cluster === p.cluster && n.cluster >= 0) li.classList.add('agrees');
+      li.appendChild(n.thumbnail ? thumbnailImg(n, 'evidence-thumb') : el('span', 'evidence-thumb none', 'no thumbnail'));
+      li.appendChild(el('span', 'sim', 'sim ' + n.similarity.toFixed(2)));
+      li.appendChild(el('span', 'dist', fmtKm(distanceKm([p.lat, p.lon], [n.lat, n.lon]))));
+      li.title = n.image + ': ' + neighborLabel(n, p) + (n.cluster < 0 ? ', noise' : ', cluster ' + n.cluster);
+      list.appendChild(li);
+    });
+    box.appendChild(list);
+    d.appendChild(box);
+  }
+
   /** Draw one prediction: top cells, probability rings, neighbours, estimate marker and the photo's GPS. */
   function drawPrediction(p) {
     var map = state.map, group = state.overlay;
@@ -300,6 +370,7 @@
       }).bindTooltip(esc(n.image) + '<br>similarity ' + n.similarity.toFixed(3) + ', cluster ' +
         (n.cluster < 0 ? 'none (noise)' : n.cluster)).addTo(group);
     });
+    drawThumbnails(p, lon, group);
     if (context) bounds.extend(L.latLngBounds(context.map(function (q) { return [Math.max(-85, Math.min(85, q[0])), q[1]]; })));
     if (p.exif) {
       var path = greatCircle([lat, lon], [p.exif.lat, p.exif.lon], 64);
@@ -430,6 +501,7 @@
       table.appendChild(tr);
     });
     d.appendChild(table);
+    renderEvidence(p, d);
   }
 
   function notLocalizable() {
@@ -596,6 +668,7 @@
   window.geoswc = {
     state: state, nearLon: nearLon, unwrapRing: unwrapRing, radiusKm: radiusKm, massRadiusKm: massRadiusKm,
     geometryPolygons: geometryPolygons, greatCircle: greatCircle, basemapMaxJump: basemapMaxJump, select: select,
+    distanceKm: distanceKm,
   };
   start();
 }());
