@@ -285,14 +285,16 @@ class GalleryWriter:
         check_codes(codes.kind, int(dim), codes.pq_bytes)
         self.folder = storage.ensure_dir(folder)
         self.dim, self.identity, self.codes = int(dim), identity, codes
-        self._stage = storage.Staging(self.folder, "embeddings.bin", "items.bin")
+        self._stage = storage.Staging(self.folder, "embeddings.bin", "items.bin",
+                                      *(["thumbnails.bin"] if thumbnails is not None else []))
         self._staging = self._stage.path
         self._emb, self._items = self._stage.files["embeddings.bin"], self._stage.files["items.bin"]
         self._cols: dict[str, list[np.ndarray]] = {k: [] for k in ("lat", "lon", "cell", "line_len", "name_key",
                                                                    "author_key")}
         self._max_norm = 0.0
         self.size = 0
-        self._thumbs = ThumbnailWriter(self._staging, thumbnails) if thumbnails is not None else None
+        self._thumbs = None if thumbnails is None else ThumbnailWriter(self._stage.files["thumbnails.bin"],
+                                                                         thumbnails)
 
     def add(self, embeddings: ArrayLike | torch.Tensor, lat: ArrayLike, lon: ArrayLike, cell: ArrayLike,
             names: Sequence[str], authors: Sequence[str], thumbnails: Sequence[bytes | None] | None = None) -> None:
@@ -434,8 +436,6 @@ class GalleryWriter:
 
     def abort(self) -> None:
         """Remove the staging files (after :meth:`finish`, or to give up)."""
-        if self._thumbs is not None:
-            self._thumbs.close()
         self._stage.remove()
 
     def __enter__(self) -> GalleryWriter:

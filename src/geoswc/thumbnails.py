@@ -95,14 +95,15 @@ class ThumbnailWriter:
     ``thumbnails.bin`` and ``thumbnails.safetensors`` into the index folder in the final row order.
 
     Args:
-        staging: the gallery writer's staging folder (``thumbnails.bin`` is staged there, then moved).
+        staged: ``thumbnails.bin`` in the gallery writer's staging folder (:class:`geoswc.storage.Staging` opens and
+            closes it); :meth:`finish` moves it into the index folder.
         settings: how the thumbnails were made.
     """
 
-    def __init__(self, staging: Path, settings: ThumbnailSettings) -> None:
+    def __init__(self, staged: BinaryIO, settings: ThumbnailSettings) -> None:
         self.settings = settings
-        self._path = staging / BIN_FILE
-        self._out: BinaryIO = open(self._path, "wb")  # noqa: SIM115 - closed by finish() or the staging's removal
+        self._out = staged
+        self._path = Path(staged.name)
         self._start: list[NDArray[np.int64]] = []
         self._length: list[NDArray[np.int32]] = []
         self._digest: list[NDArray[np.uint64]] = []
@@ -125,11 +126,10 @@ class ThumbnailWriter:
         self._digest.append(dig)
 
     def finish(self, folder: Path, perm: NDArray[np.int64]) -> dict[str, Any]:
-        """Write the files into ``folder`` with rows in final order (``perm``: final row -> staged row); returns
-        the record for ``index.json``."""
-        self._out.flush()
-        os.fsync(self._out.fileno())
-        self._out.close()
+        """Write the files into ``folder`` with rows in final order (``perm``: final row -> staged row), after the
+        staged file was closed; returns the record for ``index.json``."""
+        with open(self._path, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it is renamed into the index
         cols = {"start": np.concatenate([np.zeros(0, np.int64), *self._start])[perm],
                 "blake2b": np.concatenate([np.zeros(0, np.uint64), *self._digest])[perm],
                 "length": np.concatenate([np.zeros(0, np.int32), *self._length])[perm]}
@@ -140,9 +140,6 @@ class ThumbnailWriter:
         return {"max_side": self.settings.max_side, "quality": self.settings.quality,
                 "max_bytes": self.settings.max_bytes, "count": present, "bin_bytes": self.size,
                 "bytes": (folder / TABLE_FILE).stat().st_size, "sha256": sha}
-
-    def close(self) -> None:
-        self._out.close()
 
 
 def remove_files(folder: Path) -> None:

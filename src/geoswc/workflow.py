@@ -268,11 +268,11 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
                   thumbnails_of(paths, names, thumbs) if thumbs is not None else None)
 
         if fs is not None:  # embedded and written chunk by chunk: the gallery is never whole in memory
-            root = Path(data.images) if data.images else None
+            root = Path(data.images) if thumbs is not None and data.images else None
             for s in progress_bar(range(0, len(fs), 1 << 14), desc="index", unit="chunk", show=len(fs) > 1 << 14):
                 e = s + (1 << 14)
                 add(fs.features[s:e, 0], fs.lat[s:e], fs.lon[s:e], fs.names[s:e], fs.authors[s:e],
-                    [photo_under(root, n) if root else None for n in fs.names[s:e]])
+                    [photo_under(root, n) for n in fs.names[s:e]] if root else [])
         else:  # photos: each batch embedded as the backbone computes it
             ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
             stream_features(ex, lambda _, f, metas: add(f[:, 0], [x.lat for x in metas], [x.lon for x in metas],
