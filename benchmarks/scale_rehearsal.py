@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="optimisation steps per training phase")
     p.add_argument("--queries", type=int, default=200, help="photos located in the locate step")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    p.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # internal: run one step in this process
+    p.add_argument("--step", choices=("inputs", *STEPS), help=argparse.SUPPRESS)  # internal: one step, this process
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -102,8 +102,9 @@ def run_step(step: str, n: int, work: Path, args: argparse.Namespace) -> dict[st
 # -- the steps (each in its own process) ------------------------------------------------------------------------
 
 
-def synthetic_photos(n: int, coords: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``n`` positions resampled from real MP-16 ones (jittered ~1 km) and authors clustered in space."""
+def synthetic_photos(n: int, coords: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` positions resampled from real MP-16 ones (jittered ~1 km) and authors clustered in space: a few
+    per ~20 km square, as numbers ``(n,)`` (:func:`author_names` spells a slice of them)."""
     from geoswc.data import read_coordinates
 
     rng = np.random.default_rng(n)
@@ -112,8 +113,11 @@ def synthetic_photos(n: int, coords: Path) -> tuple[np.ndarray, np.ndarray, list
     lat = np.clip(lat[pick] + rng.normal(0, 0.01, n), -90, 90)
     lon = (lon[pick] + rng.normal(0, 0.01, n) + 180) % 360 - 180
     square = np.floor(lat / 0.2).astype(np.int64) * 2000 + np.floor(lon / 0.2).astype(np.int64)
-    authors = [f"u{s}-{a}" for s, a in zip(square.tolist(), rng.integers(4, size=n).tolist(), strict=True)]
-    return lat, lon, authors
+    return lat, lon, square * 4 + rng.integers(4, size=n)
+
+
+def author_names(codes: np.ndarray) -> list[str]:
+    return [f"u{c}" for c in codes.tolist()]
 
 
 def step_cells(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -137,7 +141,7 @@ def step_features(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any
         for s in range(0, n, 1024):
             e = min(n, s + 1024)
             w.add(np.arange(s, e), rng.standard_normal((e - s, 1, args.dim), np.float32).astype(np.float16),
-                  [f"p{i}.jpg" for i in range(s, e)], authors[s:e], lat[s:e], lon[s:e])
+                  [f"p{i}.jpg" for i in range(s, e)], author_names(authors[s:e]), lat[s:e], lon[s:e])
         w.finish(CacheInfo(to_dict(config), backbone_fingerprint(config), 1, args.dim, 0), progress=False)
     return {"cache_mb": round((work / "features" / "features.safetensors").stat().st_size / 2**20)}
 
@@ -181,10 +185,12 @@ def one_step(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
-    if args.step == "cells":
+    if args.step == "inputs":  # the cells step's input, written by a process of its own: not measured
         lat, lon, _ = synthetic_photos(args.n, args.coords)
-        with open(work / "coords.csv", "w") as f:  # the input, not measured: written before the sampling starts
+        with open(work / "coords.csv", "w") as f:
             f.write("lat,lon\n" + "".join(f"{a!r},{b!r}\n" for a, b in zip(lat.tolist(), lon.tolist(), strict=True)))
+        print(json.dumps({}))
+        return 0
     fn = {"cells": step_cells, "features": step_features, "train": step_train, "index": step_index,
           "locate": step_locate}[args.step]
     start = time.perf_counter()
@@ -223,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in [int(s) for s in args.sizes.split(",")]:
         work = Path(tempfile.mkdtemp(prefix=f"rehearsal-{n}-", dir=args.work))
         try:
-            steps = {}
+            steps: dict[str, Any] = {}
+            run_step("inputs", n, work, args)
             for step in STEPS:
                 steps[step] = run_step(step, n, work, args)
                 print(f"{n:>9} {step:<9} {json.dumps(steps[step])}", flush=True)

@@ -270,6 +270,10 @@ def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, caps
     assert report["model"] == fingerprint and report["n"] == 60 and "| ece |" in (tmp_path / "report" /
                                                                                    "calibration.md").read_text()
     assert (tmp_path / "report" / "reliability.png").is_file() and (tmp_path / "report" / "selective.png").is_file()
+    folds = report["per_fold"]  # each fold's own accuracy: together, the whole's
+    assert len(folds) == 2 and sum(f["n"] for f in folds) == 60
+    for k in THRESHOLD_KEYS:
+        assert sum(f["n"] * f["accuracy"][k] for f in folds) / 60 == pytest.approx(report["accuracy"][k])
 
     cal = Calibrator.load(model / CALIBRATION_FILE)
     assert cal.model == fingerprint and set(cal.methods) == {"swc", "classification", "retrieval"}

@@ -7,7 +7,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from geoswc import item_lines
 from geoswc.config import BackboneConfig, to_dict
 from geoswc.errors import ArtifactError
 from geoswc.feature_files import CacheInfo, FeatureWriter, write_cache
@@ -91,3 +94,39 @@ def test_a_changed_byte_is_refused(tmp_path):
     (tmp_path / "features.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="damaged|changed"):
         FeatureSet.load(tmp_path)
+
+
+texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(texts, texts, st.floats(-90, 90), st.floats(-180, 180)), max_size=30),
+       scan=st.integers(1, 64))
+def test_a_loaded_photo_list_reads_back_any_names_and_authors(rows, scan, tmp_path_factory):
+    """Names and authors with commas, quotes, newlines and any script come back exactly from the in-place
+    reading of ``items.csv``, whatever the scan's block size (rows straddling blocks)."""
+    folder = tmp_path_factory.mktemp("cache")
+    n = len(rows)
+    with FeatureWriter(folder, VIEWS, DIM) as w:
+        w.add(np.arange(n), _rows(np.arange(n)), [r[0] for r in rows], [r[1] for r in rows],
+              [r[2] for r in rows], [r[3] for r in rows])
+        w.finish(_info(), progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(item_lines, "SCAN_BYTES", scan)
+        fs = FeatureSet.load(folder)
+    assert list(fs.names) == [r[0] for r in rows] and list(fs.authors) == [r[1] for r in rows]
+    assert fs.lat.tolist() == [r[2] for r in rows] and fs.lon.tolist() == [r[3] for r in rows]
+
+
+def test_the_photo_list_of_a_loaded_cache_takes_bytes_not_objects(tmp_path):
+    """The names and authors of a loaded cache are read in place: one offset a photo, no string per photo."""
+    keys = np.arange(20_000)
+    with FeatureWriter(tmp_path, VIEWS, DIM) as w:
+        _add(w, keys)
+        w.finish(_info(), progress=False)
+    tracemalloc.start()
+    fs = FeatureSet.load(tmp_path)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert fs.names[12_345] == "p12345.jpg" and fs.authors[-1] == f"a,{19_999 % 3}"
+    assert held < 40 * len(keys)  # offsets and positions: 24 bytes a photo (strings would take over 100)

@@ -94,14 +94,17 @@ def cross_fitted(oof: OutOfFold, method: str = "swc") -> np.ndarray:
 
 def calibration_report(oof: OutOfFold, method: str = "swc", plots: Path | None = None) -> dict[str, Any]:
     """The ``calibration`` and ``selective`` blocks of ``geoswc evaluate`` for the cross-fitted ``within_km``
-    (:func:`cross_fitted`), and ``selective_density``: the same ranked by the prediction density instead. With
+    (:func:`cross_fitted`), ``selective_density``: the same ranked by the prediction density instead, and
+    ``per_fold``: each fold's photos and accuracy (a calibrator fitted on the other folds cannot know it). With
     ``plots``, also ``reliability.png`` and ``selective.png`` in that folder, as ``geoswc evaluate`` draws them."""
     from .metrics import accuracy_at, calibration_block, selective_block
 
     within, e = cross_fitted(oof, method), oof.errors_km[method]
     density = np.array([p.confidence for p in oof.predictions[method]])
     report = {"method": method, "n": len(e), "accuracy": accuracy_at(e), "calibration": calibration_block(within, e),
-              "selective": selective_block(within, e), "selective_density": selective_block(density, e)}
+              "selective": selective_block(within, e), "selective_density": selective_block(density, e),
+              "per_fold": [{"n": int((oof.fold == f).sum()), "accuracy": accuracy_at(e[oof.fold == f])}
+                        for f in np.unique(oof.fold)]}
     if plots is not None:
         from .evaluate import plot_reliability, plot_selective
 
@@ -119,6 +122,9 @@ def report_markdown(report: dict[str, Any]) -> str:
               for name in ("ece", "brier")]
     if "accuracy" in report:
         lines.append("| accuracy | " + " | ".join(f"{report['accuracy'][k]:.3f}" for k in keys) + " |")
+    for f, fold in enumerate(report.get("per_fold", [])):
+        lines.append(f"| accuracy, fold {f + 1} ({fold['n']} photos) | "
+                     + " | ".join(f"{fold['accuracy'][k]:.3f}" for k in keys) + " |")
     cov = report["selective"]["coverage"]
     lines += ["", "| accuracy (%) among the most confident | " + " | ".join(f"{100 * c:g} %" for c in cov) + " |",
               "|---|" + "---:|" * len(cov)]

@@ -9,8 +9,6 @@ A writer's staging folder (``.staging.<pid>.*`` inside the cache folder) holds `
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from . import storage
+from .item_lines import item_line
 from .progress import progress_bar
 
 FEATURES_FORMAT = "geoswc-features/1"
@@ -84,8 +83,10 @@ class FeatureWriter:
         f = feats.detach().cpu().half().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats, np.float16)
         if f.shape[1:] != (self.views, self.dim) or len(f) != len(keys):
             raise ValueError(f"rows of shape {f.shape} for keys {len(keys)}, expected (b, {self.views}, {self.dim})")
+        if not len(f):
+            return  # an empty chunk (every photo of a batch refused): nothing to stage
         self._rows.write(memoryview(np.ascontiguousarray(f)).cast("B"))
-        lines = [_item_line(*row) for row in zip(names, authors, lat, lon, strict=True)]
+        lines = [item_line(row[:2], row[2:]) for row in zip(names, authors, lat, lon, strict=True)]
         self._items.write(b"".join(lines))
         self._keys.append(np.asarray(keys, np.int64))
         self._lines.append(np.array([len(x) for x in lines], np.int64))
@@ -112,12 +113,6 @@ class FeatureWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
-
-
-def _item_line(name: str, author: str, lat: float, lon: float) -> bytes:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow([name, author, repr(float(lat)), repr(float(lon))])
-    return buf.getvalue().encode("utf-8")
 
 
 def write_cache(folder: Path, parts: Sequence[Part], info: CacheInfo, progress: bool = True) -> int:

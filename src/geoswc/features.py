@@ -7,8 +7,6 @@ On disk (a folder): ``features.json`` (format, resolved backbone config and fing
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -25,8 +23,9 @@ from .backbone import backbone_fingerprint
 from .config import BackboneConfig, from_dict, to_dict
 from .data import Batch, ImageDataset, LoadReport, Record, loader
 from .errors import ArtifactError, InputError, building
-from .feature_files import FEATURES_FORMAT, CacheInfo, FeatureWriter, Part, write_cache
+from .feature_files import FEATURES_FORMAT, ITEMS_HEADER, CacheInfo, FeatureWriter, Part, write_cache
 from .images import DEFAULT_LIMITS, ImageLimits
+from .item_lines import ItemColumn, float_columns, row_offsets
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,8 @@ class FeatureSet:
     use with ``.float()``."""
 
     features: torch.Tensor
-    names: list[str]
-    authors: list[str]
+    names: Sequence[str]
+    authors: Sequence[str]
     lat: np.ndarray
     lon: np.ndarray
     backbone: BackboneConfig
@@ -113,13 +112,9 @@ class FeatureSet:
                                    "re-extract features with `geoswc features`")
         feats = storage.map_tensor(folder / "features.safetensors", "features", "feature cache tensors",
                                    meta["tensors_sha256"])
-        raw = (folder / "items.csv").read_bytes() if (folder / "items.csv").is_file() else b""
-        if storage.sha256_bytes(raw) != meta.get("items_sha256"):
-            raise ArtifactError(f"{folder / 'items.csv'} is missing, damaged or was changed; re-extract features")
-        with building(f"the photo list of feature cache {folder}"):
-            rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))[1:]
-        if feats.ndim != 3 or feats.shape[0] != len(rows) or list(feats.shape) != [meta["size"], meta["views"],
-                                                                                  meta["dim"]]:
+        names, authors, lat, lon = _read_items(folder / "items.csv", meta.get("items_sha256"))
+        if feats.ndim != 3 or feats.shape[0] != len(names) or list(feats.shape) != [meta["size"], meta["views"],
+                                                                                   meta["dim"]]:
             raise ArtifactError(f"feature cache {folder} is inconsistent; re-extract features")
         try:
             backbone = from_dict(BackboneConfig, meta["backbone"])
@@ -128,9 +123,25 @@ class FeatureSet:
                                 "re-extract features") from e
         if backbone.feature_dim != meta["dim"]:
             raise ArtifactError(f"feature cache {folder / 'features.json'} is damaged; re-extract features")
-        return cls(feats, [r[0] for r in rows], [r[1] for r in rows],
-                   np.array([float(r[2]) for r in rows]), np.array([float(r[3]) for r in rows]),
-                   backbone, str(meta["backbone_fingerprint"]), int(meta["seed"]))
+        return cls(feats, names, authors, lat, lon, backbone, str(meta["backbone_fingerprint"]), int(meta["seed"]))
+
+
+def _read_items(path: Path, sha256: object) -> tuple[ItemColumn, ItemColumn, np.ndarray, np.ndarray]:
+    """A cache's photo list, checked against its digest and read in place: names and authors ``(N,)`` parsed on
+    access (8 bytes a photo in memory), positions ``(N,)``."""
+    if not path.is_file() or storage.sha256_file(path) != sha256:
+        raise ArtifactError(f"{path} is missing, damaged or was changed; re-extract features")
+    data = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    header = len(ITEMS_HEADER)
+    if bytes(data[:header]) != ITEMS_HEADER:
+        raise ArtifactError(f"{path} does not begin with {ITEMS_HEADER!r}; re-extract features")
+    with building(f"the photo list of feature cache {path.parent}"):
+        offsets = row_offsets(data, header)
+        try:
+            pos = float_columns(data, offsets, 2)
+        except ValueError as e:
+            raise ArtifactError(f"{path} is damaged ({e}); re-extract features") from e
+    return ItemColumn(data, offsets, 0), ItemColumn(data, offsets, 1), pos[:, 0].copy(), pos[:, 1].copy()
 
 
 def _record_batches(records: Sequence[Record], ex: Extractor, how: Extraction,

@@ -26,16 +26,14 @@ layout at the end, so a gallery is never whole in memory.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +44,7 @@ from .config import GalleryCodes, to_dict
 from .errors import ArtifactError, InputError, building
 from .gallery import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
 from .gallery_codes import PARAM_NAMES, CellLists, Codebook, check_codes, train_codebook
+from .item_lines import ItemColumn, item_line
 from .progress import progress_bar
 from .thumbnails import Thumbnails, ThumbnailSettings, ThumbnailWriter, remove_files
 
@@ -66,43 +65,6 @@ def _ceil6(x: float) -> float:
     """``x`` rounded up to 6 decimals: a short number in ``index.json`` (every digit matters to its seal), and
     never below the true value (the search margin scales with it)."""
     return math.ceil(x * 1e6) / 1e6
-
-
-def _csv_line(name: str, author: str) -> bytes:
-    """One ``items.csv`` row (quoted only when a field needs it: the common case stays fast)."""
-    if any(c in s for s in (name, author) for c in ',"\n\r'):
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([name, author])
-        return buf.getvalue().encode("utf-8")
-    return f"{name},{author}\n".encode()
-
-
-class ItemColumn(Sequence[str]):
-    """One column (0: image id, 1: author) of a memory-mapped ``items.csv``, parsed a row at a time."""
-
-    def __init__(self, data: NDArray[np.uint8], offsets: NDArray[np.int64], column: int) -> None:
-        self._data, self._offsets, self._column = data, offsets, column
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    @overload
-    def __getitem__(self, i: int) -> str: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[str]: ...
-
-    def __getitem__(self, i: int | slice) -> str | list[str]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i) + (len(self) if int(i) < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        line = bytes(self._data[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
-        fields = next(csv.reader([line])) if '"' in line else line.rstrip("\n").split(",")
-        return fields[self._column] if self._column < len(fields) else ""
-
-    def __iter__(self) -> Iterator[str]:
-        return (self[i] for i in range(len(self)))
 
 
 class _BlockRows:
@@ -319,7 +281,7 @@ class GalleryWriter:
         self._emb.write(memoryview(emb16).cast("B"))
         if self._thumbs is not None:
             self._thumbs.add([thumbnails[i] for i in order])  # type: ignore[index]
-        lines = [_csv_line(names[i], authors[i]) for i in order]
+        lines = [item_line((names[i], authors[i])) for i in order]
         self._items.write(b"".join(lines))
         c = self._cols
         c["lat"].append(np.asarray(lat, np.float64)[order])
