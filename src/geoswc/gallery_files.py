@@ -195,9 +195,10 @@ class _RowDigests:
         todo = rows[~self._done[rows]]
         if not todo.size:
             return
+        block = np.ascontiguousarray(self.embeddings[todo]).view(np.ndarray)  # one gather, not a memmap lookup a row
         with self._lock:
-            for r in todo.tolist():
-                if row_digest(self.embeddings[r]) != int(self.digests[r]):
+            for r, row in zip(todo.tolist(), block, strict=True):
+                if row_digest(row) != int(self.digests[r]):
                     raise ArtifactError(f"a gallery index's embeddings are damaged or were changed (row {r} fails its "
                                         "digest); rebuild the index or restore the original file")
                 self._done[r] = True
