@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -109,75 +110,86 @@ def chromium() -> str:
     return str(CHROMIUM)
 
 
-def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def ready_page(chromium: str, url: str, errors: list[str], console: bool = False) -> Iterator[Any]:
+    """The map page at ``url`` in headless Chromium, loaded and its basemap drawn; page errors and failed
+    requests (and console errors, with ``console``) are appended to ``errors``."""
     from playwright.sync_api import sync_playwright
 
-    gps_photo = tmp_path / "kauai_gps.jpg"  # the same photo with its GPS position in EXIF
-    Image.open(KAUAI).convert("RGB").save(gps_photo, quality=90, exif=gps_exif(22.0964, -159.5261))
-    page_errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.on("pageerror", lambda e: page_errors.append(str(e)))
-            page.on("requestfailed", lambda r: page_errors.append(f"request failed: {r.url}"))
-            page.goto(server)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+            if console:
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(url)
             page.wait_for_selector("body[data-ready=true]", timeout=15_000)
             page.wait_for_selector("#map[data-basemap=ready]", timeout=30_000)
-            jump = page.evaluate("geoswc.basemapMaxJump()")
-            assert jump is not None and jump < 180, f"country outlines cross the map as bands (jump {jump}°)"
-            ring = page.evaluate("geoswc.unwrapRing([[-10, 179], [-10, -179], [-12, -179], [-12, 179]])")
-            assert max(abs(a[1] - b[1]) for a, b in zip(ring, ring[1:], strict=False)) < 180
-
-            page.set_input_files("#file", [str(KAUAI), str(gps_photo)])
-            page.wait_for_selector(".geoswc-estimate", timeout=60_000)
-            page.wait_for_selector("#details .place-name", timeout=10_000)
-            page.wait_for_function("document.querySelectorAll('#results li[data-status=done]').length === 2")
-            place = page.inner_text("#details .place-name").strip()
-            assert place and place != "no named place"
-            assert page.inner_text("#details h2") == "kauai.png"
-            assert page.locator("path.geoswc-cell").count() >= 5
-            assert page.locator("path.geoswc-searched").count() >= 1
-            # The embedded model ships a calibrator: chances in words, rings instead of the formula circle.
-            assert page.locator("path.geoswc-confidence").count() == 0
-            details = page.inner_text("#details")
-            assert "within 25 km:" in details and "within 2500 km:" in details and "50 %:" in details
-            kauai = page.evaluate("geoswc.state.items[0].result")
-            rings = page.locator("path.geoswc-ring50").count() + page.locator("path.geoswc-ring90").count()
-            assert rings == sum(kauai["within_km"]["2500"] >= q for q in (0.5, 0.9))
-            assert ("Not localizable" in details) == (not kauai["localizable"])
-            assert page.locator("path.geoswc-neighbor").count() >= 1
-            assert [t.strip() for t in page.locator("#results li .name").all_inner_texts()] == [
-                "kauai.png", "kauai_gps.jpg"]
-            page.wait_for_timeout(400)  # let fitBounds' animation settle
-            shot = tmp_path / "kauai.png"
-            page.screenshot(path=str(shot))
-
-            page.locator("#results li").nth(1).click()
-            page.wait_for_selector("path.geoswc-exif", timeout=10_000)
-            assert "km off" in page.inner_text("#details")
-            page.wait_for_timeout(400)
-            shot_gps = tmp_path / "kauai_gps.png"
-            page.screenshot(path=str(shot_gps))
-
-            # A cell across the antimeridian (Fiji) must be drawn as one 10°-wide polygon, not a 350° band.
-            spans = page.evaluate(ANTIMERIDIAN_JS)
-            assert spans and max(spans) < 20, spans
-
-            # Rings hold 50 % and 90 % of the calibrated mass (log-interpolated between thresholds); a
-            # non-localizable estimate says so plainly.
-            radii = page.evaluate(RINGS_JS)
-            assert radii["geoswc-ring50"] == pytest.approx(750, rel=1e-6)
-            assert radii["geoswc-ring90"] == pytest.approx(750 * (2500 / 750) ** (0.4 / 0.45), rel=1e-6)
-            assert "Not localizable" in page.inner_text("#details .not-localizable")
-            assert "not localizable" in page.inner_text("#results li.selected")
-            assert page.evaluate("geoswc.massRadiusKm({'1': 0, '25': 0.1, '200': 0.2, '750': 0.3, '2500': 0.4}, 0.5)") \
-                is None
-            page.wait_for_timeout(400)
-            shot_rings = tmp_path / "rings.png"
-            page.screenshot(path=str(shot_rings))
+            yield page
         finally:
             browser.close()
+
+
+
+def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path) -> None:
+    gps_photo = tmp_path / "kauai_gps.jpg"  # the same photo with its GPS position in EXIF
+    Image.open(KAUAI).convert("RGB").save(gps_photo, quality=90, exif=gps_exif(22.0964, -159.5261))
+    page_errors: list[str] = []
+    with ready_page(chromium, server, page_errors) as page:
+        jump = page.evaluate("geoswc.basemapMaxJump()")
+        assert jump is not None and jump < 180, f"country outlines cross the map as bands (jump {jump}°)"
+        ring = page.evaluate("geoswc.unwrapRing([[-10, 179], [-10, -179], [-12, -179], [-12, 179]])")
+        assert max(abs(a[1] - b[1]) for a, b in zip(ring, ring[1:], strict=False)) < 180
+
+        page.set_input_files("#file", [str(KAUAI), str(gps_photo)])
+        page.wait_for_selector(".geoswc-estimate", timeout=60_000)
+        page.wait_for_selector("#details .place-name", timeout=10_000)
+        page.wait_for_function("document.querySelectorAll('#results li[data-status=done]').length === 2")
+        place = page.inner_text("#details .place-name").strip()
+        assert place and place != "no named place"
+        assert page.inner_text("#details h2") == "kauai.png"
+        assert page.locator("path.geoswc-cell").count() >= 5
+        assert page.locator("path.geoswc-searched").count() >= 1
+        # The embedded model ships a calibrator: chances in words, rings instead of the formula circle.
+        assert page.locator("path.geoswc-confidence").count() == 0
+        details = page.inner_text("#details")
+        assert "within 25 km:" in details and "within 2500 km:" in details and "50 %:" in details
+        kauai = page.evaluate("geoswc.state.items[0].result")
+        rings = page.locator("path.geoswc-ring50").count() + page.locator("path.geoswc-ring90").count()
+        assert rings == sum(kauai["within_km"]["2500"] >= q for q in (0.5, 0.9))
+        assert ("Not localizable" in details) == (not kauai["localizable"])
+        assert page.locator("path.geoswc-neighbor").count() >= 1
+        assert [t.strip() for t in page.locator("#results li .name").all_inner_texts()] == [
+            "kauai.png", "kauai_gps.jpg"]
+        page.wait_for_timeout(400)  # let fitBounds' animation settle
+        shot = tmp_path / "kauai.png"
+        page.screenshot(path=str(shot))
+
+        page.locator("#results li").nth(1).click()
+        page.wait_for_selector("path.geoswc-exif", timeout=10_000)
+        assert "km off" in page.inner_text("#details")
+        page.wait_for_timeout(400)
+        shot_gps = tmp_path / "kauai_gps.png"
+        page.screenshot(path=str(shot_gps))
+
+        # A cell across the antimeridian (Fiji) must be drawn as one 10°-wide polygon, not a 350° band.
+        spans = page.evaluate(ANTIMERIDIAN_JS)
+        assert spans and max(spans) < 20, spans
+
+        # Rings hold 50 % and 90 % of the calibrated mass (log-interpolated between thresholds); a
+        # non-localizable estimate says so plainly.
+        radii = page.evaluate(RINGS_JS)
+        assert radii["geoswc-ring50"] == pytest.approx(750, rel=1e-6)
+        assert radii["geoswc-ring90"] == pytest.approx(750 * (2500 / 750) ** (0.4 / 0.45), rel=1e-6)
+        assert "Not localizable" in page.inner_text("#details .not-localizable")
+        assert "not localizable" in page.inner_text("#results li.selected")
+        assert page.evaluate("geoswc.massRadiusKm({'1': 0, '25': 0.1, '200': 0.2, '750': 0.3, '2500': 0.4}, 0.5)") \
+            is None
+        page.wait_for_timeout(400)
+        shot_rings = tmp_path / "rings.png"
+        page.screenshot(path=str(shot_rings))
     assert not page_errors, page_errors
     assert shot.stat().st_size > 20_000 and shot_gps.stat().st_size > 20_000 and shot_rings.stat().st_size > 20_000
     log.info("screenshots: %s, %s, %s", shot, shot_gps, shot_rings)
@@ -213,52 +225,39 @@ def thumbnail_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.mark.shared_data
 def test_page_shows_the_thumbnails_of_the_retrieved_photos(chromium: str, thumbnail_server: str,
                                                            tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     url, photo = thumbnail_server, KAUAI
     page_errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.on("pageerror", lambda e: page_errors.append(str(e)))
-            page.on("requestfailed", lambda r: page_errors.append(f"request failed: {r.url}"))
-            page.on("console", lambda m: page_errors.append(m.text) if m.type == "error" else None)
-            page.goto(url)
-            page.wait_for_selector("body[data-ready=true]", timeout=15_000)
-            page.wait_for_selector("#map[data-basemap=ready]", timeout=30_000)
-            page.set_input_files("#file", [str(photo)])
-            page.wait_for_selector(".geoswc-estimate", timeout=60_000)
-            p = page.evaluate("geoswc.state.items[0].result")
-            with_thumb = [n for n in p["neighbors"] if n["thumbnail"]]
-            assert len(with_thumb) >= 3, f"the photo should retrieve gallery photos of its place: {p['neighbors']}"
-            n = len(with_thumb)
-            loaded = ("n => document.querySelectorAll('{} img').length === n && "
-                      "[...document.querySelectorAll('{} img')].every(i => i.complete && i.naturalWidth > 0)")
-            page.wait_for_function(loaded.format(".evidence-strip", ".evidence-strip"), arg=n, timeout=20_000)
-            page.wait_for_function(loaded.format(".geoswc-thumb-marker", ".geoswc-thumb-marker"), arg=n,
-                                   timeout=20_000)
-            sizes = page.evaluate("[...document.querySelectorAll('.evidence-strip img')].map(i => [i.naturalWidth, "
-                                  "i.naturalHeight, i.dataset.row, i.src.slice(0, 5)])")
-            assert all(max(w, h) == 128 and src == "blob:" for w, h, _, src in sizes), sizes
-            assert sorted(int(r) for _, _, r, _ in sizes) == sorted(x["row"] for x in with_thumb)
-            strip = page.inner_text("#details .evidence")
-            assert "Retrieved gallery photos" in strip and "sim " in strip and " km" in strip
-            first = p["neighbors"][0]
-            km = page.evaluate("([a, b]) => geoswc.distanceKm(a, b)", [[p["lat"], p["lon"]], [first["lat"],
-                                                                                           first["lon"]]])
-            assert km == pytest.approx(float(haversine_km(p["lat"], p["lon"], first["lat"], first["lon"])), rel=1e-3,
-                                       abs=1e-3)
-            cell = page.inner_text(".evidence-strip li:first-child")
-            assert f"sim {first['similarity']:.2f}" in cell and " km" in cell
-            assert page.locator("path.geoswc-neighbor").count() == len(p["neighbors"])
-            assert "--thumbnails" in page.inner_text("#legend")
-            page.locator("#details .evidence").scroll_into_view_if_needed()
-            page.wait_for_timeout(400)  # let fitBounds' animation settle
-            shot = tmp_path / "thumbnails.png"
-            page.screenshot(path=str(shot))
-        finally:
-            browser.close()
+    with ready_page(chromium, url, page_errors, console=True) as page:
+        page.set_input_files("#file", [str(photo)])
+        page.wait_for_selector(".geoswc-estimate", timeout=60_000)
+        p = page.evaluate("geoswc.state.items[0].result")
+        with_thumb = [n for n in p["neighbors"] if n["thumbnail"]]
+        assert len(with_thumb) >= 3, f"the photo should retrieve gallery photos of its place: {p['neighbors']}"
+        n = len(with_thumb)
+        loaded = ("n => document.querySelectorAll('{} img').length === n && "
+                  "[...document.querySelectorAll('{} img')].every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(loaded.format(".evidence-strip", ".evidence-strip"), arg=n, timeout=20_000)
+        page.wait_for_function(loaded.format(".geoswc-thumb-marker", ".geoswc-thumb-marker"), arg=n,
+                               timeout=20_000)
+        sizes = page.evaluate("[...document.querySelectorAll('.evidence-strip img')].map(i => [i.naturalWidth, "
+                              "i.naturalHeight, i.dataset.row, i.src.slice(0, 5)])")
+        assert all(max(w, h) == 128 and src == "blob:" for w, h, _, src in sizes), sizes
+        assert sorted(int(r) for _, _, r, _ in sizes) == sorted(x["row"] for x in with_thumb)
+        strip = page.inner_text("#details .evidence")
+        assert "Retrieved gallery photos" in strip and "sim " in strip and " km" in strip
+        first = p["neighbors"][0]
+        km = page.evaluate("([a, b]) => geoswc.distanceKm(a, b)", [[p["lat"], p["lon"]], [first["lat"],
+                                                                                       first["lon"]]])
+        assert km == pytest.approx(float(haversine_km(p["lat"], p["lon"], first["lat"], first["lon"])), rel=1e-3,
+                                   abs=1e-3)
+        cell = page.inner_text(".evidence-strip li:first-child")
+        assert f"sim {first['similarity']:.2f}" in cell and " km" in cell
+        assert page.locator("path.geoswc-neighbor").count() == len(p["neighbors"])
+        assert "--thumbnails" in page.inner_text("#legend")
+        page.locator("#details .evidence").scroll_into_view_if_needed()
+        page.wait_for_timeout(400)  # let fitBounds' animation settle
+        shot = tmp_path / "thumbnails.png"
+        page.screenshot(path=str(shot))
     assert not page_errors, page_errors
     assert shot.stat().st_size > 20_000
     log.info("screenshot: %s", shot)
