@@ -118,10 +118,14 @@ def test_cli_refuses_bad_thumbnail_settings_in_one_line(tmp_path: Path, capsys: 
     assert not (tmp_path / "idx").exists()
 
 
-def test_photo_under_keeps_to_the_image_folder(tmp_path: Path) -> None:
-    assert th.photo_under(tmp_path, "a/b.jpg") == tmp_path / "a" / "b.jpg"
-    for name in ("../x.jpg", "a/../../x.jpg", "/etc/passwd", ".", ""):
-        assert th.photo_under(tmp_path, name) is None, name
+def test_photo_paths_keep_to_the_image_folder(tmp_path: Path) -> None:
+    from geoswc.data import path_under
+
+    assert path_under(tmp_path, "a/b.jpg") == tmp_path / "a" / "b.jpg"
+    for name in ("../x.jpg", "a/../../x.jpg", "/etc/passwd"):
+        assert path_under(tmp_path, name) is None, name
+    settings = th.ThumbnailSettings(64)  # the folder itself, or nothing, is no photo: no thumbnail, no crash
+    assert th.thumbnails_of([path_under(tmp_path, "."), path_under(tmp_path, "")], [".", ""], settings) == [None, None]
 
 
 def test_thumbnails_of_reports_each_bad_photo_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -242,11 +242,17 @@ def read_photo_csv(csv_path: str | Path, images_dir: str | Path | None = None, *
     return records, report
 
 
+def path_under(root: Path, image: str) -> Path | None:
+    """``root / image``, or None when a photo list's ``image`` would leave the folder (an absolute path, or
+    ``..``): photo lists name photos relative to their folder."""
+    return None if Path(image).is_absolute() or ".." in Path(image).parts else root / image
+
+
 def _image_problem(root: Path, image: str) -> str:
     """Why the image ``image`` of folder ``root`` is not a usable image file ("" when it is one)."""
-    if Path(image).is_absolute() or ".." in Path(image).parts:
+    path = path_under(root, image)
+    if path is None:
         return "outside the image folder (an absolute path, or '..'); name photos relative to the folder"
-    path = root / image
     try:
         return "" if path.is_file() else "image file not found" if not path.exists() else "not a regular file"
     except OSError as e:  # e.g. a name longer than the file system allows

@@ -222,15 +222,6 @@ class Thumbnails:
         return data
 
 
-def photo_under(root: Path, name: str) -> Path | None:
-    """The photo ``name`` (a feature cache's image id: a path relative to the image folder) in ``root``, or None
-    when the name would leave the folder (absolute, or with ``..``), as the photo lists rule."""
-    rel = Path(name)
-    if not name or rel.is_absolute() or ".." in rel.parts or rel == Path("."):
-        return None
-    return root / rel
-
-
 def thumbnails_of(paths: Sequence[Path | None], names: Sequence[str], settings: ThumbnailSettings,
                   limits: ImageLimits = DEFAULT_LIMITS) -> list[bytes | None]:
     """The thumbnails of photos on disk; a photo that cannot be thumbnailed (no path, unreadable, corrupt) gets
@@ -238,8 +229,8 @@ def thumbnails_of(paths: Sequence[Path | None], names: Sequence[str], settings: 
     out: list[bytes | None] = []
     for path, name in zip(paths, names, strict=True):
         try:
-            if path is None:
-                raise ImageError(f"{name} lies outside the image folder", kind="unreadable")
+            if path is None or not path.is_file():
+                raise ImageError(f"{name} is not a photo file inside the image folder", kind="unreadable")
             out.append(make_thumbnail(path, settings, limits, name))
         except ImageError as e:
             log.warning("no thumbnail for %s: %s", name, e)

@@ -38,7 +38,7 @@ from .config import (
     TrainConfig,
     check_search_changes,
 )
-from .data import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
+from .data import LoadReport, Record, find_photos, load_records, path_under, read_coordinates, read_photo_csv
 from .errors import ArtifactError, InputError, SettingError, building
 from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
@@ -48,7 +48,7 @@ from .options import BackboneChoice, Photos, RunConfig
 from .prediction import OutputFormat, PredictionWriter, Result, output_format
 from .progress import progress_bar
 from .service.settings import NO_SERVICE_CHANGES, ServiceChanges
-from .thumbnails import ThumbnailSettings, check_side, photo_under, thumbnails_of
+from .thumbnails import ThumbnailSettings, check_side, thumbnails_of
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
             for s in progress_bar(range(0, len(fs), 1 << 14), desc="index", unit="chunk", show=len(fs) > 1 << 14):
                 e = s + (1 << 14)
                 add(fs.features[s:e, 0], fs.lat[s:e], fs.lon[s:e], fs.names[s:e], fs.authors[s:e],
-                    [photo_under(root, n) for n in fs.names[s:e]] if root else [])
+                    [path_under(root, n) for n in fs.names[s:e]] if root else [])
         else:  # photos: each batch embedded as the backbone computes it
             ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
             stream_features(ex, lambda _, f, metas: add(f[:, 0], [x.lat for x in metas], [x.lon for x in metas],
