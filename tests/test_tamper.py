@@ -27,6 +27,7 @@ from geoswc.gallery_files import load_gallery
 from geoswc.model import GeoModel
 
 from .conftest import KAUAI
+from .test_thumbnails import copy_with_thumbnails
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "geoswc"
 
@@ -66,13 +67,22 @@ def pristine(tiny_workspace: dict[str, Path], tmp_path_factory: pytest.TempPathF
     shutil.copytree(tiny_workspace["model"], d / "tiny", ignore=shutil.ignore_patterns("checkpoint*"))
     shutil.copytree(default_model_dir(), d / "default")
     shutil.copytree(tiny_workspace["features"], d / "features")
-    return {"tiny": d / "tiny", "default": d / "default", "features": d / "features"}
+    shutil.copytree(default_model_dir(), d / "thumbed", ignore=shutil.ignore_patterns("index"))
+    copy_with_thumbnails(default_model_dir() / "index", d / "thumbed" / "index")
+    return {"tiny": d / "tiny", "default": d / "default", "features": d / "features", "thumbed": d / "thumbed"}
 
 
 def load_model_and_index(folder: Path) -> None:
     geo = Geolocator.load(folder, folder / "index", with_backbone=False)
     assert geo.gallery is not None
     load_gallery(folder / "index", verify=True)  # large indexes check embedding blocks when first read: all now
+
+
+def load_and_read_thumbnails(folder: Path) -> None:
+    """Thumbnails are checked one at a time, when read (``thumbnails.bin`` is not hashed whole): read them all."""
+    load_model_and_index(folder)
+    gallery = load_gallery(folder / "index")
+    assert sum(gallery.thumbnail(r) is not None for r in range(len(gallery))) == gallery.thumbnails.count > 0
 
 
 MODEL_FILES = ("config.json", "cells.csv", "heads.safetensors", "index/index.json", "index/index.safetensors",
@@ -85,6 +95,9 @@ ARTEFACTS: dict[str, tuple[str, str, Callable[[Path], Any]]] = {
     "features/items.csv": ("features", "items.csv", FeatureSet.load),
     # the embedded model's calibrator: a file beside the model, read on its own here (Geolocator.load reads it too)
     "default/calibration.json": ("default", CALIBRATION_FILE, lambda f: Calibrator.load(f / CALIBRATION_FILE)),
+    # an index with evidence thumbnails (synthetic tiles on the default gallery, see test_thumbnails)
+    **{f"thumbed/index/{name}": ("thumbed", f"index/{name}", load_and_read_thumbnails)
+       for name in ("thumbnails.bin", "thumbnails.safetensors")},
 }
 
 @pytest.fixture
