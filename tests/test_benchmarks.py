@@ -115,6 +115,7 @@ def test_gallery_search_benchmark(tmp_path, monkeypatch, capsys):
     assert runs["flat"]["recall_at_10"] == 1.0 and runs["pq"]["recall_at_10"] >= 0.9
     for r in runs.values():
         assert r["entries"] == 4000 and r["cells"] > 1000 and r["per_query_ms"] > 0 and r["queries"] == 20
+        assert r["warm_ms_per_query"] > 0 and r["warm_cpu_ms_per_query"] >= 0 and isinstance(r["cold"], bool)
     assert runs["pq"]["disk_bytes_per_entry"] > runs["flat"]["disk_bytes_per_entry"] + 16  # codes beside vectors
     assert "| 4,000 | synthetic | pq 16 B" in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("geoswc-gallery-bench-")]  # scratch removed

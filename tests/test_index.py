@@ -245,6 +245,30 @@ def test_coded_index_verifies_rows_it_rescores(tmp_path, monkeypatch):
         load_gallery(tmp_path / "idx", verify=True)
 
 
+def test_unchecked_rows_are_prefetched_once_in_one_request(tmp_path, monkeypatch):
+    """A coded index asks the kernel for the file span of the rows it re-scores for the first time, once."""
+    monkeypatch.setattr(gallery_files, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(gallery_files, "EAGER_VERIFY_BYTES", 0)
+    g = _gallery()
+    save_gallery(g, tmp_path / "idx", PQ)
+    calls: list[tuple[int, int]] = []
+    real = storage.prefetch
+    monkeypatch.setattr(storage, "prefetch", lambda path, a, b: (calls.append((a, b)), real(path, a, b)))
+    h = load_gallery(tmp_path / "idx")
+    q = np.ones(D, np.float32) / np.sqrt(D)
+    rows, _ = h.search(q, 5, cells=[1])
+    assert len(calls) == 1
+    a, b = calls[0]
+    lo, hi = g.cell_range(1)
+    assert b - a <= (hi - lo) * D * 2  # within the cell's span of the file
+    assert (b - a) % (D * 2) == 0
+    size = (tmp_path / "idx" / "index.safetensors").stat().st_size
+    assert 0 < a < b <= size
+    h.search(q, 5, cells=[1])  # every re-scored row already checked: no request
+    assert len(calls) == 1
+    storage.prefetch(tmp_path / "idx" / "index.safetensors", 10, 10)  # empty span: nothing, no error
+
+
 def test_index_without_codes_entry_is_flat(tmp_path):
     """Indexes written before codes existed (no ``codes`` in index.json) load as exact flat indexes."""
     save_gallery(_gallery(), tmp_path / "idx")

@@ -136,7 +136,8 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
         codebook, code0, digests = _read_codes(folder, codes, n, dim)
         size = codebook.code_size
         lists = CellLists(codebook, offsets, lambda a, b: _read_rows(folder / CODES_FILE, code0, size, a, b))
-        checker = _BlockRows(blocks, row0, 2 * dim) if blocks.verified else _RowDigests(t["embeddings"], digests)
+        checker = _BlockRows(blocks, row0, 2 * dim) if blocks.verified else \
+            _RowDigests(t["embeddings"], digests, path, row0)
     return Gallery(t["embeddings"], t["lat"], t["lon"], t["cell"], ItemColumn(items, t["item_offsets"], 0),
                    ItemColumn(items, t["item_offsets"], 1), identity, offsets,
                    (t["name_keys"], t["name_rows"]), (t["author_keys"], t["author_rows"]), lists,
@@ -181,10 +182,19 @@ def row_digest(row: NDArray[np.float16]) -> int:
 
 
 class _RowDigests:
-    """Checks embedding rows against their row digests, each row once (a coded index's :class:`RowChecker`)."""
+    """Checks embedding rows against their row digests, each row once (a coded index's :class:`RowChecker`).
 
-    def __init__(self, embeddings: NDArray[np.float16], digests: NDArray[np.uint64]) -> None:
-        self.embeddings, self.digests = embeddings, digests
+    Rows not yet checked are also the ones whose pages this process has not read: their span of the file is
+    prefetched in one request before they are gathered (see :func:`geoswc.storage.prefetch`).
+
+    Args:
+        embeddings: ``(N, D)`` float16, memory-mapped from ``path``, row ``r`` at byte ``row0 + r * 2 * D``.
+        digests: ``(N,)`` each row's :func:`row_digest`.
+    """
+
+    def __init__(self, embeddings: NDArray[np.float16], digests: NDArray[np.uint64], path: Path, row0: int) -> None:
+        self.embeddings, self.digests, self.path, self.row0 = embeddings, digests, path, row0
+        self.row_bytes = embeddings.shape[1] * embeddings.itemsize
         self._done = np.zeros(len(digests), bool)
         self._lock = threading.Lock()
 
@@ -195,13 +205,16 @@ class _RowDigests:
         todo = rows[~self._done[rows]]
         if not todo.size:
             return
+        storage.prefetch(self.path, self.row0 + int(todo.min()) * self.row_bytes,
+                         self.row0 + (int(todo.max()) + 1) * self.row_bytes)
         block = np.ascontiguousarray(self.embeddings[todo]).view(np.ndarray)  # one gather, not a memmap lookup a row
+        got = np.fromiter((row_digest(row) for row in block), np.uint64, len(todo))
+        bad = np.flatnonzero(got != np.asarray(self.digests[todo], np.uint64))
+        if bad.size:
+            raise ArtifactError(f"a gallery index's embeddings are damaged or were changed (row {int(todo[bad[0]])} "
+                                "fails its digest); rebuild the index or restore the original file")
         with self._lock:
-            for r, row in zip(todo.tolist(), block, strict=True):
-                if row_digest(row) != int(self.digests[r]):
-                    raise ArtifactError(f"a gallery index's embeddings are damaged or were changed (row {r} fails its "
-                                        "digest); rebuild the index or restore the original file")
-                self._done[r] = True
+            self._done[todo] = True
 
 
 def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
