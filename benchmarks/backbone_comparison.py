@@ -15,7 +15,6 @@ It prints a Markdown table and writes it (``.md``) beside the JSON; ``--help`` l
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shlex
 import sys
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(opts, argv)
     table = markdown_table(result)
     print(table)
-    storage.write_text(opts.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
-    storage.write_text(opts.out.with_suffix(".md"), table + "\n")
+    storage.write_report(opts.out, result, table)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import shlex
@@ -97,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": shlex.join(["python", "benchmarks/backbone_throughput.py", *argv])}
     table = markdown_table(result)
     print(table)
-    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
-    storage.write_text(args.out.with_suffix(".md"), table + "\n")
+    storage.write_report(args.out, result, table)
     return 0
 
 

@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(opts, argv)
     table = markdown_table(result) + "\n\n" + report_markdown(result["calibration"])
     print(table)
-    storage.write_text(opts.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
-    storage.write_text(opts.out.with_suffix(".md"), table + "\n")
+    storage.write_report(opts.out, result, table)
     return 0
 
 

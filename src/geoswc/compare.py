@@ -246,8 +246,6 @@ def write_comparison(out: Path, systems: Sequence[System], resamples: int = 2000
     """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``out``; the result and its Markdown."""
     result = compare_systems(systems, resamples, seed)
     text = markdown(result, systems)
-    storage.ensure_dir(out)
-    storage.write_text(out / "compare.md", text + "\n")
+    storage.write_report(out / "compare.json", result, text)
     plot(result, systems, out / "compare.png")
-    storage.write_json(out / "compare.json", result)
     return result, text

@@ -175,6 +175,14 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def write_report(path: str | Path, result: dict[str, Any], table: str) -> None:
+    """A measurement's ``result`` as JSON at ``path`` and its Markdown ``table`` beside it (``.md``), each
+    written atomically (the folder is created)."""
+    path = Path(path)
+    write_json(path, result)
+    write_text(path.with_suffix(".md"), table + "\n")
+
+
 def read_json(path: str | Path, what: str) -> dict[str, Any]:
     """Read a JSON object, with an error that says which artifact is broken."""
     path = Path(path)

@@ -425,8 +425,8 @@ def _out_of_fold_signals(m: GeoModel, features: Path, folds: int,
     fitted = {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds,
               "cross_fitted": cross}
     if report is not None:
-        storage.write_json(report / "calibration.json", {"model": m.fingerprint, "features": str(features), **cross})
-        storage.write_text(report / "calibration.md", report_markdown(cross) + "\n")
+        storage.write_report(report / "calibration.json", {"model": m.fingerprint, "features": str(features), **cross},
+                             report_markdown(cross))
     log.info("cross-fitted (each fold calibrated on the others): ECE %s", cross["calibration"]["ece"])
     return per_method, fitted
 
