@@ -239,6 +239,9 @@ def test_page_shows_the_thumbnails_of_the_retrieved_photos(chromium: str, thumbn
         page.wait_for_function(loaded.format(".evidence-strip", ".evidence-strip"), arg=n, timeout=20_000)
         page.wait_for_function(loaded.format(".geoswc-thumb-marker", ".geoswc-thumb-marker"), arg=n,
                                timeout=20_000)
+        corners = page.evaluate("[...document.querySelectorAll('.geoswc-thumb-marker')].map(e => { const r = "
+                                "e.getBoundingClientRect(); return [Math.round(r.left), Math.round(r.top)]; })")
+        assert len({tuple(c) for c in corners}) == n, f"thumbnails stacked on one another: {corners}"
         sizes = page.evaluate("[...document.querySelectorAll('.evidence-strip img')].map(i => [i.naturalWidth, "
                               "i.naturalHeight, i.dataset.row, i.src.slice(0, 5)])")
         assert all(max(w, h) == 128 and src == "blob:" for w, h, _, src in sizes), sizes

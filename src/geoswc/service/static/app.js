@@ -297,14 +297,20 @@
       ' from the estimate';
   }
 
-  /** Small image markers beside the neighbours' dots on the map (only for neighbours that have a thumbnail). */
+  /** Small image markers beside the neighbours' dots on the map (only for neighbours that have a thumbnail);
+   *  photos taken at the same spot (the same 0.01° of latitude and longitude, ~1 km) are set side by side in a
+   *  row instead of on top of each other. */
   function drawThumbnails(p, lon, group) {
+    var atSpot = {};
     p.neighbors.forEach(function (n) {
       if (!n.thumbnail) return;
+      var spot = n.lat.toFixed(2) + ',' + n.lon.toFixed(2), i = atSpot[spot] || 0;
+      atSpot[spot] = i + 1;
       var box = el('div');
       box.appendChild(thumbnailImg(n));
       L.marker([n.lat, nearLon(n.lon, lon)], {
-        icon: L.divIcon({ html: box, className: 'geoswc-thumb-marker', iconSize: [40, 40], iconAnchor: [-8, 20] }),
+        icon: L.divIcon({ html: box, className: 'geoswc-thumb-marker', iconSize: [40, 40],
+                          iconAnchor: [-8 - 44 * i, 20] }),
         alt: n.image, riseOnHover: true, zIndexOffset: -100,
       }).bindTooltip(esc(n.image) + '<br>' + esc(neighborLabel(n, p))).addTo(group);
     });
