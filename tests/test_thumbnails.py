@@ -363,6 +363,12 @@ def test_index_with_thumbnails_from_photos_and_from_features(tmp_path: Path,
     assert len(b) == 12 and b.thumbnails is not None and b.thumbnails.count == 11 and not b.has_thumbnail(gone)
     warned = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
     assert len(warned) == 1 and f"no thumbnail for {rows[0]['image']}" in warned[0], warned
+    assert main(["index", "--model", model, "--out", str(tmp_path / "c"), "--features", str(tmp_path / "features"),
+                 "--data.images", str(photos), "--thumbnails", "64", "--run.workers", "2"]) == 0
+    c = load_gallery(tmp_path / "c")  # thumbnails made by two processes: the same, row for row
+    assert [c.thumbnail(r) for r in range(len(c))] == [b.thumbnail(r) for r in range(len(b))]
+    warned = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert len(warned) == 1 and f"no thumbnail for {rows[0]['image']}" in warned[0], warned
 
     photo = str(DEV_IMAGES / rows[3]["image"])
     assert main(["locate", "--index", str(tmp_path / "a"), "--format", "jsonl", photo]) == 0

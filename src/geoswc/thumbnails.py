@@ -19,16 +19,18 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from PIL import Image
 
 from . import storage
+from .data import path_under, worker_count
 from .errors import ArtifactError, ImageError, InputError, SettingError
 from .images import DEFAULT_LIMITS, ImageLimits, ImageSource, load_image
 
@@ -222,17 +224,54 @@ class Thumbnails:
         return data
 
 
+def _thumbnail_or_why(path: Path | None, name: str, settings: ThumbnailSettings,
+                      limits: ImageLimits) -> tuple[bytes | None, str]:
+    """The thumbnail of one photo file, or None and why it cannot be made."""
+    try:
+        if path is None or not path.is_file():
+            raise ImageError(f"{name} is not a photo file inside the image folder", kind="unreadable")
+        return make_thumbnail(path, settings, limits, name), ""
+    except ImageError as e:
+        return None, str(e)
+
+
+def _kept(thumb: bytes | None, why: str, name: str) -> bytes | None:
+    if thumb is None:
+        log.warning("no thumbnail for %s: %s", name, why)
+    return thumb
+
+
 def thumbnails_of(paths: Sequence[Path | None], names: Sequence[str], settings: ThumbnailSettings,
                   limits: ImageLimits = DEFAULT_LIMITS) -> list[bytes | None]:
     """The thumbnails of photos on disk; a photo that cannot be thumbnailed (no path, unreadable, corrupt) gets
     None and one logged warning naming it."""
-    out: list[bytes | None] = []
-    for path, name in zip(paths, names, strict=True):
-        try:
-            if path is None or not path.is_file():
-                raise ImageError(f"{name} is not a photo file inside the image folder", kind="unreadable")
-            out.append(make_thumbnail(path, settings, limits, name))
-        except ImageError as e:
-            log.warning("no thumbnail for %s: %s", name, e)
-            out.append(None)
-    return out
+    return [_kept(*_thumbnail_or_why(path, name, settings, limits), name)
+            for path, name in zip(paths, names, strict=True)]
+
+
+class _ThumbnailJobs(torch.utils.data.Dataset):
+    """Item ``i``: ``(thumbnail | None, why, name)`` of the photo ``root / names[i]`` (made in a loader's worker)."""
+
+    def __init__(self, root: Path, names: Sequence[str], settings: ThumbnailSettings, limits: ImageLimits) -> None:
+        self.root, self.names, self.settings, self.limits = root, names, settings, limits
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> tuple[bytes | None, str, str]:
+        name = self.names[i]
+        return (*_thumbnail_or_why(path_under(self.root, name), name, self.settings, self.limits), name)
+
+
+def thumbnail_stream(root: Path, names: Sequence[str], settings: ThumbnailSettings, workers: int = 0,
+                     limits: ImageLimits = DEFAULT_LIMITS) -> Iterator[bytes | None]:
+    """The thumbnails of the photos ``root / name`` in the order of ``names``, made by ``workers`` processes (0:
+    this one) while the caller writes the ones before; a photo that cannot be thumbnailed gives None and one
+    logged warning naming it."""
+    jobs = torch.utils.data.DataLoader(_ThumbnailJobs(root, names, settings, limits), batch_size=None,
+                                       num_workers=worker_count(workers), collate_fn=_as_is)
+    return (_kept(thumb, why, name) for thumb, why, name in jobs)
+
+
+def _as_is(x: Any) -> Any:
+    return x

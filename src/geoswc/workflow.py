@@ -38,7 +38,7 @@ from .config import (
     TrainConfig,
     check_search_changes,
 )
-from .data import LoadReport, Record, find_photos, load_records, path_under, read_coordinates, read_photo_csv
+from .data import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
 from .errors import ArtifactError, InputError, SettingError, building
 from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
 from .gallery import Gallery
@@ -48,7 +48,7 @@ from .options import BackboneChoice, Photos, RunConfig
 from .prediction import OutputFormat, PredictionWriter, Result, output_format
 from .progress import progress_bar
 from .service.settings import NO_SERVICE_CHANGES, ServiceChanges
-from .thumbnails import ThumbnailSettings, check_side, thumbnails_of
+from .thumbnails import ThumbnailSettings, check_side, thumbnail_stream, thumbnails_of
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
             128 is a good size; 0: none), to show the retrieved photos as the evidence of an estimate. Only for
             photos you may show. It reads the photos: ``--data.csv`` with ``--data.images``, a GPS-EXIF folder,
             or ``--features`` with ``--data.images`` (the cache's image ids under it); not shards.
-        run: batch size and decoding processes of the extraction.
+        run: batch size and decoding processes of the extraction (and of the thumbnails).
     """
     thumbs = _thumbnail_settings(thumbnails, features, data)
     m = GeoModel.load(model, with_backbone=features is None)
@@ -262,22 +262,24 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
     with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity, codes, thumbs) as w:
 
         def add(feats: Any, lat: Any, lon: Any, names: Sequence[str], authors: Sequence[str],
-                paths: Sequence[Path | None]) -> None:
+                jpegs: list[bytes | None] | None) -> None:
             lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
-            w.add(m.embed(feats), lat, lon, m.cells.assign(lat, lon), names, authors,
-                  thumbnails_of(paths, names, thumbs) if thumbs is not None else None)
+            w.add(m.embed(feats), lat, lon, m.cells.assign(lat, lon), names, authors, jpegs)
 
         if fs is not None:  # embedded and written chunk by chunk: the gallery is never whole in memory
-            root = Path(data.images) if thumbs is not None and data.images else None
+            made = None  # thumbnails: made by run.workers processes, in row order, while the chunks are written
+            if thumbs is not None and data.images:
+                made = thumbnail_stream(Path(data.images), fs.names, thumbs, run.workers)
             for s in progress_bar(range(0, len(fs), 1 << 14), desc="index", unit="chunk", show=len(fs) > 1 << 14):
-                e = s + (1 << 14)
+                e = min(s + (1 << 14), len(fs))
                 add(fs.features[s:e, 0], fs.lat[s:e], fs.lon[s:e], fs.names[s:e], fs.authors[s:e],
-                    [path_under(root, n) for n in fs.names[s:e]] if root else [])
+                    [next(made) for _ in range(s, e)] if made is not None else None)
         else:  # photos: each batch embedded as the backbone computes it
             ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
-            stream_features(ex, lambda _, f, metas: add(f[:, 0], [x.lat for x in metas], [x.lon for x in metas],
-                                                       [x.image for x in metas], [x.author for x in metas],
-                                                       [getattr(x, "path", None) for x in metas]),
+            stream_features(ex, lambda _, f, metas: add(
+                f[:, 0], [x.lat for x in metas], [x.lon for x in metas], [x.image for x in metas],
+                [x.author for x in metas], None if thumbs is None else thumbnails_of(
+                    [getattr(x, "path", None) for x in metas], [x.image for x in metas], thumbs)),
                             records=None if data.shards else _geotagged(data), shards=data.shards or None,
                             how=Extraction(batch_size=run.batch_size, workers=run.workers))
         w.finish()
