@@ -267,6 +267,7 @@ def test_unchecked_rows_are_prefetched_once_in_one_request(tmp_path, monkeypatch
     h.search(q, 5, cells=[1])  # every re-scored row already checked: no request
     assert len(calls) == 1
     storage.prefetch(tmp_path / "idx" / "index.safetensors", 10, 10)  # empty span: nothing, no error
+    storage.prefetch(tmp_path / "idx" / "gone.safetensors", 0, 4096)  # a hint: a missing file is not its error
 
 
 def test_index_without_codes_entry_is_flat(tmp_path):

@@ -346,10 +346,14 @@ def map_tensor(path: str | Path, name: str, what: str, sha256: str | None = None
 def prefetch(path: str | Path, start: int, stop: int) -> None:
     """Ask the kernel to start reading bytes ``[start, stop)`` of a file into the page cache, in one request,
     and return at once (memory-mapped reads of the span then find their pages instead of faulting one read at a
-    time). A hint only: nothing happens where the system has no ``posix_fadvise`` or the span is empty."""
+    time). A hint only: nothing happens where the system has no ``posix_fadvise``, the span is empty or the file
+    cannot be opened (the reads that follow report that)."""
     if stop <= start or not hasattr(os, "posix_fadvise"):
         return
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
     finally:
