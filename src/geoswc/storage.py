@@ -356,6 +356,8 @@ def prefetch(path: str | Path, start: int, stop: int) -> None:
         return
     try:
         os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+    except OSError:  # e.g. a file system that takes no advice
+        pass
     finally:
         os.close(fd)
 
