@@ -138,6 +138,24 @@ def test_thumbnails_of_reports_each_bad_photo_and_goes_on(tmp_path: Path, caplog
     assert len(warned) == 2 and "bad" in warned[0] and "outside" in warned[1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_thumbnail_stream_keeps_the_order_and_reports_bad_photos_in_this_process(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int) -> None:
+    """``thumbnail_stream`` (index --features --thumbnails): one thumbnail or None per name, in order, made by
+    ``workers`` processes; the warnings are logged here, one per bad photo."""
+    for i in range(5):
+        Image.new("RGB", (120 + 10 * i, 90), (40 * i, 200 - 30 * i, 90)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    names = ["p0.png", "bad.jpg", "p1.png", "../p2.png", "p2.png", "gone.png", "p3.png", "p4.png"]
+    with caplog.at_level(logging.WARNING, logger="geoswc.thumbnails"):
+        out = list(th.thumbnail_stream(tmp_path, names, SMALL, workers))
+    warned = [r.getMessage() for r in caplog.records]
+    assert [x is None for x in out] == [False, True, False, True, False, True, False, False]
+    assert len(warned) == 3 and all(w.startswith(f"no thumbnail for {n}:") for w, n in
+                                    zip(warned, ["bad.jpg", "../p2.png", "gone.png"], strict=True)), warned
+    assert out == th.thumbnails_of([tmp_path / n if ".." not in n else None for n in names], names, SMALL)
+
+
 # -- storing and reading ------------------------------------------------------------------------------------
 
 
