@@ -245,29 +245,36 @@ def test_coded_index_verifies_rows_it_rescores(tmp_path, monkeypatch):
         load_gallery(tmp_path / "idx", verify=True)
 
 
-def test_unchecked_rows_are_prefetched_once_in_one_request(tmp_path, monkeypatch):
-    """A coded index asks the kernel for the file span of the rows it re-scores for the first time, once."""
+def test_unchecked_rows_are_prefetched_once_a_run(tmp_path, monkeypatch):
+    """A coded index asks the kernel for the file spans of the rows it re-scores for the first time: one span for
+    a cell's rows, a span a run of nearby rows when they are spread over the file (never everything between)."""
     monkeypatch.setattr(gallery_files, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(gallery_files, "EAGER_VERIFY_BYTES", 0)
     g = _gallery()
     save_gallery(g, tmp_path / "idx", PQ)
-    calls: list[tuple[int, int]] = []
+    calls: list[list[tuple[int, int]]] = []
     real = storage.prefetch
-    monkeypatch.setattr(storage, "prefetch", lambda path, a, b: (calls.append((a, b)), real(path, a, b)))
+    monkeypatch.setattr(storage, "prefetch", lambda path, spans: (calls.append(list(spans)), real(path, spans)))
     h = load_gallery(tmp_path / "idx")
+    path = tmp_path / "idx" / "index.safetensors"
+    row0 = path.stat().st_size - N * D * 2  # the embeddings are the file's last tensor
     q = np.ones(D, np.float32) / np.sqrt(D)
-    rows, _ = h.search(q, 5, cells=[1])
-    assert len(calls) == 1
-    a, b = calls[0]
+    h.search(q, 5, cells=[1])
     lo, hi = g.cell_range(1)
-    assert b - a <= (hi - lo) * D * 2  # within the cell's span of the file
-    assert (b - a) % (D * 2) == 0
-    size = (tmp_path / "idx" / "index.safetensors").stat().st_size
-    assert 0 < a < b <= size
+    assert len(calls) == 1 and len(calls[0]) == 1
+    (a, b), = calls[0]
+    assert row0 + lo * D * 2 <= a < b <= row0 + hi * D * 2 and (b - a) % (D * 2) == 0  # within the cell's rows
     h.search(q, 5, cells=[1])  # every re-scored row already checked: no request
     assert len(calls) == 1
-    storage.prefetch(tmp_path / "idx" / "index.safetensors", 10, 10)  # empty span: nothing, no error
-    storage.prefetch(tmp_path / "idx" / "gone.safetensors", 0, 4096)  # a hint: a missing file is not its error
+
+    monkeypatch.setattr(gallery_files, "PREFETCH_GAP_BYTES", 4 * D * 2)  # rows up to 4 apart: one run
+    rows = np.array([10, 11, 14, 100, 700, 702, 2000], np.int64)  # spread: runs, never the whole stretch
+    h.checker.rows(rows)
+    assert calls[-1] == [(row0 + 10 * D * 2, row0 + 15 * D * 2), (row0 + 700 * D * 2, row0 + 703 * D * 2)]
+    h.checker.rows(rows)
+    assert len(calls) == 2
+    real(path, [(10, 10), (5, 1)])  # empty spans: nothing, no error
+    real(tmp_path / "idx" / "gone.safetensors", [(0, 4096)])  # a hint: a missing file is not its error
 
 
 def test_index_without_codes_entry_is_flat(tmp_path):

@@ -55,6 +55,8 @@ BLOCK_BYTES = 64 << 20
 """Checksum granularity of ``index.safetensors``."""
 EAGER_VERIFY_BYTES = 512 << 20
 """Files up to this size are verified completely at load."""
+PREFETCH_GAP_BYTES = 64 << 10
+"""Rows to re-score that lie this close in the file are prefetched in one request (with the rows between)."""
 CODES_FILE = "codes.safetensors"
 _ITEMS_HEADER = b"image,author\n"
 _META_KEYS = ("model_fingerprint", "cells_fingerprint", "num_cells", "size", "dim", "max_norm", "tensors",
@@ -201,12 +203,20 @@ class _RowDigests:
     def span(self, start: int, stop: int) -> None:
         self.rows(np.arange(start, stop, dtype=np.int64))
 
+    def _runs(self, rows: NDArray[np.int64]) -> list[tuple[int, int]]:
+        """The byte spans of the runs of sorted ``rows`` that lie within :data:`PREFETCH_GAP_BYTES` of each other
+        (the rows of a cell: one span; rows spread over the file: many), runs of one row left to the page fault."""
+        gap = max(1, PREFETCH_GAP_BYTES // self.row_bytes)
+        cut = np.flatnonzero(np.diff(rows) > gap) + 1
+        first, last = rows[np.r_[0, cut]], rows[np.r_[cut - 1, len(rows) - 1]]
+        return [(self.row0 + int(a) * self.row_bytes, self.row0 + (int(b) + 1) * self.row_bytes)
+                for a, b in zip(first, last, strict=True) if b > a]
+
     def rows(self, rows: NDArray[np.int64]) -> None:
         todo = rows[~self._done[rows]]
         if not todo.size:
             return
-        storage.prefetch(self.path, self.row0 + int(todo.min()) * self.row_bytes,
-                         self.row0 + (int(todo.max()) + 1) * self.row_bytes)
+        storage.prefetch(self.path, self._runs(np.sort(todo)))
         block = np.ascontiguousarray(self.embeddings[todo]).view(np.ndarray)  # one gather, not a memmap lookup a row
         got = np.fromiter((row_digest(row) for row in block), np.uint64, len(todo))
         bad = np.flatnonzero(got != np.asarray(self.digests[todo], np.uint64))

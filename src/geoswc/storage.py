@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -343,19 +343,21 @@ def map_tensor(path: str | Path, name: str, what: str, sha256: str | None = None
     return torch.from_numpy(arr.copy() if arr.size == 0 else arr)
 
 
-def prefetch(path: str | Path, start: int, stop: int) -> None:
-    """Ask the kernel to start reading bytes ``[start, stop)`` of a file into the page cache, in one request,
-    and return at once (memory-mapped reads of the span then find their pages instead of faulting one read at a
-    time). A hint only: nothing happens where the system has no ``posix_fadvise``, the span is empty or the file
-    cannot be opened (the reads that follow report that)."""
-    if stop <= start or not hasattr(os, "posix_fadvise"):
+def prefetch(path: str | Path, spans: Sequence[tuple[int, int]]) -> None:
+    """Ask the kernel to start reading the byte spans ``[start, stop)`` of a file into the page cache, a request
+    a span, and return at once (memory-mapped reads of a span then find their pages instead of faulting them in
+    one read at a time). A hint only: nothing happens where the system has no ``posix_fadvise``, or for a file it
+    cannot open or advise (the reads that follow report that)."""
+    spans = [(a, b) for a, b in spans if b > a]
+    if not spans or not hasattr(os, "posix_fadvise"):
         return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+        for a, b in spans:
+            os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
     except OSError:  # e.g. a file system that takes no advice
         pass
     finally:
