@@ -142,6 +142,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         out["ft_loss"] = torch.tensor(hist["finetune"])
         out |= {f"ft.{k}": v.detach().clone() for k, v in ft.backbone.state_dict().items()}
         torch.save(out, tmp_path / f"rank{rank}.pt")
+        distributed.barrier()  # both ranks done before either leaves the group
     finally:
         distributed.shutdown()
 

@@ -90,6 +90,7 @@ def _process_group(device: str) -> Iterator[distributed.DistContext]:
     ctx = distributed.init_distributed(device)
     try:
         yield ctx
+        distributed.barrier()  # every rank done before any leaves the group (a step that failed skips this)
     finally:
         distributed.shutdown()
 
