@@ -269,9 +269,9 @@ def test_unchecked_rows_are_prefetched_once_a_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gallery_files, "PREFETCH_GAP_BYTES", 4 * D * 2)  # rows up to 4 apart: one run
     rows = np.array([10, 11, 14, 100, 700, 702, 2000], np.int64)  # spread: runs, never the whole stretch
-    h.checker.rows(rows)
+    h.checker.gather(rows)
     assert calls[-1] == [(row0 + 10 * D * 2, row0 + 15 * D * 2), (row0 + 700 * D * 2, row0 + 703 * D * 2)]
-    h.checker.rows(rows)
+    h.checker.gather(rows)
     assert len(calls) == 2
     real(path, [(10, 10), (5, 1)])  # empty spans: nothing, no error
     real(tmp_path / "idx" / "gone.safetensors", [(0, 4096)])  # a hint: a missing file is not its error

@@ -37,7 +37,9 @@ class RowChecker(Protocol):
 
     def span(self, start: int, stop: int) -> None: ...
 
-    def rows(self, rows: NDArray[np.int64]) -> None: ...
+    def gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
+        """The embeddings of ``rows`` ``(len(rows), D)``, checked."""
+        ...
 
 
 def item_key(text: str) -> int:
@@ -203,6 +205,4 @@ class Gallery:
         return cand[order], exact[order]
 
     def _gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
-        if self.checker is not None and rows.size:
-            self.checker.rows(rows)
-        return self.embeddings[rows]
+        return self.checker.gather(rows) if self.checker is not None and rows.size else self.embeddings[rows]

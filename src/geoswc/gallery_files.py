@@ -72,18 +72,20 @@ def _ceil6(x: float) -> float:
 class _BlockRows:
     """Checks embedding rows through the file's block checksums (the gallery's :class:`RowChecker`)."""
 
-    def __init__(self, blocks: storage.BlockChecksums, row0: int, row_bytes: int) -> None:
-        self.blocks, self.row0, self.row_bytes = blocks, row0, row_bytes
+    def __init__(self, embeddings: NDArray[np.float16], blocks: storage.BlockChecksums, row0: int) -> None:
+        self.embeddings, self.blocks, self.row0 = embeddings, blocks, row0
+        self.row_bytes = embeddings.shape[1] * embeddings.itemsize
 
     def span(self, start: int, stop: int) -> None:
         self.blocks.check(self.row0 + start * self.row_bytes, self.row0 + stop * self.row_bytes)
 
-    def rows(self, rows: NDArray[np.int64]) -> None:
+    def gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
         size = self.blocks.block_bytes
         first = (self.row0 + rows * self.row_bytes) // size
         last = (self.row0 + (rows + 1) * self.row_bytes - 1) // size
         for b in np.unique(np.concatenate([first, last])):
             self.blocks.check(int(b) * size, int(b) * size + 1)
+        return self.embeddings[rows]
 
 
 def load_gallery(folder: str | Path, verify: bool = False) -> Gallery:
@@ -133,12 +135,12 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
     offsets = np.asarray(t["cell_offsets"], np.int64)
     if codes["kind"] == "flat":  # the codes are the embeddings: read (verified above), not mapped
         lists = CellLists(Codebook("flat", dim, {}), offsets, lambda a, b: _read_rows(path, row0, 2 * dim, a, b))
-        checker: _BlockRows | _RowDigests = _BlockRows(blocks, row0, 2 * dim)
+        checker: _BlockRows | _RowDigests = _BlockRows(t["embeddings"], blocks, row0)
     else:
         codebook, code0, digests = _read_codes(folder, codes, n, dim)
         size = codebook.code_size
         lists = CellLists(codebook, offsets, lambda a, b: _read_rows(folder / CODES_FILE, code0, size, a, b))
-        checker = _BlockRows(blocks, row0, 2 * dim) if blocks.verified else \
+        checker = _BlockRows(t["embeddings"], blocks, row0) if blocks.verified else \
             _RowDigests(t["embeddings"], digests, path, row0)
     return Gallery(t["embeddings"], t["lat"], t["lon"], t["cell"], ItemColumn(items, t["item_offsets"], 0),
                    ItemColumn(items, t["item_offsets"], 1), identity, offsets,
@@ -201,7 +203,7 @@ class _RowDigests:
         self._lock = threading.Lock()
 
     def span(self, start: int, stop: int) -> None:
-        self.rows(np.arange(start, stop, dtype=np.int64))
+        self.gather(np.arange(start, stop, dtype=np.int64))
 
     def _runs(self, rows: NDArray[np.int64]) -> list[tuple[int, int]]:
         """The byte spans of the runs of sorted ``rows`` that lie within :data:`PREFETCH_GAP_BYTES` of each other
@@ -212,19 +214,24 @@ class _RowDigests:
         return [(self.row0 + int(a) * self.row_bytes, self.row0 + (int(b) + 1) * self.row_bytes)
                 for a, b in zip(first, last, strict=True) if b > a]
 
-    def rows(self, rows: NDArray[np.int64]) -> None:
-        todo = rows[~self._done[rows]]
-        if not todo.size:
-            return
-        storage.prefetch(self.path, self._runs(np.sort(todo)))
-        block = np.ascontiguousarray(self.embeddings[todo]).view(np.ndarray)  # one gather, not a memmap lookup a row
-        got = np.fromiter((row_digest(row) for row in block), np.uint64, len(todo))
+    def gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
+        """The rows, gathered once; those not checked before are checked on that copy (the bytes used are the
+        bytes checked), after their file spans are prefetched."""
+        new = ~self._done[rows]
+        if new.any():
+            storage.prefetch(self.path, self._runs(np.sort(rows[new])))
+        block = np.ascontiguousarray(self.embeddings[rows]).view(np.ndarray)  # one gather, not a memmap lookup a row
+        if not new.any():
+            return block
+        todo = rows[new]
+        got = np.fromiter((row_digest(row) for row in block[new]), np.uint64, len(todo))
         bad = np.flatnonzero(got != np.asarray(self.digests[todo], np.uint64))
         if bad.size:
             raise ArtifactError(f"a gallery index's embeddings are damaged or were changed (row {int(todo[bad[0]])} "
                                 "fails its digest); rebuild the index or restore the original file")
         with self._lock:
             self._done[todo] = True
+        return block
 
 
 def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
