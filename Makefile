@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: setup browser demo test test-fast lint default-model calibrate-default cross-validation comparison clean
+.PHONY: setup browser demo test test-fast lint format default-model calibrate-default cross-validation comparison clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,20 +18,25 @@ setup: $(VENV)/.installed
 demo: setup  ## locate the example photo with the embedded model
 	$(VENV)/bin/geoswc locate examples/kauai.png
 
-browser:  ## headless Chromium for tests/test_browser.py (Debian's chromium + chromium-driver)
+# Without root, `.venv/bin/python -m playwright install chromium` gives the browser test playwright's own.
+browser:  ## headless Chromium for tests/test_browser.py (Debian's chromium; needs root)
 	@if [ ! -x /usr/bin/chromium ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
 	fi
 
-test: setup browser  ## the whole test suite (what CI runs)
+test: setup lint  ## the whole test suite (what CI runs); the browser test skips in one line without a Chromium
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-lint: setup
+lint: setup  ## ruff: lint (complexity included) and formatting
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+format: setup
+	$(VENV)/bin/ruff format src tests benchmarks scripts
 
 default-model: setup  ## rebuild the embedded model from $(SHARED)
 	$(PY) scripts/build_default_model.py --shared $(SHARED)

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geoswc import storage
-from geoswc.options import BackboneChoice, Photos
+from geoswc.core import storage
+from geoswc.data.sources import Photos
+from geoswc.models.backbone import BackboneChoice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 import cross_validation as cv  # noqa: E402
@@ -41,8 +42,13 @@ class BackboneComparison:
 
     out: Path
     """The JSON results file (a ``.md`` table is written beside it)."""
-    backbones: list[dict[str, Any]] = field(default_factory=lambda: [
-        {"name": "efficientnet-lite0"}, {"name": "efficientnet-lite1"}, {"name": "efficientnet-lite2"}])
+    backbones: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {"name": "efficientnet-lite0"},
+            {"name": "efficientnet-lite1"},
+            {"name": "efficientnet-lite2"},
+        ]
+    )
     """The backbones to compare, each a :class:`geoswc.options.BackboneChoice` as a mapping (``name``, ``weights``,
     ``image_size``, ``resize``; unset: the backbone's own). Plain mappings: the geoswc CLI's parser settings (no
     class paths) may be in force in the same process."""
@@ -52,8 +58,11 @@ class BackboneComparison:
     """Views per photo of the training features (1: the plain view; the default recipe's 5 takes 5x longer)."""
     changes: dict[str, dict] = field(default_factory=dict)
     """Other changes to the recipe's sections, e.g. ``{train: {train: {rrm_epochs: 5}}}``."""
-    data: Photos = field(default_factory=lambda: Photos(csv=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv",
-                                                        images=SHARED / "im2gps3k-dev" / "images"))
+    data: Photos = field(
+        default_factory=lambda: Photos(
+            csv=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv", images=SHARED / "im2gps3k-dev" / "images"
+        )
+    )
     """The labelled photos (a CSV ``image,lat,lon,author`` and its image folder)."""
     cell_coords: Path = SHARED / "priors" / "mp16-coordinates-100k.csv"
     """The coordinates the cells are built from."""
@@ -76,18 +85,35 @@ def run(opts: BackboneComparison, argv: list[str]) -> dict[str, Any]:
     for choice in (BackboneChoice(**b) for b in opts.backbones):
         t0 = time.time()
         log.info("backbone %s", choice.name)
-        cv_opts = cv.CrossValidation(out=opts.out, recipe=opts.recipe, data=opts.data, cell_coords=opts.cell_coords,
-                                     cache=opts.cache, folds=opts.folds, quick=opts.quick, changes={
-                                         **opts.changes, "features": {**opts.changes.get("features", {}),
-                                                                      "backbone": backbone_section(choice),
-                                                                      "views": opts.views}})
+        cv_opts = cv.CrossValidation(
+            out=opts.out,
+            recipe=opts.recipe,
+            data=opts.data,
+            cell_coords=opts.cell_coords,
+            cache=opts.cache,
+            folds=opts.folds,
+            quick=opts.quick,
+            changes={
+                **opts.changes,
+                "features": {
+                    **opts.changes.get("features", {}),
+                    "backbone": backbone_section(choice),
+                    "views": opts.views,
+                },
+            },
+        )
         r = cv.run(cv_opts, [])
         r["choice"] = backbone_section(choice)
         r["seconds"] = round(time.time() - t0, 1)
         results.append(r)
-    return {"dataset": str(opts.data.csv), "folds": results[0]["folds"] if results else opts.folds,
-            "views": opts.views, "train": results[0]["train"] if results else {}, "results": results,
-            "command": shlex.join(["python", "benchmarks/backbone_comparison.py", *argv])}
+    return {
+        "dataset": str(opts.data.csv),
+        "folds": results[0]["folds"] if results else opts.folds,
+        "views": opts.views,
+        "train": results[0]["train"] if results else {},
+        "results": results,
+        "command": shlex.join(["python", "benchmarks/backbone_comparison.py", *argv]),
+    }
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -95,17 +121,21 @@ def markdown_table(result: dict[str, Any]) -> str:
     first = result["results"][0]
     keys = list(first["methods"]["swc"]["accuracy"])
     train = first["train"]
-    lines = [f"Author-disjoint {result['folds']}-fold cross-validation, {first['n']} photos, {first['cells']} "
-             f"cells, {result['views']} view(s) per photo, {train['epochs']} MvMF + {train['rrm_epochs']} RRM epochs",
-             "",
-             "| backbone | px | method | " + " | ".join(f"{k} km" for k in keys) + " | median km |",
-             "|---|---:|---|" + "---:|" * (len(keys) + 1)]
+    lines = [
+        f"Author-disjoint {result['folds']}-fold cross-validation, {first['n']} photos, {first['cells']} "
+        f"cells, {result['views']} view(s) per photo, {train['epochs']} MvMF + {train['rrm_epochs']} RRM epochs",
+        "",
+        "| backbone | px | method | " + " | ".join(f"{k} km" for k in keys) + " | median km |",
+        "|---|---:|---|" + "---:|" * (len(keys) + 1),
+    ]
     for r in result["results"]:
         for m in METHODS:
             row = r["methods"][m]
-            lines.append(f"| {r['backbone']} | {r['image_size']} | {m} | "
-                         + " | ".join(f"{100 * row['accuracy'][k]:.1f}" for k in keys)
-                         + f" | {row['median_km']:.0f} |")
+            lines.append(
+                f"| {r['backbone']} | {r['image_size']} | {m} | "
+                + " | ".join(f"{100 * row['accuracy'][k]:.1f}" for k in keys)
+                + f" | {row['median_km']:.0f} |"
+            )
     return "\n".join(lines)
 
 

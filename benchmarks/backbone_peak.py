@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from geoswc import storage
-from geoswc.api import default_model_dir
-from geoswc.data import ImageDataset
-from geoswc.model import GeoModel
-from geoswc.onnx_runtime import OnnxBackbone, default_cache_dir
+from geoswc.core import storage
+from geoswc.data.records import ImageDataset
+from geoswc.models.geomodel import GeoModel
+from geoswc.models.onnx_runtime import OnnxBackbone, default_cache_dir
+from geoswc.prediction.geolocator import default_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -81,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     gflops = count_gflops(backbone, x_all)
     cache = args.cache or default_cache_dir()
     t0 = time.perf_counter()
-    onnx_path = OnnxBackbone.from_backbone(backbone, model.backbone_fingerprint, cfg.preprocess.image_size,
-                                           cache).path
+    onnx_path = OnnxBackbone.from_backbone(backbone, model.backbone_fingerprint, cfg.preprocess.image_size, cache).path
     export_s = time.perf_counter() - t0
-    print(f"backbone {cfg.name} @ {cfg.preprocess.image_size}px: {gflops:.3f} GFLOP/image; "
-          f"onnx ready in {export_s:.1f}s", file=sys.stderr, flush=True)
+    print(
+        f"backbone {cfg.name} @ {cfg.preprocess.image_size}px: {gflops:.3f} GFLOP/image; onnx ready in {export_s:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
 
     rows = []
     peaks = {}
@@ -107,38 +109,66 @@ def main(argv: list[str] | None = None) -> int:
                         times[name].append(time.perf_counter() - t0)
             for name, ts in times.items():
                 ips = bs * len(ts) / sum(ts)
-                rows.append({
-                    "runtime": name, "threads": nt, "batch_size": bs, "images_per_s": ips,
-                    "ms_per_image": 1000 / ips, "median_ms_per_image": 1000 * float(np.median(ts)) / bs,
-                    "achieved_gflops": ips * gflops, "fraction_of_peak": ips * gflops / peaks[nt], "batches": len(ts),
-                })
+                rows.append(
+                    {
+                        "runtime": name,
+                        "threads": nt,
+                        "batch_size": bs,
+                        "images_per_s": ips,
+                        "ms_per_image": 1000 / ips,
+                        "median_ms_per_image": 1000 * float(np.median(ts)) / bs,
+                        "achieved_gflops": ips * gflops,
+                        "fraction_of_peak": ips * gflops / peaks[nt],
+                        "batches": len(ts),
+                    }
+                )
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     torch.set_num_threads(all_threads)
 
-    print(f"\nEfficientNet-Lite0 backbone, {gflops:.3f} GFLOP/image; matmul peak (float32) per thread count: "
-          + ", ".join(f"{nt} thread(s) {p:.0f} GFLOP/s" for nt, p in peaks.items()) + "\n")
+    print(
+        f"\nEfficientNet-Lite0 backbone, {gflops:.3f} GFLOP/image; matmul peak (float32) per thread count: "
+        + ", ".join(f"{nt} thread(s) {p:.0f} GFLOP/s" for nt, p in peaks.items())
+        + "\n"
+    )
     print("| runtime | threads | batch | images/s | ms/image | GFLOP/s achieved | fraction of peak |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['runtime']} | {r['threads']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
-              f"{r['ms_per_image']:.1f} | {r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.1f} % |")
+        print(
+            f"| {r['runtime']} | {r['threads']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+            f"{r['ms_per_image']:.1f} | {r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.1f} % |"
+        )
     best = max(rows, key=lambda r: r["images_per_s"])
     top = best["threads"]
     speedups = {
-        f"{nt}t_bs{bs}": next(r for r in rows if r["runtime"] == "onnx" and r["threads"] == nt
-                              and r["batch_size"] == bs)["images_per_s"]
+        f"{nt}t_bs{bs}": next(
+            r for r in rows if r["runtime"] == "onnx" and r["threads"] == nt and r["batch_size"] == bs
+        )["images_per_s"]
         / next(r for r in rows if r["runtime"] == "torch" and r["threads"] == nt and r["batch_size"] == bs)[
-            "images_per_s"]
-        for nt in threads for bs in batch_sizes}
+            "images_per_s"
+        ]
+        for nt in threads
+        for bs in batch_sizes
+    }
     print("\nonnx / torch images/s: " + ", ".join(f"{k} {v:.1f}x" for k, v in speedups.items()))
     result = {
-        "benchmark": "backbone_peak", "quick": args.quick, "backbone": cfg.name,
-        "image_size": cfg.preprocess.image_size, "gflops_per_image": gflops,
-        "machine_peak_gflops": peaks[top], "machine_peak_gflops_by_threads": {str(k): v for k, v in peaks.items()},
-        "threads": top, "best_runtime": best["runtime"], "best_batch_size": best["batch_size"],
-        "images_per_s": best["images_per_s"], "fraction_of_peak": best["fraction_of_peak"],
-        "onnx_speedup_vs_torch": speedups, "runtimes": rows, "onnx_export_s": export_s,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+        "benchmark": "backbone_peak",
+        "quick": args.quick,
+        "backbone": cfg.name,
+        "image_size": cfg.preprocess.image_size,
+        "gflops_per_image": gflops,
+        "machine_peak_gflops": peaks[top],
+        "machine_peak_gflops_by_threads": {str(k): v for k, v in peaks.items()},
+        "threads": top,
+        "best_runtime": best["runtime"],
+        "best_batch_size": best["batch_size"],
+        "images_per_s": best["images_per_s"],
+        "fraction_of_peak": best["fraction_of_peak"],
+        "onnx_speedup_vs_torch": speedups,
+        "runtimes": rows,
+        "onnx_export_s": export_s,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
         "load_average": os.getloadavg(),
     }
     try:

@@ -25,15 +25,18 @@ from pathlib import Path
 
 import torch
 
-from geoswc import storage
-from geoswc.backbone import create_backbone, default_config, get_spec
+from geoswc.core import storage
+from geoswc.models.backbone import create_backbone, default_config
+from geoswc.models.registry import get_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 from backbone_peak import count_gflops  # noqa: E402
 
 MP16_PHOTOS = 4_723_695
-DEFAULT = ("efficientnet-lite0,efficientnet-lite2,efficientnet-b4,dinov2-small,dinov2-base,clip-vit-b32,clip-vit-b16,"
-           "siglip-base,clip-vit-l14")
+DEFAULT = (
+    "efficientnet-lite0,efficientnet-lite2,efficientnet-b4,dinov2-small,dinov2-base,clip-vit-b32,clip-vit-b16,"
+    "siglip-base,clip-vit-l14"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,22 +65,37 @@ def measure(name: str, batch_size: int, batches: int) -> dict:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = batch_size * batches
     per_core = n / cpu
-    return {"backbone": name, "family": spec.family, "params_m": spec.params_m, "feature_dim": cfg.feature_dim,
-            "image_size": size, "gflops_per_image": round(gflops, 4), "images_per_cpu_s": round(per_core, 3),
-            "images_per_s": round(n / wall, 3), "cpu_ms_per_image": round(1000 / per_core, 1),
-            "gflops_per_cpu_s": round(gflops * per_core, 1),
-            "mp16_core_hours": round(MP16_PHOTOS / per_core / 3600), "mp16_pflop": round(MP16_PHOTOS * gflops / 1e6, 1)}
+    return {
+        "backbone": name,
+        "family": spec.family,
+        "params_m": spec.params_m,
+        "feature_dim": cfg.feature_dim,
+        "image_size": size,
+        "gflops_per_image": round(gflops, 4),
+        "images_per_cpu_s": round(per_core, 3),
+        "images_per_s": round(n / wall, 3),
+        "cpu_ms_per_image": round(1000 / per_core, 1),
+        "gflops_per_cpu_s": round(gflops * per_core, 1),
+        "mp16_core_hours": round(MP16_PHOTOS / per_core / 3600),
+        "mp16_pflop": round(MP16_PHOTOS * gflops / 1e6, 1),
+    }
 
 
 def markdown_table(result: dict) -> str:
-    lines = [f"Eager PyTorch fp32 on this CPU ({result['threads']} thread, batch {result['batch_size']}, random "
-             "weights); throughput per CPU-second; one feature pass over MP-16's 4.72M photos", "",
-             "| backbone | params | dim | px | GFLOP/img | img per CPU-s | GFLOP per CPU-s | MP-16 pass, "
-             "core-hours | MP-16 pass, PFLOP |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Eager PyTorch fp32 on this CPU ({result['threads']} thread, batch {result['batch_size']}, random "
+        "weights); throughput per CPU-second; one feature pass over MP-16's 4.72M photos",
+        "",
+        "| backbone | params | dim | px | GFLOP/img | img per CPU-s | GFLOP per CPU-s | MP-16 pass, "
+        "core-hours | MP-16 pass, PFLOP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["backbones"]:
-        lines.append(f"| {r['backbone']} | {r['params_m']:.1f}M | {r['feature_dim']} | {r['image_size']} | "
-                     f"{r['gflops_per_image']:.1f} | {r['images_per_cpu_s']:.2f} | {r['gflops_per_cpu_s']:.0f} | "
-                     f"{r['mp16_core_hours']:,} | {r['mp16_pflop']:.1f} |")
+        lines.append(
+            f"| {r['backbone']} | {r['params_m']:.1f}M | {r['feature_dim']} | {r['image_size']} | "
+            f"{r['gflops_per_image']:.1f} | {r['images_per_cpu_s']:.2f} | {r['gflops_per_cpu_s']:.0f} | "
+            f"{r['mp16_core_hours']:,} | {r['mp16_pflop']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -88,12 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.backbones.split(","):
         rows.append(measure(name.strip(), args.batch_size, args.batches))
-        print(f"{name}: {rows[-1]['images_per_cpu_s']} img per CPU-s, {rows[-1]['gflops_per_image']} GFLOP/img",
-              file=sys.stderr)
-    result = {"benchmark": "backbone_throughput", "batch_size": args.batch_size, "batches": args.batches,
-              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-              "torch": torch.__version__, "load_average": os.getloadavg(), "backbones": rows,
-              "command": shlex.join(["python", "benchmarks/backbone_throughput.py", *argv])}
+        print(
+            f"{name}: {rows[-1]['images_per_cpu_s']} img per CPU-s, {rows[-1]['gflops_per_image']} GFLOP/img",
+            file=sys.stderr,
+        )
+    result = {
+        "benchmark": "backbone_throughput",
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+        "backbones": rows,
+        "command": shlex.join(["python", "benchmarks/backbone_throughput.py", *argv]),
+    }
     table = markdown_table(result)
     print(table)
     storage.write_report(args.out, result, table)

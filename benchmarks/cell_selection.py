@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from geoswc import storage
-from geoswc.data import read_coordinates
-from geoswc.geo import latlon_to_xyz
-from geoswc.swc import SELECT_CANDIDATES, cells_within, prediction_density, select_cell
+from geoswc.core import storage
+from geoswc.core.sphere import latlon_to_xyz
+from geoswc.data.records import read_coordinates
+from geoswc.prediction.swc import SELECT_CANDIDATES, cells_within, prediction_density, select_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -37,8 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--select-km", type=float, default=2000.0)
     p.add_argument("--r-km", type=float, default=25.0)
     p.add_argument("--search-km", type=float, default=200.0)
-    p.add_argument("--exact-photos", type=int, default=20,
-                   help="photos whose choice is compared with the exact one (every cell's mass: slow)")
+    p.add_argument(
+        "--exact-photos",
+        type=int,
+        default=20,
+        help="photos whose choice is compared with the exact one (every cell's mass: slow)",
+    )
     return p.parse_args(argv)
 
 
@@ -54,7 +58,7 @@ def probability_vectors(n: int, cells: int, rng: np.random.Generator) -> list[np
 def exact_masses(p: np.ndarray, xyz: np.ndarray, r_km: float) -> np.ndarray:
     """Every cell's probability mass within ``r_km``, the slow way (the table in chunks of rows)."""
     cos_r = np.cos(min(r_km / 6371.0088, np.pi))
-    return np.concatenate([(xyz[s:s + 1000] @ xyz.T >= cos_r) @ p for s in range(0, len(p), 1000)])
+    return np.concatenate([(xyz[s : s + 1000] @ xyz.T >= cos_r) @ p for s in range(0, len(p), 1000)])
 
 
 def compare_with_exact(probs: list[np.ndarray], xyz: np.ndarray, r_km: float) -> dict[str, float]:
@@ -66,9 +70,12 @@ def compare_with_exact(probs: list[np.ndarray], xyz: np.ndarray, r_km: float) ->
         same.append(mass[chosen] >= mass.max() - 1e-12)
         ratio.append(mass[chosen] / mass.max())
         outside.append(1.0 - np.sort(p)[-SELECT_CANDIDATES:].sum())
-    return {"exact_photos": len(probs), "same_mass_as_exact_share": round(float(np.mean(same)), 3),
-            "chosen_mass_over_exact_min": round(float(np.min(ratio)), 4),
-            "mass_outside_candidates_median": round(float(np.median(outside)), 4)}
+    return {
+        "exact_photos": len(probs),
+        "same_mass_as_exact_share": round(float(np.mean(same)), 3),
+        "chosen_mass_over_exact_min": round(float(np.min(ratio)), 4),
+        "mass_outside_candidates_median": round(float(np.median(outside)), 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     result = {
-        "cells": args.cells, "photos": args.photos, "select_km": args.select_km, "r_km": args.r_km,
-        "search_km": args.search_km, "select_candidates": SELECT_CANDIDATES,
+        "cells": args.cells,
+        "photos": args.photos,
+        "select_km": args.select_km,
+        "r_km": args.r_km,
+        "search_km": args.search_km,
+        "select_candidates": SELECT_CANDIDATES,
         "ms_per_photo_median": round(1000 * float(np.median(times)), 3),
         "ms_per_photo_p95": round(1000 * float(np.percentile(times, 95)), 3),
         "traced_peak_mb": round(peak / 2**20, 1),
         "cells_searched_median": int(np.median(sizes)),
-        **compare_with_exact(probs[:args.exact_photos], xyz, args.select_km),
+        **compare_with_exact(probs[: args.exact_photos], xyz, args.select_km),
     }
     storage.write_json(args.out, result)
     print(json.dumps(result, indent=2))

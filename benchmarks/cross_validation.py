@@ -33,20 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoswc import storage, workflow
-from geoswc.api import Geolocator
-from geoswc.cells import CellTable
-from geoswc.config import ModelConfig, SearchChanges, SearchConfig, TrainConfig
-from geoswc.crossfit import OutOfFold, calibration_report, report_markdown
-from geoswc.data import author_folds
-from geoswc.evaluate import MethodResult
-from geoswc.features import FeatureSet
-from geoswc.metrics import accuracy_at, errors_km, median_km
-from geoswc.model import GeoModel
-from geoswc.options import Photos
+from geoswc import workflow
+from geoswc.core import storage
+from geoswc.core.config import ModelConfig, SearchChanges, SearchConfig
+from geoswc.data.sources import Photos
+from geoswc.data.splits import author_folds
+from geoswc.evaluation.crossfit import OutOfFold, calibration_report, fold_locator, report_markdown
+from geoswc.evaluation.evaluate import MethodResult
+from geoswc.evaluation.metrics import accuracy_at, errors_km, median_km
+from geoswc.geo.cells import CellTable
+from geoswc.prediction.geolocator import Geolocator
+from geoswc.prediction.swc import select_cell
 from geoswc.recipes import Recipe
-from geoswc.swc import select_cell
-from geoswc.train import train_heads
+from geoswc.training.features import FeatureSet
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -63,8 +62,11 @@ class CrossValidation:
     """The recipe whose ``cells``, ``features`` and ``train`` sections are evaluated."""
     changes: dict[str, dict] = field(default_factory=dict)
     """Changes to the recipe's sections, e.g. ``{train: {train: {epochs: 1}}, features: {views: 1}}``."""
-    data: Photos = field(default_factory=lambda: Photos(csv=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv",
-                                                        images=SHARED / "im2gps3k-dev" / "images"))
+    data: Photos = field(
+        default_factory=lambda: Photos(
+            csv=SHARED / "im2gps3k-dev" / "im2gps3k-dev.csv", images=SHARED / "im2gps3k-dev" / "images"
+        )
+    )
     """The geotagged photos (a CSV and its image folder)."""
     cell_coords: Path = SHARED / "priors" / "mp16-coordinates-100k.csv"
     """The coordinates the cells are built from (CSV with lat, lon columns in any case)."""
@@ -124,21 +126,35 @@ def label(changes: SearchChanges) -> str:
     return "swc " + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changes.items())
 
 
-def fold_errors(feats: FeatureSet, cells: CellTable, train_args: dict[str, Any], tr: np.ndarray, te: np.ndarray,
-                variants: dict[str, SearchConfig], keep: dict[str, list] | None = None
-                ) -> tuple[dict[str, np.ndarray], MethodResult]:
+def fold_errors(
+    feats: FeatureSet,
+    cells: CellTable,
+    train_args: dict[str, Any],
+    tr: np.ndarray,
+    te: np.ndarray,
+    variants: dict[str, SearchConfig],
+    keep: dict[str, list] | None = None,
+) -> tuple[dict[str, np.ndarray], MethodResult]:
     """Train on rows ``tr``, locate rows ``te`` with every method; the errors in km of each, and the ``swc``
-    predictions of the rows ``te`` (and, into ``keep``, the predictions of each method)."""
+    predictions of the rows ``te`` (and, into ``keep``, the predictions of each method). The fold's model is
+    :func:`geoswc.evaluation.crossfit.fold_locator`'s, the one that ``geoswc calibrate --features`` uses."""
     train, test = feats.subset(tr), feats.subset(te)
-    cfg: TrainConfig = train_args["train"]
-    model = GeoModel(ModelConfig(backbone=feats.backbone, heads=train_args["heads"], train=cfg,
-                                 search=train_args["search"], cells=cells.config), cells)
-    train_heads(model, train, cfg, progress=False)
-    geo = Geolocator(model, model.gallery(train.features[:, 0], train.lat, train.lon, train.names, train.authors))
+    config = ModelConfig(
+        backbone=feats.backbone,
+        heads=train_args["heads"],
+        train=train_args["train"],
+        search=train_args["search"],
+        cells=cells.config,
+    )
+    fitted = fold_locator(feats, cells, config, tr)
     out, swc = {}, None
-    for name, search in {"swc": train_args["search"], **variants, "classification": train_args["search"],
-                         "retrieval": train_args["search"]}.items():
-        geo.search = search
+    for name, search in {
+        "swc": train_args["search"],
+        **variants,
+        "classification": train_args["search"],
+        "retrieval": train_args["search"],
+    }.items():
+        geo = Geolocator(fitted.model, fitted.gallery, search)
         preds = geo.predict_features(test.features[:, 0], name.split()[0], names=test.names)  # type: ignore[arg-type]
         if keep is not None:
             keep[name] = preds
@@ -158,13 +174,22 @@ def write_predictions(folder: Path, folds: list[tuple[np.ndarray, MethodResult]]
     parts = [r for _, r in folds]
     names = [n for r in parts for n in r.names]
     preds = [p for r in parts for p in r.predictions]
-    merged_result = MethodResult("swc", [names[i] for i in order],
-                                 np.concatenate([r.true_lat for r in parts])[order],
-                                 np.concatenate([r.true_lon for r in parts])[order], [preds[i] for i in order])
+    merged_result = MethodResult(
+        "swc",
+        [names[i] for i in order],
+        np.concatenate([r.true_lat for r in parts])[order],
+        np.concatenate([r.true_lon for r in parts])[order],
+        [preds[i] for i in order],
+    )
     storage.write_text(folder / "predictions.csv", merged_result.to_csv())
-    storage.write_json(folder / "run.json", {"method": "swc", "what": "out-of-fold predictions of the "
-                                             "cross-validation", "command": shlex.join(
-                                                 ["python", "benchmarks/cross_validation.py", *argv])})
+    storage.write_json(
+        folder / "run.json",
+        {
+            "method": "swc",
+            "what": "out-of-fold predictions of the cross-validation",
+            "command": shlex.join(["python", "benchmarks/cross_validation.py", *argv]),
+        },
+    )
 
 
 def calibration(feats: FeatureSet, fold: np.ndarray, swc: list[Any]) -> dict[str, Any]:
@@ -199,19 +224,40 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
             errors.setdefault(name, []).append(e)
         for i, p in zip(te, kept["swc"], strict=True):
             swc[i] = p
-        log.info("fold %d/%d: %d train, %d test; swc acc %s", f + 1, folds, len(tr), len(te),
-                 {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()})
+        log.info(
+            "fold %d/%d: %d train, %d test; swc acc %s",
+            f + 1,
+            folds,
+            len(tr),
+            len(te),
+            {k: round(v, 3) for k, v in accuracy_at(errors["swc"][-1]).items()},
+        )
     if opts.predictions is not None:
         write_predictions(opts.predictions, swc_folds, argv)
-    rows = {m: {"accuracy": accuracy_at(np.concatenate(e)), "median_km": median_km(np.concatenate(e)),
-                "n": int(sum(len(x) for x in e))} for m, e in errors.items()}
+    rows = {
+        m: {
+            "accuracy": accuracy_at(np.concatenate(e)),
+            "median_km": median_km(np.concatenate(e)),
+            "n": int(sum(len(x) for x in e)),
+        }
+        for m, e in errors.items()
+    }
     return {
-        "dataset": str(opts.data.csv), "recipe": recipe.content, "folds": folds, "n": len(feats), "cells": len(cells),
-        "backbone": feats.backbone.name, "image_size": feats.backbone.preprocess.image_size,
-        "resize": feats.backbone.preprocess.resize, "views": feats.views,
-        "train": dataclasses.asdict(train_args["train"]), "heads": dataclasses.asdict(train_args["heads"]),
-        "search": dataclasses.asdict(train_args["search"]), "methods": rows,
-        "calibration": calibration(feats, fold, swc), "seconds": round(time.time() - t0, 1),
+        "dataset": str(opts.data.csv),
+        "recipe": recipe.content,
+        "folds": folds,
+        "n": len(feats),
+        "cells": len(cells),
+        "backbone": feats.backbone.name,
+        "image_size": feats.backbone.preprocess.image_size,
+        "resize": feats.backbone.preprocess.resize,
+        "views": feats.views,
+        "train": dataclasses.asdict(train_args["train"]),
+        "heads": dataclasses.asdict(train_args["heads"]),
+        "search": dataclasses.asdict(train_args["search"]),
+        "methods": rows,
+        "calibration": calibration(feats, fold, swc),
+        "seconds": round(time.time() - t0, 1),
         "command": shlex.join(["python", "benchmarks/cross_validation.py", *argv]),
     }
 
@@ -226,8 +272,9 @@ def markdown_table(result: dict) -> str:
         "|---|" + "---:|" * (len(keys) + 1),
     ]
     for m, r in result["methods"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in keys)
-                     + f" | {r['median_km']:.0f} |")
+        lines.append(
+            f"| {m} | " + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in keys) + f" | {r['median_km']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ and noise. Two embedding distributions are measured side by side:
   a mean direction and have few dominant dimensions, as trained embeddings do.
 
 A query is a fresh photo of a random gallery photo's landmark, so its cell is drawn in proportion to cell size,
-as real queries are. Each gallery is written by :class:`geoswc.gallery_files.GalleryWriter` (training the
+as real queries are. Each gallery is written by :class:`geoswc.gallery.files.GalleryWriter` (training the
 quantiser on a sample, coding the rows as they are compacted), then opened with ``load_gallery`` as a service
 would. Measured per size, distribution and codes:
 
@@ -49,11 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geoswc import storage, workflow
-from geoswc.api import default_model_dir
-from geoswc.config import CellConfig, GalleryCodes
-from geoswc.gallery import Gallery, GalleryIdentity
-from geoswc.gallery_files import GalleryWriter, load_gallery
+from geoswc import workflow
+from geoswc.core import storage
+from geoswc.core.config import CellConfig, GalleryCodes
+from geoswc.gallery.files import GalleryWriter, load_gallery
+from geoswc.gallery.search import Gallery, GalleryIdentity
+from geoswc.prediction.geolocator import default_model_dir
 from scale_rehearsal import MP16, synthetic_photos  # noqa: E402 - a sibling script (benchmarks/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one small size, few queries (about a minute)")
     p.add_argument("--sizes", default=None, help="comma-separated gallery sizes (default 100000,1000000,4700000)")
     p.add_argument("--codes", default="flat,pq", help="kinds of codes to measure, comma-separated")
-    p.add_argument("--flat-max", type=int, default=1_000_000,
-                   help="largest size measured with flat codes (flat holds 2 bytes a dimension in memory)")
+    p.add_argument(
+        "--flat-max",
+        type=int,
+        default=1_000_000,
+        help="largest size measured with flat codes (flat holds 2 bytes a dimension in memory)",
+    )
     p.add_argument("--pq-bytes", type=int, default=128, help="bytes of a pq/opq code")
     p.add_argument("--rerank", type=int, default=100, help="candidates re-scored exactly")
     p.add_argument("--distributions", default="synthetic,realistic")
@@ -79,8 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=None, help="embedding width (default: the default model's)")
     p.add_argument("--workdir", type=Path, default=None, help="where to build the galleries (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch and FAISS threads (1 is faster on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch and FAISS threads (1 is faster on a busy machine)",
+    )
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: measure one index, print JSON
     p.add_argument("--queries-file", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -109,8 +118,14 @@ class Synth:
             parts are drawn in that space (``realistic``); None draws them isotropically (``synthetic``).
     """
 
-    def __init__(self, dim: int, num_cells: int, seed: int, landmarks: int,
-                 basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_cells: int,
+        seed: int,
+        landmarks: int,
+        basis: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.g = torch.Generator().manual_seed(seed)
         self.dim, self.basis = dim, basis
         self.cell_dir = self._draw(num_cells + 1)
@@ -125,8 +140,11 @@ class Synth:
 
     def make(self, cell: np.ndarray, lm: np.ndarray) -> torch.Tensor:
         c = torch.from_numpy(np.where(cell < 0, len(self.cell_dir) - 1, cell))
-        x = 0.45 * self.cell_dir[c] + 0.6 * self.lm_dir[torch.from_numpy(lm % len(self.lm_dir))] + \
-            0.66 * self._draw(len(cell))
+        x = (
+            0.45 * self.cell_dir[c]
+            + 0.6 * self.lm_dir[torch.from_numpy(lm % len(self.lm_dir))]
+            + 0.66 * self._draw(len(cell))
+        )
         if self.basis is not None:
             x = x + self.basis[0]
         return torch.nn.functional.normalize(x, dim=1)
@@ -150,7 +168,7 @@ def cell_table(n: int, work: Path, coords: Path) -> tuple[np.ndarray, np.ndarray
     with open(path, "w") as f:
         f.write("lat,lon\n")
         for s in range(0, n, CHUNK):
-            np.savetxt(f, np.column_stack([lat[s:s + CHUNK], lon[s:s + CHUNK]]), fmt="%.6f", delimiter=",")
+            np.savetxt(f, np.column_stack([lat[s : s + CHUNK], lon[s : s + CHUNK]]), fmt="%.6f", delimiter=",")
     thresholds = CellConfig(max_per_cell=max(4, round(350 * n / MP16)), min_per_cell=max(1, round(45 * n / MP16)))
     table = workflow.cells(path, work / "cells.csv", thresholds)
     return lat, lon, table.assign(lat, lon), len(table)
@@ -162,8 +180,9 @@ def build(folder: Path, synth: Synth, photos: tuple, num_cells: int, codes: Gall
     n = len(lat)
     lm = np.random.default_rng(seed).integers(0, max(1, n // LANDMARK_PHOTOS), n)
     write_s = 0.0
-    with GalleryWriter(folder, synth.dim, GalleryIdentity("synthetic0000000", "synthetic0000000", num_cells),
-                       codes) as w:
+    with GalleryWriter(
+        folder, synth.dim, GalleryIdentity("synthetic0000000", "synthetic0000000", num_cells), codes
+    ) as w:
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             emb = synth.make(cell[s:e], lm[s:e]).half().numpy()
@@ -199,6 +218,7 @@ def measure(folder: Path, queries: Path) -> dict:
     data = np.load(queries)
     qs, qcells = data["queries"], data["cells"]
     import faiss  # noqa: F401 - loaded before the first reading: the index's memory, not the library's
+
     cold = drop_from_page_cache(folder)
     rss0, anon0 = memory_mb()
     t0 = time.perf_counter()
@@ -221,16 +241,28 @@ def measure(folder: Path, queries: Path) -> dict:
     truth = [exact_top(g, q, int(c)) for q, c in zip(qs, qcells, strict=True)]
     hits = sum(int(np.isin(f, t).sum()) for f, t in zip(found, truth, strict=True))
     ms, sizes, n = np.array(times), g.cell_sizes(), len(g)
-    return {"codes": g.codes, "code_bytes": int(g.lists.ivf.code_size), "rerank": g.rerank,
-            "per_query_ms": float(ms.mean()), "p50_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
-            "cpu_ms_per_query": cpu_ms, "cold": cold,
-            "warm_ms_per_query": warm_ms, "warm_cpu_ms_per_query": warm_cpu_ms,
-            "recall_at_10": hits / max(1, sum(t.size for t in truth)), "queries": len(qs),
-            "mean_cell_searched": float(np.mean(sizes[qcells])), "cells": len(sizes),
-            "nonempty_cells": int((sizes > 0).sum()), "largest_cell": int(sizes.max()),
-            "resident_bytes_per_entry": (rss1 - rss0) * 2**20 / n, "anon_bytes_per_entry": (anon1 - anon0) * 2**20 / n,
-            "disk_bytes_per_entry": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / n,
-            "load_s": load_s}
+    return {
+        "codes": g.codes,
+        "code_bytes": int(g.lists.ivf.code_size),
+        "rerank": g.rerank,
+        "per_query_ms": float(ms.mean()),
+        "p50_ms": float(np.median(ms)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "cpu_ms_per_query": cpu_ms,
+        "cold": cold,
+        "warm_ms_per_query": warm_ms,
+        "warm_cpu_ms_per_query": warm_cpu_ms,
+        "recall_at_10": hits / max(1, sum(t.size for t in truth)),
+        "queries": len(qs),
+        "mean_cell_searched": float(np.mean(sizes[qcells])),
+        "cells": len(sizes),
+        "nonempty_cells": int((sizes > 0).sum()),
+        "largest_cell": int(sizes.max()),
+        "resident_bytes_per_entry": (rss1 - rss0) * 2**20 / n,
+        "anon_bytes_per_entry": (anon1 - anon0) * 2**20 / n,
+        "disk_bytes_per_entry": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / n,
+        "load_s": load_s,
+    }
 
 
 def drop_from_page_cache(folder: Path) -> bool:
@@ -251,8 +283,18 @@ def drop_from_page_cache(folder: Path) -> bool:
 
 def measure_in_child(folder: Path, queries: Path, threads: int) -> dict:
     """:func:`measure` in a fresh process, so that its memory is the index's and the interpreter's alone."""
-    cmd = [sys.executable, __file__, "--out", "-", "--measure", str(folder), "--queries-file", str(queries),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--out",
+        "-",
+        "--measure",
+        str(folder),
+        "--queries-file",
+        str(queries),
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {folder} failed:\n{proc.stderr[-3000:]}")
@@ -272,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         print(json.dumps(measure(args.measure, args.queries_file)))
         return 0
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
-        [20_000] if args.quick else [100_000, 1_000_000, 4_700_000])
+    sizes = (
+        [int(s) for s in args.sizes.split(",")]
+        if args.sizes
+        else ([20_000] if args.quick else [100_000, 1_000_000, 4_700_000])
+    )
     kinds = args.codes.split(",")
     dim = args.dim or default_dim()
     nq = args.queries or (40 if args.quick else 300)
@@ -298,8 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                     synth = Synth(dim, num_cells, args.seed, max(1, n // LANDMARK_PHOTOS), basis)  # same directions
                     qs, qcells = queries_for(synth, photos, nq, args.seed)
                     np.savez(work / "queries.npz", queries=qs, cells=qcells)
-                    row = {"entries": n, "dim": dim, "distribution": dist, "build_s": build_s,
-                           **measure_in_child(folder, work / "queries.npz", args.threads)}
+                    row = {
+                        "entries": n,
+                        "dim": dim,
+                        "distribution": dist,
+                        "build_s": build_s,
+                        **measure_in_child(folder, work / "queries.npz", args.threads),
+                    }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     shutil.rmtree(folder, ignore_errors=True)
@@ -313,24 +363,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_result(args: argparse.Namespace, dim: int, rows: list[dict], complete: bool) -> None:
-    result = {"benchmark": "gallery_search", "quick": args.quick, "complete": complete, "k": K, "dim": dim,
-              "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-              "torch": torch.__version__, "threads": args.threads, "faiss": __import__("faiss").__version__,
-              "command": " ".join(["python", *sys.argv]), "runs": rows}
+    result = {
+        "benchmark": "gallery_search",
+        "quick": args.quick,
+        "complete": complete,
+        "k": K,
+        "dim": dim,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "faiss": __import__("faiss").__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "runs": rows,
+    }
     storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| entries | embeddings | codes | cells (non-empty) | mean cell | cold ms/query (p50, p95) | cold CPU ms | "
-          "warm ms (CPU) | recall@10 | resident B/entry (anon) | disk B/entry | write s | load s |")
+    print(
+        "| entries | embeddings | codes | cells (non-empty) | mean cell | cold ms/query (p50, p95) | cold CPU ms | "
+        "warm ms (CPU) | recall@10 | resident B/entry (anon) | disk B/entry | write s | load s |"
+    )
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         codes = r["codes"] + (f" {r['code_bytes']} B, re-rank {r['rerank']}" if r["codes"] != "flat" else "")
-        print(f"| {r['entries']:,} | {r['distribution']} | {codes} | {r['cells']:,} ({r['nonempty_cells']:,}) | "
-              f"{r['mean_cell_searched']:.0f} | {r['per_query_ms']:.2f} ({r['p50_ms']:.2f}, {r['p95_ms']:.2f}) | "
-              f"{r['cpu_ms_per_query']:.2f} | {r['warm_ms_per_query']:.2f} ({r['warm_cpu_ms_per_query']:.2f}) | "
-              f"{r['recall_at_10']:.3f} | {r['resident_bytes_per_entry']:.0f} ({r['anon_bytes_per_entry']:.0f}) | "
-              f"{r['disk_bytes_per_entry']:.0f} | {r['build_s']:.0f} | {r['load_s']:.1f} |")
+        print(
+            f"| {r['entries']:,} | {r['distribution']} | {codes} | {r['cells']:,} ({r['nonempty_cells']:,}) | "
+            f"{r['mean_cell_searched']:.0f} | {r['per_query_ms']:.2f} ({r['p50_ms']:.2f}, {r['p95_ms']:.2f}) | "
+            f"{r['cpu_ms_per_query']:.2f} | {r['warm_ms_per_query']:.2f} ({r['warm_cpu_ms_per_query']:.2f}) | "
+            f"{r['recall_at_10']:.3f} | {r['resident_bytes_per_entry']:.0f} ({r['anon_bytes_per_entry']:.0f}) | "
+            f"{r['disk_bytes_per_entry']:.0f} | {r['build_s']:.0f} | {r['load_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -127,13 +127,24 @@ def multipart(files: Sequence[tuple[str, bytes]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = []
     for name, data in files:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-                     "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
-            conn: http.client.HTTPConnection | None = None, timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    ctype: str | None = None,
+    conn: http.client.HTTPConnection | None = None,
+    timeout: float = 120,
+) -> tuple[int, dict[str, str], bytes]:
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -301,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     # room for every client: max-concurrent + max-queue >= concurrency, so no 503 is expected here
     queue = max(0, args.concurrency - 2)
     print(f"sustained: {total} requests from {args.concurrency} clients (gate 2 + {queue})", file=sys.stderr)
-    with serve(["--service.max_concurrent", "2", "--service.max_queue", str(queue)], logs / "sustained.log",
-               args.model) as server:
+    with serve(
+        ["--service.max_concurrent", "2", "--service.max_queue", str(queue)], logs / "sustained.log", args.model
+    ) as server:
         body, ctype = multipart([photos[0]])
         for _ in range(3):  # warm caches (place index, allocator) before measuring
             request(server.port, "POST", "/api/locate", body, ctype)
@@ -310,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}), file=sys.stderr)
 
     print(f"overload: a burst of {args.burst} simultaneous 4-photo requests at a gate of 1 + 1", file=sys.stderr)
-    with serve(["--service.max_concurrent", "1", "--service.max_queue", "1", "--service.queue_timeout_s", "60"],
-               logs / "overload.log", args.model) as server:
+    with serve(
+        ["--service.max_concurrent", "1", "--service.max_queue", "1", "--service.queue_timeout_s", "60"],
+        logs / "overload.log",
+        args.model,
+    ) as server:
         over = burst(server.port, photos, args.burst, 4)
     print(json.dumps(over), file=sys.stderr)
 
@@ -333,9 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "ok": all(checks.values()),
         "errors": result["errors"],
-        "settings": {"quick": args.quick, "model": args.model or "embedded default", "photos": len(photos),
-                     "sustained_gate": {"max_concurrent": 2, "max_queue": queue},
-                     "overload_gate": {"max_concurrent": 1, "max_queue": 1}},
+        "settings": {
+            "quick": args.quick,
+            "model": args.model or "embedded default",
+            "photos": len(photos),
+            "sustained_gate": {"max_concurrent": 2, "max_queue": queue},
+            "overload_gate": {"max_concurrent": 1, "max_queue": 1},
+        },
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoswc import storage
-from geoswc.api import Geolocator, LocateFailure
-from geoswc.config import Preprocess
-from geoswc.data import ImageDataset, loader
+from geoswc.core import storage
+from geoswc.core.config import Preprocess
+from geoswc.data.records import ImageDataset, loader
+from geoswc.prediction.geolocator import Geolocator, LocateFailure
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -52,11 +52,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--photos", type=int, default=None, help="photos for geoswc throughput (default 256; quick 48)")
     p.add_argument("--geoclip-photos", type=int, default=None, help="photos for GeoCLIP (default 32; quick 4)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch and onnxruntime threads for both pipelines (default 1: on a shared machine a second "
-                   "OpenMP thread that is not scheduled stalls every parallel op; scale out with processes)")
-    p.add_argument("--runtime", default="onnx", choices=["torch", "onnx"],
-                   help="the geoswc runtime reported at the top level (both are measured)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and onnxruntime threads for both pipelines (default 1: on a shared machine a second "
+        "OpenMP thread that is not scheduled stalls every parallel op; scale out with processes)",
+    )
+    p.add_argument(
+        "--runtime",
+        default="onnx",
+        choices=["torch", "onnx"],
+        help="the geoswc runtime reported at the top level (both are measured)",
+    )
     return p.parse_args(argv)
 
 
@@ -68,8 +76,13 @@ def equal_earth(latlon: torch.Tensor) -> torch.Tensor:
     a1, a2, a3, a4 = 1.340264, -0.081106, 0.000893, 0.003796
     lat, lon = torch.deg2rad(latlon[:, 0]), torch.deg2rad(latlon[:, 1])
     theta = torch.asin(math.sqrt(3) / 2 * torch.sin(lat))
-    x = 2 * math.sqrt(3) * lon * torch.cos(theta) / (3 * (9 * a4 * theta**8 + 7 * a3 * theta**6
-                                                           + 3 * a2 * theta**2 + a1))
+    x = (
+        2
+        * math.sqrt(3)
+        * lon
+        * torch.cos(theta)
+        / (3 * (9 * a4 * theta**8 + 7 * a3 * theta**6 + 3 * a2 * theta**2 + a1))
+    )
     y = a4 * theta**9 + a3 * theta**7 + a2 * theta**3 + a1 * theta
     return torch.stack([x, y], 1) * 66.50336 / 180
 
@@ -80,8 +93,15 @@ class FourierCapsule(nn.Module):
     def __init__(self, sigma: float, g: torch.Generator) -> None:
         super().__init__()
         self.register_buffer("b", torch.randn(256, 2, generator=g) * sigma)
-        self.mlp = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                                 nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512))
+        self.mlp = nn.Sequential(
+            nn.Linear(512, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 512),
+        )
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         p = 2 * math.pi * v @ self.b.T
@@ -110,8 +130,16 @@ class GeoClipStyle(nn.Module):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
-                               num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu")
+        cfg = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            projection_dim=768,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            hidden_act="quick_gelu",
+        )
         self.clip = CLIPVisionModelWithProjection(cfg).eval()
         self.image_mlp = nn.Sequential(nn.Linear(768, 768), nn.ReLU(), nn.Linear(768, 512))
         self.location_encoder = LocationEncoder()
@@ -193,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         geo.locate(lat_photos[0])  # warm-up: the place lookup table, allocator
         ips = geoswc_run(geo, photos, bs)
         lat = latencies_ms(lambda p, g=geo: g.locate(p), lat_photos)
-        runtimes[runtime] = {"images_per_s": ips, "p50_latency_ms": float(np.median(lat)),
-                             "p90_latency_ms": float(np.percentile(lat, 90)), "load_s": load_s,
-                             "photos": len(photos), "latency_photos": len(lat_photos)}
+        runtimes[runtime] = {
+            "images_per_s": ips,
+            "p50_latency_ms": float(np.median(lat)),
+            "p90_latency_ms": float(np.percentile(lat, 90)),
+            "load_s": load_s,
+            "photos": len(photos),
+            "latency_photos": len(lat_photos),
+        }
         print(f"geoswc/{runtime}: {json.dumps(runtimes[runtime])}", file=sys.stderr, flush=True)
         del geo
 
@@ -203,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     clip = GeoClipStyle(coords)
     build_s = time.perf_counter() - t0
-    print(f"GeoCLIP-style ready in {build_s:.1f}s (gallery of {len(coords):,} encoded in "
-          f"{clip.gallery_encode_s:.1f}s)", file=sys.stderr, flush=True)
-    clip_photos = all_photos[n_ours:n_ours + n_clip]
+    print(
+        f"GeoCLIP-style ready in {build_s:.1f}s (gallery of {len(coords):,} encoded in {clip.gallery_encode_s:.1f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    clip_photos = all_photos[n_ours : n_ours + n_clip]
     geoclip_run(clip, clip_photos[:1], 1)  # warm-up
     clip_ips = geoclip_run(clip, clip_photos, min(bs, n_clip))
     pre = Preprocess(224, CLIP_MEAN, CLIP_STD, "center_crop")
@@ -220,18 +256,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| GeoCLIP-style (ViT-L/14 + 100k GPS gallery) | {clip_ips:.3f} | {np.median(clip_lat):.0f} |")
     print(f"\nratio geoswc ({main_rt}) / GeoCLIP-style: {ours['images_per_s'] / clip_ips:.1f}x images/s")
     result = {
-        "benchmark": "locate_throughput", "quick": args.quick, "batch_size": bs, "runtime": main_rt,
-        "images_per_s": ours["images_per_s"], "p50_latency_ms": ours["p50_latency_ms"],
-        "geoclip_style_images_per_s": clip_ips, "geoclip_style_p50_latency_ms": float(np.median(clip_lat)),
+        "benchmark": "locate_throughput",
+        "quick": args.quick,
+        "batch_size": bs,
+        "runtime": main_rt,
+        "images_per_s": ours["images_per_s"],
+        "p50_latency_ms": ours["p50_latency_ms"],
+        "geoclip_style_images_per_s": clip_ips,
+        "geoclip_style_p50_latency_ms": float(np.median(clip_lat)),
         "ratio": ours["images_per_s"] / clip_ips,
         "runtimes": runtimes,
-        "geoclip_style": {"images_per_s": clip_ips, "photos": len(clip_photos),
-                          "p50_latency_ms": float(np.median(clip_lat)), "latency_photos": len(clip_lat),
-                          "image_tower_params": clip.params, "gallery_size": len(coords),
-                          "gallery_encode_s": clip.gallery_encode_s, "build_s": build_s,
-                          "preprocess": {"image_size": pre.image_size, "mean": CLIP_MEAN, "std": CLIP_STD}},
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "torch": torch.__version__, "load_average": os.getloadavg(),
+        "geoclip_style": {
+            "images_per_s": clip_ips,
+            "photos": len(clip_photos),
+            "p50_latency_ms": float(np.median(clip_lat)),
+            "latency_photos": len(clip_lat),
+            "image_tower_params": clip.params,
+            "gallery_size": len(coords),
+            "gallery_encode_s": clip.gallery_encode_s,
+            "build_s": build_s,
+            "preprocess": {"image_size": pre.image_size, "mean": CLIP_MEAN, "std": CLIP_STD},
+        },
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
     }
     storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")

@@ -90,8 +90,24 @@ class Peaks:
 
 def run_step(step: str, n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One step in a fresh process: ``{"wall_s", "peak_rss_mb", "anon_peak_mb", ...}``."""
-    cmd = [sys.executable, __file__, "--step", step, "--n", str(n), "--work", str(work), "--dim", str(args.dim),
-           "--steps", str(args.steps), "--queries", str(args.queries), "--coords", str(args.coords)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--step",
+        step,
+        "--n",
+        str(n),
+        "--work",
+        str(work),
+        "--dim",
+        str(args.dim),
+        "--steps",
+        str(args.steps),
+        "--queries",
+        str(args.queries),
+        "--coords",
+        str(args.coords),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -105,7 +121,7 @@ def run_step(step: str, n: int, work: Path, args: argparse.Namespace) -> dict[st
 def synthetic_photos(n: int, coords: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` positions resampled from real MP-16 ones (jittered ~1 km) and authors clustered in space: a few
     per ~20 km square, as numbers ``(n,)`` (:func:`author_names` spells a slice of them)."""
-    from geoswc.data import read_coordinates
+    from geoswc.data.records import read_coordinates
 
     rng = np.random.default_rng(n)
     lat, lon, _ = read_coordinates(coords)
@@ -122,7 +138,7 @@ def author_names(codes: np.ndarray) -> list[str]:
 
 def step_cells(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from geoswc import workflow
-    from geoswc.config import CellConfig
+    from geoswc.core.config import CellConfig
 
     thresholds = CellConfig(max_per_cell=max(4, round(350 * n / MP16)), min_per_cell=max(1, round(45 * n / MP16)))
     table = workflow.cells(work / "coords.csv", work / "cells.csv", thresholds)
@@ -130,9 +146,10 @@ def step_cells(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_features(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from geoswc.backbone import backbone_fingerprint, default_config
-    from geoswc.config import to_dict
-    from geoswc.feature_files import CacheInfo, FeatureWriter
+    from geoswc.core.config import to_dict
+    from geoswc.models.backbone import default_config
+    from geoswc.models.registry import backbone_fingerprint
+    from geoswc.training.feature_files import CacheInfo, FeatureWriter
 
     lat, lon, authors = synthetic_photos(n, args.coords)
     config = dataclasses.replace(default_config("efficientnet-lite0"), feature_dim=args.dim)
@@ -140,24 +157,34 @@ def step_features(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any
     with FeatureWriter(work / "features", 1, args.dim) as w:
         for s in range(0, n, 1024):
             e = min(n, s + 1024)
-            w.add(np.arange(s, e), rng.standard_normal((e - s, 1, args.dim), np.float32).astype(np.float16),
-                  [f"p{i}.jpg" for i in range(s, e)], author_names(authors[s:e]), lat[s:e], lon[s:e])
+            w.add(
+                np.arange(s, e),
+                rng.standard_normal((e - s, 1, args.dim), np.float32).astype(np.float16),
+                [f"p{i}.jpg" for i in range(s, e)],
+                author_names(authors[s:e]),
+                lat[s:e],
+                lon[s:e],
+            )
         w.finish(CacheInfo(to_dict(config), backbone_fingerprint(config), 1, args.dim, 0), progress=False)
     return {"cache_mb": round((work / "features" / "features.safetensors").stat().st_size / 2**20)}
 
 
 def step_train(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from geoswc import workflow
-    from geoswc.config import TrainConfig
+    from geoswc.core.config import TrainConfig
 
-    workflow.train(work / "features", work / "cells.csv", work / "model",
-                   TrainConfig(epochs=1, rrm_epochs=1, max_steps=args.steps, batch_size=128))
+    workflow.train(
+        work / "features",
+        work / "cells.csv",
+        work / "model",
+        TrainConfig(epochs=1, rrm_epochs=1, max_steps=args.steps, batch_size=128),
+    )
     return {"steps_per_phase": args.steps}
 
 
 def step_index(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from geoswc import workflow
-    from geoswc.config import GalleryCodes
+    from geoswc.core.config import GalleryCodes
 
     codes = GalleryCodes(kind="pq", pq_bytes=math.gcd(args.dim, 128))  # the MP-16 recipe's codes (128 B at 1280-d)
     gallery = workflow.index(work / "model", work / "index", features=work / "features", codes=codes)
@@ -167,8 +194,8 @@ def step_index(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 def step_locate(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from geoswc import storage
-    from geoswc.api import Geolocator
+    from geoswc.core import storage
+    from geoswc.prediction.geolocator import Geolocator
 
     geo = Geolocator.load(work / "model", work / "index", with_backbone=False, search={"select_km": 2000.0})
     rows = np.sort(np.random.default_rng(2).integers(n, size=args.queries))  # queries: rows of the cache, mapped
@@ -191,13 +218,26 @@ def one_step(args: argparse.Namespace) -> int:
             f.write("lat,lon\n" + "".join(f"{a!r},{b!r}\n" for a, b in zip(lat.tolist(), lon.tolist(), strict=True)))
         print(json.dumps({}))
         return 0
-    fn = {"cells": step_cells, "features": step_features, "train": step_train, "index": step_index,
-          "locate": step_locate}[args.step]
+    fn = {
+        "cells": step_cells,
+        "features": step_features,
+        "train": step_train,
+        "index": step_index,
+        "locate": step_locate,
+    }[args.step]
     start = time.perf_counter()
     with Peaks() as peaks:
         extra = fn(args.n, work, args)
-    print(json.dumps({"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peaks.rss),
-                      "anon_peak_mb": round(peaks.anon), **extra}))
+    print(
+        json.dumps(
+            {
+                "wall_s": round(time.perf_counter() - start, 2),
+                "peak_rss_mb": round(peaks.rss),
+                "anon_peak_mb": round(peaks.anon),
+                **extra,
+            }
+        )
+    )
     return 0
 
 
@@ -214,8 +254,11 @@ def growth(sizes: list[dict[str, Any]]) -> dict[str, Any]:
     for step in STEPS:
         ma, mb = a["steps"][step]["anon_peak_mb"], b["steps"][step]["anon_peak_mb"]
         k = math.log(max(mb, 1) / max(ma, 1)) / math.log(b["n"] / a["n"])
-        out[step] = {"anon_exponent": round(k, 2), "anon_ratio": round(mb / max(ma, 1), 2),
-                     "anon_mb_at_4_72M": round(mb * (MP16 / b["n"]) ** k)}
+        out[step] = {
+            "anon_exponent": round(k, 2),
+            "anon_ratio": round(mb / max(ma, 1), 2),
+            "anon_mb_at_4_72M": round(mb * (MP16 / b["n"]) ** k),
+        }
     return out
 
 
@@ -238,9 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     command = " ".join(["python", "benchmarks/scale_rehearsal.py", *sys.argv[1:]])
-    report = {"dim": args.dim, "steps_per_phase": args.steps, "cpu_count": os.cpu_count(), "sizes": results,
-              "growth": growth(results), "command": command}
-    from geoswc import storage
+    report = {
+        "dim": args.dim,
+        "steps_per_phase": args.steps,
+        "cpu_count": os.cpu_count(),
+        "sizes": results,
+        "growth": growth(results),
+        "command": command,
+    }
+    from geoswc.core import storage
 
     storage.write_json(args.out, report)
     print(json.dumps(report["growth"], indent=2))

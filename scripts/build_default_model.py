@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from geoswc import workflow
-from geoswc.errors import GeoswcError
+from geoswc.core.errors import GeoswcError
+from geoswc.core.storage import sha256_file
 from geoswc.recipes import Recipe
-from geoswc.storage import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "default.yaml"
@@ -54,9 +54,13 @@ def features_match(folder: Path, wanted: dict) -> bool:
     meta = json.loads((folder / "features.json").read_text())
     have = meta["backbone"]
     want = wanted["backbone"].resolve()
-    return (have["name"] == want.name and have["preprocess"]["image_size"] == want.preprocess.image_size
-            and have["preprocess"]["resize"] == want.preprocess.resize and meta["views"] == wanted["views"]
-            and meta.get("seed", 0) == wanted["seed"])
+    return (
+        have["name"] == want.name
+        and have["preprocess"]["image_size"] == want.preprocess.image_size
+        and have["preprocess"]["resize"] == want.preprocess.resize
+        and meta["views"] == wanted["views"]
+        and meta.get("seed", 0) == wanted["seed"]
+    )
 
 
 def build(recipe: Recipe, shared: Path, work: Path) -> None:
@@ -79,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--work", type=Path, default=ROOT / "work" / "default-model")
-    p.add_argument("--install", action=argparse.BooleanOptionalAction, default=True,
-                   help="copy the result into src/geoswc/assets/default")
+    p.add_argument(
+        "--install",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="copy the result into src/geoswc/assets/default",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     recipe = Recipe.load(RECIPE)

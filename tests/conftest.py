@@ -43,20 +43,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not needs:
         return
     if os.environ.get("CI"):
-        raise pytest.UsageError(f"CI is set but {missing[0]} is missing: {len(needs)} tests need ../shared/data "
-                                "beside the project (real photos and MP-16 coordinates)")
+        raise pytest.UsageError(
+            f"CI is set but {missing[0]} is missing: {len(needs)} tests need ../shared/data "
+            "beside the project (real photos and MP-16 coordinates)"
+        )
     config.hook.pytest_deselected(items=needs)
     items[:] = [it for it in items if it not in needs]
     config.stash[_SKIPPED] = len(needs)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
-                            config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
     n = config.stash.get(_SKIPPED, 0)
     if n:
         terminalreporter.write_line(
             f"skipped {n} tests that need {SHARED} (missing): the real photos and MP-16 coordinates they run on; "
-            "put the shared/ folder beside the project to run them", yellow=True)
+            "put the shared/ folder beside the project to run them",
+            yellow=True,
+        )
 
 
 def free_port() -> int:
@@ -94,8 +97,16 @@ def gps_exif_raw(lat: tuple, lon: tuple, lat_ref: bytes = b"N", lon_ref: bytes =
     """A raw EXIF block whose GPS IFD holds exactly these (possibly absurd) rationals ``((num, den), ...)``."""
     import piexif
 
-    return piexif.dump({"GPS": {piexif.GPSIFD.GPSLatitudeRef: lat_ref, piexif.GPSIFD.GPSLatitude: lat,
-                                piexif.GPSIFD.GPSLongitudeRef: lon_ref, piexif.GPSIFD.GPSLongitude: lon}})
+    return piexif.dump(
+        {
+            "GPS": {
+                piexif.GPSIFD.GPSLatitudeRef: lat_ref,
+                piexif.GPSIFD.GPSLatitude: lat,
+                piexif.GPSIFD.GPSLongitudeRef: lon_ref,
+                piexif.GPSIFD.GPSLongitude: lon,
+            }
+        }
+    )
 
 
 def gps_exif(lat: float, lon: float) -> bytes:
@@ -126,12 +137,58 @@ def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
     w = tmp_path_factory.mktemp("tiny")
     rows = dev_rows(60, step=37)
     csv_path = write_csv(w / "train.csv", rows)
-    assert main(["cells", "--coords", str(MP16), "--out", str(w / "cells.csv"),
-                 "--cells.max_per_cell", "5000", "--cells.min_per_cell", "200"]) == 0
-    assert main(["features", "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES), "--out",
-                 str(w / "features"), "--views", "2"]) == 0
-    assert main(["train", "--features", str(w / "features"), "--cells", str(w / "cells.csv"), "--out",
-                 str(w / "model"), "--train.epochs", "3", "--train.rrm_epochs", "3", "--train.batch_size", "16"]) == 0
+    assert (
+        main(
+            [
+                "cells",
+                "--coords",
+                str(MP16),
+                "--out",
+                str(w / "cells.csv"),
+                "--cells.max_per_cell",
+                "5000",
+                "--cells.min_per_cell",
+                "200",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "features",
+                "--data.csv",
+                str(csv_path),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--out",
+                str(w / "features"),
+                "--views",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(w / "features"),
+                "--cells",
+                str(w / "cells.csv"),
+                "--out",
+                str(w / "model"),
+                "--train.epochs",
+                "3",
+                "--train.rrm_epochs",
+                "3",
+                "--train.batch_size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert main(["index", "--model", str(w / "model"), "--features", str(w / "features")]) == 0
     return {"dir": w, "csv": csv_path, "model": w / "model", "features": w / "features", "cells": w / "cells.csv"}
 

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from geoswc import Geolocator
-from geoswc.api import LocateFailure
-from geoswc.errors import ImageError, InputError
-from geoswc.features import FeatureSet
-from geoswc.geo import haversine_km
+from geoswc.core.errors import ImageError, InputError
+from geoswc.core.sphere import haversine_km
+from geoswc.prediction.geolocator import LocateFailure
+from geoswc.training.features import FeatureSet
 
 from .conftest import DEV_IMAGES, KAUAI, gps_exif, jpeg_bytes
 
@@ -21,6 +21,7 @@ def geo(tiny_workspace):
     return Geolocator.load(tiny_workspace["model"])
 
 
+@pytest.mark.slow
 def test_sources_agree(geo):
     data = KAUAI.read_bytes()
     a = geo.locate(KAUAI, with_place=False)
@@ -115,7 +116,7 @@ def test_real_photo_batch(geo):
 
 
 def test_without_a_backbone_only_features_can_be_located(tiny_workspace, tmp_path):
-    from geoswc.errors import GeoswcError
+    from geoswc.core.errors import GeoswcError
 
     geo = Geolocator.load(tiny_workspace["model"], with_backbone=False)
     for call in (lambda: geo.locate(KAUAI), lambda: list(geo.locate_shards(tmp_path))):

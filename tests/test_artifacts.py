@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from geoswc.api import Geolocator
-from geoswc.cells import CellTable, build_cells
-from geoswc.config import CellConfig
-from geoswc.errors import ArtifactError, ModelMismatchError
-from geoswc.features import FeatureSet
-from geoswc.gallery_files import load_gallery
-from geoswc.model import GeoModel
+from geoswc.core.config import CellConfig
+from geoswc.core.errors import ArtifactError, ModelMismatchError
+from geoswc.gallery.files import load_gallery
+from geoswc.geo.cells import CellTable, build_cells
+from geoswc.models.geomodel import GeoModel
+from geoswc.prediction.geolocator import Geolocator
+from geoswc.training.features import FeatureSet
 
 from .conftest import MP16
 
@@ -68,7 +68,7 @@ def test_model_saved_before_a_config_field_existed_still_loads(tiny_workspace, t
     """A model written by an older version lacks config fields added since (here ``search_km``, which
     came after the first release): it loads, with the field at its default, under the fingerprint it was
     saved with, so the indexes that record that fingerprint keep working. Tampering is still caught."""
-    from geoswc.config import canonical_json, digest
+    from geoswc.core.config import canonical_json, digest
 
     d = tmp_path / "old"
     shutil.copytree(tiny_workspace["model"], d, ignore=shutil.ignore_patterns("checkpoint*"))
@@ -77,7 +77,7 @@ def test_model_saved_before_a_config_field_existed_still_loads(tiny_workspace, t
     assert meta["config"]["backbone"] and "search_km" not in canonical_json(meta["config"])
     # What the older version wrote: the same digest recipe over the config it knew.
     heads = GeoModel.load(tiny_workspace["model"], with_backbone=False).head_tensors()
-    from geoswc.model import state_digest
+    from geoswc.core.storage import state_digest
 
     meta["fingerprint"] = digest(canonical_json(meta["config"]), meta["backbone_fingerprint"], state_digest(heads))
     (d / "config.json").write_text(json.dumps(meta))
@@ -92,10 +92,17 @@ def test_model_saved_before_a_config_field_existed_still_loads(tiny_workspace, t
         GeoModel.load(d)
 
 
-@pytest.mark.parametrize("target,damage", [
-    ("heads.safetensors", "flip"), ("heads.safetensors", "truncate"), ("cells.csv", "flip"),
-    ("config.json", "edit"), ("config.json", "truncate"), ("heads.safetensors", "delete"),
-])
+@pytest.mark.parametrize(
+    "target,damage",
+    [
+        ("heads.safetensors", "flip"),
+        ("heads.safetensors", "truncate"),
+        ("cells.csv", "flip"),
+        ("config.json", "edit"),
+        ("config.json", "truncate"),
+        ("heads.safetensors", "delete"),
+    ],
+)
 def test_damaged_model_is_refused(tiny_workspace, tmp_path, target, damage):
     d = tmp_path / "m"
     shutil.copytree(tiny_workspace["model"], d, ignore=shutil.ignore_patterns("checkpoint*"))
@@ -129,8 +136,10 @@ def test_geolocator_refuses_foreign_gallery(tiny_workspace):
     """The one compatibility check: a gallery of another model, or grouped by other cells, is refused."""
     geo = Geolocator.load(tiny_workspace["model"])
     ident = geo.gallery.identity
-    for other in (dataclasses.replace(ident, model_fingerprint="somebodyelse0000"),
-                  dataclasses.replace(ident, cells_fingerprint="othercells000000")):
+    for other in (
+        dataclasses.replace(ident, model_fingerprint="somebodyelse0000"),
+        dataclasses.replace(ident, cells_fingerprint="othercells000000"),
+    ):
         with pytest.raises(ModelMismatchError, match="rebuild it with `geoswc index`"):
             Geolocator(geo.model, dataclasses.replace(geo.gallery, identity=other))
 

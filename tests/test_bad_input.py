@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoswc.api import Geolocator, LocateFailure, Prediction
 from geoswc.cli import main
-from geoswc.data import load_records, read_photo_csv
-from geoswc.errors import ArtifactError, ImageError, InputError
+from geoswc.core.errors import ArtifactError, ImageError, InputError
+from geoswc.data.records import load_records, read_photo_csv
+from geoswc.prediction.geolocator import Geolocator, LocateFailure, Prediction
 
 from .conftest import DEV_IMAGES, KAUAI, dev_rows, jpeg_bytes
 
@@ -104,7 +104,8 @@ def very_thin_png() -> bytes:
 GOOD_PHOTO = KAUAI
 """A real photo that ships with the project."""
 REAL_JPEG = (lambda buf: (Image.open(KAUAI).convert("RGB").save(buf, "JPEG", quality=90), buf.getvalue())[1])(
-    io.BytesIO())
+    io.BytesIO()
+)
 """The same photo as a JPEG, the raw material of the mangled files."""
 
 # kind -> (file name, how to make it in a folder, expected ImageError kinds; None = it must be located)
@@ -120,6 +121,7 @@ def _sparse(size: int) -> Maker:
         with open(p, "wb") as f:
             f.write(REAL_JPEG[:1024])
             f.truncate(size)
+
     return make
 
 
@@ -129,11 +131,17 @@ def _unreadable(p: Path) -> None:
 
 
 IMAGE_KINDS: dict[str, tuple[str, Maker, set[str] | None]] = {
-    "corrupt_jpeg": ("corrupt.jpg", _write(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(3000)),
-                     {"corrupt", "unsupported"}),
+    "corrupt_jpeg": (
+        "corrupt.jpg",
+        _write(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(3000)),
+        {"corrupt", "unsupported"},
+    ),
     "truncated_jpeg": ("truncated.jpg", _write(REAL_JPEG[: len(REAL_JPEG) // 2]), {"corrupt"}),
-    "zero_filled_tail_jpeg": ("zeroed.jpg", _write(REAL_JPEG[: len(REAL_JPEG) // 2]
-                                                   + bytes(len(REAL_JPEG) - len(REAL_JPEG) // 2)), {"corrupt"}),
+    "zero_filled_tail_jpeg": (
+        "zeroed.jpg",
+        _write(REAL_JPEG[: len(REAL_JPEG) // 2] + bytes(len(REAL_JPEG) - len(REAL_JPEG) // 2)),
+        {"corrupt"},
+    ),
     "empty_file": ("empty.jpg", _write(b""), {"empty"}),
     "zero_pixel_png": ("zero.png", _write(png_claiming_size(0, 0)), {"corrupt", "unsupported"}),
     "gigantic_file": ("gigantic.jpg", _sparse(51 * 2**20), {"too_large"}),
@@ -164,7 +172,7 @@ def expected_kinds(kind: str, path: Path) -> set[str] | None:
 
 @pytest.fixture(autouse=True)
 def csv_field_limit() -> Iterator[None]:
-    """reverse_geocoder (imported with geoswc.places) raises the csv module's field limit for the whole
+    """reverse_geocoder (imported with geoswc.geo.places) raises the csv module's field limit for the whole
     process; pin Python's default here so the huge-field cases behave the same in every test order."""
     old = csv.field_size_limit(131072)
     yield
@@ -211,14 +219,17 @@ def test_api_locate_bad_image(geo: Geolocator, bad_images: dict[str, Path], kind
 
 @pytest.mark.parametrize("kind", ["zero_pixels", "pixel_bomb", "none", "number"])
 def test_api_locate_bad_in_memory_source(geo: Geolocator, kind: str) -> None:
-    source: Any = {"zero_pixels": Image.new("RGB", (0, 0)), "pixel_bomb": Image.new("1", (20_000, 6_000)),
-                   "none": None, "number": 42}[kind]
+    source: Any = {
+        "zero_pixels": Image.new("RGB", (0, 0)),
+        "pixel_bomb": Image.new("1", (20_000, 6_000)),
+        "none": None,
+        "number": 42,
+    }[kind]
     with pytest.raises(ImageError, match="no pixels|above the limit|not a path"):
         geo.locate(source, with_place=False)
 
 
-def test_api_batch_reports_every_bad_image_and_locates_the_rest(geo: Geolocator,
-                                                                  bad_images: dict[str, Path]) -> None:
+def test_api_batch_reports_every_bad_image_and_locates_the_rest(geo: Geolocator, bad_images: dict[str, Path]) -> None:
     kinds = list(bad_images)
     sources = [bad_images[k] for k in kinds] + [GOOD_PHOTO]
     results = list(geo.locate_batch(sources, with_place=False, batch_size=4))
@@ -251,8 +262,7 @@ CLI_FOLDER_KINDS = ("directory_as_jpg", "symlink_to_directory")
 
 
 @pytest.mark.parametrize("kind", [k for k in IMAGE_KINDS if k not in CLI_FOLDER_KINDS])
-def test_cli_locate_batch_reports_bad_image(cli_batch: dict[str, Any], bad_images: dict[str, Path],
-                                            kind: str) -> None:
+def test_cli_locate_batch_reports_bad_image(cli_batch: dict[str, Any], bad_images: dict[str, Path], kind: str) -> None:
     path = bad_images[kind]
     line = cli_batch["by_image"][str(path)]
     if expected_kinds(kind, path) is None:
@@ -268,26 +278,37 @@ def test_cli_locate_batch_finishes_the_rest(cli_batch: dict[str, Any], bad_image
     assert "Traceback" not in cli_batch["err"]
 
 
-def test_cli_locate_text_mode_names_bad_files_on_stderr(tiny_workspace: dict[str, Path],
-                                                        bad_images: dict[str, Path],
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run_cli(["locate", bad_images["truncated_jpeg"], bad_images["text_as_jpg"], GOOD_PHOTO,
-                            "--model", tiny_workspace["model"]], capsys)
+def test_cli_locate_text_mode_names_bad_files_on_stderr(
+    tiny_workspace: dict[str, Path], bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, err = run_cli(
+        [
+            "locate",
+            bad_images["truncated_jpeg"],
+            bad_images["text_as_jpg"],
+            GOOD_PHOTO,
+            "--model",
+            tiny_workspace["model"],
+        ],
+        capsys,
+    )
     assert rc == 1 and "Traceback" not in err
     assert str(bad_images["truncated_jpeg"]) in err and "truncated" in err
     assert str(bad_images["text_as_jpg"]) in err and "not an image" in err
     assert "estimate" in out
 
 
-def test_cli_locate_folder_without_photos(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                          bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_locate_folder_without_photos(
+    tiny_workspace: dict[str, Path], tmp_path: Path, bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "readme.txt").write_text("no photos here")
     for folder in (tmp_path, bad_images["directory_as_jpg"]):
         rc, _, err = run_cli(["locate", folder, "--model", tiny_workspace["model"]], capsys)
         assert_cli_error(rc, err, "locate", "no photos found", str(folder))
     # a link to a folder is that folder: its photos are located, its bad files reported, nothing crashes
-    rc, out, err = run_cli(["locate", bad_images["symlink_to_directory"], "--model", tiny_workspace["model"],
-                            "--format", "jsonl"], capsys)
+    rc, out, err = run_cli(
+        ["locate", bad_images["symlink_to_directory"], "--model", tiny_workspace["model"], "--format", "jsonl"], capsys
+    )
     assert rc == 1 and "Traceback" not in err
     assert any("lat" in json.loads(ln) for ln in out.splitlines())
 
@@ -295,8 +316,19 @@ def test_cli_locate_folder_without_photos(tiny_workspace: dict[str, Path], tmp_p
 # -- images: HTTP ----------------------------------------------------------------------------------------
 
 HTTP_STATUS = {"empty": 422, "corrupt": 422, "unreadable": 422, "unsupported": 415, "too_large": 413}
-HTTP_KINDS = [k for k in IMAGE_KINDS if k not in ("gigantic_file", "directory_as_jpg", "dangling_symlink",
-                                                   "symlink_to_directory", "fifo_as_jpg", "unreadable_chmod_000")]
+HTTP_KINDS = [
+    k
+    for k in IMAGE_KINDS
+    if k
+    not in (
+        "gigantic_file",
+        "directory_as_jpg",
+        "dangling_symlink",
+        "symlink_to_directory",
+        "fifo_as_jpg",
+        "unreadable_chmod_000",
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -350,12 +382,14 @@ def test_http_client_named_paths_are_never_read(client: Any, name: str) -> None:
     assert r.status_code == 422, r.text
     body = r.json()
     assert body["kind"] == "empty" and "/" not in body["image"] and "\\" not in body["image"]
-    r = client.post("/api/locate", data={"path": "/etc/passwd", "image": str(GOOD_PHOTO)},
-                    params={"path": str(GOOD_PHOTO)})
+    r = client.post(
+        "/api/locate", data={"path": "/etc/passwd", "image": str(GOOD_PHOTO)}, params={"path": str(GOOD_PHOTO)}
+    )
     assert r.status_code in (415, 422) and "lat" not in r.text
 
 
 # -- CSV: Python API --------------------------------------------------------------------------------------
+
 
 def good_rows() -> list[dict[str, str]]:
     """Three real rows of the development CSV (their photos are in DEV_IMAGES)."""
@@ -469,14 +503,28 @@ def test_load_records_needs_a_source() -> None:
 
 
 @pytest.mark.parametrize("kind", list(FILE_KINDS))
-def test_cli_evaluate_bad_csv(tiny_workspace: dict[str, Path], tmp_path: Path, kind: str,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_evaluate_bad_csv(
+    tiny_workspace: dict[str, Path], tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     p = make_csv(tmp_path, kind)
-    rc, _, err = run_cli(["evaluate", "--data.csv", p, "--data.images", DEV_IMAGES, "--out", tmp_path / "eval",
-                          "--model", tiny_workspace["model"]], capsys)
+    rc, _, err = run_cli(
+        [
+            "evaluate",
+            "--data.csv",
+            p,
+            "--data.images",
+            DEV_IMAGES,
+            "--out",
+            tmp_path / "eval",
+            "--model",
+            tiny_workspace["model"],
+        ],
+        capsys,
+    )
     line = assert_cli_error(rc, err, "evaluate", str(p))
-    assert FILE_KINDS[kind][1] is None or FILE_KINDS[kind][1] in line or (
-        kind == "unreadable_chmod_000" and IS_ROOT), line
+    assert FILE_KINDS[kind][1] is None or FILE_KINDS[kind][1] in line or (kind == "unreadable_chmod_000" and IS_ROOT), (
+        line
+    )
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
@@ -488,9 +536,9 @@ def test_cli_cells_bad_coords(tmp_path: Path, kind: str, capsys: pytest.CaptureF
     assert not (tmp_path / "cells.csv").exists()
 
 
-def test_cli_evaluate_reports_every_bad_row_and_finishes(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                         bad_images: dict[str, Path],
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_evaluate_reports_every_bad_row_and_finishes(
+    tiny_workspace: dict[str, Path], tmp_path: Path, bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """One benchmark CSV holding every bad row kind and a corrupt photo: the good photos are still scored."""
     shutil.copy(bad_images["truncated_jpeg"], tmp_path / "truncated.jpg")
     rows_in = good_rows()
@@ -501,9 +549,22 @@ def test_cli_evaluate_reports_every_bad_row_and_finishes(tiny_workspace: dict[st
     bad = [ROW_KINDS[k][0].format(img=rows_in[1]["image"]) for k in ROW_KINDS if k != "duplicate_row"]
     rows = good + bad + [good[0], "truncated.jpg,10,20,"]
     (tmp_path / "bench.csv").write_text("image,lat,lon,author\n" + "\n".join(rows) + "\n")
-    rc, out, err = run_cli(["evaluate", "--data.csv", tmp_path / "bench.csv", "--data.images", tmp_path, "--out",
-                            tmp_path / "eval", "--model", tiny_workspace["model"], "--methods",
-                            "[swc, classification]"], capsys)
+    rc, out, err = run_cli(
+        [
+            "evaluate",
+            "--data.csv",
+            tmp_path / "bench.csv",
+            "--data.images",
+            tmp_path,
+            "--out",
+            tmp_path / "eval",
+            "--model",
+            tiny_workspace["model"],
+            "--methods",
+            "[swc, classification]",
+        ],
+        capsys,
+    )
     assert rc == 0 and "Traceback" not in err, err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == len(rows_in) and metrics["missing"] == len(bad) + 2
@@ -514,22 +575,30 @@ def test_cli_evaluate_reports_every_bad_row_and_finishes(tiny_workspace: dict[st
     assert "truncated.jpg" in reasons and "truncated" in reasons
 
 
-def test_cli_index_reports_bad_rows_and_photos_and_finishes(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                            bad_images: dict[str, Path],
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_index_reports_bad_rows_and_photos_and_finishes(
+    tiny_workspace: dict[str, Path], tmp_path: Path, bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     shutil.copy(bad_images["text_as_jpg"], tmp_path / "notes.jpg")
     shutil.copy(GOOD_PHOTO, tmp_path / "good.jpg")
-    (tmp_path / "g.csv").write_text("image,lat,lon\ngood.jpg,48.85,2.35\nnotes.jpg,1,2\nmissing.jpg,3,4\n"
-                                    "good.jpg,5,6\nx.jpg,100,0\n")
+    (tmp_path / "g.csv").write_text(
+        "image,lat,lon\ngood.jpg,48.85,2.35\nnotes.jpg,1,2\nmissing.jpg,3,4\ngood.jpg,5,6\nx.jpg,100,0\n"
+    )
     model = tmp_path / "model"
     shutil.copytree(tiny_workspace["model"], model, ignore=shutil.ignore_patterns("checkpoint*", "index"))
-    rc, out, err = run_cli(["index", "--model", model, "--data.csv", tmp_path / "g.csv", "--data.images", tmp_path],
-                           capsys)
+    rc, out, err = run_cli(
+        ["index", "--model", model, "--data.csv", tmp_path / "g.csv", "--data.images", tmp_path], capsys
+    )
     assert rc == 0 and "Traceback" not in err, err
     assert "gallery of 1 photo" in out
     log = err
-    for needle in ("notes.jpg", "not an image", "missing.jpg", "image file not found", "duplicate image id",
-                   "outside ±90"):
+    for needle in (
+        "notes.jpg",
+        "not an image",
+        "missing.jpg",
+        "image file not found",
+        "duplicate image id",
+        "outside ±90",
+    ):
         assert needle in log, needle
     assert Geolocator.load(model).gallery is not None
 
@@ -537,12 +606,28 @@ def test_cli_index_reports_bad_rows_and_photos_and_finishes(tiny_workspace: dict
 # -- bad flags and bad artefact paths ---------------------------------------------------------------------
 
 FLAG_KINDS: dict[str, tuple[list[str], str]] = {
-    "cells_min_per_cell_0": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.min_per_cell", "0"],
-                             "--cells.min_per_cell"),
-    "cells_max_below_min": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.max_per_cell", "3",
-                             "--cells.min_per_cell", "5"], "--cells.max_per_cell"),
-    "cells_max_level_99": (["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.max_level", "99"],
-                           "--cells.max_level"),
+    "cells_min_per_cell_0": (
+        ["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.min_per_cell", "0"],
+        "--cells.min_per_cell",
+    ),
+    "cells_max_below_min": (
+        [
+            "cells",
+            "--coords",
+            "{coords}",
+            "--out",
+            "{tmp}/c.csv",
+            "--cells.max_per_cell",
+            "3",
+            "--cells.min_per_cell",
+            "5",
+        ],
+        "--cells.max_per_cell",
+    ),
+    "cells_max_level_99": (
+        ["cells", "--coords", "{coords}", "--out", "{tmp}/c.csv", "--cells.max_level", "99"],
+        "--cells.max_level",
+    ),
     "locate_k_0": (["locate", "{photo}", "--model", "{model}", "--search.k", "0"], "--search.k"),
     "locate_eps_negative": (["locate", "{photo}", "--model", "{model}", "--search.eps_km", "-1"], "--search.eps_km"),
     "locate_batch_size_0": (["locate", "{photo}", "--model", "{model}", "--run.batch_size", "0"], "--run.batch_size"),
@@ -550,18 +635,30 @@ FLAG_KINDS: dict[str, tuple[list[str], str]] = {
     "locate_k_not_a_number": (["locate", "{photo}", "--model", "{model}", "--search.k", "ten"], "--search"),
     "locate_workers_absurd": (["locate", "{photo}", "--model", "{model}", "--run.workers", "100000"], "--run.workers"),
     "locate_unknown_format": (["locate", "{photo}", "--model", "{model}", "--format", "xml"], "--format"),
-    "train_batch_size_0": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                            "--train.batch_size", "0"], "--train.batch_size"),
-    "train_lr_nan": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--train.lr",
-                      ".nan"], "--train.lr"),
-    "train_epochs_negative": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                               "--train.epochs", "-1"], "--train.epochs"),
-    "train_dropout_1_5": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                           "--heads.mvmf_dropout", "1.5"], "--heads.mvmf_dropout"),
-    "train_temperature_0": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m",
-                             "--train.temperature", "0"], "--train.temperature"),
-    "features_views_0": (["features", "--data.csv", "{csv}", "--data.images", "{images}", "--out", "{tmp}/f",
-                          "--views", "0"], "--views"),
+    "train_batch_size_0": (
+        ["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--train.batch_size", "0"],
+        "--train.batch_size",
+    ),
+    "train_lr_nan": (
+        ["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--train.lr", ".nan"],
+        "--train.lr",
+    ),
+    "train_epochs_negative": (
+        ["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--train.epochs", "-1"],
+        "--train.epochs",
+    ),
+    "train_dropout_1_5": (
+        ["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--heads.mvmf_dropout", "1.5"],
+        "--heads.mvmf_dropout",
+    ),
+    "train_temperature_0": (
+        ["train", "--features", "{features}", "--cells", "{cells}", "--out", "{tmp}/m", "--train.temperature", "0"],
+        "--train.temperature",
+    ),
+    "features_views_0": (
+        ["features", "--data.csv", "{csv}", "--data.images", "{images}", "--out", "{tmp}/f", "--views", "0"],
+        "--views",
+    ),
 }
 
 PATH_KINDS: dict[str, tuple[list[str], str]] = {
@@ -569,41 +666,68 @@ PATH_KINDS: dict[str, tuple[list[str], str]] = {
     "locate_model_is_a_file": (["locate", "{photo}", "--model", "{coords}"], "no geoswc model"),
     "locate_index_missing": (["locate", "{photo}", "--model", "{model}", "--index", "{tmp}/nope"], "not found"),
     "locate_index_is_the_model": (["locate", "{photo}", "--model", "{model}", "--index", "{model}"], "index"),
-    "train_features_missing": (["train", "--features", "{tmp}/nope", "--cells", "{cells}", "--out", "{tmp}/m"],
-                               "feature cache not found"),
-    "train_cells_missing": (["train", "--features", "{features}", "--cells", "{tmp}/nope.csv", "--out", "{tmp}/m"],
-                            "cell table not found"),
-    "train_cells_is_a_coords_csv": (["train", "--features", "{features}", "--cells", "{coords}", "--out", "{tmp}/m"],
-                                    "must start with the header"),
-    "train_out_is_a_file": (["train", "--features", "{features}", "--cells", "{cells}", "--out", "{coords}"],
-                            "is a file, not a folder"),
+    "train_features_missing": (
+        ["train", "--features", "{tmp}/nope", "--cells", "{cells}", "--out", "{tmp}/m"],
+        "feature cache not found",
+    ),
+    "train_cells_missing": (
+        ["train", "--features", "{features}", "--cells", "{tmp}/nope.csv", "--out", "{tmp}/m"],
+        "cell table not found",
+    ),
+    "train_cells_is_a_coords_csv": (
+        ["train", "--features", "{features}", "--cells", "{coords}", "--out", "{tmp}/m"],
+        "must start with the header",
+    ),
+    "train_out_is_a_file": (
+        ["train", "--features", "{features}", "--cells", "{cells}", "--out", "{coords}"],
+        "is a file, not a folder",
+    ),
     "index_features_missing": (["index", "--model", "{model}", "--features", "{tmp}/nope"], "not found"),
-    "index_out_is_a_file": (["index", "--model", "{model}", "--features", "{features}", "--out", "{coords}"],
-                            "is a file, not a folder"),
+    "index_out_is_a_file": (
+        ["index", "--model", "{model}", "--features", "{features}", "--out", "{coords}"],
+        "is a file, not a folder",
+    ),
     "index_without_photos": (["index", "--model", "{model}", "--out", "{tmp}/i"], "--features"),
-    "evaluate_out_is_a_file": (["evaluate", "--data.csv", "{csv}", "--data.images", "{images}", "--out", "{coords}",
-                                "--model", "{model}"], "is a file, not a folder"),
-    "evaluate_images_missing": (["evaluate", "--data.csv", "{csv}", "--data.images", "{tmp}/nope", "--out", "{tmp}/e",
-                                 "--model", "{model}"], "image folder not found"),
-    "cells_out_is_a_directory": (["cells", "--coords", "{coords}", "--out", "{tmp}", "--cells.min_per_cell", "1"],
-                                 "is a directory"),
-    "cells_coords_have_no_usable_row": (["cells", "--coords", "{nan_coords}", "--out", "{tmp}/c.csv"],
-                                        "no usable coordinates"),
+    "evaluate_out_is_a_file": (
+        ["evaluate", "--data.csv", "{csv}", "--data.images", "{images}", "--out", "{coords}", "--model", "{model}"],
+        "is a file, not a folder",
+    ),
+    "evaluate_images_missing": (
+        ["evaluate", "--data.csv", "{csv}", "--data.images", "{tmp}/nope", "--out", "{tmp}/e", "--model", "{model}"],
+        "image folder not found",
+    ),
+    "cells_out_is_a_directory": (
+        ["cells", "--coords", "{coords}", "--out", "{tmp}", "--cells.min_per_cell", "1"],
+        "is a directory",
+    ),
+    "cells_coords_have_no_usable_row": (
+        ["cells", "--coords", "{nan_coords}", "--out", "{tmp}/c.csv"],
+        "no usable coordinates",
+    ),
 }
 
 
 def _fill(argv: list[str], ws: dict[str, Path], tmp: Path) -> list[str]:
     (tmp / "coords.csv").write_text("lat,lon\n48.85,2.35\n48.86,2.34\n40.7,-74.0\n")
     (tmp / "nan_coords.csv").write_text("lat,lon\nnan,1\n95,2\nabc,3\n")
-    subs = {"tmp": tmp, "coords": tmp / "coords.csv", "nan_coords": tmp / "nan_coords.csv", "model": ws["model"],
-            "features": ws["features"], "cells": ws["cells"], "csv": ws["csv"], "images": DEV_IMAGES,
-            "photo": GOOD_PHOTO}
+    subs = {
+        "tmp": tmp,
+        "coords": tmp / "coords.csv",
+        "nan_coords": tmp / "nan_coords.csv",
+        "model": ws["model"],
+        "features": ws["features"],
+        "cells": ws["cells"],
+        "csv": ws["csv"],
+        "images": DEV_IMAGES,
+        "photo": GOOD_PHOTO,
+    }
     return [a.format(**{k: str(v) for k, v in subs.items()}) for a in argv]
 
 
 @pytest.mark.parametrize("kind", list(FLAG_KINDS))
-def test_cli_bad_flag(tiny_workspace: dict[str, Path], tmp_path: Path, kind: str,
-                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_flag(
+    tiny_workspace: dict[str, Path], tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv, flag = FLAG_KINDS[kind]
     rc, _, err = run_cli(_fill(argv, tiny_workspace, tmp_path), capsys)
     assert_cli_error(rc, err, argv[0], flag)
@@ -611,8 +735,9 @@ def test_cli_bad_flag(tiny_workspace: dict[str, Path], tmp_path: Path, kind: str
 
 
 @pytest.mark.parametrize("kind", list(PATH_KINDS))
-def test_cli_bad_artifact_path(tiny_workspace: dict[str, Path], tmp_path: Path, kind: str,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_artifact_path(
+    tiny_workspace: dict[str, Path], tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv, needle = PATH_KINDS[kind]
     rc, _, err = run_cli(_fill(argv, tiny_workspace, tmp_path), capsys)
     assert_cli_error(rc, err, argv[0], needle)
@@ -632,52 +757,73 @@ def test_api_bad_artifact_paths(tmp_path: Path) -> None:
 # -- nothing already written is lost ---------------------------------------------------------------------
 
 
-def test_failed_train_leaves_a_good_model_untouched(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_train_leaves_a_good_model_untouched(
+    tiny_workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "model"
     shutil.copytree(tiny_workspace["model"], out)
     before = snapshot(out)
     (tmp_path / "coords.csv").write_text("lat,lon\n1,2\n")
     base = ["train", "--features", tiny_workspace["features"], "--out", out]
-    for argv in (base + ["--cells", tmp_path / "coords.csv"],                     # not a cell table
-                 base + ["--cells", tiny_workspace["cells"], "--train.lr", "-1"],          # bad flag
-                 base + ["--cells", tiny_workspace["cells"], "--train.epochs", "2"]):      # another run's checkpoint
+    for argv in (
+        base + ["--cells", tmp_path / "coords.csv"],  # not a cell table
+        base + ["--cells", tiny_workspace["cells"], "--train.lr", "-1"],  # bad flag
+        base + ["--cells", tiny_workspace["cells"], "--train.epochs", "2"],
+    ):  # another run's checkpoint
         rc, _, err = run_cli(argv, capsys)
         assert_cli_error(rc, err, "train")
         assert snapshot(out) == before
     Geolocator.load(out)
 
 
-def test_failed_index_leaves_a_good_index_untouched(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_index_leaves_a_good_index_untouched(
+    tiny_workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_workspace["model"], model, ignore=shutil.ignore_patterns("checkpoint*"))
     before = snapshot(model)
     (tmp_path / "bad.csv").write_text("image,lat,lon\nmissing.jpg,1,2\n")
-    for extra in (["--features", tmp_path / "nope"], ["--data.csv", tmp_path / "bad.csv", "--data.images", DEV_IMAGES],
-                  ["--data.csv", tmp_path / "bad.csv", "--data.images", tmp_path / "nope"]):
+    for extra in (
+        ["--features", tmp_path / "nope"],
+        ["--data.csv", tmp_path / "bad.csv", "--data.images", DEV_IMAGES],
+        ["--data.csv", tmp_path / "bad.csv", "--data.images", tmp_path / "nope"],
+    ):
         rc, _, err = run_cli(["index", "--model", model, *extra], capsys)
         assert_cli_error(rc, err, "index")
         assert snapshot(model) == before
     assert len(Geolocator.load(model).gallery) == 60
 
 
-def test_failed_evaluate_keeps_previous_results(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_evaluate_keeps_previous_results(
+    tiny_workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "eval"
     out.mkdir()
     for name in ("metrics.json", "predictions.csv", "run.json", "accuracy.png"):
         (out / name).write_text(f"previous {name}\n")
     before = snapshot(out)
     for kind in ("non_utf8", "missing_columns", "header_only"):
-        rc, _, err = run_cli(["evaluate", "--data.csv", make_csv(tmp_path, kind), "--data.images", DEV_IMAGES,
-                              "--out", out, "--model", tiny_workspace["model"]], capsys)
+        rc, _, err = run_cli(
+            [
+                "evaluate",
+                "--data.csv",
+                make_csv(tmp_path, kind),
+                "--data.images",
+                DEV_IMAGES,
+                "--out",
+                out,
+                "--model",
+                tiny_workspace["model"],
+            ],
+            capsys,
+        )
         assert_cli_error(rc, err, "evaluate")
         assert snapshot(out) == before
 
 
-def test_failed_cells_keeps_the_existing_table(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_cells_keeps_the_existing_table(
+    tiny_workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "cells.csv"
     shutil.copy(tiny_workspace["cells"], out)
     before = out.read_bytes()
@@ -691,23 +837,45 @@ def test_failed_cells_keeps_the_existing_table(tiny_workspace: dict[str, Path], 
 # -- the real command in a subprocess: exit code 2, one line on stderr, no traceback ----------------------
 
 
-@pytest.mark.parametrize("kind", ["cells_huge_field", "locate_model_missing", "train_out_is_a_file",
-                                  "evaluate_non_utf8", "locate_batch_size_0"])
+@pytest.mark.parametrize(
+    "kind",
+    ["cells_huge_field", "locate_model_missing", "train_out_is_a_file", "evaluate_non_utf8", "locate_batch_size_0"],
+)
 def test_subprocess_exit_code_and_one_line(tiny_workspace: dict[str, Path], tmp_path: Path, kind: str) -> None:
     ws = tiny_workspace
     argv = {
-        "cells_huge_field": ["cells", "--coords", str(make_csv(tmp_path, "huge_field")), "--out",
-                             str(tmp_path / "c.csv")],
+        "cells_huge_field": [
+            "cells",
+            "--coords",
+            str(make_csv(tmp_path, "huge_field")),
+            "--out",
+            str(tmp_path / "c.csv"),
+        ],
         "locate_model_missing": ["locate", str(GOOD_PHOTO), "--model", str(tmp_path / "nope")],
-        "train_out_is_a_file": ["train", "--features", str(ws["features"]), "--cells", str(ws["cells"]), "--out",
-                                str(ws["csv"])],
-        "evaluate_non_utf8": ["evaluate", "--data.csv", str(make_csv(tmp_path, "non_utf8")), "--data.images",
-                              str(DEV_IMAGES), "--out", str(tmp_path / "e"), "--model", str(ws["model"])],
+        "train_out_is_a_file": [
+            "train",
+            "--features",
+            str(ws["features"]),
+            "--cells",
+            str(ws["cells"]),
+            "--out",
+            str(ws["csv"]),
+        ],
+        "evaluate_non_utf8": [
+            "evaluate",
+            "--data.csv",
+            str(make_csv(tmp_path, "non_utf8")),
+            "--data.images",
+            str(DEV_IMAGES),
+            "--out",
+            str(tmp_path / "e"),
+            "--model",
+            str(ws["model"]),
+        ],
         "locate_batch_size_0": ["locate", str(KAUAI), "--run.batch_size", "0"],
     }[kind]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-m", "geoswc", *argv], capture_output=True, text=True, timeout=120,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-m", "geoswc", *argv], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     errors = [ln for ln in proc.stderr.splitlines() if ": error:" in ln]
@@ -718,8 +886,8 @@ def test_subprocess_exit_code_and_one_line(tiny_workspace: dict[str, Path], tmp_
 # -- a burst beyond the server's limits: 503 + Retry-After, not an unbounded queue ------------------------
 
 
-def test_real_server_refuses_a_burst_with_503_and_retry_after(tiny_workspace: dict[str, Path],
-                                                              tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_real_server_refuses_a_burst_with_503_and_retry_after(tiny_workspace: dict[str, Path], tmp_path: Path) -> None:
     """The light version of benchmarks/load_test.py: `geoswc serve` in a subprocess, a gate of 1 running +
     1 waiting, 8 simultaneous requests: 6 are refused at once with 503 and Retry-After, then it serves on."""
     import importlib.util
@@ -729,8 +897,12 @@ def test_real_server_refuses_a_burst_with_503_and_retry_after(tiny_workspace: di
     lt = sys.modules["load_test"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(lt)
     photos = [(f"p{i}.jpg", (DEV_IMAGES / r["image"]).read_bytes()) for i, r in enumerate(dev_rows(8, step=97))]
-    with lt.serve(["--service.max_concurrent", "1", "--service.max_queue", "1", "--service.queue_timeout_s", "60"],
-                  tmp_path / "serve.log", str(tiny_workspace["model"]), timeout_s=120) as server:
+    with lt.serve(
+        ["--service.max_concurrent", "1", "--service.max_queue", "1", "--service.queue_timeout_s", "60"],
+        tmp_path / "serve.log",
+        str(tiny_workspace["model"]),
+        timeout_s=120,
+    ) as server:
         result = lt.burst(server.port, photos, 8, 2)
     assert result["burst_status_counts"] == {"200": 2, "503": 6}, result
     assert result["retry_after_missing"] == 0 and all(r >= 1 for r in result["retry_after"])

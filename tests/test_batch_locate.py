@@ -10,8 +10,8 @@ import tarfile
 import pytest
 
 from geoswc.cli import main
-from geoswc.data import read_photo_csv
-from geoswc.shards import write_shards
+from geoswc.data.records import read_photo_csv
+from geoswc.data.shards import write_shards
 
 from .conftest import DEV_IMAGES, KAUAI, dev_rows, write_csv
 
@@ -28,8 +28,24 @@ def test_csv_to_jsonl_and_csv_to_stdout(rows, tmp_path, capsys):
     listing = tmp_path / "photos.csv"
     listing.write_text("image\n" + "".join(r["image"] + "\n" for r in rows) + "nowhere.jpg\n")
     out = tmp_path / "pred.jsonl"
-    assert main(["locate", "--data.csv", str(listing), "--data.images", str(DEV_IMAGES), "--output", str(out),
-                 "--run.workers", "1", "--run.batch_size", "2"]) == 1
+    assert (
+        main(
+            [
+                "locate",
+                "--data.csv",
+                str(listing),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--output",
+                str(out),
+                "--run.workers",
+                "1",
+                "--run.batch_size",
+                "2",
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     assert f"3 photos located, 1 failed -> {out} (jsonl)" in captured.out and "nowhere.jpg" in captured.err
     preds = [json.loads(line) for line in out.read_text().splitlines()]
@@ -37,8 +53,20 @@ def test_csv_to_jsonl_and_csv_to_stdout(rows, tmp_path, capsys):
     for p in preds:
         assert -90 <= p["lat"] <= 90 and -180 <= p["lon"] <= 180 and p["top_cells"] and p["place"]["country"]
     # the same photos as CSV on stdout (a CSV with positions works too)
-    assert main(["locate", "--data.csv", str(write_csv(tmp_path / "dev.csv", rows)), "--data.images", str(DEV_IMAGES),
-                 "--format", "csv"]) == 0
+    assert (
+        main(
+            [
+                "locate",
+                "--data.csv",
+                str(write_csv(tmp_path / "dev.csv", rows)),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [t["image"] for t in table] == [r["image"] for r in rows]
     assert all(t["cell"] and float(t["confidence"]) >= 0 and not t["error"] for t in table)
@@ -70,8 +98,9 @@ def test_shards_to_geojson_with_a_corrupt_member(rows, tmp_path, capsys):
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
     out = tmp_path / "pred.geojson"
-    rc = main(["locate", "--data.shards", str(tmp_path / "s" / "shard-*.tar"), "--output", str(out),
-               "--run.workers", "2"])
+    rc = main(
+        ["locate", "--data.shards", str(tmp_path / "s" / "shard-*.tar"), "--output", str(out), "--run.workers", "2"]
+    )
     assert rc == 1
     assert "3 photos located, 1 failed" in capsys.readouterr().out
     fc = json.loads(out.read_text())

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from geoswc.cells import build_cells
-from geoswc.config import CellConfig
-from geoswc.data import read_coordinates
-from geoswc.evaluate import PREDICTION_COLUMNS
-from geoswc.geo import haversine_km
+from geoswc.core.config import CellConfig
+from geoswc.core.sphere import haversine_km
+from geoswc.data.records import read_coordinates
+from geoswc.evaluation.evaluate import PREDICTION_COLUMNS
+from geoswc.geo.cells import build_cells
 
 from .conftest import DEV_IMAGES, MP16, ROOT, dev_rows, load_script, write_csv
 
@@ -27,11 +27,31 @@ def _load_cv():
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_scale_rehearsal_measures_every_step(tmp_path, capsys):
     sr = _load("scale_rehearsal")
     out = tmp_path / "scale.json"
-    assert sr.main(["--sizes", "3000,6000", "--out", str(out), "--steps", "2", "--queries", "5", "--dim", "64",
-                    "--coords", str(MP16), "--work", str(tmp_path)]) == 0
+    assert (
+        sr.main(
+            [
+                "--sizes",
+                "3000,6000",
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--queries",
+                "5",
+                "--dim",
+                "64",
+                "--coords",
+                str(MP16),
+                "--work",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [s["n"] for s in result["sizes"]] == [3000, 6000]
     for size in result["sizes"]:
@@ -47,29 +67,61 @@ def test_scale_rehearsal_measures_every_step(tmp_path, capsys):
 def test_cell_selection_benchmark(tmp_path, capsys):
     cs = _load("cell_selection")
     out = tmp_path / "cs.json"
-    assert cs.main(["--out", str(out), "--cells", "2000", "--photos", "10", "--exact-photos", "3",
-                    "--coords", str(MP16)]) == 0
+    assert (
+        cs.main(["--out", str(out), "--cells", "2000", "--photos", "10", "--exact-photos", "3", "--coords", str(MP16)])
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["cells"] == 2000 and result["ms_per_photo_median"] > 0
     assert 0 < result["chosen_mass_over_exact_min"] <= 1 and 0 <= result["mass_outside_candidates_median"] < 1
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_cross_validation_quick_run(tmp_path, capsys):
     cv = _load_cv()
     rows = dev_rows(40, step=53)
     csv_path = write_csv(tmp_path / "dev.csv", rows)
     out = tmp_path / "cv.json"
-    changes = {"cells": {"cells": {"max_per_cell": 5000, "min_per_cell": 200}}, "features": {"views": 1},
-               "train": {"search": {"select_km": 2000}}}
-    assert cv.main(["--out", str(out), "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES), "--cache",
-                    str(tmp_path / "cache"), "--quick", "true", "--changes", json.dumps(changes),
-                    "--also", "[{select_km: 0}]", "--predictions", str(tmp_path / "oof")]) == 0
+    changes = {
+        "cells": {"cells": {"max_per_cell": 5000, "min_per_cell": 200}},
+        "features": {"views": 1},
+        "train": {"search": {"select_km": 2000}},
+    }
+    assert (
+        cv.main(
+            [
+                "--out",
+                str(out),
+                "--data.csv",
+                str(csv_path),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--quick",
+                "true",
+                "--changes",
+                json.dumps(changes),
+                "--also",
+                "[{select_km: 0}]",
+                "--predictions",
+                str(tmp_path / "oof"),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["n"] == 40 and result["folds"] == 2 and result["views"] == 1 and result["cells"] > 10
     assert result["recipe"]["train"]["search"]["select_km"] == 2000 and result["search"]["select_km"] == 2000
-    assert list(result["methods"]) == ["swc", "swc select_km=0", "classification", "retrieval", "raw 1-NN",
-                                       "cell prior"]
+    assert list(result["methods"]) == [
+        "swc",
+        "swc select_km=0",
+        "classification",
+        "retrieval",
+        "raw 1-NN",
+        "cell prior",
+    ]
     for r in result["methods"].values():
         assert r["n"] == 40 and all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
         assert list(r["accuracy"].values()) == sorted(r["accuracy"].values())  # monotone in the threshold
@@ -103,13 +155,38 @@ def test_cross_validation_quick_run(tmp_path, capsys):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_gallery_search_benchmark(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its sibling scale_rehearsal
     gs = _load("gallery_search")
     out = tmp_path / "gs.json"
-    assert gs.main(["--out", str(out), "--sizes", "4000", "--codes", "flat,pq", "--pq-bytes", "16", "--dim", "64",
-                    "--distributions", "synthetic", "--queries", "20", "--coords", str(MP16), "--threads", "1",
-                    "--workdir", str(tmp_path)]) == 0
+    assert (
+        gs.main(
+            [
+                "--out",
+                str(out),
+                "--sizes",
+                "4000",
+                "--codes",
+                "flat,pq",
+                "--pq-bytes",
+                "16",
+                "--dim",
+                "64",
+                "--distributions",
+                "synthetic",
+                "--queries",
+                "20",
+                "--coords",
+                str(MP16),
+                "--threads",
+                "1",
+                "--workdir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     runs = {r["codes"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == {"flat", "pq"} and runs["pq"]["code_bytes"] == 16 and runs["flat"]["code_bytes"] == 128
     assert runs["flat"]["recall_at_10"] == 1.0 and runs["pq"]["recall_at_10"] >= 0.9

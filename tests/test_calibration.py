@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from geoswc.api import Geolocator, default_model_dir
-from geoswc.calibration import (
+from geoswc.core.errors import ArtifactError, ModelMismatchError, SettingError
+from geoswc.evaluation.metrics import brier, calibration_block, ece, selective_accuracy, selective_block
+from geoswc.prediction.calibration import (
     CALIBRATION_FILE,
     SIGNALS,
     THRESHOLD_KEYS,
@@ -28,8 +29,7 @@ from geoswc.calibration import (
     retrieval_signals,
     signal_matrix,
 )
-from geoswc.errors import ArtifactError, ModelMismatchError, SettingError
-from geoswc.metrics import brier, calibration_block, ece, selective_accuracy, selective_block
+from geoswc.prediction.geolocator import Geolocator, default_model_dir
 
 # -- the math ---------------------------------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def test_ece_uses_ten_equal_mass_bins() -> None:
     # 100 photos whose probabilities are all different: 10 bins of 10, each off by its own amount.
     p = np.linspace(0.0, 0.99, 100)
     y = np.zeros(100)
-    expected = np.mean([p[i * 10:(i + 1) * 10].mean() for i in range(10)])
+    expected = np.mean([p[i * 10 : (i + 1) * 10].mean() for i in range(10)])
     assert ece(p, y) == pytest.approx(expected)
 
 
@@ -122,8 +122,11 @@ def test_fit_tracks_the_truth_and_constant_thresholds() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(x=arrays(np.float64, st.tuples(st.integers(1, 20), st.just(len(SIGNALS))),
-                elements=st.floats(-1e6, 1e6, allow_nan=False)))
+@given(
+    x=arrays(
+        np.float64, st.tuples(st.integers(1, 20), st.just(len(SIGNALS))), elements=st.floats(-1e6, 1e6, allow_nan=False)
+    )
+)
 def test_within_km_never_decreases_with_the_threshold(x: np.ndarray) -> None:
     cal = MethodCalibration.fit(*synthetic(300, seed=1))
     p = cal.predict(x)
@@ -136,8 +139,7 @@ def test_monotone_is_a_running_maximum() -> None:
 
 def test_retrieval_signals_by_hand() -> None:
     s = retrieval_signals([0.9, 0.5, 0.7, 0.1], [0, 1, 0, -1], cluster=0, k=10)
-    assert s == pytest.approx({"top_similarity": 0.9, "cluster_size": 0.2, "cluster_similarity": 0.8,
-                               "fallback": 0.0})
+    assert s == pytest.approx({"top_similarity": 0.9, "cluster_size": 0.2, "cluster_similarity": 0.8, "fallback": 0.0})
     assert retrieval_signals([], [], -1, 10, fallback=True)["fallback"] == 1.0
     assert signal_matrix([{"density_25": 0.5}]).tolist()[0][:2] == [0.5, 0.0]
 
@@ -164,7 +166,8 @@ def calibrated(tmp_path: Path) -> Path:
     fp = json.loads((folder / "config.json").read_text())["fingerprint"]
     x, e = synthetic()
     fit_calibrator(fp, {"swc": (x, e)}, LocalizableRule(2500.0, 0.4), fitted={"how": "test"}).save(
-        folder / CALIBRATION_FILE)
+        folder / CALIBRATION_FILE
+    )
     return folder
 
 
@@ -182,8 +185,7 @@ def test_round_trip_and_every_prediction_carries_within_km(calibrated: Path) -> 
         assert list(p.within_km.values()) == sorted(p.within_km.values())
         assert p.localizable == (p.within_km["2500"] >= 0.4)
     # a method the calibrator was not fitted for carries none
-    assert geo.predict_features(torch.randn(1, geo.model.config.backbone.feature_dim), "retrieval")[0].within_km \
-        is None
+    assert geo.predict_features(torch.randn(1, geo.model.config.backbone.feature_dim), "retrieval")[0].within_km is None
 
 
 def test_model_without_a_calibrator_loads_and_says_so(calibrated: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -213,7 +215,7 @@ def test_a_changed_coefficient_is_refused(calibrated: Path) -> None:
     with pytest.raises(ArtifactError, match="changed"):
         Calibrator.load(path)
     # resealed by hand, the fingerprint still gives it away
-    from geoswc.storage import seal
+    from geoswc.core.storage import seal
 
     meta.pop("meta_sha256")
     path.write_text(json.dumps(seal(meta)))
@@ -223,7 +225,7 @@ def test_a_changed_coefficient_is_refused(calibrated: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["coef_shape", "nan", "rule", "format", "not_json"])
 def test_damaged_calibrator_is_refused(calibrated: Path, damage: str) -> None:
-    from geoswc.storage import seal
+    from geoswc.core.storage import seal
 
     path = calibrated / CALIBRATION_FILE
     meta = json.loads(path.read_text())
@@ -245,30 +247,53 @@ def test_damaged_calibrator_is_refused(calibrated: Path, damage: str) -> None:
 @settings(max_examples=60, deadline=None)
 @given(p=arrays(np.float64, st.integers(1, 80), elements=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.9])))
 def test_equal_mass_bins_partition_and_keep_ties_together(p: np.ndarray) -> None:
-    from geoswc.metrics import equal_mass_bins
+    from geoswc.evaluation.metrics import equal_mass_bins
 
     parts = equal_mass_bins(p, 10)
     assert sorted(np.concatenate(parts).tolist()) == list(range(p.size)) and len(parts) <= 10
     values = [set(p[b].tolist()) for b in parts]
-    assert all(not (a & b) for i, a in enumerate(values) for b in values[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(values) for b in values[i + 1 :])
 
 
 # -- the commands -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from geoswc.cli import main
 
     from .conftest import DEV_IMAGES, KAUAI, dev_rows, write_csv
 
-    model = Path(shutil.copytree(tiny_workspace["model"], tmp_path / "model",
-                                 ignore=shutil.ignore_patterns("checkpoint*")))
+    model = Path(
+        shutil.copytree(tiny_workspace["model"], tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint*"))
+    )
     fingerprint = json.loads((model / "config.json").read_text())["fingerprint"]
-    assert main(["calibrate", "--model", str(model), "--features", str(tiny_workspace["features"]), "--folds", "2",
-                 "--rule.within_km", "2500", "--rule.p", "0.3", "--report", str(tmp_path / "report")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model),
+                "--features",
+                str(tiny_workspace["features"]),
+                "--folds",
+                "2",
+                "--rule.within_km",
+                "2500",
+                "--rule.p",
+                "0.3",
+                "--report",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "report" / "calibration.json").read_text())
-    assert report["model"] == fingerprint and report["n"] == 60 and "| ece |" in (tmp_path / "report" /
-                                                                                   "calibration.md").read_text()
+    assert (
+        report["model"] == fingerprint
+        and report["n"] == 60
+        and "| ece |" in (tmp_path / "report" / "calibration.md").read_text()
+    )
     assert (tmp_path / "report" / "reliability.png").is_file() and (tmp_path / "report" / "selective.png").is_file()
     folds = report["per_fold"]  # each fold's own accuracy: together, the whole's
     assert len(folds) == 2 and sum(f["n"] for f in folds) == 60
@@ -293,8 +318,23 @@ def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, caps
 
     photos = [str(DEV_IMAGES / r["image"]) for r in dev_rows(3, step=211)]
     out = tmp_path / "kept.csv"
-    assert main(["locate", *photos, "--model", str(model), "--abstain.p", "1.0", "--abstain.leave_out", "true",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "locate",
+                *photos,
+                "--model",
+                str(model),
+                "--abstain.p",
+                "1.0",
+                "--abstain.leave_out",
+                "true",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_text().splitlines()[1:] == []  # nobody is sure to be within 2500 km: all left out
     assert main(["locate", *photos, "--model", str(model), "--abstain.p", "0", "--output", str(out)]) == 0
     rows = out.read_text().splitlines()
@@ -302,8 +342,22 @@ def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, caps
 
     rows = dev_rows(12, step=101)
     ev = tmp_path / "eval"
-    assert main(["evaluate", "--data.csv", str(write_csv(tmp_path / "bench.csv", rows)), "--data.images",
-                 str(DEV_IMAGES), "--out", str(ev), "--model", str(model)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data.csv",
+                str(write_csv(tmp_path / "bench.csv", rows)),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--out",
+                str(ev),
+                "--model",
+                str(model),
+            ]
+        )
+        == 0
+    )
     m = json.loads((ev / "metrics.json").read_text())
     assert list(m["calibration"]) == ["ece", "brier"] and list(m["calibration"]["ece"]) == list(THRESHOLD_KEYS)
     assert list(m["selective"]["accuracy"]) == ["25", "750", "2500"]
@@ -313,8 +367,22 @@ def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, caps
     assert "ECE" in capsys.readouterr().out
 
     # on a labelled set instead, and refusals that name the fix
-    assert main(["calibrate", "--model", str(model), "--data.csv", str(tmp_path / "bench.csv"), "--data.images",
-                 str(DEV_IMAGES), "--exclude_same_author", "true"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model),
+                "--data.csv",
+                str(tmp_path / "bench.csv"),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--exclude_same_author",
+                "true",
+            ]
+        )
+        == 0
+    )
     assert Calibrator.load(model / CALIBRATION_FILE).fitted["how"] == "labelled set bench.csv"
     assert main(["calibrate", "--model", str(model)]) == 2
     assert "--features" in capsys.readouterr().err
@@ -323,9 +391,26 @@ def test_calibrate_then_locate_and_evaluate(tiny_workspace, tmp_path: Path, caps
     assert "--abstain.leave_out" in err and "calibrator" in err
 
     # a model retrained in its folder keeps a stale calibrator: train warns, and loading refuses it
-    assert main(["train", "--features", str(tiny_workspace["features"]), "--cells", str(tiny_workspace["cells"]),
-                 "--out", str(model), "--train.epochs", "1", "--train.rrm_epochs", "1",
-                 "--train.batch_size", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(tiny_workspace["features"]),
+                "--cells",
+                str(tiny_workspace["cells"]),
+                "--out",
+                str(model),
+                "--train.epochs",
+                "1",
+                "--train.rrm_epochs",
+                "1",
+                "--train.batch_size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert "refit it with `geoswc calibrate" in capsys.readouterr().err
     shutil.rmtree(model / "index")  # stale too; without it, the calibrator is the one refused
     with pytest.raises(ModelMismatchError, match="geoswc calibrate"):

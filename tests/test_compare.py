@@ -11,18 +11,26 @@ import numpy as np
 import pytest
 
 from geoswc.cli import main
-from geoswc.compare import compare_systems, markdown, paired_bootstrap_ci, photo_id, read_system
-from geoswc.errors import InputError
-from geoswc.evaluate import PREDICTION_COLUMNS
+from geoswc.core.errors import InputError
+from geoswc.evaluation.compare import compare_systems, markdown, paired_bootstrap_ci, photo_id, read_system
+from geoswc.evaluation.evaluate import PREDICTION_COLUMNS
 
 from .conftest import SHARED
 
 BASELINES = SHARED / "baselines" / "geoestimation-im2gps3k"
-SIX = ["ISNs_M-fstar-S3-dev", "base_M-fstar-dev", "base_M-m-dev", "base_L-m-dev", "base-vgg_L-m-dev",
-       "base-vgg-c_L-m-dev"]
+SIX = [
+    "ISNs_M-fstar-S3-dev",
+    "base_M-fstar-dev",
+    "base_M-m-dev",
+    "base_L-m-dev",
+    "base-vgg_L-m-dev",
+    "base-vgg-c_L-m-dev",
+]
 GEO_HEADER = "img_id,gt_lat,predicted_lat,gt_long,predicted_long,great_circle_distance"
-SUMMARY = ("\nstreet acc (1km),city acc (25km),region acc (200km),country acc (750km),continent acc (2500km),"
-           "mean deviation (km)\n0.5,0.5,0.5,1.0,1.0,300.0\n")
+SUMMARY = (
+    "\nstreet acc (1km),city acc (25km),region acc (200km),country acc (750km),continent acc (2500km),"
+    "mean deviation (km)\n0.5,0.5,0.5,1.0,1.0,300.0\n"
+)
 
 
 def _geo_file(path: Path, rows: list[tuple[str, float, float, float, float, float]], summary: str = SUMMARY) -> Path:
@@ -39,16 +47,26 @@ def _evaluation(folder: Path, rows: list[tuple[str, float, float, float, float, 
     return folder
 
 
-ROWS = [("a.jpg", 10.0, 20.0, 10.0, 20.0, 0.5), ("b.jpg", 10.0, 20.0, 10.1, 20.0, 11.1),
-        ("c.jpg", 0.0, 0.0, 5.0, 0.0, 556.0), ("d.jpg", 0.0, 0.0, 0.0, 30.0, 3336.0)]
+ROWS = [
+    ("a.jpg", 10.0, 20.0, 10.0, 20.0, 0.5),
+    ("b.jpg", 10.0, 20.0, 10.1, 20.0, 11.1),
+    ("c.jpg", 0.0, 0.0, 5.0, 0.0, 556.0),
+    ("d.jpg", 0.0, 0.0, 0.0, 30.0, 3336.0),
+]
 
 
 def test_the_summary_block_of_a_published_file_is_read(tmp_path) -> None:
     s = read_system(_geo_file(tmp_path / "sys-a.csv", ROWS))
     assert s.name == "sys-a" and s.ids == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
     assert s.error_km.tolist() == [0.5, 11.1, 556.0, 3336.0] and s.true_lat.tolist() == [10, 10, 0, 0]
-    assert s.summary == {"street acc (1km)": 0.5, "city acc (25km)": 0.5, "region acc (200km)": 0.5,
-                         "country acc (750km)": 1.0, "continent acc (2500km)": 1.0, "mean deviation (km)": 300.0}
+    assert s.summary == {
+        "street acc (1km)": 0.5,
+        "city acc (25km)": 0.5,
+        "region acc (200km)": 0.5,
+        "country acc (750km)": 1.0,
+        "continent acc (2500km)": 1.0,
+        "mean deviation (km)": 300.0,
+    }
     assert read_system(_geo_file(tmp_path / "plain.csv", ROWS, summary="")).summary is None
     for bad in ("\nonly one row\n", "\na,b\n1,x\n"):
         with pytest.raises(InputError, match="summary block"):
@@ -62,13 +80,16 @@ def test_evaluation_folders_and_ids_with_folders(tmp_path) -> None:
     assert photo_id("a\\b.jpg") == "b.jpg"
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("x,y\n1,2\n", "not a per-photo prediction file"),
-    (GEO_HEADER + "\na.jpg,1,2,3,4,5\na.jpg,1,2,3,4,5\n", "line 3: duplicate photo id"),
-    (GEO_HEADER + "\na.jpg,1,2,3,4,5\nb.jpg,91,2,3,4,5\n", "line 3: gt_lat 91.0 is outside"),
-    (GEO_HEADER + "\na.jpg,1,2,3,4,-5\n", "line 2: great_circle_distance '-5' is not a distance"),
-    (GEO_HEADER + "\n", "holds no prediction"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x,y\n1,2\n", "not a per-photo prediction file"),
+        (GEO_HEADER + "\na.jpg,1,2,3,4,5\na.jpg,1,2,3,4,5\n", "line 3: duplicate photo id"),
+        (GEO_HEADER + "\na.jpg,1,2,3,4,5\nb.jpg,91,2,3,4,5\n", "line 3: gt_lat 91.0 is outside"),
+        (GEO_HEADER + "\na.jpg,1,2,3,4,-5\n", "line 2: great_circle_distance '-5' is not a distance"),
+        (GEO_HEADER + "\n", "holds no prediction"),
+    ],
+)
 def test_bad_prediction_files_are_named_with_their_line(tmp_path, text: str, message: str) -> None:
     (tmp_path / "p.csv").write_text(text)
     with pytest.raises(InputError, match=message):
@@ -127,10 +148,12 @@ def test_cli_compare_writes_json_markdown_and_figure(tmp_path, capsys) -> None:
     assert set(result["systems"][1]) >= {"name", "source", "n", "accuracy", "median_km", "diff_ci"}
     assert result["systems"][1]["diff_ci"]["1"] == [0.0, 0.0]  # the same errors as the reference
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG" and "| a |" in (out / "compare.md").read_text()
-    for args, flag in ((["compare", str(a), "--out", str(out)], "at least two"),
-                       (["compare", str(a), str(b), "--out", str(out), "--names", "[x]"], "--names"),
-                       (["compare", str(a), str(a), "--out", str(out)], "named alike"),
-                       (["compare", str(a), str(b), "--out", str(out), "--resamples", "5"], "--resamples")):
+    for args, flag in (
+        (["compare", str(a), "--out", str(out)], "at least two"),
+        (["compare", str(a), str(b), "--out", str(out), "--names", "[x]"], "--names"),
+        (["compare", str(a), str(a), "--out", str(out)], "named alike"),
+        (["compare", str(a), str(b), "--out", str(out), "--resamples", "5"], "--resamples"),
+    ):
         assert main(args) == 2
         assert flag in capsys.readouterr().err
 
@@ -153,8 +176,18 @@ def test_the_readme_comparison_is_what_compare_makes_of_the_committed_prediction
     and the published files."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     committed = json.loads((results / "compare" / "compare.json").read_text())
-    assert main(["compare", str(results / "geoswc-swc-cv"), *(str(BASELINES / f"{n}.csv") for n in SIX),
-                 "--out", str(tmp_path / "cmp")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(results / "geoswc-swc-cv"),
+                *(str(BASELINES / f"{n}.csv") for n in SIX),
+                "--out",
+                str(tmp_path / "cmp"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     for system in (*committed["systems"], *again["systems"]):
         system.pop("source")  # where the files were read from

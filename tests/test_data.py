@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from geoswc.data import author_folds, read_photo_csv, scan_exif_folder
-from geoswc.errors import InputError
+from geoswc.core.errors import InputError
+from geoswc.data.records import read_photo_csv, scan_exif_folder
+from geoswc.data.splits import author_folds
 
 from .conftest import gps_exif, jpeg_bytes
 
@@ -19,13 +20,13 @@ def test_csv_reports_and_skips_bad_rows(folder):
     csv.write_text(
         "image,lat,lon,author\n"
         "a.jpg,48.85,2.35,alice\n"
-        "b.jpg,95,2.35,bob\n"       # lat out of range
-        "b.jpg,10,-200,bob\n"       # lon out of range
-        "b.jpg,nan,1,bob\n"         # not finite
-        "b.jpg,,1,bob\n"            # missing
-        "b.jpg,abc,1,bob\n"         # not a number
-        "c.jpg,1,1,carol\n"         # image missing
-        "a.jpg,1,1,alice\n"         # duplicate id
+        "b.jpg,95,2.35,bob\n"  # lat out of range
+        "b.jpg,10,-200,bob\n"  # lon out of range
+        "b.jpg,nan,1,bob\n"  # not finite
+        "b.jpg,,1,bob\n"  # missing
+        "b.jpg,abc,1,bob\n"  # not a number
+        "c.jpg,1,1,carol\n"  # image missing
+        "a.jpg,1,1,alice\n"  # duplicate id
         "b.jpg,-33.86,151.2,\n"
     )
     recs, rep = read_photo_csv(csv, folder)
@@ -33,8 +34,15 @@ def test_csv_reports_and_skips_bad_rows(folder):
     assert recs[0].author == "alice" and recs[1].author == ""
     assert rep.total == 9 and rep.kept == 2 and len(rep.skipped) == 7
     text = rep.summary(first=10)
-    for needle in ("outside ±90", "outside ±180", "not finite", "missing lat", "not a number",
-                   "image file not found", "duplicate image id"):
+    for needle in (
+        "outside ±90",
+        "outside ±180",
+        "not finite",
+        "missing lat",
+        "not a number",
+        "image file not found",
+        "duplicate image id",
+    ):
         assert needle in text
 
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from geoswc import distributed, storage
-from geoswc.backbone import backbone_fingerprint
-from geoswc.cells import build_cells
-from geoswc.config import BackboneConfig, CellConfig, HeadConfig, ModelConfig, Preprocess, TrainConfig
-from geoswc.data import Record
-from geoswc.features import Extraction, Extractor, FeatureSet, extract_and_save
-from geoswc.finetune import finetune_shards
-from geoswc.model import GeoModel
-from geoswc.shards import write_shards
-from geoswc.train import train_heads
+from geoswc.core import distributed, storage
+from geoswc.core.config import BackboneConfig, CellConfig, HeadConfig, ModelConfig, Preprocess, TrainConfig
+from geoswc.data.records import Record
+from geoswc.data.shards import write_shards
+from geoswc.geo.cells import build_cells
+from geoswc.models.geomodel import GeoModel
+from geoswc.models.registry import backbone_fingerprint
+from geoswc.training.features import Extraction, Extractor, FeatureSet, extract_and_save
+from geoswc.training.finetune import finetune_shards
+from geoswc.training.train import train_heads
 
 from .conftest import free_port, jpeg_bytes
 
@@ -56,8 +56,15 @@ def _data() -> tuple[FeatureSet, object]:
     proto = rng.normal(size=(4, DIM))
     feats = proto[which][:, None, :] + 0.3 * rng.normal(size=(101, 2, DIM))
     authors = [f"u{i % 9}" if i % 5 else "" for i in range(101)]
-    fs = FeatureSet(torch.tensor(feats, dtype=torch.float32), [f"p{i}.jpg" for i in range(101)], authors, lat, lon,
-                    BB, backbone_fingerprint(BB))
+    fs = FeatureSet(
+        torch.tensor(feats, dtype=torch.float32),
+        [f"p{i}.jpg" for i in range(101)],
+        authors,
+        lat,
+        lon,
+        BB,
+        backbone_fingerprint(BB),
+    )
     pts = np.concatenate([lat, rng.uniform(-60, 70, 200)]), np.concatenate([lon, rng.uniform(-180, 180, 200)])
     cells = build_cells(*pts, CellConfig(max_per_cell=30, min_per_cell=1))
     return fs, cells
@@ -80,8 +87,9 @@ class _Stop(Exception):
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     ctx = distributed.init_distributed("cpu")
     assert ctx.enabled and ctx.rank == rank and ctx.world_size == world
@@ -130,11 +138,16 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         out |= {f"resumed.{k}": v for k, v in _heads(resumed).items()}
 
         # feature extraction: shards and records split over the ranks, merged by rank 0
-        extract_and_save(tmp_path / "f-shards", _extractor(), shards=str(tmp_path / "shards"),
-                         how=Extraction(views=2, batch_size=3, progress=False))
+        extract_and_save(
+            tmp_path / "f-shards",
+            _extractor(),
+            shards=str(tmp_path / "shards"),
+            how=Extraction(views=2, batch_size=3, progress=False),
+        )
         recs = [Record(p.name, p, 1.0, 2.0, "") for p in sorted((tmp_path / "img").iterdir())]
-        extract_and_save(tmp_path / "f-records", _extractor(), records=recs,
-                         how=Extraction(batch_size=3, progress=False))
+        extract_and_save(
+            tmp_path / "f-records", _extractor(), records=recs, how=Extraction(batch_size=3, progress=False)
+        )
 
         # fine-tuning streamed from shards (DDP over gloo): runs, and leaves the ranks with equal weights
         ft = _model(cells, TinyBackbone())
@@ -163,6 +176,7 @@ def two_ranks(tmp_path_factory):
     return tmp, [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_one_process_model(two_ranks, tmp_path):
     _, (r0, r1) = two_ranks
     fs, cells = _data()
@@ -174,6 +188,7 @@ def test_two_processes_train_the_one_process_model(two_ranks, tmp_path):
     assert int(r0["writes"]) > 0 and int(r1["writes"]) == 0  # only rank 0 writes checkpoints
 
 
+@pytest.mark.slow
 def test_two_processes_choose_the_one_process_mvmf_epoch(two_ranks):
     """With a held-out share of photographers, both ranks score the same epochs and keep the same head as
     one process does."""
@@ -188,6 +203,7 @@ def test_two_processes_choose_the_one_process_mvmf_epoch(two_ranks):
         assert torch.allclose(r0[f"val.{k}"], v, rtol=1e-3, atol=1e-4), k
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_under_ddp(two_ranks):
     _, (r0, r1) = two_ranks
     for k in [k for k in r0 if k.startswith("full.")]:
@@ -195,6 +211,7 @@ def test_resume_after_a_kill_under_ddp(two_ranks):
         assert torch.equal(r0[k.replace("full.", "resumed.")], r1[k.replace("full.", "resumed.")]), k
 
 
+@pytest.mark.slow
 def test_distributed_features_equal_one_process(two_ranks, tmp_path):
     tmp, _ = two_ranks
     recs = [Record(p.name, p, 1.0, 2.0, "") for p in sorted((tmp / "img").iterdir())]
@@ -208,6 +225,7 @@ def test_distributed_features_equal_one_process(two_ranks, tmp_path):
     assert not (tmp / "f-shards" / ".parts").exists()
 
 
+@pytest.mark.slow
 def test_streamed_finetune_under_ddp(two_ranks):
     _, (r0, r1) = two_ranks
     assert np.isfinite(r0["ft_loss"].numpy()).all() and torch.equal(r0["ft_loss"], r1["ft_loss"])

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoswc import item_lines
-from geoswc.config import BackboneConfig, to_dict
-from geoswc.errors import ArtifactError
-from geoswc.feature_files import CacheInfo, FeatureWriter, write_cache
-from geoswc.features import FeatureSet
+from geoswc.core import item_lines
+from geoswc.core.config import BackboneConfig, to_dict
+from geoswc.core.errors import ArtifactError
+from geoswc.training.feature_files import CacheInfo, FeatureWriter, write_cache
+from geoswc.training.features import FeatureSet
 
 VIEWS, DIM = 2, 16
 
@@ -75,8 +75,14 @@ def test_writing_holds_a_chunk_not_the_cache(tmp_path):
         with FeatureWriter(tmp_path, 2, 256) as w:
             for s in range(0, n, chunk):
                 keys = np.arange(s, s + chunk)
-                w.add(keys, np.ones((chunk, 2, 256), np.float16), [f"{k}" for k in keys], [""] * chunk,
-                      np.zeros(chunk), np.zeros(chunk))
+                w.add(
+                    keys,
+                    np.ones((chunk, 2, 256), np.float16),
+                    [f"{k}" for k in keys],
+                    [""] * chunk,
+                    np.zeros(chunk),
+                    np.zeros(chunk),
+                )
             w.finish(CacheInfo(to_dict(BackboneConfig(feature_dim=256)), "fp", 2, 256, 0), progress=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -100,16 +106,24 @@ texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.lists(st.tuples(texts, texts, st.floats(-90, 90), st.floats(-180, 180)), max_size=30),
-       scan=st.integers(1, 64))
+@given(
+    rows=st.lists(st.tuples(texts, texts, st.floats(-90, 90), st.floats(-180, 180)), max_size=30),
+    scan=st.integers(1, 64),
+)
 def test_a_loaded_photo_list_reads_back_any_names_and_authors(rows, scan, tmp_path_factory):
     """Names and authors with commas, quotes, newlines and any script come back exactly from the in-place
     reading of ``items.csv``, whatever the scan's block size (rows straddling blocks)."""
     folder = tmp_path_factory.mktemp("cache")
     n = len(rows)
     with FeatureWriter(folder, VIEWS, DIM) as w:
-        w.add(np.arange(n), _rows(np.arange(n)), [r[0] for r in rows], [r[1] for r in rows],
-              [r[2] for r in rows], [r[3] for r in rows])
+        w.add(
+            np.arange(n),
+            _rows(np.arange(n)),
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+        )
         w.finish(_info(), progress=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(item_lines, "SCAN_BYTES", scan)

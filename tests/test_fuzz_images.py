@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from geoswc.errors import ImageError
-from geoswc.images import ImageLimits, load_image, read_gps
+from geoswc.core.errors import ImageError
+from geoswc.data.images import ImageLimits, load_image, read_gps
 
 from .conftest import KAUAI, gps_exif_raw
 
@@ -54,11 +54,11 @@ def mutations(draw: st.DrawFn, data: bytes) -> bytes:
         elif op == "set":
             out[pos] = draw(st.sampled_from([0x00, 0xFF, 0x7F, 0x80, 0x01, draw(st.integers(0, 255))]))
         elif op == "cut":
-            del out[pos:pos + draw(st.integers(1, 64))]
+            del out[pos : pos + draw(st.integers(1, 64))]
         elif op == "insert":
             out[pos:pos] = draw(st.binary(min_size=1, max_size=32))
         elif op == "repeat":
-            out[pos:pos] = out[pos:pos + draw(st.integers(1, 64))] * draw(st.integers(1, 16))
+            out[pos:pos] = out[pos : pos + draw(st.integers(1, 64))] * draw(st.integers(1, 16))
         else:
             del out[pos:]
     return bytes(out)
@@ -123,10 +123,12 @@ rationals = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
 
 
 @FUZZ
-@given(lat=st.lists(rationals, min_size=1, max_size=400).map(tuple),
-       lon=st.lists(rationals, min_size=1, max_size=400).map(tuple),
-       lat_ref=st.sampled_from([b"N", b"S", b"", b"X", b"\x00", b"NS"]),
-       lon_ref=st.sampled_from([b"E", b"W", b"", b"?", b"\xff"]))
+@given(
+    lat=st.lists(rationals, min_size=1, max_size=400).map(tuple),
+    lon=st.lists(rationals, min_size=1, max_size=400).map(tuple),
+    lat_ref=st.sampled_from([b"N", b"S", b"", b"X", b"\x00", b"NS"]),
+    lon_ref=st.sampled_from([b"E", b"W", b"", b"?", b"\xff"]),
+)
 def test_absurd_gps_rationals(lat: tuple, lon: tuple, lat_ref: bytes, lon_ref: bytes) -> None:
     try:
         exif = gps_exif_raw(lat, lon, lat_ref, lon_ref)

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from geoswc.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz, spherical_mean, validate_latlon, xyz_to_latlon
+from geoswc.core.sphere import (
+    EARTH_RADIUS_KM,
+    haversine_km,
+    latlon_to_xyz,
+    spherical_mean,
+    validate_latlon,
+    xyz_to_latlon,
+)
 
 # Great-circle distances on a sphere of radius 6371.0088 km, computed independently with the spherical
 # law of cosines in 30-digit arithmetic (mpmath); the commonly quoted city distances agree to < 0.5 %.

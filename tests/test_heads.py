@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from geoswc.geo import latlon_to_xyz
-from geoswc.heads import (
+from geoswc.core.sphere import latlon_to_xyz
+from geoswc.models.heads import (
     MvMFHead,
     ResidualRetrievalModule,
     geo_contrastive_loss,

@@ -19,15 +19,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from geoswc import distributed, workflow
-from geoswc.backbone import REGISTRY, BackboneSpec, create_backbone, default_config, register_backbone
+from geoswc import workflow
 from geoswc.cli import main
-from geoswc.config import CellConfig, Preprocess, TrainConfig
-from geoswc.errors import ArtifactError, InputError, ModelMismatchError, SettingError
-from geoswc.features import Extractor, FeatureSet
-from geoswc.hf_backbones import FAMILIES, HFBackbone, architecture, require_transformers
-from geoswc.model import GeoModel
-from geoswc.options import BackboneChoice, Photos, RunConfig
+from geoswc.core import distributed
+from geoswc.core.config import CellConfig, Preprocess, RunConfig, TrainConfig
+from geoswc.core.errors import ArtifactError, InputError, ModelMismatchError, SettingError
+from geoswc.data.sources import Photos
+from geoswc.models.backbone import BackboneChoice, create_backbone, default_config
+from geoswc.models.geomodel import GeoModel
+from geoswc.models.hf_backbones import FAMILIES, HFBackbone, architecture, require_transformers
+from geoswc.models.registry import REGISTRY, BackboneSpec, HubWeights, register_backbone
+from geoswc.training.features import Extractor, FeatureSet
 
 from .conftest import ROOT, free_port, jpeg_bytes, load_script, write_csv
 
@@ -35,17 +37,47 @@ HALF = (0.5, 0.5, 0.5)
 
 
 def _arch(hidden: int = 32, layers: int = 2, heads: int = 2, patch: int = 8, **more) -> tuple:
-    return tuple(sorted(dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                             patch_size=patch, **more).items()))
+    return tuple(
+        sorted(
+            dict(
+                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, patch_size=patch, **more
+            ).items()
+        )
+    )
 
 
 TINY = {
-    "clip": BackboneSpec("tiny-clip", 24, 32, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), "hf:test/tiny-clip", "clip",
-                         arch=_arch(intermediate_size=64, projection_dim=24, image_size=32)),
-    "dinov2": BackboneSpec("tiny-dinov2", 32, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "hf:test/tiny-dinov2",
-                           "dinov2", arch=_arch(image_size=64)),  # 8x8 position grid, interpolated to 4x4
-    "siglip": BackboneSpec("tiny-siglip", 32, 32, HALF, HALF, "hf:test/tiny-siglip", "siglip", "squash",
-                           arch=_arch(intermediate_size=64, image_size=32)),
+    "clip": BackboneSpec(
+        "tiny-clip",
+        24,
+        32,
+        (0.48, 0.46, 0.41),
+        (0.27, 0.26, 0.28),
+        HubWeights("test/tiny-clip"),
+        "clip",
+        arch=_arch(intermediate_size=64, projection_dim=24, image_size=32),
+    ),
+    "dinov2": BackboneSpec(
+        "tiny-dinov2",
+        32,
+        32,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        HubWeights("test/tiny-dinov2"),
+        "dinov2",
+        arch=_arch(image_size=64),
+    ),  # 8x8 position grid, interpolated to 4x4
+    "siglip": BackboneSpec(
+        "tiny-siglip",
+        32,
+        32,
+        HALF,
+        HALF,
+        HubWeights("test/tiny-siglip"),
+        "siglip",
+        "squash",
+        arch=_arch(intermediate_size=64, image_size=32),
+    ),
 }
 PLACES = np.array([[48.85, 2.35], [40.7, -74.0], [-33.9, 151.2], [35.7, 139.7]])
 
@@ -83,8 +115,10 @@ def tiny(tmp_path_factory):
         lat, lon = PLACES[k] + rng.normal(0, 0.05, 2)
         rows.append({"image": f"{i:02d}.jpg", "lat": f"{lat:.5f}", "lon": f"{lon:.5f}", "author": f"a{i % 7}"})
     csv_path = write_csv(d / "photos.csv", rows)
-    pts = np.concatenate([PLACES + rng.normal(0, 0.05, (4, 2)) for _ in range(30)] + [
-        np.column_stack([rng.uniform(-60, 70, 200), rng.uniform(-180, 180, 200)])])
+    pts = np.concatenate(
+        [PLACES + rng.normal(0, 0.05, (4, 2)) for _ in range(30)]
+        + [np.column_stack([rng.uniform(-60, 70, 200), rng.uniform(-180, 180, 200)])]
+    )
     write_csv(d / "coords.csv", [{"lat": f"{a}", "lon": f"{b}"} for a, b in pts], columns=("lat", "lon"))
     workflow.cells(d / "coords.csv", d / "cells.csv", CellConfig(max_per_cell=40, min_per_cell=5))
     yield {"dir": d, "weights": weights, "csv": csv_path, "images": d / "img", "cells": d / "cells.csv"}
@@ -96,16 +130,21 @@ def tiny(tmp_path_factory):
 
 
 def test_registry_has_the_foundation_families_with_their_preprocessing():
-    want = {"clip-vit-l14": ("openai/clip-vit-large-patch14", 768),
-            "clip-vit-b16": ("openai/clip-vit-base-patch16", 512),
-            "clip-vit-b32": ("openai/clip-vit-base-patch32", 512), "dinov2-small": ("facebook/dinov2-small", 384),
-            "dinov2-base": ("facebook/dinov2-base", 768), "siglip-base": ("google/siglip-base-patch16-224", 768)}
+    want = {
+        "clip-vit-l14": ("openai/clip-vit-large-patch14", 768),
+        "clip-vit-b16": ("openai/clip-vit-base-patch16", 512),
+        "clip-vit-b32": ("openai/clip-vit-base-patch32", 512),
+        "dinov2-small": ("facebook/dinov2-small", 384),
+        "dinov2-base": ("facebook/dinov2-base", 768),
+        "siglip-base": ("google/siglip-base-patch16-224", 768),
+    }
     for name, (mid, dim) in want.items():
         spec = REGISTRY[name]
-        assert spec.weights_source == f"hf:{mid}" and spec.feature_dim == dim and spec.image_size == 224
+        assert spec.weights_source == HubWeights(mid) and spec.feature_dim == dim and spec.image_size == 224
     clip = default_config("clip-vit-l14").preprocess
-    assert clip == Preprocess(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
-                              "center_crop")
+    assert clip == Preprocess(
+        224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "center_crop"
+    )
     assert default_config("dinov2-base").preprocess == Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert default_config("siglip-base").preprocess == Preprocess(224, HALF, HALF, "squash")  # SigLIP resizes whole
     assert default_config("siglip-base", 256, "center_crop").preprocess.resize == "center_crop"
@@ -132,8 +171,10 @@ def test_plain_install_pulls_no_transformers():
     assert not [r for r in reqs if r.startswith("transformers") and "extra==" not in r]
     for extra in ("hf", "dev", "bench"):
         assert any(r.startswith("transformers") and f'extra=="{extra}"' in r for r in reqs), extra
-    code = ("import sys, geoswc, geoswc.cli, geoswc.workflow, geoswc.backbone, geoswc.api; "
-            "from geoswc.cli import main; main(['backbones']); assert 'transformers' not in sys.modules")
+    code = (
+        "import sys, geoswc, geoswc.cli, geoswc.workflow, geoswc.models.backbone, geoswc.prediction.geolocator; "
+        "from geoswc.cli import main; main(['backbones']); assert 'transformers' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "clip-vit-l14" in r.stdout and "304.0M" in r.stdout
@@ -175,8 +216,9 @@ def test_weights_folder_is_checked(tiny, tmp_path):
     spec = TINY["clip"]
     with pytest.raises(InputError, match="folder holding a saved Hugging Face model"):
         create_backbone(dataclasses.replace(default_config(spec.name), weights=str(tmp_path)))
-    REGISTRY["tiny-clip-wide"] = dataclasses.replace(spec, name="tiny-clip-wide", arch=_arch(
-        64, intermediate_size=64, projection_dim=24, image_size=32))
+    REGISTRY["tiny-clip-wide"] = dataclasses.replace(
+        spec, name="tiny-clip-wide", arch=_arch(64, intermediate_size=64, projection_dim=24, image_size=32)
+    )
     try:
         with pytest.raises(ArtifactError, match="not a tiny-clip-wide .config differs: hidden_size 32 vs 64"):
             create_backbone(dataclasses.replace(default_config("tiny-clip-wide"), weights=str(tiny["weights"]["clip"])))
@@ -246,28 +288,92 @@ def test_end_to_end_offline(tiny, family, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("GEOSWC_CACHE_DIR", str(tmp_path / "cache"))
     spec, w = TINY[family], tmp_path
-    assert main(["features", "--data.csv", str(tiny["csv"]), "--data.images", str(tiny["images"]), "--out",
-                 str(w / "feats"), "--backbone.name", spec.name, "--backbone.weights", str(tiny["weights"][family]),
-                 "--views", "2", "--run.batch_size", "7"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--data.csv",
+                str(tiny["csv"]),
+                "--data.images",
+                str(tiny["images"]),
+                "--out",
+                str(w / "feats"),
+                "--backbone.name",
+                spec.name,
+                "--backbone.weights",
+                str(tiny["weights"][family]),
+                "--views",
+                "2",
+                "--run.batch_size",
+                "7",
+            ]
+        )
+        == 0
+    )
     fs = FeatureSet.load(w / "feats")
     assert fs.features.shape == (48, 2, spec.feature_dim) and fs.backbone.name == spec.name
     assert fs.backbone.preprocess == Preprocess(32, spec.mean, spec.std, spec.resize)  # recorded with the features
-    assert main(["train", "--features", str(w / "feats"), "--cells", str(tiny["cells"]), "--out", str(w / "model"),
-                 "--train.epochs", "3", "--train.rrm_epochs", "3", "--train.batch_size", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(w / "feats"),
+                "--cells",
+                str(tiny["cells"]),
+                "--out",
+                str(w / "model"),
+                "--train.epochs",
+                "3",
+                "--train.rrm_epochs",
+                "3",
+                "--train.batch_size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert GeoModel.read_config(w / "model").backbone == fs.backbone
     assert main(["index", "--model", str(w / "model"), "--features", str(w / "feats")]) == 0
     photos = [str(tiny["images"] / f"{i:02d}.jpg") for i in (0, 1, 2, 3, 9)]
     for runtime in ("torch", "onnx"):
-        assert main(["locate", *photos, "--model", str(w / "model"), "--output", str(w / f"{runtime}.jsonl"),
-                     "--run.runtime", runtime]) == 0
+        assert (
+            main(
+                [
+                    "locate",
+                    *photos,
+                    "--model",
+                    str(w / "model"),
+                    "--output",
+                    str(w / f"{runtime}.jsonl"),
+                    "--run.runtime",
+                    runtime,
+                ]
+            )
+            == 0
+        )
     eager, fast = ([json.loads(x) for x in (w / f"{r}.jsonl").read_text().splitlines()] for r in ("torch", "onnx"))
     assert len(eager) == 5 and [p["cell"] for p in eager] == [p["cell"] for p in fast]
     for a, b in zip(eager, fast, strict=True):
         assert abs(a["lat"] - b["lat"]) < 1e-3 and abs(a["lon"] - b["lon"]) < 1e-3
     record = json.loads(next((w / "cache" / "onnx").glob("backbone-*.json")).read_text())
     assert record["relative_error"] < 1e-4  # the export was compared with eager
-    assert main(["evaluate", "--data.csv", str(tiny["csv"]), "--data.images", str(tiny["images"]), "--model",
-                 str(w / "model"), "--out", str(w / "eval")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data.csv",
+                str(tiny["csv"]),
+                "--data.images",
+                str(tiny["images"]),
+                "--model",
+                str(w / "model"),
+                "--out",
+                str(w / "eval"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((w / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 48 and metrics["missing"] == 0
     assert (w / "eval" / "predictions.csv").read_text().count("\n") == 49
@@ -279,13 +385,17 @@ def test_mixed_backbones_are_refused(tiny, tmp_path):
     feats = {}
     for family in ("clip", "siglip"):
         feats[family] = workflow.features(
-            tmp_path / family, _photos(tiny), BackboneChoice(TINY[family].name, str(tiny["weights"][family])))
+            tmp_path / family, _photos(tiny), BackboneChoice(TINY[family].name, str(tiny["weights"][family]))
+        )
     workflow.train(tmp_path / "siglip", tiny["cells"], tmp_path / "model", TrainConfig(epochs=1, rrm_epochs=1))
     with pytest.raises(ModelMismatchError, match="come from backbone"):
         workflow.index(tmp_path / "model", features=tmp_path / "clip")
     # and the same family at another size or resize policy is another backbone too
-    other = workflow.features(tmp_path / "squash", _photos(tiny), BackboneChoice(
-        TINY["siglip"].name, str(tiny["weights"]["siglip"]), resize="center_crop"))
+    other = workflow.features(
+        tmp_path / "squash",
+        _photos(tiny),
+        BackboneChoice(TINY["siglip"].name, str(tiny["weights"]["siglip"]), resize="center_crop"),
+    )
     assert other.backbone_fingerprint != feats["siglip"].backbone_fingerprint
     with pytest.raises(ModelMismatchError):
         workflow.index(tmp_path / "model", features=tmp_path / "squash")
@@ -297,10 +407,36 @@ def test_finetune_last_blocks(tiny, tmp_path):
     pretrained weights."""
     spec = TINY["dinov2"]
     workflow.features(tmp_path / "f", _photos(tiny), BackboneChoice(spec.name, str(tiny["weights"]["dinov2"])))
-    assert main(["train", "--features", str(tmp_path / "f"), "--cells", str(tiny["cells"]), "--out",
-                 str(tmp_path / "m"), "--train.epochs", "1", "--train.rrm_epochs", "1", "--train.finetune", "true",
-                 "--train.finetune_blocks", "1", "--train.finetune_epochs", "1", "--train.batch_size", "16",
-                 "--data.csv", str(tiny["csv"]), "--data.images", str(tiny["images"])]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(tmp_path / "f"),
+                "--cells",
+                str(tiny["cells"]),
+                "--out",
+                str(tmp_path / "m"),
+                "--train.epochs",
+                "1",
+                "--train.rrm_epochs",
+                "1",
+                "--train.finetune",
+                "true",
+                "--train.finetune_blocks",
+                "1",
+                "--train.finetune_epochs",
+                "1",
+                "--train.batch_size",
+                "16",
+                "--data.csv",
+                str(tiny["csv"]),
+                "--data.images",
+                str(tiny["images"]),
+            ]
+        )
+        == 0
+    )
     tuned = load_file(str(tmp_path / "m" / "backbone.safetensors"))
     start = create_backbone(BackboneChoice(spec.name, str(tiny["weights"]["dinov2"])).resolve())[0].state_dict()
     assert set(tuned) == set(start)
@@ -310,28 +446,46 @@ def test_finetune_last_blocks(tiny, tmp_path):
     m = GeoModel.load(tmp_path / "m")
     assert m.config.train.finetune_blocks == 1 and m.config.backbone_finetuned
     # the fine-tuned model extracts its own features, which its index accepts
-    assert main(["index", "--model", str(tmp_path / "m"), "--data.csv", str(tiny["csv"]), "--data.images",
-                 str(tiny["images"])]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                str(tmp_path / "m"),
+                "--data.csv",
+                str(tiny["csv"]),
+                "--data.images",
+                str(tiny["images"]),
+            ]
+        )
+        == 0
+    )
 
 
 # -- torchrun --------------------------------------------------------------------------------------------
 
 
 def _rank(rank: int, world: int, port: int, tmp: str, weights: str, csv_path: str, images: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     os.environ.pop("HF_HUB_OFFLINE", None)  # the ranks never reach the hub anyway
     torch.set_num_threads(1)
     register_tiny()
-    workflow.features(Path(tmp) / "ddp", Photos(csv=Path(csv_path), images=Path(images)),
-                      BackboneChoice(TINY["dinov2"].name, weights), run=RunConfig(batch_size=5, device="cpu"))
+    workflow.features(
+        Path(tmp) / "ddp",
+        Photos(csv=Path(csv_path), images=Path(images)),
+        BackboneChoice(TINY["dinov2"].name, weights),
+        run=RunConfig(batch_size=5, device="cpu"),
+    )
 
 
 @pytest.mark.slow
 def test_features_under_torchrun_equal_one_process(tiny, tmp_path):
     w = str(tiny["weights"]["dinov2"])
-    torch.multiprocessing.spawn(_rank, args=(2, free_port(), str(tmp_path), w, str(tiny["csv"]), str(tiny["images"])),
-                                nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _rank, args=(2, free_port(), str(tmp_path), w, str(tiny["csv"]), str(tiny["images"])), nprocs=2, join=True
+    )
     two = FeatureSet.load(tmp_path / "ddp")
     one = workflow.features(tmp_path / "one", _photos(tiny), BackboneChoice(TINY["dinov2"].name, w))
     assert two.names == one.names and two.backbone_fingerprint == one.backbone_fingerprint
@@ -356,8 +510,11 @@ def test_clip_recipe_builds_every_command():
     train = recipe.arguments("train", features="f", cells="c.csv", out="m")
     assert not train["train"].finetune and train["search"].k == 10
     assert recipe.arguments("cells", coords="x.csv", out="c.csv")["cells"].max_per_cell == 350
-    assert recipe.arguments("evaluate", data={"csv": "t.csv"}, out="e")["methods"] == ["swc", "classification",
-                                                                                         "retrieval"]
+    assert recipe.arguments("evaluate", data={"csv": "t.csv"}, out="e")["methods"] == [
+        "swc",
+        "classification",
+        "retrieval",
+    ]
     assert "docs/clip-l14-mp16.md" in (ROOT / "recipes" / "clip-l14-mp16.yaml").read_text()
     assert "recipes/clip-l14-mp16.yaml" in (ROOT / "docs" / "clip-l14-mp16.md").read_text()
 
@@ -365,8 +522,12 @@ def test_clip_recipe_builds_every_command():
 def test_throughput_benchmark(tiny, tmp_path, capsys):
     bt = _benchmark("backbone_throughput")
     out = tmp_path / "tp.json"
-    assert bt.main(["--out", str(out), "--backbones", "efficientnet-lite0,tiny-dinov2", "--batch-size", "2",
-                    "--batches", "1"]) == 0
+    assert (
+        bt.main(
+            ["--out", str(out), "--backbones", "efficientnet-lite0,tiny-dinov2", "--batch-size", "2", "--batches", "1"]
+        )
+        == 0
+    )
     rows = {r["backbone"]: r for r in json.loads(out.read_text())["backbones"]}
     assert abs(rows["efficientnet-lite0"]["gflops_per_image"] - 0.77) < 0.01  # as backbone_peak.py counts it
     assert rows["tiny-dinov2"]["feature_dim"] == 32 and 0 < rows["tiny-dinov2"]["gflops_per_image"] < 0.01
@@ -382,9 +543,29 @@ def test_backbone_comparison_on_any_labelled_set(tiny, tmp_path, capsys):
     out = tmp_path / "bc.json"
     backbones = [{"name": TINY[f].name, "weights": str(tiny["weights"][f])} for f in ("dinov2", "siglip")]
     changes = {"cells": {"cells": {"max_per_cell": 40, "min_per_cell": 5}}, "train": {"search": {"select_km": 0}}}
-    assert bc.main(["--out", str(out), "--data.csv", str(tiny["csv"]), "--data.images", str(tiny["images"]),
-                    "--cell_coords", str(tiny["dir"] / "coords.csv"), "--cache", str(tmp_path / "cache"), "--quick",
-                    "true", "--backbones", json.dumps(backbones), "--changes", json.dumps(changes)]) == 0
+    assert (
+        bc.main(
+            [
+                "--out",
+                str(out),
+                "--data.csv",
+                str(tiny["csv"]),
+                "--data.images",
+                str(tiny["images"]),
+                "--cell_coords",
+                str(tiny["dir"] / "coords.csv"),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--quick",
+                "true",
+                "--backbones",
+                json.dumps(backbones),
+                "--changes",
+                json.dumps(changes),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [r["backbone"] for r in result["results"]] == ["tiny-dinov2", "tiny-siglip"]
     for r in result["results"]:

@@ -36,15 +36,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from geoswc.api import Geolocator, LocateFailure, Prediction, default_model_dir
 from geoswc.cli import main
-from geoswc.config import SearchConfig
-from geoswc.data import LoadReport
-from geoswc.errors import ArtifactError, ImageError, SettingError
-from geoswc.images import load_image, read_gps
-from geoswc.prediction import Neighbor
+from geoswc.core.config import SearchConfig
+from geoswc.core.errors import ArtifactError, ImageError, SettingError
+from geoswc.data.images import load_image, read_gps
+from geoswc.data.records import LoadReport
+from geoswc.data.shards import iter_samples, iter_shard
+from geoswc.prediction.geolocator import Geolocator, LocateFailure, Prediction, default_model_dir
+from geoswc.prediction.results import Neighbor
 from geoswc.service.settings import ServiceSettings
-from geoswc.shards import iter_samples, iter_shard
 
 from .conftest import KAUAI, free_port, gps_exif_raw, jpeg_bytes, kauai_jpeg
 from .test_bad_input import run_cli
@@ -73,8 +73,8 @@ def jpeg_claiming_more_rows(progressive: bool = False) -> bytes:
     libjpeg decodes it without an error and fills the missing rows with grey."""
     data = bytearray(kauai_jpeg(progressive=progressive))
     at = data.find(b"\xff\xc2" if progressive else b"\xff\xc0")
-    (height,) = struct.unpack(">H", data[at + 5:at + 7])
-    data[at + 5:at + 7] = struct.pack(">H", 3 * height)
+    (height,) = struct.unpack(">H", data[at + 5 : at + 7])
+    data[at + 5 : at + 7] = struct.pack(">H", 3 * height)
     return bytes(data)
 
 
@@ -88,14 +88,25 @@ MALFORMED_GPS = {
 # -- 1. shard lists never run commands or fetch ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["pipe:touch {tmp}/ran", "pipe:sh -c 'touch {tmp}/ran'",
-                                  "http://127.0.0.1:9/shard-{{000..001}}.tar", "s3://bucket/shard.tar",
-                                  "gs://bucket/shard.tar"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pipe:touch {tmp}/ran",
+        "pipe:sh -c 'touch {tmp}/ran'",
+        "http://127.0.0.1:9/shard-{{000..001}}.tar",
+        "s3://bucket/shard.tar",
+        "gs://bucket/shard.tar",
+    ],
+)
 @pytest.mark.parametrize("command", ["locate", "features", "index"])
-def test_shard_specs_from_the_command_line_never_run_or_fetch(spec: str, command: str, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    argv = {"locate": ["locate"], "features": ["features", "--out", tmp_path / "f"],
-            "index": ["index", "--model", tmp_path / "nope", "--out", tmp_path / "i"]}[command]
+def test_shard_specs_from_the_command_line_never_run_or_fetch(
+    spec: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = {
+        "locate": ["locate"],
+        "features": ["features", "--out", tmp_path / "f"],
+        "index": ["index", "--model", tmp_path / "nope", "--out", tmp_path / "i"],
+    }[command]
     rc, _, err = run_cli([*argv, "--data.shards", spec.format(tmp=tmp_path)], capsys)
     one_error_line(rc, err, command, "local files")
     assert not (tmp_path / "ran").exists()
@@ -104,8 +115,9 @@ def test_shard_specs_from_the_command_line_never_run_or_fetch(spec: str, command
 def test_a_listed_command_is_only_ever_a_file_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "shards"
     folder.mkdir()
-    (folder / "shards.json").write_text(json.dumps({"shardlist": [{"url": f"pipe:touch {tmp_path}/ran",
-                                                                   "nsamples": 1}]}))
+    (folder / "shards.json").write_text(
+        json.dumps({"shardlist": [{"url": f"pipe:touch {tmp_path}/ran", "nsamples": 1}]})
+    )
     rc, _, err = run_cli(["locate", "--data.shards", folder], capsys)
     one_error_line(rc, err, "locate", "not a file name inside")
     assert not (tmp_path / "ran").exists()
@@ -135,14 +147,20 @@ GIB = 2**30
 HOSTILE_SHARDS = {  # name: (shard bytes after one good sample, what the report must say)
     "member_declares_4_gib": (_header("b.jpg", 4 * GIB) + b"\xff" * 9000, "declares"),
     "sparse_member": (_header("b.jpg", 3 * GIB, tarfile.GNUTYPE_SPARSE) + b"\0" * 9000, "sparse file"),
-    "long_name_declares_4_gib": (_header("././@LongLink", 4 * GIB, tarfile.GNUTYPE_LONGNAME) + b"a" * 9000,
-                                 "extended tar header"),
+    "long_name_declares_4_gib": (
+        _header("././@LongLink", 4 * GIB, tarfile.GNUTYPE_LONGNAME) + b"a" * 9000,
+        "extended tar header",
+    ),
     "pax_header_declares_4_gib": (_header("pax", 4 * GIB, tarfile.XHDTYPE) + b"1 a\n" * 2000, "extended tar header"),
     "json_nested_100k_deep": (_sample("b", jpeg_bytes(), b'{"a":' * 100_000 + b"1" + b"}" * 100_000), "bad .json"),
-    "json_above_1_mib": (_sample("b", jpeg_bytes(), b'{"lat": 1, "lon": 2, "x": "' + b"a" * (2 * 2**20) + b'"}'),
-                         "declares"),
-    "json_number_of_a_million_digits": (_sample("b", jpeg_bytes(), b'{"lat": ' + b"1" * 900_000 + b', "lon": 2}'),
-                                        "bad .json"),
+    "json_above_1_mib": (
+        _sample("b", jpeg_bytes(), b'{"lat": 1, "lon": 2, "x": "' + b"a" * (2 * 2**20) + b'"}'),
+        "declares",
+    ),
+    "json_number_of_a_million_digits": (
+        _sample("b", jpeg_bytes(), b'{"lat": ' + b"1" * 900_000 + b', "lon": 2}'),
+        "bad .json",
+    ),
 }
 
 
@@ -169,7 +187,7 @@ def test_hostile_archives_are_reported_in_bounded_memory(kind: str, tmp_path: Pa
 def test_an_oversized_member_is_skipped_and_the_shard_goes_on(tmp_path: Path) -> None:
     """A member above the photo size limit that really is that long is stepped over, not read: the samples
     after it in the same shard are still read."""
-    from geoswc.images import ImageLimits
+    from geoswc.data.images import ImageLimits
 
     big = _member("b.jpg", b"\xff" * 300_000) + _member("b.json", b'{"lat": 1, "lon": 2}')
     (tmp_path / "shard-000000.tar").write_bytes(_sample("a", jpeg_bytes()) + big + _sample("c", jpeg_bytes()) + END)
@@ -179,10 +197,14 @@ def test_an_oversized_member_is_skipped_and_the_shard_goes_on(tmp_path: Path) ->
 
 
 def test_locate_over_hostile_shards_reports_and_finishes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "shard-000000.tar").write_bytes(_sample("a", kauai_jpeg()) + HOSTILE_SHARDS["member_declares_4_gib"][0]
-                                                + END)
-    (tmp_path / "shard-000001.tar").write_bytes(_sample("n", kauai_jpeg(), HOSTILE_SHARDS["json_nested_100k_deep"][0]
-                                                        [-400_010:]) + _sample("c", kauai_jpeg()) + END)
+    (tmp_path / "shard-000000.tar").write_bytes(
+        _sample("a", kauai_jpeg()) + HOSTILE_SHARDS["member_declares_4_gib"][0] + END
+    )
+    (tmp_path / "shard-000001.tar").write_bytes(
+        _sample("n", kauai_jpeg(), HOSTILE_SHARDS["json_nested_100k_deep"][0][-400_010:])
+        + _sample("c", kauai_jpeg())
+        + END
+    )
     out = tmp_path / "pred.jsonl"
     rc, stdout, err = run_cli(["locate", "--data.shards", tmp_path, "--output", out], capsys)
     assert rc == 1 and "Traceback" not in err, err
@@ -203,8 +225,9 @@ def test_malformed_gps_exif_is_no_position_and_the_photo_is_still_located(kind: 
     assert pred.exif is None and -90 <= pred.lat <= 90
 
 
-def test_a_folder_with_malformed_exif_and_broken_photos_finishes(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_with_malformed_exif_and_broken_photos_finishes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for kind, (lat, lon) in MALFORMED_GPS.items():
@@ -263,9 +286,11 @@ def test_genuine_photos_with_grey_are_not_refused() -> None:
 def _trickle(port: int, seconds: float, result: list[str]) -> None:
     """Send a multipart request's headers, then its body one byte every 0.2 s; record the status line."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"POST /api/locate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                  b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
-                  b"filename=\"slow.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n")
+        s.sendall(
+            b"POST /api/locate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b'Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name="files"; '
+            b'filename="slow.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        )
         s.settimeout(0.2)
         answer, end = b"", time.monotonic() + seconds
         while time.monotonic() < end and b"\r\n" not in answer:
@@ -283,6 +308,7 @@ def _trickle(port: int, seconds: float, result: list[str]) -> None:
     result.append(answer.split(b"\r\n", 1)[0].decode("latin-1"))
 
 
+@pytest.mark.slow
 def test_trickling_clients_get_408_and_normal_uploads_are_served(tmp_path: Path) -> None:
     """`geoswc serve` with room for 2 requests; 3 clients trickle an upload a byte at a time (as one would to
     hold the service). Each is cut off with 408 within seconds, and a normal upload that retries on 503 (as
@@ -293,8 +319,18 @@ def test_trickling_clients_get_408_and_normal_uploads_are_served(tmp_path: Path)
     assert spec is not None and spec.loader is not None
     lt = sys.modules["load_test"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lt)
-    flags = ["--service.max_concurrent", "1", "--service.max_queue", "1", "--service.upload_idle_s", "1",
-             "--service.upload_min_kbs", "16", "--service.upload_timeout_s", "30"]
+    flags = [
+        "--service.max_concurrent",
+        "1",
+        "--service.max_queue",
+        "1",
+        "--service.upload_idle_s",
+        "1",
+        "--service.upload_min_kbs",
+        "16",
+        "--service.upload_timeout_s",
+        "30",
+    ]
     body, ctype = lt.multipart([("k.jpg", kauai_jpeg())])
     with lt.serve(flags, tmp_path / "serve.log", None, timeout_s=180) as server:
         statuses: list[str] = []
@@ -347,8 +383,11 @@ def _numeric_flags(command: str) -> list[str]:
                 flags.append(prefix + k)
 
     walk(yaml.safe_load(out.getvalue()), "")
-    owners = {"locate": ("search", SearchConfig), "evaluate": ("search", SearchConfig),
-              "serve": ("service", ServiceSettings)}
+    owners = {
+        "locate": ("search", SearchConfig),
+        "evaluate": ("search", SearchConfig),
+        "serve": ("service", ServiceSettings),
+    }
     if command in owners:  # partial changes: {} in --print_config; each field is a flag of its own
         group, cls = owners[command]
         flags += [f"{group}.{f.name}" for f in dataclasses.fields(cls) if f.type in ("int", "float")]
@@ -359,8 +398,9 @@ CASES = [(c, f) for c in BASE_ARGS for f in _numeric_flags(c)]
 
 
 @pytest.mark.parametrize("command,flag", CASES, ids=[f"{c}--{f}" for c, f in CASES])
-def test_every_numeric_flag_refuses_hostile_values_in_one_line(command: str, flag: str, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_numeric_flag_refuses_hostile_values_in_one_line(
+    command: str, flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = [a.format(tmp=tmp_path) for a in BASE_ARGS[command]]
     for value in HOSTILE_VALUES:
         if value == str(2**64) and flag in ACCEPTED_AT_2_64:
@@ -375,7 +415,7 @@ def test_a_diverging_training_stops_with_the_flag_named(capsys: pytest.CaptureFi
     """lr = 2**64 is a number, so it passes the parser; the first epoch's loss is not, and nothing is saved."""
     import torch
 
-    from geoswc.checkpoint import Checkpointer, Phase, run_phase
+    from geoswc.training.checkpoint import Checkpointer, Phase, run_phase
 
     net = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(net.parameters(), lr=2.0**64)
@@ -388,7 +428,7 @@ def test_a_diverging_training_stops_with_the_flag_named(capsys: pytest.CaptureFi
 
 
 def test_workers_beyond_the_cores_are_capped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    from geoswc.data import worker_count
+    from geoswc.data.records import worker_count
 
     with caplog.at_level("WARNING"):
         n = worker_count(10_000)
@@ -427,55 +467,88 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (photos / "a.jpg").write_bytes(kauai_jpeg())
     (photos / "b.jpg").write_bytes(jpeg_bytes())
     (w / "photos.csv").write_text("image,lat,lon\na.jpg,21.9,-159.5\nb.jpg,48.8,2.3\n")
-    assert main(["features", "--data.csv", str(w / "photos.csv"), "--data.images", str(photos), "--out",
-                 str(w / "features")]) == 0
-    return {"model": w / "model", "index": w / "model" / "index", "features": w / "features", "csv": w / "photos.csv",
-            "photos": photos}
+    assert (
+        main(
+            [
+                "features",
+                "--data.csv",
+                str(w / "photos.csv"),
+                "--data.images",
+                str(photos),
+                "--out",
+                str(w / "features"),
+            ]
+        )
+        == 0
+    )
+    return {
+        "model": w / "model",
+        "index": w / "model" / "index",
+        "features": w / "features",
+        "csv": w / "photos.csv",
+        "photos": photos,
+    }
 
 
 KIND_CLASHES = {
-    "index_into_a_feature_cache": (["index", "--model", "{model}", "--features", "{features}", "--out", "{features}"],
-                                   "feature cache"),
-    "features_into_a_model": (["features", "--data.csv", "{csv}", "--data.images", "{photos}", "--out", "{model}"],
-                              "model"),
-    "features_into_an_index": (["features", "--data.csv", "{csv}", "--data.images", "{photos}", "--out", "{index}"],
-                               "index"),
-    "evaluate_into_a_model": (["evaluate", "--data.csv", "{csv}", "--data.images", "{photos}", "--out", "{model}"],
-                              "model"),
-    "shards_into_a_feature_cache": (["shards", "--data.csv", "{csv}", "--data.images", "{photos}", "--out",
-                                     "{features}"], "feature cache"),
-    "train_into_an_index": (["train", "--features", "{features}", "--cells", "{model}/cells.csv", "--out", "{index}"],
-                            "index"),
+    "index_into_a_feature_cache": (
+        ["index", "--model", "{model}", "--features", "{features}", "--out", "{features}"],
+        "feature cache",
+    ),
+    "features_into_a_model": (
+        ["features", "--data.csv", "{csv}", "--data.images", "{photos}", "--out", "{model}"],
+        "model",
+    ),
+    "features_into_an_index": (
+        ["features", "--data.csv", "{csv}", "--data.images", "{photos}", "--out", "{index}"],
+        "index",
+    ),
+    "evaluate_into_a_model": (
+        ["evaluate", "--data.csv", "{csv}", "--data.images", "{photos}", "--out", "{model}"],
+        "model",
+    ),
+    "shards_into_a_feature_cache": (
+        ["shards", "--data.csv", "{csv}", "--data.images", "{photos}", "--out", "{features}"],
+        "feature cache",
+    ),
+    "train_into_an_index": (
+        ["train", "--features", "{features}", "--cells", "{model}/cells.csv", "--out", "{index}"],
+        "index",
+    ),
     "cells_over_a_models_table": (["cells", "--coords", "{csv}", "--out", "{model}/cells.csv"], "model"),
     "cells_named_json": (["cells", "--coords", "{csv}", "--out", "{tmp}/cells.json"], ".csv"),
 }
 
 
 @pytest.mark.parametrize("kind", list(KIND_CLASHES))
-def test_no_command_writes_into_another_kind_of_artifact(kind: str, artifacts: dict[str, Path], tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_command_writes_into_another_kind_of_artifact(
+    kind: str, artifacts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv, other = KIND_CLASHES[kind]
     subs = {k: str(v) for k, v in artifacts.items()} | {"tmp": str(tmp_path)}
     before = {p: p.read_bytes() for p in artifacts["model"].rglob("*") if p.is_file()}
     before |= {p: p.read_bytes() for p in artifacts["features"].rglob("*") if p.is_file()}
     rc, _, err = run_cli([a.format(**subs) for a in argv], capsys)
     one_error_line(rc, err, argv[0], other)
-    after = {p: p.read_bytes() for p in [*artifacts["model"].rglob("*"), *artifacts["features"].rglob("*")]
-             if p.is_file()}
+    after = {
+        p: p.read_bytes() for p in [*artifacts["model"].rglob("*"), *artifacts["features"].rglob("*")] if p.is_file()
+    }
     assert after == before
 
 
 # -- 8. rows skipped from a list fail the run -----------------------------------------------------------------
 
 
-def test_locate_csv_rows_that_name_no_photo_fail_the_run(artifacts: dict[str, Path], tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_locate_csv_rows_that_name_no_photo_fail_the_run(
+    artifacts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     listing = tmp_path / "list.csv"
     rows = ["a.jpg", "", '"two\nlines.jpg"', "missing.jpg", "../photos/b.jpg", str(artifacts["photos"] / "b.jpg")]
     listing.write_text("image\n" + "\n".join(rows) + "\n")
     out = tmp_path / "pred.jsonl"
-    rc, stdout, err = run_cli(["locate", "--data.csv", listing, "--data.images", artifacts["photos"], "--output", out],
-                              capsys)
+    rc, stdout, err = run_cli(
+        ["locate", "--data.csv", listing, "--data.images", artifacts["photos"], "--output", out], capsys
+    )
     assert rc == 1, err
     assert "1 photos located, 5 failed" in stdout
     assert "line 3: empty image name" in err and "lines.jpg (line 4): image file not found" in err
@@ -495,8 +568,12 @@ def test_api_inputs_that_are_not_photos(geo: Geolocator, tmp_path: Path) -> None
     closed_image = Image.open(KAUAI)
     closed_image.close()
     with open(KAUAI, encoding="latin-1") as text_file:
-        cases = {"closed file": (closed_file, "cannot be read"), "closed image": (closed_image, "closed"),
-                 "text-mode file": (text_file, "mode 'rb'"), "a number": (42, "not a path")}
+        cases = {
+            "closed file": (closed_file, "cannot be read"),
+            "closed image": (closed_image, "closed"),
+            "text-mode file": (text_file, "mode 'rb'"),
+            "a number": (42, "not a path"),
+        }
         for what, (source, needle) in cases.items():
             with pytest.raises(ImageError, match=needle):
                 geo.locate(source)
@@ -516,8 +593,9 @@ CONFIG_DAMAGE = {
 
 
 @pytest.mark.parametrize("kind", [*CONFIG_DAMAGE, "nested_100k_deep"])
-def test_a_damaged_model_config_is_exit_2_not_a_bug(kind: str, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_model_config_is_exit_2_not_a_bug(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = tmp_path / "model"
     shutil.copytree(default_model_dir(), model, ignore=shutil.ignore_patterns("index"))
     if kind == "nested_100k_deep":
@@ -561,8 +639,9 @@ def test_a_request_of_too_many_pixels_is_413(geo: Geolocator) -> None:
     assert one.status_code == 200 and two.status_code == 413 and "MP" in two.json()["error"]
 
 
-def test_a_run_where_every_photo_fails_keeps_the_earlier_output(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_where_every_photo_fails_keeps_the_earlier_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "pred.jsonl"
     out.write_text("earlier results\n")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
@@ -589,7 +668,7 @@ def test_what_a_killed_run_left_is_cleaned_by_the_next(tmp_path: Path, capsys: p
     rc, _, _ = run_cli(["locate", KAUAI, "--output", tmp_path / "pred.csv"], capsys)
     assert rc == 0 and not stale_file.exists() and alive.exists()
 
-    from geoswc.gallery_files import GalleryWriter
+    from geoswc.gallery.files import GalleryWriter
 
     index = tmp_path / "index"
     index.mkdir()
@@ -601,6 +680,7 @@ def test_what_a_killed_run_left_is_cleaned_by_the_next(tmp_path: Path, capsys: p
     assert not staging.exists()
 
 
+@pytest.mark.slow
 def test_warnings_do_not_leak_around_the_one_line(tmp_path: Path) -> None:
     """A photo whose EXIF block points past its end makes Pillow warn ("Tag data larger than file"); stderr
     holds geoswc's own lines only: one per failed photo and the summary, no library warning, no progress bar."""
@@ -608,9 +688,22 @@ def test_warnings_do_not_leak_around_the_one_line(tmp_path: Path) -> None:
     exif = bytearray(gps_exif_raw(((1, 1),) * 3, ((1, 1),) * 3))
     del exif[20:40]
     (tmp_path / "odd_exif.jpg").write_bytes(kauai_jpeg(exif=bytes(exif)))
-    proc = subprocess.run([sys.executable, "-m", "geoswc", "locate", str(tmp_path / "odd_exif.jpg"),
-                           str(tmp_path / "bad.jpg"), "--format", "jsonl"], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "geoswc",
+            "locate",
+            str(tmp_path / "odd_exif.jpg"),
+            str(tmp_path / "bad.jpg"),
+            "--format",
+            "jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 2 and "bad.jpg" in lines[0] and "1 of 2 photos could not be located" in lines[1], lines
@@ -621,8 +714,9 @@ def test_warnings_do_not_leak_around_the_one_line(tmp_path: Path) -> None:
 def test_evidence_never_counts_noise(geo: Geolocator) -> None:
     """With min_samples above 1, DBSCAN calls scattered neighbours noise (-1): they agree with nothing."""
     pred = geo.locate(KAUAI)
-    noisy = dataclasses.replace(pred, cluster=-1, neighbors=[dataclasses.replace(n, cluster=-1)
-                                                             for n in pred.neighbors])
+    noisy = dataclasses.replace(
+        pred, cluster=-1, neighbors=[dataclasses.replace(n, cluster=-1) for n in pred.neighbors]
+    )
     assert noisy.agreeing == [] and pred.agreeing
     assert all(n.cluster == pred.cluster for n in pred.agreeing)
     assert isinstance(pred.neighbors[0], Neighbor) and not math.isnan(pred.confidence)

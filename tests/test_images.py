@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoswc.errors import ImageError
-from geoswc.images import ImageLimits, jpeg_is_complete, load_image, read_gps
+from geoswc.core.errors import ImageError
+from geoswc.data.images import ImageLimits, jpeg_is_complete, load_image, read_gps
 
 from .conftest import gps_exif, jpeg_bytes
 
@@ -18,9 +18,21 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
-                                      ("LA", "PNG"), ("I;16", "PNG"), ("1", "PNG"), ("RGB", "WEBP"),
-                                      ("RGB", "BMP"), ("RGB", "TIFF")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("CMYK", "JPEG"),
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("I;16", "PNG"),
+        ("1", "PNG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("RGB", "TIFF"),
+    ],
+)
 def test_modes_decode_to_rgb(mode, fmt):
     img = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
     out = load_image(encode(img, fmt))
@@ -59,15 +71,18 @@ def test_jpeg_draft_decodes_smaller():
     assert 224 <= min(out.size) < 750
 
 
-@pytest.mark.parametrize("data,kind,msg", [
-    (b"", "empty", "empty"),
-    (b"hello, I am text", "unsupported", "not an image"),
-    (b"%PDF-1.4 fake", "unsupported", "not an image"),
-    # a real image signature with a header that does not decode: corrupt (HTTP 422), not unsupported (415)
-    (b"\xff\xd8\xff" + b"garbage" * 20, "corrupt", "corrupt JPEG"),
-    (b"RIFF\x10\x00\x00\x00WEBPjunkjunk", "corrupt", "corrupt WebP"),
-    (b"GIF89a" + b"\x00" * 3, "corrupt", "corrupt"),
-])
+@pytest.mark.parametrize(
+    "data,kind,msg",
+    [
+        (b"", "empty", "empty"),
+        (b"hello, I am text", "unsupported", "not an image"),
+        (b"%PDF-1.4 fake", "unsupported", "not an image"),
+        # a real image signature with a header that does not decode: corrupt (HTTP 422), not unsupported (415)
+        (b"\xff\xd8\xff" + b"garbage" * 20, "corrupt", "corrupt JPEG"),
+        (b"RIFF\x10\x00\x00\x00WEBPjunkjunk", "corrupt", "corrupt WebP"),
+        (b"GIF89a" + b"\x00" * 3, "corrupt", "corrupt"),
+    ],
+)
 def test_bad_bytes(data, kind, msg):
     with pytest.raises(ImageError, match=msg) as e:
         load_image(data)

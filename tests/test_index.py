@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from geoswc import gallery_files, storage
-from geoswc.config import GalleryCodes
-from geoswc.errors import ArtifactError, InputError
-from geoswc.gallery import Gallery, GalleryIdentity
-from geoswc.gallery_files import GalleryWriter, load_gallery, save_gallery
+from geoswc.core import storage
+from geoswc.core.config import GalleryCodes
+from geoswc.core.errors import ArtifactError, InputError
+from geoswc.gallery import files as gallery_files
+from geoswc.gallery.files import GalleryWriter, load_gallery, save_gallery
+from geoswc.gallery.search import Gallery, GalleryIdentity
 
 N, D, C = 3000, 48, 12
 IDENTITY = GalleryIdentity("model0000", "cells0000", C)
@@ -73,8 +74,14 @@ def test_streamed_build_equals_one_shot_save(tmp_path):
     save_gallery(_gallery(), tmp_path / "one")
     with GalleryWriter(tmp_path / "stream", D, IDENTITY) as w:
         for s in range(0, N, 700):  # uneven chunks, each written sorted, then compacted
-            w.add(emb[s:s + 700], lat[s:s + 700], lon[s:s + 700], cell[s:s + 700], names[s:s + 700],
-                  authors[s:s + 700])
+            w.add(
+                emb[s : s + 700],
+                lat[s : s + 700],
+                lon[s : s + 700],
+                cell[s : s + 700],
+                names[s : s + 700],
+                authors[s : s + 700],
+            )
         w.finish()
     for f in ("index.safetensors", "items.csv"):
         assert _sha(tmp_path / "one" / f) == _sha(tmp_path / "stream" / f), f
@@ -161,8 +168,12 @@ def test_flat_index_verifies_every_block_at_load(tmp_path, monkeypatch):
 PQ = GalleryCodes(kind="pq", pq_bytes=12, rerank=40)
 
 
-@pytest.mark.parametrize("codes", [GalleryCodes(kind="sq8", rerank=40), PQ,
-                                   GalleryCodes(kind="opq", pq_bytes=12, rerank=40)], ids=lambda c: c.kind)
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "codes",
+    [GalleryCodes(kind="sq8", rerank=40), PQ, GalleryCodes(kind="opq", pq_bytes=12, rerank=40)],
+    ids=lambda c: c.kind,
+)
 def test_coded_index_round_trip_recall_and_exclusion(tmp_path, codes):
     """A coded index holds ``code_size`` bytes a row in FAISS, re-ranks exactly, and honours the leakage guard."""
     g = _gallery()
@@ -194,8 +205,14 @@ def test_coded_index_build_is_deterministic_and_streams(tmp_path):
     save_gallery(_gallery(), tmp_path / "one", PQ)
     with GalleryWriter(tmp_path / "stream", D, IDENTITY, PQ) as w:
         for s in range(0, N, 700):
-            w.add(emb[s:s + 700], lat[s:s + 700], lon[s:s + 700], cell[s:s + 700], names[s:s + 700],
-                  authors[s:s + 700])
+            w.add(
+                emb[s : s + 700],
+                lat[s : s + 700],
+                lon[s : s + 700],
+                cell[s : s + 700],
+                names[s : s + 700],
+                authors[s : s + 700],
+            )
         w.finish()
     for f in ("index.safetensors", "items.csv", "codes.safetensors"):
         assert _sha(tmp_path / "one" / f) == _sha(tmp_path / "stream" / f), f
@@ -262,7 +279,7 @@ def test_unchecked_rows_are_prefetched_once_a_run(tmp_path, monkeypatch):
     h.search(q, 5, cells=[1])
     lo, hi = g.cell_range(1)
     assert len(calls) == 1 and len(calls[0]) == 1
-    (a, b), = calls[0]
+    ((a, b),) = calls[0]
     assert row0 + lo * D * 2 <= a < b <= row0 + hi * D * 2 and (b - a) % (D * 2) == 0  # within the cell's rows
     h.search(q, 5, cells=[1])  # every re-scored row already checked: no request
     assert len(calls) == 1

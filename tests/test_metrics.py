@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from geoswc.geo import EARTH_RADIUS_KM
-from geoswc.metrics import accuracy_at, errors_km, median_km, summarize
+from geoswc.core.sphere import EARTH_RADIUS_KM
+from geoswc.evaluation.metrics import accuracy_at, errors_km, median_km, summarize
 
 ONE_DEG_KM = np.radians(1.0) * EARTH_RADIUS_KM  # 111.195 km along a meridian
 

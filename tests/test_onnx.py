@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from geoswc import Geolocator
-from geoswc.data import ImageDataset
-from geoswc.errors import GeoswcError, InputError
-from geoswc.onnx_runtime import OnnxBackbone, cached_export, export_backbone
+from geoswc.core.errors import GeoswcError, InputError
+from geoswc.data.records import ImageDataset
+from geoswc.models.onnx_runtime import OnnxBackbone, cached_export, export_backbone
 
 from .conftest import DEV_IMAGES, KAUAI, dev_rows
 
@@ -39,6 +39,7 @@ def _images(geo: Geolocator, paths) -> torch.Tensor:
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_export_matches_eager_on_real_photos(torch_geo, onnx_geo, cache):
     assert onnx_geo.runtime == "onnx" and torch_geo.runtime == "torch"
     paths = [KAUAI] + [DEV_IMAGES / r["image"] for r in dev_rows(3, step=500)]
@@ -57,6 +58,7 @@ def test_export_matches_eager_on_real_photos(torch_geo, onnx_geo, cache):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_locate_through_onnx_gives_the_same_cell(torch_geo, onnx_geo):
     photos = [KAUAI] + [DEV_IMAGES / r["image"] for r in dev_rows(2, step=700)]
     a = list(torch_geo.locate_batch(photos, with_place=False))
@@ -67,6 +69,7 @@ def test_locate_through_onnx_gives_the_same_cell(torch_geo, onnx_geo):
         assert (q.lat, q.lon) == pytest.approx((p.lat, p.lon), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_export_cache_is_reused_and_checked(torch_geo, onnx_geo, cache):
     fp = torch_geo.model.backbone_fingerprint
     path = cached_export(cache, fp)
@@ -81,6 +84,7 @@ def test_export_cache_is_reused_and_checked(torch_geo, onnx_geo, cache):
     assert cached_export(damaged, fp) is None  # a truncated graph is exported again, never run
 
 
+@pytest.mark.slow
 def test_cli_runtime_flag(torch_geo, onnx_geo, cache, monkeypatch, capsys):
     from geoswc.cli import main
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from geoswc.data import parse_coord, read_coordinates, read_photo_csv
-from geoswc.errors import InputError
-from geoswc.geo import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz, spherical_mean, xyz_to_latlon
+from geoswc.core.errors import InputError
+from geoswc.core.sphere import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz, spherical_mean, xyz_to_latlon
+from geoswc.data.records import parse_coord, read_coordinates, read_photo_csv
 
 from .conftest import jpeg_bytes
 
@@ -44,15 +44,15 @@ def test_haversine_symmetric_and_bounded(a: tuple[float, float], b: tuple[float,
 
 @SETTINGS
 @given(points, points, points)
-def test_haversine_triangle_inequality(a: tuple[float, float], b: tuple[float, float],
-                                       c: tuple[float, float]) -> None:
+def test_haversine_triangle_inequality(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float]) -> None:
     assert d(a, c) <= d(a, b) + d(b, c) + 1e-3  # float32-free, so a metre is ample slack near antipodes
 
 
 @SETTINGS
 @given(points, points, st.floats(-720, 720, allow_nan=False))
-def test_haversine_invariant_under_longitude_rotation(a: tuple[float, float], b: tuple[float, float],
-                                                      shift: float) -> None:
+def test_haversine_invariant_under_longitude_rotation(
+    a: tuple[float, float], b: tuple[float, float], shift: float
+) -> None:
     """Rotating both points about the axis keeps their distance, across the antimeridian included."""
     wrap = lambda lon: (lon + 180.0) % 360.0 - 180.0  # noqa: E731
     # near antipodes a rounding of the shifted longitudes moves the distance by up to ~0.1 m
@@ -93,8 +93,10 @@ def test_latlon_xyz_round_trip(p: tuple[float, float]) -> None:
 
 
 @SETTINGS
-@given(st.lists(st.tuples(st.floats(-1, 1), st.floats(-1, 1), st.floats(-1, 1)), min_size=1, max_size=5),
-       st.floats(1e-3, 1e3))
+@given(
+    st.lists(st.tuples(st.floats(-1, 1), st.floats(-1, 1), st.floats(-1, 1)), min_size=1, max_size=5),
+    st.floats(1e-3, 1e3),
+)
 def test_xyz_to_latlon_ignores_length(vs: list[tuple[float, float, float]], scale: float) -> None:
     v = np.array(vs)
     assume(np.all(np.linalg.norm(v, axis=1) > 1e-6))
@@ -195,8 +197,11 @@ cells = st.one_of(
     st.text(max_size=12),
 )
 rows = st.lists(st.lists(cells, min_size=0, max_size=6), max_size=12)
-headers = st.one_of(st.just(["image", "lat", "lon", "author"]), st.just(["IMAGE", " Lat ", "lon"]),
-                    st.lists(st.sampled_from(["image", "lat", "lon", "author", "x", ""]), max_size=5))
+headers = st.one_of(
+    st.just(["image", "lat", "lon", "author"]),
+    st.just(["IMAGE", " Lat ", "lon"]),
+    st.lists(st.sampled_from(["image", "lat", "lon", "author", "x", ""]), max_size=5),
+)
 
 
 def check_read(path: Path, folder: Path) -> None:
@@ -215,8 +220,9 @@ def check_read(path: Path, folder: Path) -> None:
         assert item and why
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(headers, rows)
 def test_csv_reader_never_crashes_on_arbitrary_rows(folder: Path, header: list[str], body: list[list[str]]) -> None:
     buf = io.StringIO()
@@ -228,8 +234,9 @@ def test_csv_reader_never_crashes_on_arbitrary_rows(folder: Path, header: list[s
     check_read(path, folder)
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(st.one_of(st.binary(max_size=400), st.text(max_size=400).map(lambda t: t.encode("utf-8", "surrogatepass"))))
 def test_csv_readers_never_crash_on_arbitrary_bytes(folder: Path, data: bytes) -> None:
     for path, content in ((folder / "raw.csv", data), (folder / "headed.csv", b"image,lat,lon\n" + data)):

@@ -20,15 +20,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from geoswc import compat, storage, workflow
-from geoswc.cells import CellTable
-from geoswc.config import ModelConfig, TrainConfig
-from geoswc.errors import ArtifactError
-from geoswc.features import FeatureSet
-from geoswc.gallery_files import load_gallery, save_gallery
-from geoswc.model import GeoModel
-from geoswc.options import Photos
-from geoswc.train import train_heads
+from geoswc import workflow
+from geoswc.core import storage
+from geoswc.core.config import ModelConfig, TrainConfig
+from geoswc.core.errors import ArtifactError
+from geoswc.data.sources import Photos
+from geoswc.gallery.files import load_gallery, save_gallery
+from geoswc.geo.cells import CellTable
+from geoswc.models import compat
+from geoswc.models.geomodel import GeoModel
+from geoswc.training.features import FeatureSet
+from geoswc.training.train import train_heads
 
 from .conftest import DEV_IMAGES, dev_rows, write_csv
 
@@ -52,17 +54,34 @@ def _progress(ckpt: Path) -> int:
     return int(sum(meta.get("phase_epochs", {}).values()))
 
 
-def test_sigkill_during_training_then_rerun_gives_the_same_model(tiny_workspace: dict[str, Path],
-                                                                 tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_sigkill_during_training_then_rerun_gives_the_same_model(
+    tiny_workspace: dict[str, Path], tmp_path: Path
+) -> None:
     """`geoswc train` is killed (SIGKILL) at a random point after a checkpoint, with a random extra delay
     (GEOSWC_RESUME_KILLS=2 kills it twice); re-running the same command resumes and ends with the heads of the
     uninterrupted run (the tiny workspace's model, trained by the very same command)."""
     seed = int(os.environ.get("GEOSWC_RESUME_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     out = tmp_path / "model"
-    cmd = [sys.executable, "-m", "geoswc", "train", "--features", str(tiny_workspace["features"]), "--cells",
-           str(tiny_workspace["cells"]), "--out", str(out), "--train.epochs", "3", "--train.rrm_epochs", "3",
-           "--train.batch_size", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geoswc",
+        "train",
+        "--features",
+        str(tiny_workspace["features"]),
+        "--cells",
+        str(tiny_workspace["cells"]),
+        "--out",
+        str(out),
+        "--train.epochs",
+        "3",
+        "--train.rrm_epochs",
+        "3",
+        "--train.batch_size",
+        "16",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     total = 6  # 3 MvMF + 3 RRM epochs, one checkpoint each
     kills: list[tuple[int, int, int]] = []
@@ -98,14 +117,18 @@ def test_sigkill_during_training_then_rerun_gives_the_same_model(tiny_workspace:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "resuming from checkpoint" in proc.stderr
-    resumed, reference = load_file(str(out / "heads.safetensors")), load_file(
-        str(tiny_workspace["model"] / "heads.safetensors"))
+    resumed, reference = (
+        load_file(str(out / "heads.safetensors")),
+        load_file(str(tiny_workspace["model"] / "heads.safetensors")),
+    )
     assert resumed.keys() == reference.keys()
     worst = max(float((resumed[k].double() - reference[k].double()).abs().max()) for k in resumed)
     assert worst <= 1e-6, f"seed {seed}, kills {kills}: heads differ by up to {worst}"
     if worst == 0.0:  # bit-identical heads: then the whole model is the same
-        assert json.loads((out / "config.json").read_text())["fingerprint"] == json.loads(
-            (tiny_workspace["model"] / "config.json").read_text())["fingerprint"]
+        assert (
+            json.loads((out / "config.json").read_text())["fingerprint"]
+            == json.loads((tiny_workspace["model"] / "config.json").read_text())["fingerprint"]
+        )
 
 
 # -- training: a kill between the two files of a checkpoint ----------------------------------------------
@@ -130,10 +153,14 @@ def uninterrupted(tiny_workspace: dict[str, Path]) -> dict[float, str]:
 
 @pytest.mark.parametrize("val_fraction", [0.0, 0.3])  # 0.3: the best MvMF head so far is checkpointed too
 @pytest.mark.parametrize("kill_at", [2, 3])  # at the end of the MvMF phase, and in the RRM phase
-def test_kill_between_checkpoint_tensors_and_json_resumes(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                          uninterrupted: dict[float, str], kill_at: int,
-                                                          val_fraction: float,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_between_checkpoint_tensors_and_json_resumes(
+    tiny_workspace: dict[str, Path],
+    tmp_path: Path,
+    uninterrupted: dict[float, str],
+    kill_at: int,
+    val_fraction: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Dying after a checkpoint's tensors are written but before checkpoint.json is: the json still names
     the previous tensors, which are still there, so the re-run resumes (one shared file name would have
     left a json whose digest no longer matched: a run that could never resume)."""
@@ -161,8 +188,9 @@ def test_kill_between_checkpoint_tensors_and_json_resumes(tiny_workspace: dict[s
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_tensors", "bad_json"])
-def test_damaged_checkpoint_is_refused_with_a_hint(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                   damage: str) -> None:
+def test_damaged_checkpoint_is_refused_with_a_hint(
+    tiny_workspace: dict[str, Path], tmp_path: Path, damage: str
+) -> None:
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_workspace["model"] / "checkpoint", ckpt)
     tensors = next(ckpt.glob("checkpoint*.safetensors"))
@@ -188,14 +216,24 @@ def test_damaged_checkpoint_is_refused_with_a_hint(tiny_workspace: dict[str, Pat
 
 ALLOWED_WRITERS = {
     # (file, code of the call): why it is safe
-    ("storage.py", "*"): "the atomic writer itself (temp file + fsync + rename)",
-    ("evaluate.py", "fig.savefig(buf, format='png')"): "renders into memory; written with storage.write_bytes",
-    ("feature_files.py", "np.save(self.folder / 'keys.npy', self.keys)"):
-        "a rank's staging folder; rank 0 reads it only after the rank's JSON record, written atomically after it",
-    ("feature_files.py", "np.save(self.folder / 'lines.npy', self.lines)"): "as keys.npy",
+    ("core/storage.py", "*"): "the atomic writer itself (temp file + fsync + rename)",
+    ("evaluation/evaluate.py", "fig.savefig(buf, format='png')"): "renders into memory; written by storage.write_bytes",
+    (
+        "training/feature_files.py",
+        "np.save(self.folder / 'keys.npy', self.keys)",
+    ): "a rank's staging folder; rank 0 reads it only after the rank's JSON record, written atomically after it",
+    ("training/feature_files.py", "np.save(self.folder / 'lines.npy', self.lines)"): "as keys.npy",
 }
-DIRECT_WRITES = {("json", "dump"), ("pickle", "dump"), ("torch", "save"), ("np", "save"), ("np", "savez"),
-                 ("np", "savez_compressed"), ("shutil", "copy"), ("shutil", "copyfile")}
+DIRECT_WRITES = {
+    ("json", "dump"),
+    ("pickle", "dump"),
+    ("torch", "save"),
+    ("np", "save"),
+    ("np", "savez"),
+    ("np", "savez_compressed"),
+    ("shutil", "copy"),
+    ("shutil", "copyfile"),
+}
 
 
 def _writers(path: Path) -> list[str]:
@@ -210,11 +248,15 @@ def _writers(path: Path) -> list[str]:
         owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
         if name == "open" and owner in ("", "io", "os", "builtins"):
             modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)] + [
-                k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+                k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)
+            ]
             if any(isinstance(m, str) and set(m) & set("wax+") for m in modes):
                 found.append(ast.unparse(node))
-        elif (name in ("write_text", "write_bytes") and owner != "storage") or name in ("savefig", "tofile") \
-                or (owner, name) in DIRECT_WRITES:
+        elif (
+            (name in ("write_text", "write_bytes") and owner != "storage")
+            or name in ("savefig", "tofile")
+            or (owner, name) in DIRECT_WRITES
+        ):
             found.append(ast.unparse(node))
     return found
 
@@ -228,13 +270,15 @@ def test_every_file_writer_goes_through_the_atomic_writer() -> None:
         for call in _writers(path):
             if (rel, call) not in ALLOWED_WRITERS:
                 offenders.append(f"{rel}: {call}")
-    assert not offenders, ("write files with geoswc.storage (write_bytes/write_text/write_json/save_tensors/"
-                           "atomic_writer), or add a reasoned entry to ALLOWED_WRITERS: " + "; ".join(offenders))
+    assert not offenders, (
+        "write files with geoswc.core.storage (write_bytes/write_text/write_json/save_tensors/"
+        "atomic_writer), or add a reasoned entry to ALLOWED_WRITERS: " + "; ".join(offenders)
+    )
 
 
 _LOOP = """
 import sys
-from geoswc import storage
+from geoswc.core import storage
 path, a, b = sys.argv[1], bytes([65]) * (8 << 20), bytes([66]) * (12 << 20)
 print("ready", flush=True)
 while True:
@@ -243,6 +287,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_writes_leaves_the_old_or_the_new_file(tmp_path: Path) -> None:
     """A process rewriting a file (8 MiB 'A', 12 MiB 'B', in turn) is killed at random moments: the file is
     always one of the two, whole; the only debris is hidden temp files, which no loader reads."""
@@ -278,8 +323,9 @@ def _kill_at_replace(monkeypatch: pytest.MonkeyPatch, k: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_interrupted_model_save_is_refused_or_whole(tiny_workspace: dict[str, Path], tmp_path: Path, k: int,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_model_save_is_refused_or_whole(
+    tiny_workspace: dict[str, Path], tmp_path: Path, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "model"
     shutil.copytree(tiny_workspace["model"], folder, ignore=shutil.ignore_patterns("checkpoint*", "index"))
     old = GeoModel.load(folder, with_backbone=False)
@@ -299,8 +345,9 @@ def test_interrupted_model_save_is_refused_or_whole(tiny_workspace: dict[str, Pa
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_interrupted_index_write_is_refused_or_whole(tiny_workspace: dict[str, Path], tmp_path: Path, k: int,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_index_write_is_refused_or_whole(
+    tiny_workspace: dict[str, Path], tmp_path: Path, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "index"
     shutil.copytree(tiny_workspace["model"] / "index", folder)
     model = GeoModel.load(tiny_workspace["model"], with_backbone=False)
@@ -328,13 +375,15 @@ def finished_evaluation(tiny_workspace: dict[str, Path], tmp_path_factory: pytes
 
 @pytest.mark.parametrize("k", [1, 3])  # after predictions.csv, after run.json (metrics.json comes last)
 def test_interrupted_evaluation_never_pairs_old_metrics_with_new_predictions(
-        finished_evaluation: dict, tmp_path: Path, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    finished_evaluation: dict, tmp_path: Path, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "eval"
     shutil.copytree(finished_evaluation["out"], out)
     _kill_at_replace(monkeypatch, k)
     with pytest.raises(Killed):
-        workflow.evaluate(finished_evaluation["data"], out, model=finished_evaluation["model"],
-                          methods=["classification"])
+        workflow.evaluate(
+            finished_evaluation["data"], out, model=finished_evaluation["model"], methods=["classification"]
+        )
     monkeypatch.undo()
     if not (out / "metrics.json").exists():
         return  # an incomplete run is visibly incomplete
@@ -345,8 +394,9 @@ def test_interrupted_evaluation_never_pairs_old_metrics_with_new_predictions(
     assert json.loads((out / "run.json").read_text())["methods"] == [metrics["method"]]
 
 
-def test_interrupted_cell_table_write_keeps_the_old_table(tiny_workspace: dict[str, Path], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_cell_table_write_keeps_the_old_table(
+    tiny_workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "cells.csv"
     shutil.copy(tiny_workspace["cells"], path)
     before = path.read_bytes()

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from geoswc.api import Geolocator
-from geoswc.errors import InputError
-from geoswc.geo import haversine_km
-from geoswc.places import Place
-from geoswc.prediction import CellProbability, ExifPosition, Neighbor, Prediction
+from geoswc.core.errors import InputError
+from geoswc.core.sphere import haversine_km
+from geoswc.geo.places import Place
+from geoswc.prediction.geolocator import Geolocator
+from geoswc.prediction.results import CellProbability, ExifPosition, Neighbor, Prediction
 
 from .conftest import KAUAI, gps_exif, kauai_jpeg
 
@@ -121,8 +121,9 @@ def client(geo: Geolocator) -> Iterator[TestClient]:
 
 
 def post(client: TestClient, *files: tuple[str, bytes], **kw: Any):
-    return client.post("/api/locate", files=[("files", (name, data, "application/octet-stream"))
-                                             for name, data in files], **kw)
+    return client.post(
+        "/api/locate", files=[("files", (name, data, "application/octet-stream")) for name, data in files], **kw
+    )
 
 
 def assert_error(r, status: int, kind: str | None = None) -> dict[str, Any]:
@@ -168,7 +169,8 @@ def test_locate_kauai_matches_cli_json(client: TestClient, capsys: pytest.Captur
     probs = [c["probability"] for c in p["top_cells"]]
     assert probs == sorted(probs, reverse=True)
     assert p["neighbors"] and {"image", "lat", "lon", "similarity", "cluster", "row", "thumbnail"} == set(
-        p["neighbors"][0])
+        p["neighbors"][0]
+    )
     assert not any(n["thumbnail"] for n in p["neighbors"]), "the embedded default ships no thumbnails"
     assert p["place"]["name"] and p["place"]["country"] and p["exif"] is None
     # the embedded model ships a calibrator: calibrated chances, monotone, and the localizable mark
@@ -188,8 +190,12 @@ def test_locate_kauai_matches_cli_json(client: TestClient, capsys: pytest.Captur
 
 def test_exif_gps_and_several_photos_in_order(client: TestClient) -> None:
     lat, lon = 22.0964, -159.5261
-    r = post(client, ("a.png", KAUAI.read_bytes()), ("notes.txt", b"not a photo\n" * 20),
-             ("gps.jpg", kauai_jpeg(exif=gps_exif(lat, lon))))
+    r = post(
+        client,
+        ("a.png", KAUAI.read_bytes()),
+        ("notes.txt", b"not a photo\n" * 20),
+        ("gps.jpg", kauai_jpeg(exif=gps_exif(lat, lon))),
+    )
     assert r.status_code == 200, r.text
     a, bad, g = r.json()
     assert a["image"] == "a.png" and a["exif"] is None
@@ -210,8 +216,17 @@ def test_methods(client: TestClient) -> None:
 def test_openapi_schema_is_typed(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
-    for name in ("PredictionModel", "FailureModel", "CellModel", "NeighborModel", "PlaceModel", "ExifModel",
-                 "ErrorModel", "HealthModel", "PageConfigModel"):
+    for name in (
+        "PredictionModel",
+        "FailureModel",
+        "CellModel",
+        "NeighborModel",
+        "PlaceModel",
+        "ExifModel",
+        "ErrorModel",
+        "HealthModel",
+        "PageConfigModel",
+    ):
         assert name in schemas, name
     loc = spec["paths"]["/api/locate"]["post"]
     body = loc["requestBody"]["content"]["multipart/form-data"]["schema"]
@@ -225,8 +240,16 @@ def test_openapi_schema_is_typed(client: TestClient) -> None:
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
 
 
-@pytest.mark.parametrize(("model", "dc"), [(PredictionModel, Prediction), (CellModel, CellProbability),
-                                           (NeighborModel, Neighbor), (PlaceModel, Place), (ExifModel, ExifPosition)])
+@pytest.mark.parametrize(
+    ("model", "dc"),
+    [
+        (PredictionModel, Prediction),
+        (CellModel, CellProbability),
+        (NeighborModel, Neighbor),
+        (PlaceModel, Place),
+        (ExifModel, ExifPosition),
+    ],
+)
 def test_response_models_mirror_the_dataclasses(model: Any, dc: Any) -> None:
     assert list(model.model_fields) == [f.name for f in dataclasses.fields(dc)]
 
@@ -238,11 +261,18 @@ def test_page_and_static_assets_are_local(client: TestClient) -> None:
     html = r.text
     assert 'id="file"' in html and 'id="map"' in html
     assert 'src="http' not in html and 'href="http' not in html, "the page must not load anything from the internet"
-    for path in ("static/app.js", "static/style.css", "static/vendor/leaflet/leaflet.js",
-                 "static/vendor/leaflet/leaflet.css", "static/vendor/leaflet/images/marker-icon.png",
-                 "static/vendor/topojson-client/topojson-client.min.js",
-                 "static/vendor/world-atlas/countries-50m.json", "static/vendor/leaflet/LICENSE",
-                 "static/vendor/world-atlas/LICENSE", "static/vendor/topojson-client/LICENSE"):
+    for path in (
+        "static/app.js",
+        "static/style.css",
+        "static/vendor/leaflet/leaflet.js",
+        "static/vendor/leaflet/leaflet.css",
+        "static/vendor/leaflet/images/marker-icon.png",
+        "static/vendor/topojson-client/topojson-client.min.js",
+        "static/vendor/world-atlas/countries-50m.json",
+        "static/vendor/leaflet/LICENSE",
+        "static/vendor/world-atlas/LICENSE",
+        "static/vendor/topojson-client/LICENSE",
+    ):
         assert client.get("/" + path).status_code == 200, path
     cfg = client.get("/config.json").json()
     assert cfg["auth_required"] is False and cfg["tiles"] is None
@@ -259,8 +289,11 @@ BAD_INPUTS: dict[str, tuple[bytes, int, str]] = {
     "html": (b"<!doctype html><html><body>hi</body></html>", 415, "unsupported"),
     "truncated_jpeg": (_JPEG[: len(_JPEG) // 2], 422, "corrupt"),
     "truncated_jpeg_header": (_JPEG[:300], 422, "corrupt"),
-    "corrupt_jpeg": (_JPEG[: len(_JPEG) // 3] + _rng.bytes(len(_JPEG) // 3) + _JPEG[2 * len(_JPEG) // 3:], 422,
-                     "corrupt"),
+    "corrupt_jpeg": (
+        _JPEG[: len(_JPEG) // 3] + _rng.bytes(len(_JPEG) // 3) + _JPEG[2 * len(_JPEG) // 3 :],
+        422,
+        "corrupt",
+    ),
     "bomb_header_30000x30000": (png_claiming_size(30_000, 30_000), 413, "too_large"),
     "bomb_header_8000x8000": (png_claiming_size(8_000, 8_000), 413, "too_large"),
 }
@@ -306,8 +339,12 @@ def test_heic_is_accepted(client: TestClient) -> None:
 
 def test_exif_rotation_is_applied(client: TestClient) -> None:
     rotated, upright = exif_rotated_png()
-    r = post(client, ("rotated.png", rotated), ("upright.png", upright), ("sideways.png", encode(
-        _kauai().transpose(Image.Transpose.ROTATE_90), "PNG")))
+    r = post(
+        client,
+        ("rotated.png", rotated),
+        ("upright.png", upright),
+        ("sideways.png", encode(_kauai().transpose(Image.Transpose.ROTATE_90), "PNG")),
+    )
     assert r.status_code == 200, r.text
     rot, up, side = r.json()
     rot["image"] = up["image"]
@@ -318,7 +355,7 @@ def test_exif_rotation_is_applied(client: TestClient) -> None:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.integers(0, len(_JPEG)), junk=st.binary(max_size=64), raw=st.booleans())
 def test_mangled_uploads_never_500(client: TestClient, cut: int, junk: bytes, raw: bool) -> None:
-    data = junk if raw else _JPEG[:cut] + junk + _JPEG[cut + len(junk):]
+    data = junk if raw else _JPEG[:cut] + junk + _JPEG[cut + len(junk) :]
     r = post(client, ("fuzz.jpg", data))
     assert r.status_code in (200, 413, 415, 422), r.text
     if r.status_code != 200:
@@ -331,8 +368,12 @@ def test_mangled_uploads_never_500(client: TestClient, cut: int, junk: bytes, ra
 def test_request_errors(client: TestClient) -> None:
     assert_error(client.post("/api/locate", json={"files": []}), 415, "unsupported")
     assert_error(client.post("/api/locate", data={"other": "x"}, files={"x": ("a.txt", b"a")}), 422, "no_files")
-    assert_error(client.post("/api/locate", content=b"--b\r\nnot multipart",
-                             headers={"content-type": "multipart/form-data; boundary=b"}), 400)
+    assert_error(
+        client.post(
+            "/api/locate", content=b"--b\r\nnot multipart", headers={"content-type": "multipart/form-data; boundary=b"}
+        ),
+        400,
+    )
     too_many = [(f"{i}.jpg", b"x") for i in range(ServiceSettings().max_files + 1)]
     assert_error(post(client, *too_many), 413, "too_many_files")
 
@@ -349,12 +390,25 @@ def test_limits_flags(geo: Geolocator) -> None:
 
 
 def test_settings_from_env_and_flags() -> None:
-    env = {"GEOSWC_MAX_UPLOAD_MB": "5", "GEOSWC_MAX_PIXELS": "1000000", "GEOSWC_MAX_FILES": "3",
-           "GEOSWC_MAX_CONCURRENT": "4", "GEOSWC_MAX_QUEUE": "0", "GEOSWC_QUEUE_TIMEOUT": "2.5",
-           "GEOSWC_TOKEN": "t0k", "GEOSWC_TILES": "https://{s}.tiles.example.org/{z}/{x}/{y}.png"}
+    env = {
+        "GEOSWC_MAX_UPLOAD_MB": "5",
+        "GEOSWC_MAX_PIXELS": "1000000",
+        "GEOSWC_MAX_FILES": "3",
+        "GEOSWC_MAX_CONCURRENT": "4",
+        "GEOSWC_MAX_QUEUE": "0",
+        "GEOSWC_QUEUE_TIMEOUT": "2.5",
+        "GEOSWC_TOKEN": "t0k",
+        "GEOSWC_TILES": "https://{s}.tiles.example.org/{z}/{x}/{y}.png",
+    }
     s = ServiceSettings.from_env(env, max_files=7, token=None)
     assert (s.max_upload_bytes, s.max_pixels, s.max_files, s.max_concurrent, s.max_queue, s.queue_timeout_s) == (
-        5 * 2**20, 1_000_000, 7, 4, 0, 2.5)
+        5 * 2**20,
+        1_000_000,
+        7,
+        4,
+        0,
+        2.5,
+    )
     assert s.token == "t0k" and s.tiles and s.image_limits.max_bytes == 5 * 2**20
     with pytest.raises(InputError, match="GEOSWC_MAX_FILES"):
         ServiceSettings.from_env({"GEOSWC_MAX_FILES": "many"})
@@ -364,8 +418,9 @@ def test_settings_from_env_and_flags() -> None:
         ServiceSettings(tiles="file:///etc/passwd")
 
 
-def test_serve_command_wiring(monkeypatch: pytest.MonkeyPatch, geo: Geolocator,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_command_wiring(
+    monkeypatch: pytest.MonkeyPatch, geo: Geolocator, capsys: pytest.CaptureFixture[str]
+) -> None:
     import uvicorn
 
     from geoswc.cli import main

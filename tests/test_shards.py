@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from geoswc.backbone import default_config
 from geoswc.cli import main
-from geoswc.data import LoadReport, read_photo_csv
-from geoswc.errors import InputError
-from geoswc.features import Extraction, Extractor, FeatureSet, extract_features, extract_shard_features
-from geoswc.shards import SHARD_NAME, iter_samples, resolve_shards, write_shards
+from geoswc.core.errors import InputError
+from geoswc.data.records import LoadReport, read_photo_csv
+from geoswc.data.shards import SHARD_NAME, iter_samples, resolve_shards, write_shards
+from geoswc.models.backbone import default_config
+from geoswc.training.features import Extraction, Extractor, FeatureSet, extract_features, extract_shard_features
 
 from .conftest import DEV_IMAGES, dev_rows, jpeg_bytes, write_csv
 
@@ -78,8 +78,20 @@ def test_cli_reports_bad_rows_and_images(tmp_path, capsys):
     (tmp_path / "img" / "broken.jpg").write_bytes(jpeg_bytes()[:300])  # truncated JPEG
     csv_path = tmp_path / "x.csv"
     csv_path.write_text("image,lat,lon,author\ngood.jpg,10,20,a\nbroken.jpg,1,2,b\nmissing.jpg,1,2,c\nbad.jpg,95,0,d\n")
-    assert main(["shards", "--data.csv", str(csv_path), "--data.images", str(tmp_path / "img"), "--out",
-                 str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--data.csv",
+                str(csv_path),
+                "--data.images",
+                str(tmp_path / "img"),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "1 photos in 1 shards" in out and "1 skipped" in out  # the CSV reader skipped the other two
     meta = json.loads((tmp_path / "s" / "shards.json").read_text())["geoswc"]
@@ -100,15 +112,15 @@ def test_corrupt_members_and_truncated_shard_are_reported_and_skipped(tmp_path):
     with tarfile.open(tmp_path / "shard-000000.tar", "w") as tf:
         _add(tf, "a.jpg", jpeg_bytes())
         _add(tf, "a.json", _meta(image="a.jpg"))
-        _add(tf, "b.jpg", b"\xff\xd8\xff\xe0 not a jpeg")     # corrupt image
+        _add(tf, "b.jpg", b"\xff\xd8\xff\xe0 not a jpeg")  # corrupt image
         _add(tf, "b.json", _meta(image="b.jpg"))
         _add(tf, "c.jpg", jpeg_bytes())
-        _add(tf, "c.json", b"{not json")                      # corrupt metadata
-        _add(tf, "d.jpg", jpeg_bytes())                       # no .json at all
+        _add(tf, "c.json", b"{not json")  # corrupt metadata
+        _add(tf, "d.jpg", jpeg_bytes())  # no .json at all
         _add(tf, "e.png", jpeg_bytes())
-        _add(tf, "e.json", _meta(lat=95))                     # latitude out of range
+        _add(tf, "e.json", _meta(lat=95))  # latitude out of range
         _add(tf, "f.jpg", jpeg_bytes(color=(10, 200, 30)))
-        _add(tf, "f.json", _meta(-33.9, 151.2))               # no image id: KEY.ext
+        _add(tf, "f.json", _meta(-33.9, 151.2))  # no image id: KEY.ext
     good = (tmp_path / "shard-000000.tar").read_bytes()
     (tmp_path / "shard-000001.tar").write_bytes(good[:2000])  # truncated mid-member
     report = LoadReport("test")
@@ -138,8 +150,24 @@ def test_features_from_shards_equal_features_from_folder(dev_records, tmp_path, 
     assert shards.features.shape == (7, 2, 1280)
     assert torch.allclose(shards.features, folder.features, atol=1e-5)  # augmented views included
     # the CLI flag
-    assert main(["features", "--data.shards", str(tmp_path / "s"), "--out", str(tmp_path / "f"),
-                 "--backbone.image_size", "64", "--views", "2", "--run.batch_size", "4"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--data.shards",
+                str(tmp_path / "s"),
+                "--out",
+                str(tmp_path / "f"),
+                "--backbone.image_size",
+                "64",
+                "--views",
+                "2",
+                "--run.batch_size",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "features of 7 photos (2 view(s), 1280-d)" in capsys.readouterr().out
     cached = FeatureSet.load(tmp_path / "f")
     assert cached.names == folder.names

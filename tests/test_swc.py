@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoswc.geo import haversine_km, latlon_to_xyz
-from geoswc.swc import cluster_positions, estimate_from_neighbors, largest_cluster, prediction_density
+from geoswc.core.sphere import haversine_km, latlon_to_xyz
+from geoswc.prediction.swc import cluster_positions, estimate_from_neighbors, largest_cluster, prediction_density
 
 
 def offsets(lat0, lon0, km, n, rng):
@@ -66,7 +66,7 @@ def test_prediction_density():
 
 
 def test_cell_selection_and_neighbourhoods():
-    from geoswc.swc import cells_within, select_cell
+    from geoswc.prediction.swc import cells_within, select_cell
 
     cells = latlon_to_xyz([48.85, 48.95, 52.52, -33.86], [2.35, 2.35, 13.40, 151.2])
     probs = np.array([0.3, 0.3, 0.05, 0.35])
@@ -83,7 +83,7 @@ def test_cell_selection_and_neighbourhoods():
 def test_cell_selection_equals_the_dense_computation(seed, r_km):
     """On tables up to SELECT_CANDIDATES cells the choice is exact: the argmax of every cell's mass within
     r_km, computed here the slow way."""
-    from geoswc.swc import SELECT_CANDIDATES, select_cell
+    from geoswc.prediction.swc import SELECT_CANDIDATES, select_cell
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 300))
@@ -94,5 +94,3 @@ def test_cell_selection_equals_the_dense_computation(seed, r_km):
     mass = (d <= r_km) @ probs
     assert n <= SELECT_CANDIDATES
     assert mass[select_cell(probs, xyz, r_km)] == pytest.approx(mass.max(), abs=1e-9)
-
-

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from geoswc.api import Geolocator, default_model_dir
-from geoswc.backbone import create_backbone, default_config
-from geoswc.calibration import CALIBRATION_FILE, Calibrator
-from geoswc.errors import ArtifactError
-from geoswc.features import FeatureSet
-from geoswc.gallery_files import load_gallery
-from geoswc.model import GeoModel
+from geoswc.core.errors import ArtifactError
+from geoswc.gallery.files import load_gallery
+from geoswc.models.backbone import create_backbone, default_config
+from geoswc.models.geomodel import GeoModel
+from geoswc.prediction.calibration import CALIBRATION_FILE, Calibrator
+from geoswc.prediction.geolocator import Geolocator, default_model_dir
+from geoswc.training.features import FeatureSet
 
 from .conftest import KAUAI
 from .test_thumbnails import copy_with_thumbnails
@@ -85,8 +85,14 @@ def load_and_read_thumbnails(folder: Path) -> None:
     assert sum(gallery.thumbnail(r) is not None for r in range(len(gallery))) == gallery.thumbnails.count > 0
 
 
-MODEL_FILES = ("config.json", "cells.csv", "heads.safetensors", "index/index.json", "index/index.safetensors",
-               "index/items.csv")
+MODEL_FILES = (
+    "config.json",
+    "cells.csv",
+    "heads.safetensors",
+    "index/index.json",
+    "index/index.safetensors",
+    "index/items.csv",
+)
 ARTEFACTS: dict[str, tuple[str, str, Callable[[Path], Any]]] = {
     # case -> (which copy, file inside it, loader)
     **{f"{copy}/{name}": (copy, name, load_model_and_index) for copy in ("tiny", "default") for name in MODEL_FILES},
@@ -96,13 +102,17 @@ ARTEFACTS: dict[str, tuple[str, str, Callable[[Path], Any]]] = {
     # the embedded model's calibrator: a file beside the model, read on its own here (Geolocator.load reads it too)
     "default/calibration.json": ("default", CALIBRATION_FILE, lambda f: Calibrator.load(f / CALIBRATION_FILE)),
     # an index with evidence thumbnails (synthetic tiles on the default gallery, see test_thumbnails)
-    **{f"thumbed/index/{name}": ("thumbed", f"index/{name}", load_and_read_thumbnails)
-       for name in ("thumbnails.bin", "thumbnails.safetensors")},
+    **{
+        f"thumbed/index/{name}": ("thumbed", f"index/{name}", load_and_read_thumbnails)
+        for name in ("thumbnails.bin", "thumbnails.safetensors")
+    },
 }
+
 
 @pytest.fixture
 def copy(pristine: dict[str, Path], tmp_path: Path) -> Callable[[str, str], Path]:
     """A copy of an artefact folder (hard links: cheap), with the file ``rel`` a real copy to damage."""
+
     def make(which: str, rel: str) -> Path:
         folder = Path(shutil.copytree(pristine[which], tmp_path / which, copy_function=os.link))
         p = folder / rel
@@ -110,6 +120,7 @@ def copy(pristine: dict[str, Path], tmp_path: Path) -> Callable[[str, str], Path
         p.unlink()
         p.write_bytes(data)
         return folder
+
     return make
 
 
@@ -177,8 +188,9 @@ def test_truncated_or_missing_file_is_refused(copy: Callable[[str, str], Path], 
     assert str(folder) in str(e.value), "the message names the damaged artefact"
 
 
-def test_cli_names_a_tampered_model_and_exits_2(pristine: dict[str, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_names_a_tampered_model_and_exits_2(
+    pristine: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from geoswc.cli import main
 
     folder = Path(shutil.copytree(pristine["tiny"], tmp_path / "m"))
@@ -238,8 +250,10 @@ def test_no_code_executing_loaders_in_the_library() -> None:
             rel = f"{path.relative_to(SRC)}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                if any(n and n.split(".")[0] in ("pickle", "dill", "cloudpickle", "marshal", "shelve", "joblib")
-                       for n in names):
+                if any(
+                    n and n.split(".")[0] in ("pickle", "dill", "cloudpickle", "marshal", "shelve", "joblib")
+                    for n in names
+                ):
                     offenders.append(f"{rel} imports a pickle module")
             if not isinstance(node, ast.Call):
                 continue
@@ -282,13 +296,26 @@ def _serve(argv: list[str], geo: Geolocator, monkeypatch: pytest.MonkeyPatch) ->
     return seen
 
 
-@pytest.mark.parametrize("host,token,warns", [
-    ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
-    ("0.0.0.0", None, True), ("192.168.1.20", None, True), ("::", None, True), ("0.0.0.0", "s3cret", False),
-])
-def test_serve_warns_on_a_public_interface_without_a_token(geo: Geolocator, monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str], host: str,
-                                                           token: str | None, warns: bool) -> None:
+@pytest.mark.parametrize(
+    "host,token,warns",
+    [
+        ("127.0.0.1", None, False),
+        ("localhost", None, False),
+        ("::1", None, False),
+        ("0.0.0.0", None, True),
+        ("192.168.1.20", None, True),
+        ("::", None, True),
+        ("0.0.0.0", "s3cret", False),
+    ],
+)
+def test_serve_warns_on_a_public_interface_without_a_token(
+    geo: Geolocator,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    host: str,
+    token: str | None,
+    warns: bool,
+) -> None:
     monkeypatch.delenv("GEOSWC_TOKEN", raising=False)
     if token:
         monkeypatch.setenv("GEOSWC_TOKEN", token)
@@ -302,8 +329,9 @@ def test_serve_warns_on_a_public_interface_without_a_token(geo: Geolocator, monk
     assert ("without a token" in err) == warns, err
 
 
-def test_serve_binds_localhost_and_takes_the_token_from_the_environment(geo: Geolocator,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_binds_localhost_and_takes_the_token_from_the_environment(
+    geo: Geolocator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fastapi.testclient import TestClient
 
     monkeypatch.setenv("GEOSWC_TOKEN", "env-s3cret")
@@ -323,5 +351,4 @@ def test_serve_binds_localhost_and_takes_the_token_from_the_environment(geo: Geo
     assert page.status_code == 200 and "env-s3cret" not in page.text  # public, and never shows the token
     # a flag wins over the environment
     seen = _serve(["--port", "0", "--service.token", "flag-token"], geo, monkeypatch)
-    assert TestClient(seen["app"]).get("/api/health", headers={"Authorization": "Bearer flag-token"}).status_code \
-        == 200
+    assert TestClient(seen["app"]).get("/api/health", headers={"Authorization": "Bearer flag-token"}).status_code == 200

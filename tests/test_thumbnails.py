@@ -17,12 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from geoswc import thumbnails as th
-from geoswc.api import Geolocator, default_model_dir
-from geoswc.config import GalleryCodes
-from geoswc.errors import ArtifactError, ImageError, InputError, SettingError
-from geoswc.gallery import Gallery, GalleryIdentity
-from geoswc.gallery_files import GalleryWriter, load_gallery, save_gallery
+from geoswc.core.config import GalleryCodes
+from geoswc.core.errors import ArtifactError, ImageError, InputError, SettingError
+from geoswc.gallery import thumbnails as th
+from geoswc.gallery.files import GalleryWriter, load_gallery, save_gallery
+from geoswc.gallery.search import Gallery, GalleryIdentity
+from geoswc.prediction.geolocator import Geolocator, default_model_dir
 
 from .conftest import DEV_CSV, DEV_IMAGES, KAUAI, dev_rows, write_csv
 
@@ -51,8 +51,15 @@ def _write(folder: Path, chunks: int = 3, n: int = 7, thumbs: bool = True, seed:
             emb = rng.standard_normal((n, D))
             emb /= np.linalg.norm(emb, axis=1, keepdims=True)
             tiles = [None if i == 2 else _tile(40 * i, 80 * c) for i in range(n)] if thumbs else None
-            w.add(emb, rng.uniform(-50, 50, n), rng.uniform(-50, 50, n), rng.integers(-1, C, n),
-                  [f"p{c}_{i}" for i in range(n)], [""] * n, tiles)
+            w.add(
+                emb,
+                rng.uniform(-50, 50, n),
+                rng.uniform(-50, 50, n),
+                rng.integers(-1, C, n),
+                [f"p{c}_{i}" for i in range(n)],
+                [""] * n,
+                tiles,
+            )
         w.finish()
 
 
@@ -65,8 +72,7 @@ def test_thumbnail_is_small_upright_baseline_and_carries_no_metadata() -> None:
     exif[0x010F] = "SecretCameraMaker"
     sideways = Image.open(KAUAI).convert("RGB").transpose(Image.Transpose.ROTATE_90)
     buf = io.BytesIO()
-    sideways.save(buf, format="JPEG", quality=95, exif=exif.tobytes(), progressive=True,
-                  icc_profile=b"\0" * 128)
+    sideways.save(buf, format="JPEG", quality=95, exif=exif.tobytes(), progressive=True, icc_profile=b"\0" * 128)
     data = th.make_thumbnail(buf.getvalue(), th.ThumbnailSettings(128))
     img = _jpeg_info(data)
     w, h = Image.open(KAUAI).size
@@ -79,8 +85,12 @@ def test_thumbnail_is_small_upright_baseline_and_carries_no_metadata() -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(side=st.integers(th.MIN_SIDE, th.MAX_SIDE), w=st.integers(1, 1500), h=st.integers(1, 1500),
-       seed=st.integers(0, 2**16))
+@given(
+    side=st.integers(th.MIN_SIDE, th.MAX_SIDE),
+    w=st.integers(1, 1500),
+    h=st.integers(1, 1500),
+    seed=st.integers(0, 2**16),
+)
 def test_thumbnail_bounds_hold_for_any_photo(side: int, w: int, h: int, seed: int) -> None:
     noise = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)  # the worst case for JPEG
     data = th.make_thumbnail(Image.fromarray(noise), th.ThumbnailSettings(side))
@@ -107,10 +117,12 @@ def test_cli_refuses_bad_thumbnail_settings_in_one_line(tmp_path: Path, capsys: 
     from geoswc.cli import main
 
     model = str(default_model_dir())
-    cases = [(["--data.images", str(tmp_path), "--thumbnails", "5"], "32..512"),
-             (["--data.images", str(tmp_path), "--thumbnails", "abc"], "thumbnails"),
-             (["--data.shards", str(tmp_path / "s-{000000..000001}.tar"), "--thumbnails", "64"], "shards"),
-             (["--features", str(tmp_path / "features"), "--thumbnails", "64"], "--data.images")]
+    cases = [
+        (["--data.images", str(tmp_path), "--thumbnails", "5"], "32..512"),
+        (["--data.images", str(tmp_path), "--thumbnails", "abc"], "thumbnails"),
+        (["--data.shards", str(tmp_path / "s-{000000..000001}.tar"), "--thumbnails", "64"], "shards"),
+        (["--features", str(tmp_path / "features"), "--thumbnails", "64"], "--data.images"),
+    ]
     for args, says in cases:
         assert main(["index", "--model", model, "--out", str(tmp_path / "idx"), *args]) == 2
         err = capsys.readouterr().err.strip()
@@ -119,7 +131,7 @@ def test_cli_refuses_bad_thumbnail_settings_in_one_line(tmp_path: Path, capsys: 
 
 
 def test_photo_paths_keep_to_the_image_folder(tmp_path: Path) -> None:
-    from geoswc.data import path_under
+    from geoswc.data.records import path_under
 
     assert path_under(tmp_path, "a/b.jpg") == tmp_path / "a" / "b.jpg"
     for name in ("../x.jpg", "a/../../x.jpg", "/etc/passwd"):
@@ -131,7 +143,7 @@ def test_photo_paths_keep_to_the_image_folder(tmp_path: Path) -> None:
 def test_thumbnails_of_reports_each_bad_photo_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     shutil.copy(KAUAI, tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="geoswc.thumbnails"):
+    with caplog.at_level(logging.WARNING, logger="geoswc.gallery.thumbnails"):
         out = th.thumbnails_of([tmp_path / "good.png", tmp_path / "bad.jpg", None], ["good", "bad", "outside"], SMALL)
     assert out[0] is not None and out[1] is None and out[2] is None
     warned = [r.getMessage() for r in caplog.records]
@@ -140,19 +152,22 @@ def test_thumbnails_of_reports_each_bad_photo_and_goes_on(tmp_path: Path, caplog
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_thumbnail_stream_keeps_the_order_and_reports_bad_photos_in_this_process(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int
+) -> None:
     """``thumbnail_stream`` (index --features --thumbnails): one thumbnail or None per name, in order, made by
     ``workers`` processes; the warnings are logged here, one per bad photo."""
     for i in range(5):
         Image.new("RGB", (120 + 10 * i, 90), (40 * i, 200 - 30 * i, 90)).save(tmp_path / f"p{i}.png")
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     names = ["p0.png", "bad.jpg", "p1.png", "../p2.png", "p2.png", "gone.png", "p3.png", "p4.png"]
-    with caplog.at_level(logging.WARNING, logger="geoswc.thumbnails"):
+    with caplog.at_level(logging.WARNING, logger="geoswc.gallery.thumbnails"):
         out = list(th.thumbnail_stream(tmp_path, names, SMALL, workers))
     warned = [r.getMessage() for r in caplog.records]
     assert [x is None for x in out] == [False, True, False, True, False, True, False, False]
-    assert len(warned) == 3 and all(w.startswith(f"no thumbnail for {n}:") for w, n in
-                                    zip(warned, ["bad.jpg", "../p2.png", "gone.png"], strict=True)), warned
+    assert len(warned) == 3 and all(
+        w.startswith(f"no thumbnail for {n}:")
+        for w, n in zip(warned, ["bad.jpg", "../p2.png", "gone.png"], strict=True)
+    ), warned
     assert out == th.thumbnails_of([tmp_path / n if ".." not in n else None for n in names], names, SMALL)
 
 
@@ -173,8 +188,11 @@ def test_round_trip_follows_the_cell_sort_and_marks_absent_rows(tmp_path: Path) 
         else:
             assert data == _tile(40 * i, 80 * c), f"row {row} ({g.names[row]}) got another photo's thumbnail"
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())["thumbnails"]
-    assert meta["max_side"] == 64 and meta["count"] == 18 and meta["bin_bytes"] == (
-        tmp_path / "idx" / th.BIN_FILE).stat().st_size
+    assert (
+        meta["max_side"] == 64
+        and meta["count"] == 18
+        and meta["bin_bytes"] == (tmp_path / "idx" / th.BIN_FILE).stat().st_size
+    )
     for bad in (-1, len(g), 10**12):
         with pytest.raises(InputError, match="out of range"):
             g.thumbnail(bad)
@@ -260,8 +278,15 @@ def copy_with_thumbnails(src: Path, dst: Path, every: int = 2) -> Gallery:
     with GalleryWriter(dst, g.dim, g.identity, GalleryCodes(), SMALL) as w:
         for s in range(0, len(g), 1024):
             e = min(len(g), s + 1024)
-            w.add(g.rows_view(s, e), g.lat[s:e], g.lon[s:e], g.cell[s:e], list(g.names[s:e]), list(g.authors[s:e]),
-                  [tiles[r % 8] if r % every == 0 else None for r in range(s, e)])
+            w.add(
+                g.rows_view(s, e),
+                g.lat[s:e],
+                g.lon[s:e],
+                g.cell[s:e],
+                list(g.names[s:e]),
+                list(g.authors[s:e]),
+                [tiles[r % 8] if r % every == 0 else None for r in range(s, e)],
+            )
         w.finish()
     return load_gallery(dst)
 
@@ -302,8 +327,15 @@ def test_service_serves_the_neighbours_thumbnails_by_row(thumbed: tuple[Geolocat
         again = c.get(f"/api/thumbnails/{n['row']}", headers={"If-None-Match": t.headers["etag"]})
         assert again.status_code == 304 and not again.content
     assert c.get(f"/api/thumbnails/{without[0]['row']}").json()["kind"] == "not_found"
-    for row, status in ((len(geo.gallery), 404), (10**15, 404), (-1, 422), ("abc", 422), ("1.5", 422),
-                        ("..%2F..%2Fetc%2Fpasswd", 422), ("0%2F..%2Findex.json", 404)):
+    for row, status in (
+        (len(geo.gallery), 404),
+        (10**15, 404),
+        (-1, 422),
+        ("abc", 422),
+        ("1.5", 422),
+        ("..%2F..%2Fetc%2Fpasswd", 422),
+        ("0%2F..%2Findex.json", 404),
+    ):
         got = c.get(f"/api/thumbnails/{row}")
         assert got.status_code in (status, 404), (row, got.status_code)
         assert not got.headers["content-type"].startswith("image/"), row
@@ -314,7 +346,8 @@ def test_service_serves_the_neighbours_thumbnails_by_row(thumbed: tuple[Geolocat
 
 
 def test_service_thumbnails_need_the_token_and_exist_only_with_an_index_that_has_them(
-        thumbed: tuple[Geolocator, Path]) -> None:
+    thumbed: tuple[Geolocator, Path],
+) -> None:
     geo, _ = thumbed
     c = _client(geo, token="s3cret")
     assert c.get("/api/thumbnails/0").status_code == 401
@@ -343,8 +376,9 @@ def test_service_never_serves_a_damaged_thumbnail(thumbed: tuple[Geolocator, Pat
 
 
 @pytest.mark.shared_data
-def test_index_with_thumbnails_from_photos_and_from_features(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_with_thumbnails_from_photos_and_from_features(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``geoswc index --thumbnails`` from a CSV of real photos, and from a feature cache with the photos' folder
     where one photo is gone (that row has none, one warning, the index builds); ``locate --format jsonl`` names
     each neighbour's row and whether it has a thumbnail."""
@@ -354,8 +388,24 @@ def test_index_with_thumbnails_from_photos_and_from_features(tmp_path: Path,
     rows = dev_rows(12, step=53)
     csv_path = write_csv(tmp_path / "g.csv", rows)
     model = str(default_model_dir())
-    assert main(["index", "--model", model, "--out", str(tmp_path / "a"), "--data.csv", str(csv_path),
-                 "--data.images", str(DEV_IMAGES), "--thumbnails", "96"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                model,
+                "--out",
+                str(tmp_path / "a"),
+                "--data.csv",
+                str(csv_path),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--thumbnails",
+                "96",
+            ]
+        )
+        == 0
+    )
     a = load_gallery(tmp_path / "a")
     assert a.thumbnails is not None and a.thumbnails.count == len(a) == 12
     for r in range(len(a)):
@@ -363,26 +413,76 @@ def test_index_with_thumbnails_from_photos_and_from_features(tmp_path: Path,
         assert max(img.size) == 96
         with Image.open(DEV_IMAGES / a.names[r]) as orig:
             src = orig.size
-        assert abs(img.size[0] / img.size[1] - src[0] / src[1]) < 0.1 or abs(
-            img.size[0] / img.size[1] - src[1] / src[0]) < 0.1, "the thumbnail of another photo"
+        assert (
+            abs(img.size[0] / img.size[1] - src[0] / src[1]) < 0.1
+            or abs(img.size[0] / img.size[1] - src[1] / src[0]) < 0.1
+        ), "the thumbnail of another photo"
 
     # from a feature cache, reading the photos by its image ids; the first photo is gone
-    assert main(["features", "--model", model, "--data.csv", str(csv_path), "--data.images", str(DEV_IMAGES),
-                 "--out", str(tmp_path / "features")]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--model",
+                model,
+                "--data.csv",
+                str(csv_path),
+                "--data.images",
+                str(DEV_IMAGES),
+                "--out",
+                str(tmp_path / "features"),
+            ]
+        )
+        == 0
+    )
     photos = tmp_path / "photos"
     photos.mkdir()
     for row in rows[1:]:
         (photos / row["image"]).symlink_to(DEV_IMAGES / row["image"])
     capsys.readouterr()
-    assert main(["index", "--model", model, "--out", str(tmp_path / "b"), "--features", str(tmp_path / "features"),
-                 "--data.images", str(photos), "--thumbnails", "64"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                model,
+                "--out",
+                str(tmp_path / "b"),
+                "--features",
+                str(tmp_path / "features"),
+                "--data.images",
+                str(photos),
+                "--thumbnails",
+                "64",
+            ]
+        )
+        == 0
+    )
     b = load_gallery(tmp_path / "b")
     gone = list(b.names).index(rows[0]["image"])
     assert len(b) == 12 and b.thumbnails is not None and b.thumbnails.count == 11 and not b.has_thumbnail(gone)
     warned = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
     assert len(warned) == 1 and f"no thumbnail for {rows[0]['image']}" in warned[0], warned
-    assert main(["index", "--model", model, "--out", str(tmp_path / "c"), "--features", str(tmp_path / "features"),
-                 "--data.images", str(photos), "--thumbnails", "64", "--run.workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                model,
+                "--out",
+                str(tmp_path / "c"),
+                "--features",
+                str(tmp_path / "features"),
+                "--data.images",
+                str(photos),
+                "--thumbnails",
+                "64",
+                "--run.workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     c = load_gallery(tmp_path / "c")  # thumbnails made by two processes: the same, row for row
     assert [c.thumbnail(r) for r in range(len(c))] == [b.thumbnail(r) for r in range(len(b))]
     warned = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]

@@ -6,15 +6,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoswc.cells import CellTable
-from geoswc.config import ModelConfig, TrainConfig
-from geoswc.data import read_photo_csv
-from geoswc.errors import InputError
-from geoswc.features import FeatureSet
-from geoswc.geo import haversine_km, latlon_to_xyz
-from geoswc.model import GeoModel
-from geoswc.positives import PositiveSampler
-from geoswc.train import train_heads, validation_split
+from geoswc.core.config import ModelConfig, TrainConfig
+from geoswc.core.errors import InputError
+from geoswc.core.sphere import haversine_km, latlon_to_xyz
+from geoswc.data.records import read_photo_csv
+from geoswc.data.splits import validation_split
+from geoswc.geo.cells import CellTable
+from geoswc.models.geomodel import GeoModel
+from geoswc.training.features import FeatureSet
+from geoswc.training.positives import PositiveSampler
+from geoswc.training.train import train_heads
 
 from .conftest import DEV_IMAGES
 
@@ -38,12 +39,12 @@ def test_losses_decrease_and_runs_are_deterministic(tiny_workspace):
 
 
 def test_no_rrm_epochs_skip_the_phase_and_its_set_up(tiny_workspace, monkeypatch):
-    import geoswc.train
+    import geoswc.training.train
 
     def refuse(*a, **k):
         raise AssertionError("the positive sampler was built for a phase with no epoch")
 
-    monkeypatch.setattr(geoswc.train, "PositiveSampler", refuse)
+    monkeypatch.setattr(geoswc.training.train, "PositiveSampler", refuse)
     fs, cells, cfg, m = _setup(tiny_workspace, epochs=1, rrm_epochs=0)
     rrm_before = {k: v.clone() for k, v in m.rrm.state_dict().items()}
     history = train_heads(m, fs, cfg, progress=False)
@@ -131,16 +132,17 @@ def test_checkpoint_run_keys_survive_a_new_config_field():
     version added a field (at a default that keeps the old behaviour) still resumes."""
     import dataclasses
 
-    from geoswc.config import non_default
+    from geoswc.core.config import non_default
 
-    later = dataclasses.make_dataclass("TrainConfig", [("new_knob", int, dataclasses.field(default=0))],
-                                       bases=(TrainConfig,), frozen=True)
+    later = dataclasses.make_dataclass(
+        "TrainConfig", [("new_knob", int, dataclasses.field(default=0))], bases=(TrainConfig,), frozen=True
+    )
     assert non_default(later(epochs=3)) == non_default(TrainConfig(epochs=3)) == {"epochs": 3}
     assert non_default(later(epochs=3, new_knob=1)) == {"epochs": 3, "new_knob": 1}
 
 
 def test_max_steps_bounds_every_epoch(tmp_path):
-    from geoswc.checkpoint import Checkpointer, Phase, run_phase
+    from geoswc.training.checkpoint import Checkpointer, Phase, run_phase
 
     cfg = TrainConfig(max_steps=3)
     assert (cfg.steps(10), cfg.steps(2), TrainConfig().steps(10)) == (3, 2, 10)
@@ -151,8 +153,16 @@ def test_max_steps_bounds_every_epoch(tmp_path):
         return (net(batch) ** 2).mean()
 
     batches = [torch.ones(4, 2)] * 10
-    phase = Phase("mvmf", 2, cfg.steps(len(batches)), lambda rng: batches, loss,
-                  torch.optim.SGD(net.parameters(), lr=0.1), [0.1], [net])
+    phase = Phase(
+        "mvmf",
+        2,
+        cfg.steps(len(batches)),
+        lambda rng: batches,
+        loss,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        [0.1],
+        [net],
+    )
     history: dict = {}
     run_phase(phase, Checkpointer(None, "k", {"net": net}), 0, history, progress=False)
     assert len(calls) == 2 * 3 and len(history["mvmf"]) == 2
@@ -179,8 +189,7 @@ def _exact_positives(lat, lon, authors, r_km, same_author):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), r_km=st.sampled_from([0.0, 0.5, 25.0, 400.0, 5000.0]),
-       same_author=st.booleans())
+@given(seed=st.integers(0, 2**32 - 1), r_km=st.sampled_from([0.0, 0.5, 25.0, 400.0, 5000.0]), same_author=st.booleans())
 def test_sampled_positives_are_exactly_the_positives(seed, r_km, same_author):
     """Against brute force on clustered photos (poles and the antimeridian included): every draw is a true
     positive, an anchor without positives never gets one, and over many draws every positive of a photo
@@ -205,7 +214,7 @@ def test_sampled_positives_are_exactly_the_positives(seed, r_km, same_author):
 
 @pytest.mark.slow
 def test_finetune_end_to_end(tiny_workspace, tmp_path):
-    from geoswc.finetune import finetune
+    from geoswc.training.finetune import finetune
 
     records, _ = read_photo_csv(tiny_workspace["csv"], DEV_IMAGES)
     records = records[:6]

@@ -8,27 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from geoswc.core.errors import GeoswcError
+from geoswc.core.version import __version__
+from geoswc.prediction.results import LocateFailure, Prediction
+
 __all__ = ["Geolocator", "Prediction", "LocateFailure", "GeoswcError", "__version__"]
 
 if TYPE_CHECKING:
-    from .api import Geolocator
-    from .errors import GeoswcError
-    from .prediction import LocateFailure, Prediction
+    from geoswc.prediction.geolocator import Geolocator
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import geoswc` stays cheap (no torch import) until the API is used.
     if name == "Geolocator":
-        from .api import Geolocator
+        from geoswc.prediction.geolocator import Geolocator  # lazy: torch loads on first use, not on `import geoswc`
 
         return Geolocator
-    if name in ("Prediction", "LocateFailure"):
-        from . import prediction
-
-        return getattr(prediction, name)
-    if name == "GeoswcError":
-        from .errors import GeoswcError
-
-        return GeoswcError
     raise AttributeError(f"module 'geoswc' has no attribute {name!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import os
 import re
@@ -22,66 +21,32 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import __version__
-from .errors import GeoswcError, SettingError
+from jsonargparse import ArgumentError, ArgumentParser
+
+from geoswc.core.errors import GeoswcError, SettingError
+from geoswc.core.version import __version__
+from geoswc.recipes import call_arguments, command_parser, summary
+from geoswc.workflow import COMMANDS
 
 log = logging.getLogger("geoswc")
-
-POSITIONALS = {"locate": ("data.files", "PHOTO", "photo files or folders"),
-               "compare": ("runs", "RUN_OR_FILE",
-                           "evaluation folders or per-photo prediction files; the first is the reference")}
-"""Commands whose first option is also taken from positional arguments: the option, its metavar and its help."""
-
-
-def command_parser(name: str, fn: Callable[..., Any]) -> Any:
-    """The parser of one command: ``-c/--config``, ``--print_config`` and a flag (group) per parameter of ``fn``."""
-    from jsonargparse import ArgumentParser, set_parsing_settings
-
-    from .recipes import config_action
-
-    # Field docstrings become help. Configs are data: no value names a module to import or a class to build.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True, instantiate_subclass_spec_in_any=False,
-                         import_path_denylist=["*"])
-    parser = ArgumentParser(prog=f"geoswc {name}", description=_summary(fn), exit_on_error=False)
-    parser.add_argument("-c", "--config", action=config_action(name),
-                        help="a config file of this command (--print_config writes one), or a recipe with a "
-                             f"'{name}' section")
-    if name in POSITIONALS:
-        _, metavar, help_text = POSITIONALS[name]
-        parser.add_argument("positional", nargs="*", default=[], metavar=metavar, help=help_text)
-    parser.add_function_arguments(fn, as_group=False, sub_configs=True, fail_untyped=True)
-    return parser
-
-
-def _summary(fn: Callable[..., Any]) -> str:
-    """The first paragraph of a function's docstring, on one line."""
-    return " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
 
 
 def build_parser(parsers: dict[str, Any] | None = None) -> Any:
     """The ``geoswc`` parser: one subcommand per :data:`geoswc.workflow.COMMANDS` entry (put in ``parsers``)."""
-    from jsonargparse import ArgumentParser
-
-    from .workflow import COMMANDS
-
-    parser = ArgumentParser(prog="geoswc", exit_on_error=False, version=f"geoswc {__version__}",
-                            description="Where on Earth was this photo taken? Search-within-Cell geolocation "
-                                        "(Kordopatis-Zilos et al., ICMR 2021).")
+    parser = ArgumentParser(
+        prog="geoswc",
+        exit_on_error=False,
+        version=__version__,
+        description="Where on Earth was this photo taken? Search-within-Cell geolocation "
+        "(Kordopatis-Zilos et al., ICMR 2021).",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subcommands(dest="command", required=True)
     parsers = {} if parsers is None else parsers
     for name, fn in COMMANDS.items():
         parsers[name] = command_parser(name, fn)
-        sub.add_subcommand(name, parsers[name], help=_summary(fn))
+        sub.add_subcommand(name, parsers[name], help=summary(fn))
     return parser
-
-
-def call_arguments(parser: Any, namespace: Any, fn: Callable[..., Any], command: str) -> dict[str, Any]:
-    """``fn``'s keyword arguments from a parsed namespace: dataclass groups built (their own checks run)."""
-    if command in POSITIONALS and namespace.get("positional"):
-        namespace[POSITIONALS[command][0]] = namespace.positional
-    built = parser.instantiate(namespace)
-    return {name: built[name] for name in inspect.signature(fn).parameters}
 
 
 def flag_of(fn: Callable[..., Any], e: SettingError) -> str:
@@ -91,13 +56,17 @@ def flag_of(fn: Callable[..., Any], e: SettingError) -> str:
     fields = {f.name for f in dataclasses.fields(e.owner)} if dataclasses.is_dataclass(e.owner) else set()
     hints = typing.get_type_hints(fn)
     if e.owner is None and e.field not in hints:
-        groups = [n for n, tp in hints.items() if dataclasses.is_dataclass(tp)
-                  and e.field in {f.name for f in dataclasses.fields(tp)}]
+        groups = [
+            n
+            for n, tp in hints.items()
+            if dataclasses.is_dataclass(tp) and e.field in {f.name for f in dataclasses.fields(tp)}
+        ]
         return f"--{groups[0]}.{e.field}" if len(groups) == 1 else f"--{e.field}"
     for name, tp in hints.items():
         for t in (tp, *typing.get_args(tp)):
-            if t is e.owner or (typing.is_typeddict(t) and e.field in t.__annotations__
-                                and set(t.__annotations__) <= fields):
+            if t is e.owner or (
+                typing.is_typeddict(t) and e.field in t.__annotations__ and set(t.__annotations__) <= fields
+            ):
                 return f"--{name}.{e.field}"
     return f"--{e.field}"
 
@@ -133,10 +102,6 @@ def _logging(verbose: int, command: str) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``geoswc`` with ``argv`` (default: the command line); returns the exit status."""
-    from jsonargparse import ArgumentError
-
-    from .workflow import COMMANDS
-
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), "")
     parsers: dict[str, Any] = {}
@@ -158,16 +123,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (GeoswcError, OSError) as e:  # bad input, or a path that is a folder, a full disk, no permission
             return _fail(command, str(e))
         except MemoryError as e:  # the machine's limit, not a bug: say so, with what numpy or torch was building
-            return _fail(command, f"out of memory{f' ({e})' if str(e) else ''}; use a machine with more memory, "
-                         "or a smaller --run.batch_size or input")
+            return _fail(
+                command,
+                f"out of memory{f' ({e})' if str(e) else ''}; use a machine with more memory, "
+                "or a smaller --run.batch_size or input",
+            )
         except KeyboardInterrupt:
             print(f"geoswc {command}: interrupted", file=sys.stderr)
             return 130
         except Exception as e:  # noqa: BLE001 - a bug of ours: one clear line, the traceback on request
             if cfg.verbose >= 2:
                 traceback.print_exc(file=sys.stderr)
-            print(f"geoswc {command}: internal error ({type(e).__name__}: {e}). This is a bug in geoswc; please "
-                  "report it with the output of the same command run with -vv", file=sys.stderr)
+            print(
+                f"geoswc {command}: internal error ({type(e).__name__}: {e}). This is a bug in geoswc; please "
+                "report it with the output of the same command run with -vv",
+                file=sys.stderr,
+            )
             return 3
 
 

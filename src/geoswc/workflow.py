@@ -11,7 +11,9 @@ the command prints on standard output.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,36 +21,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from . import compat, distributed, storage
-from .backbone import BackboneSpec
-from .benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
-from .calibration import CALIBRATION_FILE, Abstention, Calibrator, LocalizableRule
-from .cells import CellTable, build_cells
-from .config import (
+from geoswc.core import distributed, storage
+from geoswc.core.config import (
     NO_SEARCH_CHANGES,
     CellConfig,
     GalleryCodes,
     HeadConfig,
     Method,
     ModelConfig,
+    RunConfig,
     SearchChanges,
     SearchConfig,
     TrainConfig,
     check_search_changes,
+    to_dict,
 )
-from .data import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
-from .errors import ArtifactError, InputError, SettingError, building
-from .features import Extraction, Extractor, FeatureSet, extract_and_save, stream_features
-from .gallery import Gallery
-from .gallery_files import GalleryWriter, load_gallery
-from .model import GeoModel
-from .options import BackboneChoice, Photos, RunConfig
-from .prediction import OutputFormat, PredictionWriter, Result, output_format
-from .progress import progress_bar
-from .service.settings import NO_SERVICE_CHANGES, ServiceChanges
-from .thumbnails import ThumbnailSettings, check_side, thumbnail_stream, thumbnails_of
+from geoswc.core.errors import ArtifactError, InputError, SettingError, building
+from geoswc.data.records import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
+from geoswc.data.shards import write_shards
+from geoswc.data.sources import Photos
+from geoswc.evaluation.benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
+from geoswc.evaluation.compare import read_system, write_comparison
+from geoswc.evaluation.crossfit import calibration_report, out_of_fold, report_markdown
+from geoswc.evaluation.evaluate import benchmark_counts, format_metrics, locate_records, missing_csv, write_evaluation
+from geoswc.gallery.files import load_gallery
+from geoswc.gallery.search import Gallery
+from geoswc.gallery.thumbnails import ThumbnailSettings, check_side
+from geoswc.geo.cells import CellTable, build_cells
+from geoswc.models import compat, registry
+from geoswc.models.backbone import BackboneChoice
+from geoswc.models.geomodel import GeoModel
+from geoswc.models.registry import BackboneSpec
+from geoswc.prediction.calibration import (
+    CALIBRATION_FILE,
+    Abstention,
+    Calibrator,
+    LocalizableRule,
+    fit_calibrator,
+    rounded,
+    signal_matrix,
+)
+from geoswc.prediction.geolocator import Geolocator
+from geoswc.prediction.results import LocateFailure, OutputFormat, PredictionWriter, Result, output_format
+from geoswc.service.settings import NO_SERVICE_CHANGES, ServiceChanges, ServiceSettings
+from geoswc.training.features import Extraction, Extractor, FeatureSet, extract_and_save
+from geoswc.training.finetune import finetune, finetune_shards
+from geoswc.training.indexing import GalleryPhotos, build_index
+from geoswc.training.train import train_heads
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +81,28 @@ MAX_VIEWS = 64
 def _geotagged(data: Photos) -> list[Record]:
     """The photos of ``data`` with their positions: a CSV's rows, or a folder's GPS-EXIF photos."""
     if data.files or data.shards or not (data.csv or data.images):
-        raise InputError("give geotagged photos: --data.csv FILE (image,lat,lon[,author] or a published layout) with "
-                         "--data.images DIR, or --data.images DIR alone (photos with GPS EXIF)"
-                         + (", or --data.shards" if not data.shards else ""))
+        raise InputError(
+            "give geotagged photos: --data.csv FILE (image,lat,lon[,author] or a published layout) with "
+            "--data.images DIR, or --data.images DIR alone (photos with GPS EXIF)"
+            + (", or --data.shards" if not data.shards else "")
+        )
     records, _ = load_records(data.csv, data.images, data.columns)
     if not records:
         raise InputError(f"{data.csv or data.images} holds no usable photo")
     return records
 
 
-def _load_geolocator(model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig,
-                     abstain: Abstention = Abstention()) -> Any:
-    from .api import Geolocator
-
+def _load_geolocator(
+    model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig, abstain: Abstention = Abstention()
+) -> Any:
     device = "cpu" if run.device == "auto" and run.runtime == "onnx" else distributed.resolve_device(run.device)
     geo = Geolocator.load(model, index, search=search, device=device, runtime=run.runtime)
     if geo.calibrator is None and (abstain.leave_out or abstain.within_km is not None or abstain.p is not None):
-        raise SettingError("abstaining needs a model with a calibrator (fit one with `geoswc calibrate`)", Abstention,
-                           "leave_out" if abstain.leave_out else "within_km" if abstain.within_km else "p")
+        raise SettingError(
+            "abstaining needs a model with a calibrator (fit one with `geoswc calibrate`)",
+            Abstention,
+            "leave_out" if abstain.leave_out else "within_km" if abstain.within_km else "p",
+        )
     geo.rule = abstain.rule(geo.rule)
     return geo
 
@@ -128,9 +151,15 @@ def _claim_cell_table(out: Path) -> None:
         raise InputError(f"{out.parent} holds a geoswc {kind}; write the cell table elsewhere")
 
 
-def features(out: Path, data: Photos = Photos(), backbone: BackboneChoice = BackboneChoice(),
-             model: Path | None = None, views: int = 1, seed: int = 0, run: RunConfig = RunConfig()
-             ) -> FeatureSet | None:
+def features(
+    out: Path,
+    data: Photos = Photos(),
+    backbone: BackboneChoice = BackboneChoice(),
+    model: Path | None = None,
+    views: int = 1,
+    seed: int = 0,
+    run: RunConfig = RunConfig(),
+) -> FeatureSet | None:
     """Extract and cache backbone features of geotagged photos (under torchrun: split over the processes).
 
     Args:
@@ -161,14 +190,28 @@ def features(out: Path, data: Photos = Photos(), backbone: BackboneChoice = Back
         how = Extraction(views, seed, run.batch_size, run.workers, run.precision)
         fs, report = extract_and_save(out, ex, records=records, shards=data.shards, how=how)
     if fs is not None:
-        log.info("features of %d photos (%d view(s), %d-d) -> %s%s", len(fs), fs.views, fs.features.shape[2], out,
-                 f"; {len(report.skipped)} skipped" if report.skipped else "")
+        log.info(
+            "features of %d photos (%d view(s), %d-d) -> %s%s",
+            len(fs),
+            fs.views,
+            fs.features.shape[2],
+            out,
+            f"; {len(report.skipped)} skipped" if report.skipped else "",
+        )
     return fs
 
 
-def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConfig(), heads: HeadConfig = HeadConfig(),
-          search: SearchConfig = SearchConfig(), data: Photos = Photos(), run: RunConfig = RunConfig(),
-          provenance: dict[str, Any] | None = None) -> GeoModel:
+def train(
+    features: Path,
+    cells: Path,
+    out: Path,
+    train: TrainConfig = TrainConfig(),
+    heads: HeadConfig = HeadConfig(),
+    search: SearchConfig = SearchConfig(),
+    data: Photos = Photos(),
+    run: RunConfig = RunConfig(),
+    provenance: dict[str, Any] | None = None,
+) -> GeoModel:
     """Train the MvMF classifier and the retrieval module on cached features (and, with ``train.finetune``, the
     backbone end to end on photos). Re-running a killed command resumes from its last checkpoint.
 
@@ -187,8 +230,14 @@ def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConf
     with _process_group(run.device) as ctx:
         log.info("verifying and loading the feature cache %s", features)  # its checksum reads it once: minutes at MP-16
         feats, table = FeatureSet.load(features), CellTable.load(cells)
-        config = ModelConfig(backbone=feats.backbone, heads=heads, train=train, search=search, cells=table.config,
-                             recipe=provenance or {})
+        config = ModelConfig(
+            backbone=feats.backbone,
+            heads=heads,
+            train=train,
+            search=search,
+            cells=table.config,
+            recipe=provenance or {},
+        )
         model = GeoModel.create(config, table, with_backbone=train.finetune)
         history = _fit(model, feats, data, Path(out), run)
     if not ctx.is_main:
@@ -200,8 +249,7 @@ def train(features: Path, cells: Path, out: Path, train: TrainConfig = TrainConf
         losses += f"; MvMF head of epoch {best}, held-out NLL {history['mvmf_val'][best]:.3f}"
     log.info("model %s -> %s (%d cells; final losses %s)", fp, out, len(table), losses)
     if train.finetune:
-        log.info("the backbone was fine-tuned: re-embed the gallery with `geoswc index --model %s --data.csv ...`",
-                 out)
+        log.info("the backbone was fine-tuned: re-embed the gallery with `geoswc index --model %s --data.csv ...`", out)
     _check_calibrator(Path(out), fp)
     return model
 
@@ -214,28 +262,39 @@ def _check_calibrator(folder: Path, fingerprint: str) -> None:
     except ArtifactError:
         stale = True
     if stale:
-        log.warning("%s was fitted for an earlier model in %s: refit it with `geoswc calibrate --model %s ...`",
-                    path, folder, folder)
+        log.warning(
+            "%s was fitted for an earlier model in %s: refit it with `geoswc calibrate --model %s ...`",
+            path,
+            folder,
+            folder,
+        )
 
 
 def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunConfig) -> dict[str, list[float]]:
     """The heads on the features, then (``finetune``) the whole model on the photos."""
-    from .finetune import finetune, finetune_shards
-    from .train import train_heads
-
     cfg = model.config.train
     if cfg.finetune and not data.given:
         raise InputError("train.finetune trains on photos: give --data.csv and --data.images, or --data.shards")
     history = train_heads(model, feats, cfg, checkpoint_dir=out / "checkpoint")
     if cfg.finetune:
         ckpt = out / "checkpoint-finetune"
-        history |= (finetune_shards(model, data.shards, cfg, ckpt, run) if data.shards
-                    else finetune(model, _geotagged(data), cfg, ckpt, run))
+        history |= (
+            finetune_shards(model, data.shards, cfg, ckpt, run)
+            if data.shards
+            else finetune(model, _geotagged(data), cfg, ckpt, run)
+        )
     return history
 
 
-def index(model: Path, out: Path | None = None, features: Path | None = None, data: Photos = Photos(),
-          codes: GalleryCodes = GalleryCodes(), thumbnails: int = 0, run: RunConfig = RunConfig()) -> Gallery:
+def index(
+    model: Path,
+    out: Path | None = None,
+    features: Path | None = None,
+    data: Photos = Photos(),
+    codes: GalleryCodes = GalleryCodes(),
+    thumbnails: int = 0,
+    run: RunConfig = RunConfig(),
+) -> Gallery:
     """Embed a background gallery with a model and index it by the model's cells.
 
     Args:
@@ -255,42 +314,30 @@ def index(model: Path, out: Path | None = None, features: Path | None = None, da
     out = Path(out) if out is not None else Path(model) / "index"
     storage.claim_folder(out, "gallery index")
     if features is None and not data.given:
-        raise InputError("give the gallery: --features (a feature cache made with the model's backbone), or photos "
-                         "to embed (--data.csv with --data.images, a GPS-EXIF folder --data.images, or --data.shards)")
+        raise InputError(
+            "give the gallery: --features (a feature cache made with the model's backbone), or photos "
+            "to embed (--data.csv with --data.images, a GPS-EXIF folder --data.images, or --data.shards)"
+        )
     fs = FeatureSet.load(features) if features is not None else None
     if fs is not None:
         compat.check(m, features=fs, where=str(features))
-    with GalleryWriter(out, m.config.backbone.feature_dim, m.gallery_identity, codes, thumbs) as w:
-
-        def add(feats: Any, lat: Any, lon: Any, names: Sequence[str], authors: Sequence[str],
-                jpegs: list[bytes | None] | None) -> None:
-            lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
-            w.add(m.embed(feats), lat, lon, m.cells.assign(lat, lon), names, authors, jpegs)
-
-        if fs is not None:  # embedded and written chunk by chunk: the gallery is never whole in memory
-            made = None  # thumbnails: made by run.workers processes, in row order, while the chunks are written
-            if thumbs is not None and data.images:
-                made = thumbnail_stream(Path(data.images), fs.names, thumbs, run.workers)
-            for s in progress_bar(range(0, len(fs), 1 << 14), desc="index", unit="chunk", show=len(fs) > 1 << 14):
-                e = min(s + (1 << 14), len(fs))
-                add(fs.features[s:e, 0], fs.lat[s:e], fs.lon[s:e], fs.names[s:e], fs.authors[s:e],
-                    [next(made) for _ in range(s, e)] if made is not None else None)
-        else:  # photos: each batch embedded as the backbone computes it
-            ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
-            stream_features(ex, lambda _, f, metas: add(
-                f[:, 0], [x.lat for x in metas], [x.lon for x in metas], [x.image for x in metas],
-                [x.author for x in metas], None if thumbs is None else thumbnails_of(
-                    [getattr(x, "path", None) for x in metas], [x.image for x in metas], thumbs)),
-                            records=None if data.shards else _geotagged(data), shards=data.shards or None,
-                            how=Extraction(batch_size=run.batch_size, workers=run.workers))
-        w.finish()
+        photos = GalleryPhotos(features=fs, images=Path(data.images) if data.images else None)
+    else:
+        photos = GalleryPhotos(records=None if data.shards else _geotagged(data), shards=data.shards or None)
+    build_index(m, out, photos, codes, thumbs, Extraction(batch_size=run.batch_size, workers=run.workers))
     gallery = load_gallery(out)
     compat.check(m, gallery=gallery)
     held = int((gallery.cell_sizes() > 0).sum())
     outside = int((gallery.cell < 0).sum())
-    log.info("gallery of %d photos -> %s; %d of %d cells hold photos%s%s", len(gallery), out, held,
-             len(m.cells), f", {outside} photos fall in no cell" if outside else "",
-             f"; {gallery.thumbnails.count} thumbnails" if gallery.thumbnails is not None else "")
+    log.info(
+        "gallery of %d photos -> %s; %d of %d cells hold photos%s%s",
+        len(gallery),
+        out,
+        held,
+        len(m.cells),
+        f", {outside} photos fall in no cell" if outside else "",
+        f"; {gallery.thumbnails.count} thumbnails" if gallery.thumbnails is not None else "",
+    )
     return gallery
 
 
@@ -299,19 +346,34 @@ def _thumbnail_settings(thumbnails: int, features: Path | None, data: Photos) ->
     if not check_side(thumbnails):
         return None
     if data.shards:
-        raise SettingError("thumbnails read the photos from an image folder, and shards are not supported: give "
-                           "--data.csv with --data.images, a GPS-EXIF folder --data.images, or --features with "
-                           "--data.images", None, "thumbnails")
+        raise SettingError(
+            "thumbnails read the photos from an image folder, and shards are not supported: give "
+            "--data.csv with --data.images, a GPS-EXIF folder --data.images, or --features with "
+            "--data.images",
+            None,
+            "thumbnails",
+        )
     if features is not None and not data.images:
-        raise SettingError("thumbnails with --features read the photos by the cache's image ids: give --data.images "
-                           "DIR, the folder they are in", None, "thumbnails")
+        raise SettingError(
+            "thumbnails with --features read the photos by the cache's image ids: give --data.images "
+            "DIR, the folder they are in",
+            None,
+            "thumbnails",
+        )
     return ThumbnailSettings(thumbnails)
 
 
-def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | None = None,
-             methods: Sequence[Method] = ("swc",), exclude_same_author: bool = False,
-             search: SearchChanges = NO_SEARCH_CHANGES, benchmark: BenchmarkName | None = None,
-             run: RunConfig = RunConfig()) -> dict[str, Any]:
+def evaluate(
+    data: Photos,
+    out: Path,
+    model: Path | None = None,
+    index: Path | None = None,
+    methods: Sequence[Method] = ("swc",),
+    exclude_same_author: bool = False,
+    search: SearchChanges = NO_SEARCH_CHANGES,
+    benchmark: BenchmarkName | None = None,
+    run: RunConfig = RunConfig(),
+) -> dict[str, Any]:
     """Evaluate on geotagged photos: accuracy at 1/25/200/750/2500 km and the median error, written as
     ``metrics.json``, ``predictions.csv``, ``missing.csv``, ``accuracy.png`` and ``run.json``.
 
@@ -328,12 +390,11 @@ def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | N
             its size as published, the photos evaluated and those missing go into ``metrics.json``.
         run: batch size, decoding processes, device and backbone runtime.
     """
-    from .evaluate import benchmark_counts, format_metrics, locate_records, write_evaluation
-
     check_search_changes(search)
     if data.csv is None or data.files or data.shards:
-        raise InputError("evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and "
-                         "--data.images DIR")
+        raise InputError(
+            "evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and --data.images DIR"
+        )
     storage.claim_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
     records, report = read_photo_csv(data.csv, data.images, columns=data.columns)
     bench = BENCHMARKS[benchmark] if benchmark else None
@@ -341,35 +402,59 @@ def evaluate(data: Photos, out: Path, model: Path | None = None, index: Path | N
         _nothing_to_evaluate(Path(out), data.csv, report, bench)
     geo = _load_geolocator(model, index, search, run)
     results, decode = locate_records(geo, records, methods, exclude_same_author, run.batch_size, run.workers)
-    counts, gap = (benchmark_counts(bench, report.total, len(results[0].names), str(data.csv)) if bench
-                   else (None, ""))
-    metrics = write_evaluation(out, geo, results, report.skipped + decode.skipped, {
-        "title": Path(data.csv).name, "csv": str(data.csv), "images": str(data.images) if data.images else None,
-        "columns": data.columns, "benchmark": benchmark, "exclude_same_author": exclude_same_author}, counts, gap)
-    log.info("%s\n-> %s, predictions.csv, missing.csv, accuracy.png, reliability.png, selective.png",
-             format_metrics(metrics), Path(out) / "metrics.json")
+    counts, gap = benchmark_counts(bench, report.total, len(results[0].names), str(data.csv)) if bench else (None, "")
+    metrics = write_evaluation(
+        out,
+        geo,
+        results,
+        report.skipped + decode.skipped,
+        {
+            "title": Path(data.csv).name,
+            "csv": str(data.csv),
+            "images": str(data.images) if data.images else None,
+            "columns": data.columns,
+            "benchmark": benchmark,
+            "exclude_same_author": exclude_same_author,
+        },
+        counts,
+        gap,
+    )
+    log.info(
+        "%s\n-> %s, predictions.csv, missing.csv, accuracy.png, reliability.png, selective.png",
+        format_metrics(metrics),
+        Path(out) / "metrics.json",
+    )
     return metrics
 
 
 def _nothing_to_evaluate(out: Path, csv: Path, report: LoadReport, bench: Benchmark | None) -> None:
     """Refuse an evaluation over no photo: name every missing one in ``out/missing.csv`` when ``out`` is a new or
     empty folder (what an earlier run wrote stays as it was) and say how many a named benchmark expected."""
-    from .evaluate import benchmark_counts, missing_csv
-
     counts, gap = benchmark_counts(bench, report.total, 0, str(csv)) if bench else ({}, "")
     named = ""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         storage.ensure_dir(out)
         storage.write_text(out / "missing.csv", missing_csv(report.skipped, gap))
         named = f"; every missing photo is named in {out / 'missing.csv'}"
-    expected = (f" ({bench.name}: {counts['expected']} photos expected as published, 0 evaluated, "
-                f"{counts['missing']} missing)" if bench else "")
+    expected = (
+        f" ({bench.name}: {counts['expected']} photos expected as published, 0 evaluated, {counts['missing']} missing)"
+        if bench
+        else ""
+    )
     raise InputError(f"no photo of {csv} can be evaluated{expected}{named}: {report.summary(first=3)}")
 
 
-def calibrate(model: Path, features: Path | None = None, folds: int = 5, report: Path | None = None,
-              data: Photos = Photos(), index: Path | None = None, exclude_same_author: bool = False,
-              rule: LocalizableRule = LocalizableRule(), run: RunConfig = RunConfig()) -> Calibrator:
+def calibrate(
+    model: Path,
+    features: Path | None = None,
+    folds: int = 5,
+    report: Path | None = None,
+    data: Photos = Photos(),
+    index: Path | None = None,
+    exclude_same_author: bool = False,
+    rule: LocalizableRule = LocalizableRule(),
+    run: RunConfig = RunConfig(),
+) -> Calibrator:
     """Fit a model's calibrator (``MODEL/calibration.json``): the probabilities ``within_km`` each prediction
     carries, learnt on photos of photographers the model did not train on, and the rule that says which
     predictions are localizable. The model's weights and fingerprint do not change.
@@ -391,16 +476,15 @@ def calibrate(model: Path, features: Path | None = None, folds: int = 5, report:
         rule: the localizable rule saved with the calibrator.
         run: batch size, decoding processes and device.
     """
-    from .calibration import fit_calibrator
-    from .config import to_dict
-
     if report is not None and features is None:
         raise SettingError("report needs --features (the out-of-fold calibration)", None, "report")
     if report is not None:
         storage.claim_folder(report, "calibration report")
     if (features is None) == (not data.given):
-        raise InputError("give the photos to calibrate on: --features (the model's training features, out of fold) "
-                         "or --data.csv with --data.images (a labelled set the model did not train on), not both")
+        raise InputError(
+            "give the photos to calibrate on: --features (the model's training features, out of fold) "
+            "or --data.csv with --data.images (a labelled set the model did not train on), not both"
+        )
     m = GeoModel.load(model, with_backbone=features is None)
     if features is not None:
         per_method, fitted = _out_of_fold_signals(m, features, folds, report)
@@ -408,41 +492,45 @@ def calibrate(model: Path, features: Path | None = None, folds: int = 5, report:
         per_method, fitted = _labelled_signals(m, data, Path(index or Path(model) / "index"), exclude_same_author, run)
     cal = fit_calibrator(m.fingerprint, per_method, rule, to_dict(m.config.search), fitted)
     cal.save(Path(model) / CALIBRATION_FILE)
-    log.info("calibrator %s for model %s (%s, %d photos; localizable: %s) -> %s", cal.fingerprint, m.fingerprint,
-             fitted["how"], fitted["n"], rule.describe(), Path(model) / CALIBRATION_FILE)
+    log.info(
+        "calibrator %s for model %s (%s, %d photos; localizable: %s) -> %s",
+        cal.fingerprint,
+        m.fingerprint,
+        fitted["how"],
+        fitted["n"],
+        rule.describe(),
+        Path(model) / CALIBRATION_FILE,
+    )
     return cal
 
 
-def _out_of_fold_signals(m: GeoModel, features: Path, folds: int,
-                         report: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    from .calibration import signal_matrix
-    from .crossfit import calibration_report, out_of_fold, report_markdown
-
+def _out_of_fold_signals(
+    m: GeoModel, features: Path, folds: int, report: Path | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     fs = FeatureSet.load(features)
     compat.check(m, features=fs, where=str(features))
     oof = out_of_fold(fs, m.cells, m.config, folds)
     per_method = {k: (signal_matrix([p.signals for p in ps]), oof.errors_km[k]) for k, ps in oof.predictions.items()}
-    from .calibration import rounded
 
     cross = rounded(calibration_report(oof, "swc", storage.ensure_dir(report) if report is not None else None))
-    fitted = {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds,
-              "cross_fitted": cross}
+    fitted = {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds, "cross_fitted": cross}
     if report is not None:
-        storage.write_report(report / "calibration.json", {"model": m.fingerprint, "features": str(features), **cross},
-                             report_markdown(cross))
+        storage.write_report(
+            report / "calibration.json",
+            {"model": m.fingerprint, "features": str(features), **cross},
+            report_markdown(cross),
+        )
     log.info("cross-fitted (each fold calibrated on the others): ECE %s", cross["calibration"]["ece"])
     return per_method, fitted
 
 
-def _labelled_signals(m: GeoModel, data: Photos, index: Path, exclude_same_author: bool,
-                      run: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    from .api import Geolocator
-    from .calibration import signal_matrix
-    from .evaluate import locate_records
-
+def _labelled_signals(
+    m: GeoModel, data: Photos, index: Path, exclude_same_author: bool, run: RunConfig
+) -> tuple[dict[str, Any], dict[str, Any]]:
     if data.csv is None or data.files or data.shards:
-        raise InputError("calibrate reads a labelled CSV: give --data.csv FILE (image,lat,lon[,author]) and "
-                         "--data.images DIR")
+        raise InputError(
+            "calibrate reads a labelled CSV: give --data.csv FILE (image,lat,lon[,author]) and --data.images DIR"
+        )
     records, report = read_photo_csv(data.csv, data.images)
     if not records:
         raise InputError(f"no photo of {data.csv} can be used: {report.summary()}")
@@ -468,9 +556,17 @@ class LocateSummary:
         return 1 if self.failed else 0
 
 
-def locate(data: Photos = Photos(), model: Path | None = None, index: Path | None = None, method: Method = "swc",
-           search: SearchChanges = NO_SEARCH_CHANGES, abstain: Abstention = Abstention(), output: Path | None = None,
-           format: OutputFormat | None = None, run: RunConfig = RunConfig()) -> LocateSummary:
+def locate(
+    data: Photos = Photos(),
+    model: Path | None = None,
+    index: Path | None = None,
+    method: Method = "swc",
+    search: SearchChanges = NO_SEARCH_CHANGES,
+    abstain: Abstention = Abstention(),
+    output: Path | None = None,
+    format: OutputFormat | None = None,
+    run: RunConfig = RunConfig(),
+) -> LocateSummary:
     """Estimate where photos were taken; a photo that cannot be read is reported and the rest are finished.
 
     Args:
@@ -498,8 +594,9 @@ def locate(data: Photos = Photos(), model: Path | None = None, index: Path | Non
     failed = w.failed + source.skipped  # rows of a list that name no usable photo fail too
     left = f", {kept.left_out} not localizable left out" if kept.left_out else ""
     if output is not None and (w.located or kept.left_out):
-        log.info("%d photos located%s%s -> %s (%s)", w.located, left, f", {failed} failed" if failed else "",
-                 output, fmt)
+        log.info(
+            "%d photos located%s%s -> %s (%s)", w.located, left, f", {failed} failed" if failed else "", output, fmt
+        )
     elif failed:
         log.warning("%d of %d photos could not be located", failed, failed + w.located + kept.left_out)
     if output is None and kept.left_out:
@@ -540,9 +637,13 @@ def _photo_source(data: Photos, geo: Any, method: Method, run: RunConfig) -> _Ph
         records, report = read_photo_csv(data.csv, data.images, positions=False, columns=data.columns)
         if not records:
             raise InputError(f"{data.csv} names no photo that can be located: {report.summary()}")
-        return _PhotoSource(lambda progress: geo.locate_batch([r.path for r in records], progress=progress,
-                                                              names=[r.image for r in records], **kw),
-                            len(records), len(report.skipped))
+        return _PhotoSource(
+            lambda progress: geo.locate_batch(
+                [r.path for r in records], progress=progress, names=[r.image for r in records], **kw
+            ),
+            len(records),
+            len(report.skipped),
+        )
     given = data.files or ([data.images] if data.images else [])
     if not given:
         raise InputError("give photo files or folders, --data.csv FILE (with --data.images DIR) or --data.shards")
@@ -572,8 +673,6 @@ def _write_output(results: Iterator[Result], output: Path, fmt: OutputFormat) ->
 
 
 def _write_results(results: Iterator[Result], writer: PredictionWriter) -> None:
-    from .prediction import LocateFailure
-
     for r in results:
         if isinstance(r, LocateFailure):
             log.warning("error: %s", r.error)
@@ -583,8 +682,9 @@ def _write_results(results: Iterator[Result], writer: PredictionWriter) -> None:
         writer.write(r)
 
 
-def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool = True,
-           run: RunConfig = RunConfig()) -> list[Path]:
+def shards(
+    data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool = True, run: RunConfig = RunConfig()
+) -> list[Path]:
     """Pack geotagged photos into WebDataset tar shards (each photo as stored, plus a ``.json`` of its position).
 
     Args:
@@ -595,21 +695,30 @@ def shards(data: Photos, out: Path, samples_per_shard: int = 1000, verify: bool 
         verify: decode every photo first and skip those that fail.
         run: reading processes (``workers``).
     """
-    from .shards import write_shards
-
     if not 1 <= samples_per_shard <= 2**31:
-        raise SettingError(f"samples_per_shard must be in 1..2**31, got {samples_per_shard}", None,
-                           "samples_per_shard")
+        raise SettingError(f"samples_per_shard must be in 1..2**31, got {samples_per_shard}", None, "samples_per_shard")
     storage.claim_folder(out, "shard set")  # a bad output folder fails now, before the photos are read
-    paths, report = write_shards(_geotagged(data), out, samples_per_shard, verify=verify, num_workers=run.workers,
-                                 source=str(data.csv or data.images))
-    log.info("%d photos in %d shards -> %s%s", report.kept, len(paths), out,
-             f"; {len(report.skipped)} skipped" if report.skipped else "")
+    paths, report = write_shards(
+        _geotagged(data),
+        out,
+        samples_per_shard,
+        verify=verify,
+        num_workers=run.workers,
+        source=str(data.csv or data.images),
+    )
+    log.info(
+        "%d photos in %d shards -> %s%s",
+        report.kept,
+        len(paths),
+        out,
+        f"; {len(report.skipped)} skipped" if report.skipped else "",
+    )
     return paths
 
 
-def compare(out: Path, runs: Sequence[Path] = (), names: Sequence[str] = (), resamples: int = 2000,
-            seed: int = 0) -> dict[str, Any]:
+def compare(
+    out: Path, runs: Sequence[Path] = (), names: Sequence[str] = (), resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """Compare systems photo for photo: accuracy at 1/25/200/750/2500 km and the median error over the photos they
     all share, each system's difference from the first with a 95 % paired-bootstrap interval, and how many photos
     each lacks; printed, and written as ``compare.json``, ``compare.md`` and ``compare.png``.
@@ -622,8 +731,6 @@ def compare(out: Path, runs: Sequence[Path] = (), names: Sequence[str] = (), res
         resamples: bootstrap resamples of the shared photos.
         seed: the bootstrap's seed.
     """
-    from .compare import read_system, write_comparison
-
     if len(runs) < 2:
         raise InputError("give at least two evaluation folders or prediction files to compare")
     if names and len(names) != len(runs):
@@ -645,20 +752,41 @@ def compare(out: Path, runs: Sequence[Path] = (), names: Sequence[str] = (), res
 def backbones() -> list[BackboneSpec]:
     """List the backbones: family, feature width, input size and resize policy, parameters, pooled output, and
     where their weights come from (CLIP, DINOv2 and SigLIP need ``pip install 'geoswc[hf]'``)."""
-    from .backbone import REGISTRY
-    from .hf_backbones import FAMILIES
+    log.info(
+        "%-20s %-12s %6s %6s %-11s %8s  %-38s %s",
+        "name",
+        "family",
+        "dim",
+        "px",
+        "resize",
+        "params",
+        "pooled output",
+        "weights",
+    )
+    for _, spec in registry.REGISTRY.items():
+        pooled = registry.BUILDERS[spec.family].pooled
+        log.info(
+            "%-20s %-12s %4d-d %3d px %-11s %7.1fM  %-38s %s",
+            spec.name,
+            spec.family,
+            spec.feature_dim,
+            spec.image_size,
+            spec.resize,
+            spec.params_m,
+            pooled,
+            spec.source,
+        )
+    return list(registry.REGISTRY.values())
 
-    log.info("%-20s %-12s %6s %6s %-11s %8s  %-38s %s", "name", "family", "dim", "px", "resize", "params",
-             "pooled output", "weights")
-    for _, spec in REGISTRY.items():
-        pooled = FAMILIES[spec.family].pooled_doc if spec.family in FAMILIES else "global average pool"
-        log.info("%-20s %-12s %4d-d %3d px %-11s %7.1fM  %-38s %s", spec.name, spec.family, spec.feature_dim,
-                 spec.image_size, spec.resize, spec.params_m, pooled, spec.source)
-    return list(REGISTRY.values())
 
-
-def serve(model: Path | None = None, index: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          service: ServiceChanges = NO_SERVICE_CHANGES, run: RunConfig = RunConfig()) -> None:
+def serve(
+    model: Path | None = None,
+    index: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    service: ServiceChanges = NO_SERVICE_CHANGES,
+    run: RunConfig = RunConfig(),
+) -> None:
     """Run the web service (``POST /api/locate``, ``GET /api/health``, OpenAPI at ``/docs``) and its map page
     at ``/``, until interrupted. Limits come from ``GEOSWC_*`` environment variables, then ``service``.
 
@@ -670,8 +798,7 @@ def serve(model: Path | None = None, index: Path | None = None, host: str = "127
         service: limits and options to change, e.g. ``{max_queue: 1}`` (see :class:`ServiceSettings`).
         run: device and backbone runtime.
     """
-    from .service.app import run_server
-    from .service.settings import ServiceSettings
+    from geoswc.service.app import run_server  # lazy: FastAPI costs ~0.3 s, needed only by serve
 
     if not 0 <= port <= 65535:
         raise SettingError(f"port must be in 0..65535, got {port}", None, "port")
@@ -681,28 +808,30 @@ def serve(model: Path | None = None, index: Path | None = None, host: str = "127
     geo.limits = settings.image_limits
     if not _is_loopback(host) and not settings.token:
         log.warning("serving on %s without a token: anyone who can reach it can use it (set GEOSWC_TOKEN)", host)
-    log.info("serving model %s (gallery of %d photos) on http://%s:%d", geo.fingerprint,
-             len(geo.gallery) if geo.gallery is not None else 0, host, port)
+    log.info(
+        "serving model %s (gallery of %d photos) on http://%s:%d",
+        geo.fingerprint,
+        len(geo.gallery) if geo.gallery is not None else 0,
+        host,
+        port,
+    )
     run_server(geo, settings, host, port)
 
 
 def _check_bindable(host: str, port: int) -> None:
     """Refuse a host this machine cannot listen on, or a port something else holds."""
-    import socket
-
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(address)
     except OSError as e:  # socket.gaierror included
-        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host or --port, "
-                         "or stop what uses it") from None
+        raise InputError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host or --port, or stop what uses it"
+        ) from None
 
 
 def _is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host in ("localhost", "ip6-localhost"):
         return True
     try:
@@ -711,7 +840,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-COMMANDS = {"locate": locate, "cells": cells, "features": features, "train": train, "index": index,
-            "calibrate": calibrate, "evaluate": evaluate, "compare": compare, "shards": shards, "backbones": backbones,
-            "serve": serve}
+COMMANDS = {
+    "locate": locate,
+    "cells": cells,
+    "features": features,
+    "train": train,
+    "index": index,
+    "calibrate": calibrate,
+    "evaluate": evaluate,
+    "compare": compare,
+    "shards": shards,
+    "backbones": backbones,
+    "serve": serve,
+}
 """The ``geoswc`` commands, in the order ``--help`` lists them."""

@@ -10,17 +10,18 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse
 
-from .schemas import ErrorModel
+from geoswc.service.schemas import ErrorModel
 
 KIND_STATUS: dict[str, int] = {"empty": 422, "corrupt": 422, "unreadable": 422, "unsupported": 415, "too_large": 413}
-"""HTTP status of each :class:`geoswc.errors.ImageError` kind."""
+"""HTTP status of each :class:`geoswc.core.errors.ImageError` kind."""
 
 
 class ServiceError(Exception):
     """An error answered as :class:`ErrorModel` JSON with the given status."""
 
-    def __init__(self, status: int, kind: str, message: str, image: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, kind: str, message: str, image: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.image, self.headers = status, kind, message, image, headers
 
@@ -45,8 +46,9 @@ class InferenceGate:
 
     def _busy(self, why: str) -> ServiceError:
         wait = self.retry_after()
-        return ServiceError(503, "busy", f"the service is busy ({why}); retry in {wait} s",
-                            headers={"Retry-After": str(wait)})
+        return ServiceError(
+            503, "busy", f"the service is busy ({why}); retry in {wait} s", headers={"Retry-After": str(wait)}
+        )
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:

@@ -1,8 +1,9 @@
-"""Typed response models of the web service, mirroring :mod:`geoswc.api`'s dataclasses field for field.
+"""Typed response models of the web service, mirroring :mod:`geoswc.prediction.geolocator`'s dataclasses field
+for field.
 
 ``extra="forbid"`` makes a field added to a dataclass but not here fail response validation (and
 ``tests/test_service.py`` compares both sides), so the OpenAPI schema cannot drift from
-:meth:`geoswc.api.Prediction.to_dict`.
+:meth:`geoswc.prediction.geolocator.Prediction.to_dict`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class CellModel(_Strict):
     lon: float
     probability: float
     polygon: list[tuple[float, float]] = Field(
-        description="The cell's outline as (lat, lon) points, counter-clockwise; longitudes may jump at ±180.")
+        description="The cell's outline as (lat, lon) points, counter-clockwise; longitudes may jump at ±180."
+    )
 
 
 class NeighborModel(_Strict):
@@ -55,8 +57,9 @@ class NeighborModel(_Strict):
     similarity: float = Field(description="Cosine similarity of the retrieval embeddings.")
     cluster: int = Field(description="DBSCAN label among the retrieved neighbours (-1: noise).")
     row: int = Field(description="Its row in the served gallery index.")
-    thumbnail: bool = Field(description="Whether the index holds a thumbnail of it: GET /api/thumbnails/{row} "
-                                        "(image/jpeg) returns it.")
+    thumbnail: bool = Field(
+        description="Whether the index holds a thumbnail of it: GET /api/thumbnails/{row} (image/jpeg) returns it."
+    )
 
 
 class PredictionModel(_Strict):
@@ -76,16 +79,20 @@ class PredictionModel(_Strict):
     place: PlaceModel | None
     exif: ExifModel | None
     cell_polygon: list[tuple[float, float]] = Field(
-        description="The searched cell's outline as (lat, lon) points; it may not be among top_cells.")
+        description="The searched cell's outline as (lat, lon) points; it may not be among top_cells."
+    )
     signals: dict[str, float] = Field(
         description="What the calibrator reads: density_25/200/750/2500 (prediction density at those radii), "
-                    "cell_probability, top_similarity, cluster_size (share of k), cluster_similarity, fallback.")
+        "cell_probability, top_similarity, cluster_size (share of k), cluster_similarity, fallback."
+    )
     within_km: dict[str, float] | None = Field(
         description="Calibrated probability that the estimate lies within 1, 25, 200, 750 and 2500 km of the truth "
-                    "(keys '1' ... '2500'), non-decreasing; null when the model has no calibrator.")
+        "(keys '1' ... '2500'), non-decreasing; null when the model has no calibrator."
+    )
     localizable: bool | None = Field(
         description="Whether within_km meets the model's localizable rule (P(within r km) >= p); null without a "
-                    "calibrator. A non-localizable estimate is still given, marked.")
+        "calibrator. A non-localizable estimate is still given, marked."
+    )
 
 
 class FailureModel(_Strict):
@@ -101,8 +108,10 @@ class ErrorModel(_Strict):
     """The body of every 4xx/5xx answer of ``/api/*`` (except FastAPI's own validation errors)."""
 
     error: str
-    kind: str = Field(description="What went wrong: empty, unsupported, corrupt, too_large, unreadable, "
-                                  "too_many_files, bad_request, unauthorized, busy, not_found, damaged, internal.")
+    kind: str = Field(
+        description="What went wrong: empty, unsupported, corrupt, too_large, unreadable, "
+        "too_many_files, bad_request, unauthorized, busy, not_found, damaged, internal."
+    )
     status: int
     image: str | None = Field(default=None, description="The file at fault, when there is one.")
 
@@ -143,5 +152,6 @@ class PageConfigModel(_Strict):
     tiles: str | None
     tiles_attribution: str | None
     limits: LimitsModel
-    localizable_rule: RuleModel | None = Field(description="The served model's localizable rule; null without a "
-                                                           "calibrator.")
+    localizable_rule: RuleModel | None = Field(
+        description="The served model's localizable rule; null without a calibrator."
+    )

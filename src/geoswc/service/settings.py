@@ -14,9 +14,9 @@ from dataclasses import dataclass, fields
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
-from ..config import check_field, check_ints
-from ..errors import InputError
-from ..images import ImageLimits
+from geoswc.core.config import check_field, check_ints
+from geoswc.core.errors import InputError
+from geoswc.data.images import ImageLimits
 
 MiB = 2**20
 _PART_OVERHEAD = 64 * 1024
@@ -64,18 +64,30 @@ class ServiceSettings:
 
     def __post_init__(self) -> None:
         check_ints(self)
-        check_field(self, "max_upload_mb", math.isfinite(self.max_upload_mb) and 1 <= self.max_upload_bytes <= 2**40,
-                    "must be a positive number of MiB, at most 2**20 (1 TiB)")
+        check_field(
+            self,
+            "max_upload_mb",
+            math.isfinite(self.max_upload_mb) and 1 <= self.max_upload_bytes <= 2**40,
+            "must be a positive number of MiB, at most 2**20 (1 TiB)",
+        )
         for name in ("max_pixels", "max_files", "max_concurrent"):
             check_field(self, name, int(getattr(self, name)) >= 1, "must be at least 1")
         check_field(self, "max_queue", self.max_queue >= 0, "must be >= 0")
         for name in ("queue_timeout_s", "upload_timeout_s", "upload_idle_s"):
             check_field(self, name, 0 < getattr(self, name) <= _DAY_S, f"must be a number of seconds in (0, {_DAY_S}]")
         check_field(self, "upload_min_kbs", 0 <= self.upload_min_kbs <= 2**20, "must be a number of KiB/s in 0..2**20")
-        check_field(self, "max_request_pixels", self.max_request_pixels >= self.max_pixels,
-                    f"must be at least max_pixels ({self.max_pixels})")
-        check_field(self, "tiles", self.tiles is None or urlsplit(self.tiles).scheme in ("http", "https"),
-                    "must start with http:// or https://")
+        check_field(
+            self,
+            "max_request_pixels",
+            self.max_request_pixels >= self.max_pixels,
+            f"must be at least max_pixels ({self.max_pixels})",
+        )
+        check_field(
+            self,
+            "tiles",
+            self.tiles is None or urlsplit(self.tiles).scheme in ("http", "https"),
+            "must start with http:// or https://",
+        )
 
     @property
     def max_upload_bytes(self) -> int:
@@ -126,7 +138,8 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
 """Environment variable -> (settings field, parser)."""
 
 ServiceChanges = TypedDict(  # type: ignore[misc]
-    "ServiceChanges", {k: v for k, v in typing.get_type_hints(ServiceSettings).items() if k != "warmup"}, total=False)
+    "ServiceChanges", {k: v for k, v in typing.get_type_hints(ServiceSettings).items() if k != "warmup"}, total=False
+)
 """Settings to change from the environment's (``{"max_queue": 1}``)."""
 NO_SERVICE_CHANGES: ServiceChanges = {}
 """The default of a ``service`` parameter: the environment's settings (never mutated)."""

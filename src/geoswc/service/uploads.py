@@ -12,8 +12,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from .gate import ServiceError
-from .settings import MAX_OTHER_BYTES, MiB, ServiceSettings
+from geoswc.service.gate import ServiceError
+from geoswc.service.settings import MAX_OTHER_BYTES, MiB, ServiceSettings
 
 UPLOAD_FIELD = "files"
 
@@ -21,9 +21,13 @@ _MAX_OTHER_FIELDS = 32
 
 
 def _too_slow(s: ServiceSettings, what: str) -> ServiceError:
-    return ServiceError(408, "timeout", f"the upload was too slow ({what}); uploads must keep up "
-                        f"{s.upload_min_kbs:g} KiB/s, pause at most {s.upload_idle_s:g} s and end within "
-                        f"{s.upload_timeout_s:g} s")
+    return ServiceError(
+        408,
+        "timeout",
+        f"the upload was too slow ({what}); uploads must keep up "
+        f"{s.upload_min_kbs:g} KiB/s, pause at most {s.upload_idle_s:g} s and end within "
+        f"{s.upload_timeout_s:g} s",
+    )
 
 
 @dataclass
@@ -102,8 +106,12 @@ class UploadReader:
             return
         if len(self._buf) + n > self.s.max_upload_bytes:
             name = self.files[-1].name
-            raise ServiceError(413, "too_large", f"{name} is larger than the limit of "
-                               f"{self.s.max_upload_bytes / MiB:g} MiB per file", image=name)
+            raise ServiceError(
+                413,
+                "too_large",
+                f"{name} is larger than the limit of {self.s.max_upload_bytes / MiB:g} MiB per file",
+                image=name,
+            )
         self._buf += data[start:end]
 
     def on_part_end(self) -> None:
@@ -135,25 +143,46 @@ class UploadReader:
     async def read(self, request: Request) -> list[Upload]:
         ctype, params = parse_options_header(request.headers.get("content-type", ""))
         if ctype != b"multipart/form-data":
-            raise ServiceError(415, "unsupported", f"send multipart/form-data with the images in the field "
-                               f"{UPLOAD_FIELD!r}, not {ctype.decode('latin-1') or 'no content type'}")
+            raise ServiceError(
+                415,
+                "unsupported",
+                f"send multipart/form-data with the images in the field "
+                f"{UPLOAD_FIELD!r}, not {ctype.decode('latin-1') or 'no content type'}",
+            )
         if b"boundary" not in params:
             raise ServiceError(400, "bad_request", "the multipart content type has no boundary")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.s.max_body_bytes:
-            raise ServiceError(413, "too_large", f"the request body ({int(length) / MiB:.1f} MiB) is above the "
-                               f"limit of {self.s.max_files} files x {self.s.max_upload_bytes / MiB:g} MiB")
-        callbacks = {name: getattr(self, name) for name in (
-            "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
-            "on_header_end", "on_headers_finished")}
+            raise ServiceError(
+                413,
+                "too_large",
+                f"the request body ({int(length) / MiB:.1f} MiB) is above the "
+                f"limit of {self.s.max_files} files x {self.s.max_upload_bytes / MiB:g} MiB",
+            )
+        callbacks = {
+            name: getattr(self, name)
+            for name in (
+                "on_part_begin",
+                "on_part_data",
+                "on_part_end",
+                "on_header_field",
+                "on_header_value",
+                "on_header_end",
+                "on_headers_finished",
+            )
+        }
         parser = MultipartParser(params[b"boundary"], callbacks)  # type: ignore[arg-type]
         total = 0
         try:
             async for chunk in self._timed(request):
                 total += len(chunk)
                 if total > self.s.max_body_bytes:
-                    raise ServiceError(413, "too_large", "the request body is above the limit of "
-                                       f"{self.s.max_files} files x {self.s.max_upload_bytes / MiB:g} MiB")
+                    raise ServiceError(
+                        413,
+                        "too_large",
+                        "the request body is above the limit of "
+                        f"{self.s.max_files} files x {self.s.max_upload_bytes / MiB:g} MiB",
+                    )
                 parser.write(chunk)
             parser.finalize()
         except FormParserError as e:

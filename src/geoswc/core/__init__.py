@@ -1,0 +1,3 @@
+"""The foundation every layer stands on: error kinds, frozen config dataclasses, atomic checksummed storage,
+sphere math, progress bars, photo-name lists and the torchrun process group. Imports nothing above it.
+"""

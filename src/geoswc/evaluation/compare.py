@@ -1,0 +1,299 @@
+"""Systems compared photo for photo: per-photo predictions of geoswc evaluations (``predictions.csv``) and of
+published systems (GeoEstimation's ``img_id,gt_lat,predicted_lat,gt_long,predicted_long,great_circle_distance``
+files, with their trailing blank line and summary block), aligned on the photos they share.
+
+``compare.json``, which other tools read::
+
+    {"common_photos": 2245,
+     "systems": [{"name": "geoswc", "source": "runs/eval", "n": 2245, "lacks": 0,
+                  "accuracy": {"1": 0.005, "25": 0.011, ...}, "median_km": 6599.1,
+                  "diff_ci": {"1": [0.0, 0.0], "25": [0.0, 0.0], ...}}, ...],
+     "bootstrap": {"resamples": 2000, "seed": 0, "level": 0.95}}
+
+Accuracies are fractions over the common photos; ``n`` is the photos the system predicted, ``lacks`` how many of
+the photos any system predicted it did not; ``diff_ci`` the 95 % paired-bootstrap interval of its accuracy minus
+the first system's (``[0, 0]`` for the first).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geoswc.core import storage
+from geoswc.core.errors import InputError
+from geoswc.core.sphere import THRESHOLDS_KM, haversine_km
+from geoswc.data.records import csv_table, parse_coord
+from geoswc.evaluation.evaluate import plot_accuracy
+from geoswc.evaluation.metrics import accuracy_at, median_km
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = {  # the columns of a per-photo prediction file: id, true lat, true lon, predicted lat, lon, error (km)
+    "geoswc": ("image", "true_lat", "true_lon", "pred_lat", "pred_lon", "error_km"),
+    "GeoEstimation": ("img_id", "gt_lat", "gt_long", "predicted_lat", "predicted_long", "great_circle_distance"),
+}
+KEYS = [str(int(t)) for t in THRESHOLDS_KM]
+TRUTH_TOLERANCE_KM = 1.0
+"""Two files whose true positions of a shared photo lie further apart than this disagree about the photo."""
+
+
+@dataclass
+class System:
+    """One system's per-photo predictions: ids ``(N,)`` (normalised by :func:`photo_id`), true positions and
+    errors ``(N,)``, and the summary block its file ends with (None when it has none)."""
+
+    name: str
+    source: str
+    ids: list[str]
+    true_lat: np.ndarray
+    true_lon: np.ndarray
+    error_km: np.ndarray
+    summary: dict[str, float] | None = None
+
+
+def photo_id(image: str) -> str:
+    """The id photos are aligned on: the file name without its folders (``45/77/1.jpg`` and ``1.jpg`` match)."""
+    return image.strip().replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _number(text: str | None, what: str, where: str) -> float:
+    try:
+        v = float(text or "")
+    except ValueError:
+        raise InputError(f"{where}: {what} {text!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise InputError(f"{where}: {what} {text!r} is not a distance")
+    return v
+
+
+def read_system(path: Path, name: str | None = None) -> System:
+    """A system's predictions: ``PATH/predictions.csv`` of an evaluation folder, or a per-photo prediction file
+    (geoswc's or GeoEstimation's layout; a blank line then a summary block may end it).
+
+    Raises:
+        InputError: no such file, another layout, a bad or duplicate row (named with its line).
+    """
+    path = Path(path)
+    file = path / "predictions.csv" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise InputError(f"{path} is not a geoswc evaluation folder: it has no predictions.csv")
+    header, rows = csv_table(file)
+    lower = [h.strip().lower() for h in header]
+    layout = next((cols for cols in LAYOUTS.values() if set(cols[:5]) <= set(lower)), None)
+    if layout is None:
+        raise InputError(
+            f"{file} is not a per-photo prediction file: its header is {','.join(header)[:300]}; "
+            f"expected {','.join(LAYOUTS['geoswc'])} (geoswc evaluate) or "
+            f"{','.join(LAYOUTS['GeoEstimation'])} (GeoEstimation)"
+        )
+    at = [lower.index(c) if c in lower else -1 for c in layout]
+    ids, seen, values = [], set(), []
+    summary = None
+    for line, row in rows:
+        if not any(cell.strip() for cell in row):  # the blank line before a published summary block
+            summary = _summary_block(rows, file)
+            break
+        where = f"{file} line {line}"
+        cells = [row[i] if 0 <= i < len(row) else None for i in at]
+        pid = photo_id(cells[0] or "")
+        if not pid or pid in seen:
+            raise InputError(f"{where}: {'empty' if not pid else 'duplicate'} photo id {cells[0]!r}")
+        try:
+            pos = [parse_coord(cells[k], layout[k], 90 if "lat" in layout[k] else 180) for k in range(1, 5)]
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
+        err = _number(cells[5], layout[5], where) if at[5] >= 0 else float(haversine_km(pos[0], pos[1], pos[2], pos[3]))
+        seen.add(pid)
+        ids.append(pid)
+        values.append((pos[0], pos[1], err))
+    if not ids:
+        raise InputError(f"{file} holds no prediction")
+    v = np.array(values, np.float64)
+    return System(
+        name or (path.name if path.is_dir() else path.stem), str(path), ids, v[:, 0], v[:, 1], v[:, 2], summary
+    )
+
+
+def _summary_block(rows: Any, file: Path) -> dict[str, float] | None:
+    """The ``name,...`` / ``value,...`` rows after a prediction file's blank line (None: nothing follows)."""
+    block = [row for _, row in rows if any(cell.strip() for cell in row)]
+    if not block:
+        return None
+    if len(block) != 2 or len(block[0]) != len(block[1]):
+        raise InputError(
+            f"{file}: after its blank line, expected a summary block of two rows (names, values); "
+            f"found {len(block)} rows"
+        )
+    try:
+        return {k.strip(): float(v) for k, v in zip(block[0], block[1], strict=True)}
+    except ValueError:
+        raise InputError(f"{file}: its summary block's values are not numbers") from None
+
+
+def paired_bootstrap_ci(
+    hits_ref: np.ndarray, hits: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> np.ndarray:
+    """Percentile interval of ``mean(hits) - mean(hits_ref)`` over photos resampled with replacement, the same
+    photos for both systems (paired).
+
+    Args:
+        hits_ref: ``(N, T)`` bool, the reference system's photo within each threshold.
+        hits: ``(N, T)`` bool, the other system's, same photos in the same order.
+
+    Returns:
+        ``(T, 2)`` lower and upper bounds of the accuracy difference (fractions).
+    """
+    d = hits.astype(np.int8) - hits_ref.astype(np.int8)
+    n = len(d)
+    rng = np.random.default_rng(seed)
+    means = np.empty((resamples, d.shape[1]))
+    chunk = max(1, min(resamples, (1 << 22) // max(n, 1)))  # at most ~4M drawn photo indices at a time
+    for s in range(0, resamples, chunk):
+        b = min(chunk, resamples - s)
+        idx = rng.integers(0, n, size=(b, n))
+        means[s : s + b] = d[idx].sum(axis=1, dtype=np.int64) / n
+    return np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0).T
+
+
+def compare_systems(systems: Sequence[System], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The ``compare.json`` content of systems aligned on the photos they all share (first system's order).
+
+    Raises:
+        InputError: the systems share no photo.
+    """
+    common_set = set(systems[0].ids).intersection(*(s.ids for s in systems[1:]))
+    common = [i for i in systems[0].ids if i in common_set]
+    if not common:
+        raise InputError(
+            "the systems share no photo (ids are compared by file name): "
+            + "; ".join(f"{s.name}: e.g. {s.ids[0]}" for s in systems)
+        )
+    union = set().union(*(s.ids for s in systems))
+    rows = [_aligned(s, common) for s in systems]
+    thresholds = np.array(THRESHOLDS_KM)
+    ref_hits = rows[0][2][:, None] <= thresholds
+    out = []
+    for s, (lat, lon, err) in zip(systems, rows, strict=True):
+        far = int((haversine_km(rows[0][0], rows[0][1], lat, lon) > TRUTH_TOLERANCE_KM).sum())
+        if far:
+            log.warning(
+                "%s and %s disagree by more than %g km on the true position of %d shared photos",
+                s.name,
+                systems[0].name,
+                TRUTH_TOLERANCE_KM,
+                far,
+            )
+        ci = paired_bootstrap_ci(ref_hits, err[:, None] <= thresholds, resamples, seed)
+        out.append(
+            {
+                "name": s.name,
+                "source": s.source,
+                "n": len(s.ids),
+                "lacks": len(union) - len(s.ids),
+                "accuracy": accuracy_at(err),
+                "median_km": median_km(err),
+                "diff_ci": {k: [float(lo), float(hi)] for k, (lo, hi) in zip(KEYS, ci, strict=True)},
+            }
+        )
+    return {
+        "common_photos": len(common),
+        "systems": out,
+        "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95},
+    }
+
+
+def _aligned(s: System, common: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    where = {pid: i for i, pid in enumerate(s.ids)}
+    idx = np.fromiter((where[i] for i in common), np.int64, len(common))
+    return s.true_lat[idx], s.true_lon[idx], s.error_km[idx]
+
+
+def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
+    """The comparison as Markdown: accuracies (%) over the shared photos, then the differences from the first
+    system with their intervals, and what each system lacks."""
+    n, rows = result["common_photos"], result["systems"]
+    ref = rows[0]["name"]
+    lines = [
+        f"Accuracy (%) on the {n} photos all {len(rows)} systems share, and median error",
+        "",
+        "| system | photos | lacks | " + " | ".join(f"{k} km" for k in KEYS) + " | median km |",
+        "|---|---:|---:|" + "---:|" * (len(KEYS) + 1),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['n']} | {r['lacks']} | "
+            + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in KEYS)
+            + f" | {r['median_km']:.0f} |"
+        )
+    b = result["bootstrap"]
+    lines += [
+        "",
+        f"Difference from {ref} (percentage points; {100 * b['level']:.0f} % paired-bootstrap interval, "
+        f"{b['resamples']} resamples of the {n} photos, seed {b['seed']})",
+        "",
+        "| system | " + " | ".join(f"{k} km" for k in KEYS) + " |",
+        "|---|" + "---:|" * len(KEYS),
+    ]
+    for r in rows[1:]:
+        cells = [
+            f"{100 * (r['accuracy'][k] - rows[0]['accuracy'][k]):+.1f} "
+            f"[{100 * r['diff_ci'][k][0]:+.1f}, {100 * r['diff_ci'][k][1]:+.1f}]"
+            for k in KEYS
+        ]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    lacking = [r for r in rows if r["lacks"]]
+    lines += [
+        "",
+        (
+            "The systems' photo sets differ: "
+            + "; ".join(f"{r['name']} lacks {r['lacks']}" for r in lacking)
+            + f". Every figure above is over the {n} shared photos only."
+            if lacking
+            else f"Every system predicted the same {n} photos."
+        ),
+    ]
+    lines += [note for s, r in zip(systems, rows, strict=True) if (note := _summary_note(s, r, n))]
+    return "\n".join(lines)
+
+
+def _summary_note(s: System, row: dict[str, Any], n: int) -> str:
+    """Whether a file's own summary block agrees with the accuracies computed from its rows."""
+    if not s.summary:
+        return ""
+    published = [v for k, v in s.summary.items() if "acc" in k.lower()][: len(KEYS)]
+    shown = " / ".join(f"{100 * v:.1f}" for v in published)
+    if len(s.ids) != n:
+        return f"- {s.name}: its summary block ({shown} %) is over its own {len(s.ids)} photos, not the shared ones."
+    same = len(published) == len(KEYS) and all(
+        abs(v - row["accuracy"][k]) < 5e-6 for v, k in zip(published, KEYS, strict=True)
+    )
+    return f"- {s.name}: its own summary block ({shown} %) " + ("is reproduced." if same else "differs from its rows.")
+
+
+def plot(result: dict[str, Any], systems: Sequence[System], path: Path) -> None:
+    """Accuracy against distance over the shared photos, one line per system."""
+    common = set(systems[0].ids).intersection(*(s.ids for s in systems[1:]))
+    order = [i for i in systems[0].ids if i in common]
+    plot_accuracy(
+        [(s.name, _aligned(s, order)[2]) for s in systems],
+        path,
+        f"{result['common_photos']} photos shared by {len(systems)} systems",
+    )
+
+
+def write_comparison(
+    out: Path, systems: Sequence[System], resamples: int = 2000, seed: int = 0
+) -> tuple[dict[str, Any], str]:
+    """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``out``; the result and its Markdown."""
+    result = compare_systems(systems, resamples, seed)
+    text = markdown(result, systems)
+    storage.write_report(out / "compare.json", result, text)
+    plot(result, systems, out / "compare.png")
+    return result, text

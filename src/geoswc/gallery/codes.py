@@ -1,0 +1,243 @@
+"""How a gallery's embeddings are coded for search, and the FAISS inverted-file index that holds them by cell.
+
+The S2 cells are FAISS's inverted lists: searching within the chosen cell (or a few) is FAISS's own
+preassigned-list search, and the leakage guard is a FAISS ID selector. The codes are one of
+
+* ``flat``: the float16 vectors themselves (exact; 2 bytes a dimension),
+* ``sq8``: one byte a dimension (FAISS's per-dimension 8-bit scalar quantiser),
+* ``pq``: ``m`` bytes a vector (a product quantiser of ``m`` sub-vectors of 256 centroids each),
+* ``opq``: ``pq`` after a learned rotation that balances the sub-vectors.
+
+A quantiser's trained parameters are plain arrays (saved in safetensors by :mod:`geoswc.gallery.files`, never
+as a FAISS file), rebuilt into FAISS objects in memory. Every code is encoded from the vector alone (no residual
+against a cell centroid), so the lists need no coarse quantiser.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from geoswc.core.errors import InputError, building
+
+log = logging.getLogger(__name__)
+
+CODE_KINDS = ("flat", "sq8", "pq", "opq")
+PQ_CENTROIDS = 256
+"""Centroids of each product-quantiser sub-vector (8-bit codes)."""
+MIN_TRAIN_ROWS = PQ_CENTROIDS
+"""Fewest rows a quantiser trains on (FAISS advises 39 a centroid; fewer gives a warning, not an error)."""
+PARAM_NAMES = {"flat": (), "sq8": ("sq_trained",), "pq": ("pq_centroids",), "opq": ("opq_matrix", "pq_centroids")}
+"""The arrays each kind of codebook keeps."""
+
+
+def _faiss() -> Any:
+    import faiss  # imported on use: loading it costs ~0.2 s
+
+    return faiss
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """A trained coder of ``dim``-wide unit vectors into ``code_size`` bytes.
+
+    ``params`` by kind: ``sq8``: ``sq_trained (2 * dim,)`` (FAISS's per-dimension minimum and range);
+    ``pq``: ``pq_centroids (m, 256, dim / m)``; ``opq``: also ``opq_matrix (dim, dim)``, the rotation applied
+    before the product quantiser.
+    """
+
+    kind: str
+    dim: int
+    params: Mapping[str, NDArray[np.float32]]
+
+    @property
+    def m(self) -> int:
+        """Sub-vectors (bytes) of a product-quantiser code; 0 for the other kinds."""
+        return int(self.params["pq_centroids"].shape[0]) if "pq_centroids" in self.params else 0
+
+    @property
+    def code_size(self) -> int:
+        return {"flat": 2 * self.dim, "sq8": self.dim}.get(self.kind, self.m)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the codes' scores are the stored vectors' own (no re-ranking needed)."""
+        return self.kind == "flat"
+
+    def rotate(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """``x (b, dim)`` in the quantiser's space (``opq``'s rotation; the others keep it)."""
+        if self.kind != "opq":
+            return np.ascontiguousarray(x, np.float32)
+        return np.ascontiguousarray(x @ self.params["opq_matrix"].T, np.float32)
+
+    def encode(self, x: NDArray[np.floating]) -> NDArray[np.uint8]:
+        """Codes ``(b, code_size)`` of vectors ``x (b, dim)``."""
+        if self.kind == "flat":
+            return np.ascontiguousarray(x, np.float16).view(np.uint8).reshape(len(x), self.code_size)
+        coder = self._coder()
+        return coder.compute_codes(self.rotate(np.asarray(x, np.float32)))
+
+    def _coder(self) -> Any:
+        faiss = _faiss()
+        if self.kind == "sq8":
+            sq = faiss.ScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit)
+            faiss.copy_array_to_vector(np.ascontiguousarray(self.params["sq_trained"].ravel()), sq.trained)
+            return sq
+        pq = faiss.ProductQuantizer(self.dim, self.m, 8)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self.params["pq_centroids"].ravel()), pq.centroids)
+        return pq
+
+    def empty_ivf(self, nlist: int) -> Any:
+        """An empty FAISS inverted-file index of ``nlist`` lists for these codes (inner product, trained)."""
+        faiss = _faiss()
+        quantizer = faiss.IndexFlatIP(self.dim)  # never used: lists are preassigned (the cells)
+        if self.kind in ("flat", "sq8"):
+            qtype = faiss.ScalarQuantizer.QT_fp16 if self.kind == "flat" else faiss.ScalarQuantizer.QT_8bit
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, qtype, faiss.METRIC_INNER_PRODUCT, False)
+            if self.kind == "sq8":
+                faiss.copy_array_to_vector(np.ascontiguousarray(self.params["sq_trained"].ravel()), ivf.sq.trained)
+        else:
+            ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.m, 8, faiss.METRIC_INNER_PRODUCT)
+            ivf.by_residual = False
+            faiss.copy_array_to_vector(np.ascontiguousarray(self.params["pq_centroids"].ravel()), ivf.pq.centroids)
+        ivf.is_trained = True  # the FAISS wrapper keeps a reference to the quantizer
+        return ivf
+
+
+def check_codes(kind: str, dim: int, m: int) -> None:
+    """Refuse a kind of codes, or a ``pq``/``opq`` size, that cannot code ``dim``-wide vectors.
+
+    Raises:
+        InputError: naming the flag.
+    """
+    if kind not in CODE_KINDS:
+        raise InputError(f"--codes.kind must be one of {', '.join(CODE_KINDS)}, got {kind!r}")
+    if kind in ("pq", "opq") and not (1 <= m <= dim and dim % m == 0):
+        raise InputError(
+            f"--codes.pq_bytes must divide the embedding width {dim} (e.g. {_divisor_near(dim, m)}), got {m}"
+        )
+
+
+def _divisor_near(dim: int, m: int) -> int:
+    return min((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: (abs(d - m), d))
+
+
+def train_codebook(kind: str, sample: NDArray[np.floating], m: int = 0, seed: int = 0) -> Codebook:
+    """Train a codebook of ``kind`` on ``sample (n, dim)`` unit vectors (deterministic for a seed).
+
+    Args:
+        m: bytes of a ``pq``/``opq`` code (must divide ``dim``).
+    """
+    x = np.ascontiguousarray(sample, np.float32)
+    dim = int(x.shape[1])
+    check_codes(kind, dim, m)
+    if kind == "flat":
+        return Codebook(kind, dim, {})
+    if len(x) < MIN_TRAIN_ROWS:
+        raise InputError(
+            f"--codes.kind {kind} needs a gallery of at least {MIN_TRAIN_ROWS} photos to train its "
+            f"quantiser ({len(x)} given); use --codes.kind flat"
+        )
+    faiss = _faiss()
+    if kind == "sq8":
+        sq = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
+        sq.train(x)
+        return Codebook(kind, dim, {"sq_trained": faiss.vector_to_array(sq.trained).astype(np.float32)})
+    params: dict[str, NDArray[np.float32]] = {}
+    if kind == "opq":
+        opq, inner = faiss.OPQMatrix(dim, m), faiss.ProductQuantizer(dim, m, 8)
+        inner.cp.seed, inner.cp.min_points_per_centroid = seed, 1
+        opq.niter, opq.verbose, opq.pq = 25, False, inner
+        opq.train(x)
+        params["opq_matrix"] = faiss.vector_to_array(opq.A).astype(np.float32).reshape(dim, dim)
+        x = np.ascontiguousarray(x @ params["opq_matrix"].T, np.float32)
+    pq = faiss.ProductQuantizer(dim, m, 8)
+    pq.cp.seed, pq.cp.min_points_per_centroid = seed, 1  # small samples: our own warning below, not FAISS's
+    if len(x) < 39 * PQ_CENTROIDS:
+        log.warning(
+            "training a %d-byte product quantiser on %d vectors; %d or more give better codes",
+            m,
+            len(x),
+            39 * PQ_CENTROIDS,
+        )
+    pq.train(x)
+    params["pq_centroids"] = faiss.vector_to_array(pq.centroids).astype(np.float32).reshape(m, PQ_CENTROIDS, dim // m)
+    return Codebook(kind, dim, params)
+
+
+class CellLists:
+    """The gallery's codes in a FAISS inverted-file index whose lists are the cells.
+
+    Rows are grouped by cell: list ``c < num_cells`` holds rows ``offsets[c] .. offsets[c + 1] - 1``, and list
+    ``num_cells`` the rows before ``offsets[0]`` (photos in no cell). A label is the row number.
+
+    Args:
+        codebook: the codes' coder.
+        offsets: ``(num_cells + 1,)`` row offsets of the cells.
+        codes: ``codes(start, stop)`` returns the codes ``(stop - start, code_size)`` of rows ``[start, stop)``.
+    """
+
+    def __init__(
+        self, codebook: Codebook, offsets: NDArray[np.int64], codes: Callable[[int, int], NDArray[np.uint8]]
+    ) -> None:
+        self.codebook = codebook
+        self.num_cells = len(offsets) - 1
+        self.ivf = codebook.empty_ivf(self.num_cells + 1)
+        faiss = _faiss()
+        spans = [(int(offsets[c]), int(offsets[c + 1])) for c in range(self.num_cells)] + [(0, int(offsets[0]))]
+        total = int(sum(b - a for a, b in spans))
+        with building(f"FAISS lists of {total:,} {codebook.kind} codes ({codebook.code_size} bytes each)"):
+            for c, (a, b) in enumerate(spans):
+                if b > a:
+                    block = np.ascontiguousarray(codes(a, b), np.uint8)
+                    if block.shape != (b - a, codebook.code_size):
+                        raise ValueError(f"codes of rows {a}..{b} have shape {block.shape}")
+                    ids = np.arange(a, b, dtype=np.int64)
+                    self.ivf.invlists.add_entries(c, b - a, faiss.swig_ptr(ids), faiss.swig_ptr(block))
+        self.ivf.ntotal = total
+
+    def lists_of(self, cells: NDArray[np.int64] | None) -> NDArray[np.int64]:
+        """The lists to search: ``cells`` (unknown ones dropped), or every list (None: the whole gallery)."""
+        if cells is None:
+            return np.arange(self.num_cells + 1, dtype=np.int64)
+        cells = np.unique(np.asarray(cells, np.int64))
+        return cells[(cells >= 0) & (cells < self.num_cells)]
+
+    def search(
+        self, query: NDArray[np.float32], k: int, lists: NDArray[np.int64], exclude: NDArray[np.int64] | None = None
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """The ``k`` best rows of ``lists`` by the codes' inner product with ``query (dim,)``, best first.
+
+        Returns:
+            ``(rows (k',), scores (k',))``, ``k' <= k``; rows in ``exclude`` are never returned.
+        """
+        faiss = _faiss()
+        if k <= 0 or lists.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        q = self.codebook.rotate(query.reshape(1, -1))
+        assign = np.ascontiguousarray(lists.reshape(1, -1), np.int64)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(assign.shape[1])
+        if exclude is not None and exclude.size:
+            ex = np.ascontiguousarray(exclude, np.int64)
+            batch = faiss.IDSelectorBatch(len(ex), faiss.swig_ptr(ex))
+            params.sel = faiss.IDSelectorNot(batch)
+        scores, rows = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+        self.ivf.search_preassigned_c(
+            1,
+            faiss.swig_ptr(q),
+            k,
+            faiss.swig_ptr(assign),
+            faiss.swig_ptr(np.zeros(assign.shape, np.float32)),
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(rows),
+            False,
+            params,
+        )
+        found = rows[0] >= 0
+        return rows[0][found], scores[0][found]

@@ -1,0 +1,584 @@
+"""The gallery index on disk (a folder), format ``geoswc-index/2``:
+
+* ``index.safetensors``: float16 embeddings ``(N, D)`` with rows grouped by cell (CSR: ``cell_offsets``),
+  positions, cells, and lookup tables of the photos' ids and authors. It is memory-mapped, not read, so an
+  index of millions of photos opens in well under a second; a query reads only its cell's rows.
+* ``items.csv``: image id and author of each row, in row order (human-readable; rows read on demand).
+* ``codes.safetensors`` (coded indexes: ``sq8``, ``pq``, ``opq``): the FAISS codes ``(N, code_size)`` in row order,
+  the quantiser's trained arrays, and a 64-bit BLAKE2b digest of each embedding row.
+* ``thumbnails.bin`` and ``thumbnails.safetensors`` (``geoswc index --thumbnails N``): a small JPEG per photo,
+  each checked against its own digest when read (:mod:`geoswc.gallery.thumbnails`).
+* ``index.json``: format, the gallery's identity (model and cell-table fingerprints), the codes' and thumbnails'
+  settings, and checksums: the sha256 of ``items.csv``, of ``codes.safetensors``, of ``thumbnails.safetensors``
+  and of every 64 MiB block of ``index.safetensors``, and a seal over its own fields. ``index.json`` is written
+  last: its presence marks a whole index.
+
+Every file is verified before FAISS or a search reads it. At load: everything but the embeddings, and the whole
+of ``codes.safetensors`` (FAISS copies the codes into its inverted lists). A ``flat`` index copies the
+embeddings themselves into FAISS, so they are verified at load too; a coded index re-scores a few rows a
+query from the memory-mapped embeddings, each verified against its row digest the first time it is read.
+An index written before codes existed has no ``codes`` entry and is ``flat``.
+
+:class:`GalleryWriter` streams: it takes chunks, stages each sorted by cell, and compacts them into the final
+layout at the end, so a gallery is never whole in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+
+from geoswc.core import storage
+from geoswc.core.config import GalleryCodes, to_dict
+from geoswc.core.errors import ArtifactError, InputError, building
+from geoswc.core.item_lines import ItemColumn, item_line
+from geoswc.core.progress import progress_bar
+from geoswc.gallery.codes import PARAM_NAMES, CellLists, Codebook, check_codes, train_codebook
+from geoswc.gallery.search import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
+from geoswc.gallery.thumbnails import Thumbnails, ThumbnailSettings, ThumbnailWriter, remove_files
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "geoswc-index/2"
+BLOCK_BYTES = 64 << 20
+"""Checksum granularity of ``index.safetensors``."""
+EAGER_VERIFY_BYTES = 512 << 20
+"""Files up to this size are verified completely at load."""
+PREFETCH_GAP_BYTES = 64 << 10
+"""Rows to re-score that lie this close in the file are prefetched in one request (with the rows between)."""
+CODES_FILE = "codes.safetensors"
+_ITEMS_HEADER = b"image,author\n"
+_META_KEYS = (
+    "model_fingerprint",
+    "cells_fingerprint",
+    "num_cells",
+    "size",
+    "dim",
+    "max_norm",
+    "tensors",
+    "items_sha256",
+    storage.SEAL_KEY,
+)
+
+
+def _ceil6(x: float) -> float:
+    """``x`` rounded up to 6 decimals: a short number in ``index.json`` (every digit matters to its seal), and
+    never below the true value (the search margin scales with it)."""
+    return math.ceil(x * 1e6) / 1e6
+
+
+class _BlockRows:
+    """Checks embedding rows through the file's block checksums (the gallery's :class:`RowChecker`)."""
+
+    def __init__(self, embeddings: NDArray[np.float16], blocks: storage.BlockChecksums, row0: int) -> None:
+        self.embeddings, self.blocks, self.row0 = embeddings, blocks, row0
+        self.row_bytes = embeddings.shape[1] * embeddings.itemsize
+
+    def span(self, start: int, stop: int) -> None:
+        self.blocks.check(self.row0 + start * self.row_bytes, self.row0 + stop * self.row_bytes)
+
+    def gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
+        size = self.blocks.block_bytes
+        first = (self.row0 + rows * self.row_bytes) // size
+        last = (self.row0 + (rows + 1) * self.row_bytes - 1) // size
+        for b in np.unique(np.concatenate([first, last])):
+            self.blocks.check(int(b) * size, int(b) * size + 1)
+        return self.embeddings[rows]
+
+
+def load_gallery(folder: str | Path, verify: bool = False) -> Gallery:
+    """Open an index folder (memory-mapped). Whether it fits a model is :func:`geoswc.models.compat.check` 's call.
+
+    Args:
+        verify: check every embedding block now instead of on first use.
+
+    Raises:
+        ArtifactError: a missing, truncated or changed file, or an unknown format.
+    """
+    folder = Path(folder)
+    meta = storage.read_record(
+        folder / "index.json", "gallery index", INDEX_FORMAT, _META_KEYS, "rebuild it with `geoswc index`"
+    )
+    try:
+        return _open(folder, meta, verify)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ArtifactError(f"gallery index {folder} is incomplete or inconsistent ({e}); rebuild it") from e
+
+
+def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
+    path, tinfo = folder / "index.safetensors", meta["tensors"]
+    if not path.is_file():
+        raise ArtifactError(f"gallery index tensors not found: {path} is missing")
+    size = path.stat().st_size
+    if size != int(tinfo["bytes"]):
+        raise ArtifactError(
+            f"gallery index tensors {path} are truncated or were changed ({size} bytes, "
+            f"{tinfo['bytes']} expected); rebuild the index or restore the original file"
+        )
+    data = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+    blocks = storage.BlockChecksums(path, data, int(tinfo["block_bytes"]), list(tinfo["block_sha256"]))
+    n_head = storage.header_length(data)
+    blocks.check(0, 8 + n_head)
+    header, base = storage.safetensors_header(bytes(data[: 8 + n_head]), size)
+    t = {name: storage.tensor_view(data, spec, base) for name, spec in header.items()}
+    row0 = base + int(header["embeddings"]["data_offsets"][0])
+    blocks.check(0, row0)  # everything but the embeddings
+    codes = dict(meta.get("codes", {"kind": "flat"}))
+    if verify or size <= EAGER_VERIFY_BYTES or codes["kind"] == "flat":  # flat: FAISS copies the embeddings
+        blocks.check_all()
+    items = _items(folder, meta)
+    n, dim = int(meta["size"]), int(meta["dim"])
+    if (
+        t["embeddings"].shape != (n, dim)
+        or len(t["cell_offsets"]) != int(meta["num_cells"]) + 1
+        or len(t["item_offsets"]) != n + 1
+        or (n and int(t["item_offsets"][-1]) != len(items))
+    ):
+        raise ArtifactError(f"gallery index {folder} is inconsistent with its index.json; rebuild it")
+    identity = GalleryIdentity(str(meta["model_fingerprint"]), str(meta["cells_fingerprint"]), int(meta["num_cells"]))
+    thumbs = Thumbnails.open(folder, meta["thumbnails"], n) if "thumbnails" in meta else None
+    offsets = np.asarray(t["cell_offsets"], np.int64)
+    if codes["kind"] == "flat":  # the codes are the embeddings: read (verified above), not mapped
+        lists = CellLists(Codebook("flat", dim, {}), offsets, lambda a, b: _read_rows(path, row0, 2 * dim, a, b))
+        checker: _BlockRows | _RowDigests = _BlockRows(t["embeddings"], blocks, row0)
+    else:
+        codebook, code0, digests = _read_codes(folder, codes, n, dim)
+        size = codebook.code_size
+        lists = CellLists(codebook, offsets, lambda a, b: _read_rows(folder / CODES_FILE, code0, size, a, b))
+        checker = (
+            _BlockRows(t["embeddings"], blocks, row0)
+            if blocks.verified
+            else _RowDigests(t["embeddings"], digests, path, row0)
+        )
+    return Gallery(
+        t["embeddings"],
+        t["lat"],
+        t["lon"],
+        t["cell"],
+        ItemColumn(items, t["item_offsets"], 0),
+        ItemColumn(items, t["item_offsets"], 1),
+        identity,
+        offsets,
+        (t["name_keys"], t["name_rows"]),
+        (t["author_keys"], t["author_rows"]),
+        lists,
+        int(codes.get("rerank", GalleryCodes().rerank)),
+        checker,
+        str(folder),
+        thumbs,
+    )
+
+
+def _read_rows(path: Path, row0: int, row_bytes: int, a: int, b: int) -> NDArray[np.uint8]:
+    """Rows ``[a, b)`` of a table of ``row_bytes``-byte rows starting at byte ``row0`` of a file, as ``(b - a,
+    row_bytes)`` bytes."""
+    return np.frombuffer(storage.read_span(path, row0 + a * row_bytes, row0 + b * row_bytes), np.uint8).reshape(
+        b - a, row_bytes
+    )
+
+
+def _read_codes(folder: Path, codes: dict[str, Any], n: int, dim: int) -> tuple[Codebook, int, NDArray[np.uint64]]:
+    """The codebook, the byte offset of the codes ``(n, code_size)`` and the row digests ``(n,)`` of a coded
+    index, after checking the whole of ``codes.safetensors`` against its recorded sha256 (before FAISS reads a
+    byte of it)."""
+    path = folder / CODES_FILE
+    if not path.is_file():
+        raise ArtifactError(f"gallery index {folder} lacks {CODES_FILE}; rebuild it")
+    if path.stat().st_size != int(codes["bytes"]) or storage.sha256_file(path) != codes["sha256"]:
+        raise ArtifactError(
+            f"gallery index {path} is damaged or was changed; rebuild the index or restore the original file"
+        )
+    check_codes(str(codes["kind"]), dim, int(codes.get("pq_bytes", 0)))
+    data = np.memmap(path, np.uint8, mode="r")
+    header, base = storage.safetensors_header(bytes(data[: 8 + storage.header_length(data)]), len(data))
+    t = {name: storage.tensor_view(data, spec, base) for name, spec in header.items()}
+    codebook = Codebook(str(codes["kind"]), dim, {k: np.array(t[k], np.float32) for k in PARAM_NAMES[codes["kind"]]})
+    shapes = {
+        "sq_trained": (2 * dim,),
+        "opq_matrix": (dim, dim),
+        "pq_centroids": (codebook.m, 256, dim // max(codebook.m, 1)),
+    }
+    if (
+        any(v.shape != shapes[k] for k, v in codebook.params.items())
+        or t["codes"].shape != (n, codebook.code_size)
+        or t["row_blake2b"].shape != (n,)
+    ):
+        raise ArtifactError(f"gallery index {path} does not fit its index.json; rebuild the index")
+    return codebook, base + int(header["codes"]["data_offsets"][0]), t["row_blake2b"]
+
+
+def row_digest(row: NDArray[np.float16]) -> int:
+    """64-bit BLAKE2b of one embedding row's bytes (what :class:`_RowDigests` checks)."""
+    return int.from_bytes(
+        hashlib.blake2b(memoryview(np.ascontiguousarray(row)).cast("B"), digest_size=8).digest(), "little"
+    )
+
+
+class _RowDigests:
+    """Checks embedding rows against their row digests, each row once (a coded index's :class:`RowChecker`).
+
+    Rows not yet checked are also the ones whose pages this process has not read: their span of the file is
+    prefetched in one request before they are gathered (see :func:`geoswc.core.storage.prefetch`).
+
+    Args:
+        embeddings: ``(N, D)`` float16, memory-mapped from ``path``, row ``r`` at byte ``row0 + r * 2 * D``.
+        digests: ``(N,)`` each row's :func:`row_digest`.
+    """
+
+    def __init__(self, embeddings: NDArray[np.float16], digests: NDArray[np.uint64], path: Path, row0: int) -> None:
+        self.embeddings, self.digests, self.path, self.row0 = embeddings, digests, path, row0
+        self.row_bytes = embeddings.shape[1] * embeddings.itemsize
+        self._done = np.zeros(len(digests), bool)
+        self._lock = threading.Lock()
+
+    def span(self, start: int, stop: int) -> None:
+        self.gather(np.arange(start, stop, dtype=np.int64))
+
+    def _runs(self, rows: NDArray[np.int64]) -> list[tuple[int, int]]:
+        """The byte spans of the runs of sorted ``rows`` that lie within :data:`PREFETCH_GAP_BYTES` of each other
+        (the rows of a cell: one span; rows spread over the file: many), runs of one row left to the page fault."""
+        gap = max(1, PREFETCH_GAP_BYTES // self.row_bytes)
+        cut = np.flatnonzero(np.diff(rows) > gap) + 1
+        first, last = rows[np.r_[0, cut]], rows[np.r_[cut - 1, len(rows) - 1]]
+        return [
+            (self.row0 + int(a) * self.row_bytes, self.row0 + (int(b) + 1) * self.row_bytes)
+            for a, b in zip(first, last, strict=True)
+            if b > a
+        ]
+
+    def gather(self, rows: NDArray[np.int64]) -> NDArray[np.float16]:
+        """The rows, gathered once; those not checked before are checked on that copy (the bytes used are the
+        bytes checked), after their file spans are prefetched."""
+        new = ~self._done[rows]
+        if new.any():
+            storage.prefetch(self.path, self._runs(np.sort(rows[new])))
+        block = np.ascontiguousarray(self.embeddings[rows]).view(np.ndarray)  # one gather, not a memmap lookup a row
+        if not new.any():
+            return block
+        todo = rows[new]
+        got = np.fromiter((row_digest(row) for row in block[new]), np.uint64, len(todo))
+        bad = np.flatnonzero(got != np.asarray(self.digests[todo], np.uint64))
+        if bad.size:
+            raise ArtifactError(
+                f"a gallery index's embeddings are damaged or were changed (row {int(todo[bad[0]])} "
+                "fails its digest); rebuild the index or restore the original file"
+            )
+        with self._lock:
+            self._done[todo] = True
+        return block
+
+
+def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
+    path = folder / "items.csv"
+    if not path.is_file():
+        raise ArtifactError(f"gallery index {folder} lacks items.csv; rebuild it")
+    if storage.sha256_file(path) != meta["items_sha256"]:
+        raise ArtifactError(f"gallery index {path} is damaged or was changed; rebuild the index")
+    return np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+
+
+def save_gallery(gallery: Gallery, folder: str | Path, codes: GalleryCodes = GalleryCodes()) -> None:
+    """Write a gallery (in memory or loaded) as an index folder, streamed in chunks (its thumbnails too)."""
+    t = gallery.thumbnails
+    with GalleryWriter(folder, gallery.dim, gallery.identity, codes, t.settings if t is not None else None) as w:
+        for s in range(0, len(gallery), CHUNK_ROWS):
+            e = min(len(gallery), s + CHUNK_ROWS)
+            w.add(
+                gallery.rows_view(s, e),
+                gallery.lat[s:e],
+                gallery.lon[s:e],
+                gallery.cell[s:e],
+                list(gallery.names[s:e]),
+                list(gallery.authors[s:e]),
+                [t.get(r) for r in range(s, e)] if t is not None else None,
+            )
+        w.finish()
+
+
+class GalleryWriter:
+    """Streams a gallery into an index folder without holding its embeddings in memory.
+
+    Each :meth:`add` appends a chunk, sorted by cell, to a staging folder inside ``folder``; :meth:`finish`
+    compacts the chunks into the cell-grouped layout (sequential copies of contiguous slices), writes
+    ``index.safetensors`` and ``items.csv`` atomically, then ``index.json``. Coded indexes first train their
+    quantiser on a sample of the staged rows, then code the rows as they are compacted (``codes.safetensors``).
+    Memory use is about 70 bytes per photo (positions, cells, id hashes, row digests) plus one chunk and the
+    training sample.
+
+    Args:
+        folder: the index folder to write.
+        dim: embedding width D.
+        identity: the model and cell table of the gallery.
+        codes: how FAISS codes the embeddings.
+        thumbnails: store a thumbnail per photo (each :meth:`add` then gives them), made with these settings.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        dim: int,
+        identity: GalleryIdentity,
+        codes: GalleryCodes = GalleryCodes(),
+        thumbnails: ThumbnailSettings | None = None,
+    ) -> None:
+        check_codes(codes.kind, int(dim), codes.pq_bytes)
+        self.folder = storage.ensure_dir(folder)
+        self.dim, self.identity, self.codes = int(dim), identity, codes
+        self._stage = storage.Staging(
+            self.folder, "embeddings.bin", "items.bin", *(["thumbnails.bin"] if thumbnails is not None else [])
+        )
+        self._staging = self._stage.path
+        self._emb, self._items = self._stage.files["embeddings.bin"], self._stage.files["items.bin"]
+        self._cols: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("lat", "lon", "cell", "line_len", "name_key", "author_key")
+        }
+        self._max_norm = 0.0
+        self.size = 0
+        self._thumbs = None if thumbnails is None else ThumbnailWriter(self._stage.files["thumbnails.bin"], thumbnails)
+
+    def add(
+        self,
+        embeddings: ArrayLike | torch.Tensor,
+        lat: ArrayLike,
+        lon: ArrayLike,
+        cell: ArrayLike,
+        names: Sequence[str],
+        authors: Sequence[str],
+        thumbnails: Sequence[bytes | None] | None = None,
+    ) -> None:
+        """Append ``b`` photos: unit embeddings ``(b, D)``, positions and cells ``(b,)``, ids and authors, and
+        (a writer with thumbnails) their JPEG thumbnails (None: that photo has none)."""
+        emb = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+        cell = np.asarray(cell, np.int64)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise InputError(f"gallery embeddings must be (b, {self.dim}), got {emb.shape}")
+        if not len(emb) == len(lat) == len(lon) == len(cell) == len(names) == len(authors):
+            raise InputError("gallery chunk arrays have different lengths")
+        if (self._thumbs is not None) != (thumbnails is not None) or (
+            thumbnails is not None and len(thumbnails) != len(cell)
+        ):
+            raise InputError("give a thumbnail (or None) for each photo exactly when the writer stores thumbnails")
+        if len(cell) and (cell.min() < -1 or cell.max() >= self.identity.num_cells):
+            raise InputError(f"gallery cells must lie in [-1, {self.identity.num_cells})")
+        order = np.argsort(cell, kind="stable")
+        emb16 = np.ascontiguousarray(emb[order], dtype=np.float16)
+        if len(cell):
+            norms = torch.linalg.vector_norm(torch.from_numpy(emb16), dim=1, dtype=torch.float32)
+            self._max_norm = max(self._max_norm, float(norms.max()))
+        self._emb.write(memoryview(emb16).cast("B"))
+        if self._thumbs is not None:
+            self._thumbs.add([thumbnails[i] for i in order])  # type: ignore[index]
+        lines = [item_line((names[i], authors[i])) for i in order]
+        self._items.write(b"".join(lines))
+        c = self._cols
+        c["lat"].append(np.asarray(lat, np.float64)[order])
+        c["lon"].append(np.asarray(lon, np.float64)[order])
+        c["cell"].append(cell[order].astype(np.int32))
+        c["line_len"].append(np.array([len(x) for x in lines], np.int64))
+        c["name_key"].append(np.array([item_key(names[i]) for i in order], np.uint64))
+        c["author_key"].append(np.array([item_key(authors[i]) if authors[i] else 0 for i in order], np.uint64))
+        self.size += len(cell)
+
+    def _columns(self) -> dict[str, np.ndarray]:
+        dtypes = {"lat": np.float64, "lon": np.float64, "cell": np.int32}
+        return {k: np.concatenate(v) if v else np.zeros(0, dtypes.get(k, np.int64)) for k, v in self._cols.items()}
+
+    def finish(self) -> None:
+        """Compact the chunks and write the index folder."""
+        with building(f"the gallery index of {self.size:,} photos"):
+            self._finish()
+
+    def _finish(self) -> None:
+        self._stage.close()
+        col = self._columns()
+        perm = np.argsort(col["cell"], kind="stable")  # the chunks are sorted: perm is a few long runs
+        runs = (
+            [(int(r[0]), int(r[-1]) + 1) for r in np.split(perm, np.flatnonzero(np.diff(perm) != 1) + 1)]
+            if self.size
+            else []
+        )
+        cell = col["cell"][perm]
+        akeys = col["author_key"][perm]
+        name_keys, name_rows = lookup_table(col["name_key"][perm])
+        author_keys, author_rows = lookup_table(akeys, akeys != 0)
+        small = {  # 8-byte types first, then int32, then the float16 embeddings: every tensor aligned
+            "lat": col["lat"][perm],
+            "lon": col["lon"][perm],
+            "cell_offsets": np.searchsorted(cell, np.arange(self.identity.num_cells + 1)).astype(np.int64),
+            "item_offsets": len(_ITEMS_HEADER)
+            + np.concatenate([[0], np.cumsum(col["line_len"][perm])]).astype(np.int64),
+            "name_keys": name_keys,
+            "name_rows": name_rows,
+            "author_keys": author_keys,
+            "author_rows": author_rows,
+            "cell": cell,
+        }
+        with contextlib.ExitStack() as stack:
+            sink = None
+            if self.codes.kind != "flat":
+                sink = stack.enter_context(_CodesWriter(self.folder / CODES_FILE, self._train(perm), self.size))
+            tensors = self._write_tensors(small, runs, sink)
+        line_start = np.concatenate([[0], np.cumsum(col["line_len"])])
+        items_sha = self._write_items([(int(line_start[a]), int(line_start[b])) for a, b in runs])
+        meta = {
+            "format": INDEX_FORMAT,
+            "model_fingerprint": self.identity.model_fingerprint,
+            "cells_fingerprint": self.identity.cells_fingerprint,
+            "num_cells": self.identity.num_cells,
+            "size": self.size,
+            "dim": self.dim,
+            "max_norm": _ceil6(self._max_norm or 1.0),
+            "tensors": tensors,
+            "items_sha256": items_sha,
+            "codes": {**to_dict(self.codes), **(sink.record if sink else {})},
+        }
+        if sink is None:
+            (self.folder / CODES_FILE).unlink(missing_ok=True)  # a coded index's, rebuilt flat
+        if self._thumbs is not None:
+            meta["thumbnails"] = self._thumbs.finish(self.folder, perm)
+        else:
+            remove_files(self.folder)  # an earlier build's, rebuilt without
+        storage.write_json(self.folder / "index.json", storage.seal(meta))  # last: its presence marks a whole index
+        self.abort()
+
+    def _train(self, perm: NDArray[np.int64]) -> Codebook:
+        """The quantiser, trained on up to ``codes.train_rows`` rows drawn at random (seeded) from the final row
+        order (``perm``: final row -> staged row), so that how the rows were chunked does not matter."""
+        rng = np.random.default_rng(self.codes.seed)
+        n = self.size
+        pick = (
+            perm[np.sort(rng.choice(n, size=min(n, self.codes.train_rows), replace=False))]
+            if n
+            else np.zeros(0, np.int64)
+        )
+        src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, self.dim)) if n else None
+        sample = np.asarray(src[pick], np.float32) if src is not None else np.zeros((0, self.dim), np.float32)
+        del src
+        log.info("training %s codes on %d of %d rows", self.codes.kind, len(sample), n)
+        return train_codebook(self.codes.kind, sample, self.codes.pq_bytes, self.codes.seed)
+
+    def _write_tensors(
+        self, small: dict[str, np.ndarray], runs: list[tuple[int, int]], sink: _CodesWriter | None
+    ) -> dict[str, Any]:
+        """``index.safetensors``: the small tensors, then the embeddings copied run by run from staging."""
+        specs: dict[str, Any] = {}
+        pos = 0
+        for name, arr in small.items():
+            specs[name] = {
+                "dtype": storage.safetensors_dtype(arr.dtype),
+                "shape": list(arr.shape),
+                "data_offsets": [pos, pos + arr.nbytes],
+            }
+            pos += arr.nbytes
+        n, d = self.size, self.dim
+        specs["embeddings"] = {"dtype": "F16", "shape": [n, d], "data_offsets": [pos, pos + n * d * 2]}
+        specs["__metadata__"] = {"format": INDEX_FORMAT}
+        header = json.dumps(specs, separators=(",", ":")).encode("utf-8")
+        header += b" " * (-(8 + len(header)) % 64)
+        with storage.atomic_writer(self.folder / "index.safetensors") as raw:
+            out = storage.HashingWriter(raw, BLOCK_BYTES)
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            for arr in small.values():
+                out.write(arr)
+            src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, d)) if n else None
+            with progress_bar(total=n, desc="writing index", unit="row", show=n > CHUNK_ROWS) as bar:
+                for a, b in runs:
+                    for s in range(a, b, CHUNK_ROWS):
+                        chunk = np.asarray(src[s : min(b, s + CHUNK_ROWS)])  # type: ignore[index]
+                        out.write(chunk)
+                        if sink is not None:
+                            sink.add(chunk)
+                        bar.update(len(chunk))
+            del src
+        return {
+            "bytes": out.size,
+            "sha256": out.whole.hexdigest(),
+            "block_bytes": BLOCK_BYTES,
+            "block_sha256": out.block_digests(),
+        }
+
+    def _write_items(self, byte_runs: list[tuple[int, int]]) -> str:
+        """``items.csv`` in row order; returns its sha256."""
+        with storage.atomic_writer(self.folder / "items.csv") as raw:
+            out = storage.HashingWriter(raw, BLOCK_BYTES)
+            out.write(_ITEMS_HEADER)
+            src = np.memmap(self._staging / "items.bin", np.uint8, mode="r") if byte_runs else None
+            for a, b in byte_runs:
+                out.write(np.asarray(src[a:b]))  # type: ignore[index]
+            del src
+        return out.whole.hexdigest()
+
+    def abort(self) -> None:
+        """Remove the staging files (after :meth:`finish`, or to give up)."""
+        self._stage.remove()
+
+    def __enter__(self) -> GalleryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class _CodesWriter:
+    """Writes ``codes.safetensors`` as rows stream in (final row order): the quantiser's arrays, the codes and
+    the row digests (kept in memory, 8 bytes a row, and written last)."""
+
+    def __init__(self, path: Path, codebook: Codebook, n: int) -> None:
+        self.path, self.codebook, self.n = path, codebook, n
+        self.digests = np.zeros(n, np.uint64)
+        self.done = 0
+        self.record: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _CodesWriter:
+        specs: dict[str, Any] = {}
+        pos = 0
+        parts = [(k, v.dtype, v.shape) for k, v in self.codebook.params.items()]
+        parts += [
+            ("codes", np.dtype(np.uint8), (self.n, self.codebook.code_size)),
+            ("row_blake2b", np.dtype(np.uint64), (self.n,)),
+        ]
+        for name, dtype, shape in parts:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            specs[name] = {
+                "dtype": storage.safetensors_dtype(dtype),
+                "shape": list(shape),
+                "data_offsets": [pos, pos + nbytes],
+            }
+            pos += nbytes
+        header = json.dumps(specs, separators=(",", ":")).encode("utf-8")
+        header += b" " * (-(8 + len(header)) % 64)
+        self.out = storage.HashingWriter(self._stack.enter_context(storage.atomic_writer(self.path)), BLOCK_BYTES)
+        self.out.write(len(header).to_bytes(8, "little"))
+        self.out.write(header)
+        for v in self.codebook.params.values():
+            self.out.write(np.ascontiguousarray(v))
+        return self
+
+    def add(self, rows: NDArray[np.float16]) -> None:
+        """Code and digest the next rows ``(b, D)``."""
+        self.out.write(self.codebook.encode(rows.astype(np.float32)))
+        self.digests[self.done : self.done + len(rows)] = [row_digest(r) for r in rows]
+        self.done += len(rows)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                if self.done != self.n:
+                    raise ArtifactError(f"coded {self.done} of {self.n} gallery rows")
+                self.out.write(self.digests)
+                self.record = {"bytes": self.out.size, "sha256": self.out.whole.hexdigest()}
+        finally:
+            self._stack.__exit__(*exc)  # type: ignore[arg-type]

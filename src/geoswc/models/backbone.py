@@ -1,0 +1,63 @@
+"""The backbone registry's public face: every family registered (EfficientNet, and CLIP, DINOv2 and SigLIP through
+Hugging Face ``transformers``), :func:`create_backbone`, the registry's default configs, and
+:class:`BackboneChoice` (the ``--backbone.*`` flags).
+
+Each entry carries its preprocessing, which is stored with every model built on it (timm's ``pretrained_cfg``
+idea); see :mod:`geoswc.models.registry` for the types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from geoswc.core.config import BackboneConfig, Preprocess
+from geoswc.models import efficientnet, hf_backbones
+from geoswc.models.registry import BUILDERS, TrunkBackbone, get_spec
+
+FAMILIES = (efficientnet.__name__, hf_backbones.__name__)
+"""The modules whose import fills the registry."""
+
+
+def default_config(
+    name: str = "efficientnet-lite0", image_size: int | None = None, resize: str | None = None
+) -> BackboneConfig:
+    """The registry's config for ``name``, optionally at another input size or resize policy (default: the
+    backbone's own)."""
+    spec = get_spec(name)
+    pre = Preprocess(image_size or spec.image_size, spec.mean, spec.std, resize or spec.resize)  # type: ignore[arg-type]
+    return BackboneConfig(name=name, weights="default", feature_dim=spec.feature_dim, preprocess=pre)
+
+
+def create_backbone(cfg: BackboneConfig, load_weights: bool = True) -> tuple[TrunkBackbone, BackboneConfig]:
+    """Build a backbone and its resolved config (feature width, weights digest filled in).
+
+    Args:
+        cfg: which backbone, weights and preprocessing.
+        load_weights: False builds the architecture only (the caller loads fine-tuned weights).
+    """
+    spec = get_spec(cfg.name)
+    return BUILDERS[spec.family].build(spec, cfg, load_weights)
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """Which registry backbone extracts features, at which input size (see ``geoswc backbones``)."""
+
+    name: str = "efficientnet-lite0"
+    """A registry name (``geoswc backbones`` lists them)."""
+    weights: str = "default"
+    """``default`` (the registry's pretrained weights: from a wheel, downloaded, or the Hugging Face cache),
+    ``none`` (random), a local state-dict file (EfficientNets) or a folder holding a saved Hugging Face model
+    (CLIP, DINOv2, SigLIP: offline use)."""
+    image_size: int | None = None
+    """Input side in pixels (default: the backbone's own)."""
+    resize: Literal["center_crop", "squash"] | None = None
+    """``center_crop`` (shorter side to the size, then the central square) or ``squash`` (whole image);
+    default: the policy the backbone was trained with (``squash`` for SigLIP, else ``center_crop``)."""
+
+    def resolve(self) -> BackboneConfig:
+        """The backbone config (registry preprocessing, this size and weights); the digest and width are
+        filled in when the backbone is created."""
+        return dataclasses.replace(default_config(self.name, self.image_size, self.resize), weights=self.weights)
