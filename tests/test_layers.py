@@ -44,7 +44,7 @@ def module_name(path: Path) -> str:
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in RANK and parts[1]) else ""
+    return parts[1] if len(parts) > 1 and parts[1] in RANK else ""
 
 
 def resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:

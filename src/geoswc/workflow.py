@@ -753,7 +753,7 @@ def backbones() -> list[BackboneSpec]:
     """List the backbones: family, feature width, input size and resize policy, parameters, pooled output, and
     where their weights come from (CLIP, DINOv2 and SigLIP need ``pip install 'geoswc[hf]'``)."""
     log.info(
-        "%-20s %-12s %6s %6s %-11s %8s  %-38s %s",
+        "%-20s %-17s %6s %6s %-11s %8s  %-38s %s",
         "name",
         "family",
         "dim",
@@ -766,7 +766,7 @@ def backbones() -> list[BackboneSpec]:
     for _, spec in registry.REGISTRY.items():
         pooled = registry.BUILDERS[spec.family].pooled
         log.info(
-            "%-20s %-12s %4d-d %3d px %-11s %7.1fM  %-38s %s",
+            "%-20s %-17s %4d-d %3d px %-11s %7.1fM  %-38s %s",
             spec.name,
             spec.family,
             spec.feature_dim,

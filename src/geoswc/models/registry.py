@@ -73,7 +73,8 @@ class BackboneSpec:
     weights_source: WeightsSource
     """Where the default weights come from."""
     family: str = "efficientnet"
-    """The family whose builder makes it: ``efficientnet``, ``clip``, ``dinov2`` or ``siglip``."""
+    """The family whose builder makes it: ``efficientnet``, ``efficientnet-lite``, ``clip``, ``dinov2`` or
+    ``siglip``."""
     resize: str = "center_crop"
     """The resize policy the weights were trained with (the default of ``--backbone.resize``)."""
     params_m: float = 0.0
