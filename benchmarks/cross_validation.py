@@ -42,7 +42,6 @@ from geoswc.evaluation.crossfit import OutOfFold, calibration_report, fold_locat
 from geoswc.evaluation.evaluate import MethodResult
 from geoswc.evaluation.metrics import accuracy_at, errors_km, median_km
 from geoswc.geo.cells import CellTable
-from geoswc.prediction.geolocator import Geolocator
 from geoswc.prediction.swc import select_cell
 from geoswc.recipes import Recipe
 from geoswc.training.features import FeatureSet
@@ -154,7 +153,7 @@ def fold_errors(
         "classification": train_args["search"],
         "retrieval": train_args["search"],
     }.items():
-        geo = Geolocator(fitted.model, fitted.gallery, search)
+        geo = fitted.with_settings(search=search)
         preds = geo.predict_features(test.features[:, 0], name.split()[0], names=test.names)  # type: ignore[arg-type]
         if keep is not None:
             keep[name] = preds

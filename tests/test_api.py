@@ -1,5 +1,6 @@
 """The Python API on the tiny model: every input kind, the methods, the leakage guard, the fallback."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -10,6 +11,8 @@ from PIL import Image
 from geoswc import Geolocator
 from geoswc.core.errors import ImageError, InputError
 from geoswc.core.sphere import haversine_km
+from geoswc.data.images import ImageLimits
+from geoswc.prediction.calibration import LocalizableRule
 from geoswc.prediction.geolocator import LocateFailure
 from geoswc.training.features import FeatureSet
 
@@ -102,8 +105,7 @@ def test_empty_cell_falls_back_to_centroid(geo, tiny_workspace):
 
 
 def test_no_gallery_only_classification(tiny_workspace):
-    geo = Geolocator.load(tiny_workspace["model"], index_dir=None)
-    geo.gallery = None
+    geo = Geolocator(Geolocator.load(tiny_workspace["model"], index_dir=None).model)
     with pytest.raises(InputError, match="needs a gallery"):
         geo.predict_features(torch.zeros(1, 1280), "swc")
     assert geo.predict_features(torch.zeros(1, 1280), "classification")[0].cell
@@ -124,3 +126,17 @@ def test_without_a_backbone_only_features_can_be_located(tiny_workspace, tmp_pat
             call()
     fs = FeatureSet.load(tiny_workspace["features"])
     assert len(geo.predict_features(fs.features[:2, 0].float(), "classification")) == 2
+
+
+def test_settings_are_read_only_and_with_settings_makes_another(tiny_workspace):
+    """Search, rule and limits are given when a locator is made; another locator shares the model and gallery."""
+    geo = Geolocator.load(tiny_workspace["model"])
+    for name in ("search", "rule", "limits", "gallery", "model", "calibrator"):
+        with pytest.raises(AttributeError):
+            setattr(geo, name, getattr(geo, name))
+    search = dataclasses.replace(geo.search, k=geo.search.k + 1)
+    limits = ImageLimits(max_bytes=1 << 20)
+    other = geo.with_settings(search=search, limits=limits, rule=LocalizableRule(within_km=25.0))
+    assert (other.search, other.limits, other.rule.within_km) == (search, limits, 25.0)
+    assert geo.search.k == search.k - 1 and geo.limits != limits and geo.rule.within_km != 25.0
+    assert other.model is geo.model and other.gallery is geo.gallery and other.calibrator is geo.calibrator

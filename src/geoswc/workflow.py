@@ -94,7 +94,7 @@ def _geotagged(data: Photos) -> list[Record]:
 
 def _load_geolocator(
     model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig, abstain: Abstention = Abstention()
-) -> Any:
+) -> Geolocator:
     device = "cpu" if run.device == "auto" and run.runtime == "onnx" else distributed.resolve_device(run.device)
     geo = Geolocator.load(model, index, search=search, device=device, runtime=run.runtime)
     if geo.calibrator is None and (abstain.leave_out or abstain.within_km is not None or abstain.p is not None):
@@ -103,8 +103,7 @@ def _load_geolocator(
             Abstention,
             "leave_out" if abstain.leave_out else "within_km" if abstain.within_km else "p",
         )
-    geo.rule = abstain.rule(geo.rule)
-    return geo
+    return geo.with_settings(rule=abstain.rule(geo.rule))
 
 
 @contextmanager
@@ -804,8 +803,7 @@ def serve(
         raise SettingError(f"port must be in 0..65535, got {port}", None, "port")
     settings = ServiceSettings.from_env(**service)
     _check_bindable(host, port)  # before loading the model: a busy port is one line, at once
-    geo = _load_geolocator(model, index, NO_SEARCH_CHANGES, run)
-    geo.limits = settings.image_limits
+    geo = _load_geolocator(model, index, NO_SEARCH_CHANGES, run)  # run_server applies the limits of settings
     if not _is_loopback(host) and not settings.token:
         log.warning("serving on %s without a token: anyone who can reach it can use it (set GEOSWC_TOKEN)", host)
     log.info(

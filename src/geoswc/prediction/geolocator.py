@@ -3,6 +3,7 @@ call :meth:`Geolocator.locate_batch` (or its shard twin), the one prediction pat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import logging
@@ -79,7 +80,8 @@ def _label(source: ImageSource, name: str | None) -> str:
 
 
 class Geolocator:
-    """A loaded model, its gallery and search settings: photos in, :class:`Prediction` out.
+    """A loaded model, its gallery and search settings: photos in, :class:`Prediction` out. Its settings are
+    given when it is made and read-only afterwards; :meth:`with_settings` makes one with others.
 
     Args:
         model: the trained model (with a backbone to locate images; heads-only works on features).
@@ -90,6 +92,7 @@ class Geolocator:
         limits: image size limits.
         calibrator: turns each prediction's signals into ``within_km`` (checked against the model); None: no
             ``within_km`` or ``localizable``.
+        rule: which predictions are localizable (default: the rule saved with the calibrator).
     """
 
     def __init__(
@@ -100,20 +103,70 @@ class Geolocator:
         device: str | torch.device = "cpu",
         limits: ImageLimits = DEFAULT_LIMITS,
         calibrator: Calibrator | None = None,
+        rule: LocalizableRule | None = None,
     ) -> None:
         if gallery is not None:
             compat.check(model, gallery=gallery)
         if calibrator is not None:
             compat.check(model, calibrator=calibrator)
-        self.model = model.to(device).eval()
-        self.gallery = gallery
-        self.search = search or model.config.search
-        self.calibrator = calibrator
-        self.rule: LocalizableRule = calibrator.rule if calibrator is not None else LocalizableRule()
-        """Which predictions are localizable (default: the rule saved with the calibrator)."""
-        self.device = torch.device(device)
-        self.limits = limits
+        self._model = model.to(device).eval()
+        self._gallery = gallery
+        self._search = search or model.config.search
+        self._calibrator = calibrator
+        self._rule = rule or (calibrator.rule if calibrator is not None else LocalizableRule())
+        self._device = torch.device(device)
+        self._limits = limits
         self._fast_backbone: Any = None  # set by use_runtime("onnx")
+
+    @property
+    def model(self) -> GeoModel:
+        """The trained model."""
+        return self._model
+
+    @property
+    def gallery(self) -> Gallery | None:
+        """The background gallery (None: classification only)."""
+        return self._gallery
+
+    @property
+    def search(self) -> SearchConfig:
+        """The search-within-cell settings."""
+        return self._search
+
+    @property
+    def calibrator(self) -> Calibrator | None:
+        """The calibrator (None: no ``within_km``)."""
+        return self._calibrator
+
+    @property
+    def rule(self) -> LocalizableRule:
+        """Which predictions are localizable."""
+        return self._rule
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device of the networks."""
+        return self._device
+
+    @property
+    def limits(self) -> ImageLimits:
+        """The image size limits."""
+        return self._limits
+
+    def with_settings(
+        self,
+        *,
+        search: SearchConfig | None = None,
+        rule: LocalizableRule | None = None,
+        limits: ImageLimits | None = None,
+    ) -> Geolocator:
+        """A locator sharing this one's model, gallery, calibrator and runtime, with other settings (None: this
+        one's); this one is left as it is."""
+        other = copy.copy(self)
+        other._search = search or self._search
+        other._rule = rule or self._rule
+        other._limits = limits or self._limits
+        return other
 
     @classmethod
     def load(
@@ -126,6 +179,7 @@ class Geolocator:
         with_backbone: bool = True,
         limits: ImageLimits = DEFAULT_LIMITS,
         runtime: Runtime = "torch",
+        rule: LocalizableRule | None = None,
     ) -> Geolocator:
         """Load a model folder (default: the embedded model) and its gallery index.
 
@@ -135,6 +189,7 @@ class Geolocator:
             search: the search settings, whole, or the fields to change from the model's (``{"k": 5}``).
             with_backbone: False for a heads-only locator that works on cached features.
             runtime: ``torch`` (eager) or ``onnx`` (see :meth:`use_runtime`).
+            rule: which predictions are localizable (default: the rule saved with the calibrator).
         """
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (model_dir / "config.json").is_file():
@@ -147,7 +202,7 @@ class Geolocator:
         gallery = load_gallery(index_dir) if index_dir is not None else None
         if gallery is None:
             log.warning("no gallery index: only the 'classification' method is available")
-        geo = cls(model, gallery, search, device, limits, load_calibrator(model_dir))
+        geo = cls(model, gallery, search, device, limits, load_calibrator(model_dir), rule)
         if geo.calibrator is not None and geo.calibrator.search and geo.calibrator.search != to_dict(geo.search):
             log.warning(
                 "the calibrator was fitted with other search settings (%s): within_km may be off", geo.calibrator.search

@@ -8,7 +8,6 @@ path), in a worker thread, behind a bounded admission gate (:mod:`.gate`); uploa
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import re
@@ -326,9 +325,7 @@ def create_app(geolocator: Geolocator, settings: ServiceSettings | None = None) 
         settings: limits and options; default :class:`ServiceSettings`.
     """
     settings = settings or ServiceSettings()
-    # A shallow copy shares the model and gallery but takes this app's limits, leaving the caller's object as is.
-    geolocator = copy.copy(geolocator)
-    geolocator.limits = settings.image_limits
+    geolocator = geolocator.with_settings(limits=settings.image_limits)  # the caller's object is left as it is
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
