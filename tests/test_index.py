@@ -11,7 +11,7 @@ from geoswc.core import storage
 from geoswc.core.config import GalleryCodes
 from geoswc.core.errors import ArtifactError, InputError
 from geoswc.gallery import files as gallery_files
-from geoswc.gallery.files import GalleryWriter, load_gallery, save_gallery
+from geoswc.gallery.files import GalleryWriter, load_gallery, save_gallery, temporary_gallery
 from geoswc.gallery.search import Gallery, GalleryIdentity
 
 N, D, C = 3000, 48, 12
@@ -34,7 +34,7 @@ def _data(seed: int = 0, n: int = N):
 
 def _gallery(seed: int = 0) -> Gallery:
     emb, lat, lon, cell, names, authors = _data(seed)
-    return Gallery.build(emb, lat, lon, cell, names, authors, IDENTITY)
+    return temporary_gallery([(emb, lat, lon, cell, names, authors)], D, IDENTITY)
 
 
 def _brute(g: Gallery, q: np.ndarray, k: int, rows: np.ndarray, exclude=()) -> np.ndarray:

@@ -30,8 +30,11 @@ import hashlib
 import json
 import logging
 import math
+import shutil
+import tempfile
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +289,29 @@ def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
     if storage.sha256_file(path) != meta["items_sha256"]:
         raise ArtifactError(f"gallery index {path} is damaged or was changed; rebuild the index")
     return np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+
+
+GalleryChunk = tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike, Sequence[str], Sequence[str]]
+"""Photos to add to a gallery: unit embeddings ``(b, D)``, latitudes, longitudes and cells ``(b,)``, ids, authors."""
+
+
+def temporary_gallery(
+    chunks: Iterable[GalleryChunk], dim: int, identity: GalleryIdentity, codes: GalleryCodes = GalleryCodes()
+) -> Gallery:
+    """A gallery that lives as long as the object: written by :class:`GalleryWriter` (the one gallery builder) into
+    a temporary folder, which is removed when the gallery is garbage-collected."""
+    folder = Path(tempfile.mkdtemp(prefix="geoswc-gallery-"))
+    try:
+        with GalleryWriter(folder, dim, identity, codes) as w:
+            for chunk in chunks:
+                w.add(*chunk)
+            w.finish()
+        gallery = load_gallery(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(gallery, shutil.rmtree, folder, True)
+    return gallery
 
 
 def save_gallery(gallery: Gallery, folder: str | Path, codes: GalleryCodes = GalleryCodes()) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
-from geoswc.core.errors import ArtifactError, InputError
-from geoswc.gallery.codes import CellLists, Codebook
+from geoswc.core.errors import InputError
+from geoswc.gallery.codes import CellLists
 
 if TYPE_CHECKING:
     from geoswc.gallery.thumbnails import Thumbnails
@@ -87,47 +87,6 @@ class Gallery:
     """The index folder it was loaded from ("" for one built in memory), for messages."""
     thumbnails: Thumbnails | None = field(default=None, repr=False)
     """The photos' thumbnails (an index built with ``--thumbnails``), else None."""
-
-    @classmethod
-    def build(
-        cls,
-        embeddings: ArrayLike,
-        lat: ArrayLike,
-        lon: ArrayLike,
-        cell: ArrayLike,
-        names: Sequence[str],
-        authors: Sequence[str],
-        identity: GalleryIdentity,
-    ) -> Gallery:
-        """A gallery of ``N`` photos in any order, with ``flat`` codes: rows are regrouped by cell (stably)."""
-        emb, cell = np.asarray(embeddings), np.asarray(cell, np.int64)
-        n = len(names)
-        if emb.ndim != 2:
-            raise InputError(f"gallery embeddings must be (N, D), got shape {emb.shape}")
-        if not len(emb) == len(lat) == len(lon) == len(cell) == n == len(authors):
-            raise InputError("gallery arrays have different lengths")
-        if n and (cell.min() < -1 or cell.max() >= identity.num_cells):
-            raise ArtifactError(f"gallery cells must lie in [-1, {identity.num_cells}); rebuild the index")
-        order = np.argsort(cell, kind="stable")
-        emb16 = np.ascontiguousarray(emb[order], dtype=np.float16)
-        names, authors = [names[i] for i in order], [authors[i] for i in order]
-        offsets = np.searchsorted(cell[order], np.arange(identity.num_cells + 1)).astype(np.int64)
-        codebook = Codebook("flat", int(emb16.shape[1]), {})
-        return cls(
-            emb16,
-            np.asarray(lat, np.float64)[order],
-            np.asarray(lon, np.float64)[order],
-            cell[order],
-            names,
-            authors,
-            identity,
-            offsets,
-            name_lookup=lookup_table(np.array([item_key(s) for s in names], np.uint64)),
-            author_lookup=lookup_table(
-                np.array([item_key(s) for s in authors], np.uint64), np.array([bool(a) for a in authors], bool)
-            ),
-            lists=CellLists(codebook, offsets, lambda a, b: codebook.encode(emb16[a:b])),
-        )
 
     def __len__(self) -> int:
         return len(self.names)

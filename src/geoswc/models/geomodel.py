@@ -24,6 +24,7 @@ from geoswc.core import storage
 from geoswc.core.config import ModelConfig, canonical_json, digest, from_dict, to_dict
 from geoswc.core.errors import ArtifactError, ModelMismatchError
 from geoswc.core.storage import state_digest
+from geoswc.gallery.files import temporary_gallery
 from geoswc.gallery.search import Gallery, GalleryIdentity
 from geoswc.geo.cells import CellTable, check_cells
 from geoswc.models.backbone import create_backbone
@@ -114,12 +115,22 @@ class GeoModel(nn.Module):
     def gallery(
         self, features: torch.Tensor, lat: ArrayLike, lon: ArrayLike, names: Sequence[str], authors: Sequence[str]
     ) -> Gallery:
-        """An in-memory gallery of photos ``(N,)`` from their backbone features ``(N, D)``."""
-        emb = np.concatenate(
-            [self.embed(features[s : s + 4096]) for s in range(0, len(features), 4096)]
-            or [np.zeros((0, self.config.backbone.feature_dim), np.float32)]
+        """A gallery of photos ``(N,)`` from their backbone features ``(N, D)``, flat (exact), written by the
+        index writer into a temporary folder (:func:`geoswc.gallery.files.temporary_gallery`)."""
+        lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+        cell = self.cells.assign(lat, lon)
+        chunks = (
+            (
+                self.embed(features[s : s + 4096]),
+                lat[s : s + 4096],
+                lon[s : s + 4096],
+                cell[s : s + 4096],
+                names[s : s + 4096],
+                authors[s : s + 4096],
+            )
+            for s in range(0, len(features), 4096)
         )
-        return Gallery.build(emb, lat, lon, self.cells.assign(lat, lon), names, authors, self.gallery_identity)
+        return temporary_gallery(chunks, self.config.backbone.feature_dim, self.gallery_identity)
 
     @property
     def gallery_identity(self) -> GalleryIdentity:
