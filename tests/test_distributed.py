@@ -21,7 +21,7 @@ from geoswc.geo.cells import build_cells
 from geoswc.models.geomodel import GeoModel
 from geoswc.models.registry import backbone_fingerprint
 from geoswc.training.features import Extraction, Extractor, FeatureSet, extract_and_save
-from geoswc.training.finetune import finetune_shards
+from geoswc.training.finetune import finetune
 from geoswc.training.train import train_heads
 
 from .conftest import free_port, jpeg_bytes
@@ -151,7 +151,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
         # fine-tuning streamed from shards (DDP over gloo): runs, and leaves the ranks with equal weights
         ft = _model(cells, TinyBackbone())
-        hist = finetune_shards(ft, tmp_path / "shards", CFG, checkpoint_dir=tmp_path / "ckpt-ft", progress=False)
+        hist = finetune(ft, str(tmp_path / "shards"), CFG, checkpoint_dir=tmp_path / "ckpt-ft", progress=False)
         out["ft_loss"] = torch.tensor(hist["finetune"])
         out |= {f"ft.{k}": v.detach().clone() for k, v in ft.backbone.state_dict().items()}
         torch.save(out, tmp_path / f"rank{rank}.pt")

@@ -214,6 +214,7 @@ def test_sampled_positives_are_exactly_the_positives(seed, r_km, same_author):
 
 @pytest.mark.slow
 def test_finetune_end_to_end(tiny_workspace, tmp_path):
+    from geoswc.data.shards import photo_shards
     from geoswc.training.finetune import finetune
 
     records, _ = read_photo_csv(tiny_workspace["csv"], DEV_IMAGES)
@@ -222,7 +223,7 @@ def test_finetune_end_to_end(tiny_workspace, tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=4, finetune=True, finetune_epochs=1)
     m = GeoModel.create(ModelConfig(train=cfg), cells)
     before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
-    hist = finetune(m, records, cfg, checkpoint_dir=tmp_path / "ck", progress=False)
+    hist = finetune(m, photo_shards(records), cfg, checkpoint_dir=tmp_path / "ck", progress=False)
     assert len(hist["finetune"]) == 1 and np.isfinite(hist["finetune"][0])
     after = m.backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
@@ -232,3 +233,24 @@ def test_finetune_end_to_end(tiny_workspace, tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(m(x)[0], again(x)[0], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_same_photos_give_the_same_model_packed_as_shards_or_not(tiny_workspace, tmp_path):
+    """Fine-tuning on a photo list and on the shards ``geoswc shards`` writes of it is one path: same weights."""
+    import copy
+
+    from geoswc.data.shards import photo_shards, write_shards
+    from geoswc.training.finetune import finetune
+
+    records, _ = read_photo_csv(tiny_workspace["csv"], DEV_IMAGES)
+    records = records[:6]
+    write_shards(records, tmp_path / "shards", verify=False, progress=False)
+    cfg = TrainConfig(epochs=1, batch_size=4, finetune=True, finetune_epochs=1)
+    start = GeoModel.create(ModelConfig(train=cfg), CellTable.load(tiny_workspace["cells"]))
+    packed, listed = copy.deepcopy(start), copy.deepcopy(start)
+    finetune(packed, str(tmp_path / "shards"), cfg, progress=False)
+    finetune(listed, photo_shards(records), cfg, progress=False)
+    a, b, s0 = packed.state_dict(), listed.state_dict(), start.state_dict()
+    assert any(not torch.equal(a[k], s0[k]) for k in a if a[k].is_floating_point())  # it trained
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]

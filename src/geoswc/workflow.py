@@ -38,7 +38,7 @@ from geoswc.core.config import (
 )
 from geoswc.core.errors import ArtifactError, InputError, SettingError, building
 from geoswc.data.records import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
-from geoswc.data.shards import write_shards
+from geoswc.data.shards import photo_shards, write_shards
 from geoswc.data.sources import Photos
 from geoswc.evaluation.benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
 from geoswc.evaluation.compare import read_system, write_comparison
@@ -65,7 +65,7 @@ from geoswc.prediction.geolocator import Geolocator
 from geoswc.prediction.results import LocateFailure, OutputFormat, PredictionWriter, Result, output_format
 from geoswc.service.settings import NO_SERVICE_CHANGES, ServiceChanges, ServiceSettings
 from geoswc.training.features import Extraction, Extractor, FeatureSet, extract_and_save
-from geoswc.training.finetune import finetune, finetune_shards
+from geoswc.training.finetune import finetune
 from geoswc.training.indexing import GalleryPhotos, build_index
 from geoswc.training.train import train_heads
 
@@ -277,11 +277,9 @@ def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunCo
     history = train_heads(model, feats, cfg, checkpoint_dir=out / "checkpoint")
     if cfg.finetune:
         ckpt = out / "checkpoint-finetune"
-        history |= (
-            finetune_shards(model, data.shards, cfg, ckpt, run)
-            if data.shards
-            else finetune(model, _geotagged(data), cfg, ckpt, run)
-        )
+        world = distributed.context().world_size
+        photos = data.shards or photo_shards(_geotagged(data), parts=world)
+        history |= finetune(model, photos, cfg, ckpt, run)
     return history
 
 

@@ -63,6 +63,52 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 # -- shard lists --------------------------------------------------------------------------------------
 
+SAMPLES_PER_SHARD = 1000
+"""Photos per shard that ``geoswc shards`` writes by default, and per :class:`PhotoShard` of a photo list."""
+
+
+@dataclass(frozen=True)
+class PhotoShard:
+    """Photos of a list (a CSV or a folder) read as the shard ``geoswc shards`` would write of them: the same
+    samples in the same order, keyed by their row numbers, so that training streams the same photos the same
+    way whether they were packed or not (:func:`photo_shards`)."""
+
+    records: tuple[Record, ...]
+    first: int
+    """The row number of the first photo (its sample key)."""
+
+    @property
+    def name(self) -> str:
+        return f"photos {self.first}..{self.first + len(self.records) - 1}"
+
+
+Source = str | PhotoShard
+"""A shard of a stream: a local tar file, or photos of a list."""
+
+
+def photo_shards(records: Sequence[Record], parts: int = 1) -> list[PhotoShard]:
+    """A photo list as consecutive shards of :data:`SAMPLES_PER_SHARD` photos (fewer, so that there are at least
+    ``parts`` shards when the photos allow: one a torchrun rank)."""
+    per = max(1, min(SAMPLES_PER_SHARD, math.ceil(len(records) / max(1, parts))))
+    return [PhotoShard(tuple(records[i : i + per]), i) for i in range(0, len(records), per)]
+
+
+def shard_sources(spec: str | Path | Sequence[str | Path | PhotoShard]) -> list[Source]:
+    """The shards of a stream: photo shards as they are, a shard spec resolved (:func:`resolve_shards`)."""
+    if isinstance(spec, (str, Path)):
+        return list(resolve_shards(spec))
+    shards = list(spec)
+    if shards and all(isinstance(s, PhotoShard) for s in shards):
+        return shards  # type: ignore[return-value]
+    if any(isinstance(s, PhotoShard) for s in shards):
+        raise InputError("give photo shards or shard files, not both")
+    return list(resolve_shards(shards))  # type: ignore[arg-type]
+
+
+def source_name(src: Source) -> str:
+    """What identifies a shard in a run's key: a tar file's name, or a digest of a photo shard's ids."""
+    return Path(src).name if isinstance(src, str) else digest(*[r.image for r in src.records])
+
 
 def _index_of(folder: Path) -> dict[str, int]:
     """``{shard path: samples}`` from a folder's ``shards.json`` (empty when absent or unreadable).
@@ -142,10 +188,13 @@ def listed_total(shards: Sequence[str]) -> int | None:
     return None if None in sizes else sum(n or 0 for n in sizes)
 
 
-def count_samples(shards: Sequence[str]) -> int:
-    """Total samples: from ``shards.json`` where listed, else by reading the shard's tar headers."""
-    sizes = shard_sizes(shards)
-    return sum(n if n is not None else sum(1 for _ in iter_shard(s, 0)) for s, n in zip(shards, sizes, strict=True))
+def count_samples(shards: Sequence[Source]) -> int:
+    """Total samples: a photo shard's photos; a tar file's from ``shards.json`` where listed, else by reading its
+    headers."""
+    tars = [s for s in shards if isinstance(s, str)]
+    sizes = shard_sizes(tars)
+    listed = sum(n if n is not None else sum(1 for _ in iter_shard(s, 0)) for s, n in zip(tars, sizes, strict=True))
+    return listed + sum(len(s.records) for s in shards if isinstance(s, PhotoShard))
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -427,6 +476,31 @@ def iter_shard(url: str, ordinal: int, limits: ImageLimits = DEFAULT_LIMITS) -> 
         yield SampleError(url, f"shard unreadable or truncated after {pos} samples: {e}", ordinal << 32 | 0xFFFFFFFF)
 
 
+def iter_photos(
+    shard: PhotoShard, ordinal: int, limits: ImageLimits = DEFAULT_LIMITS
+) -> Iterator[ShardSample | SampleError]:
+    """The samples of a photo shard, as :func:`iter_shard` reads those of the tar ``geoswc shards`` writes of
+    them: each photo's file as stored, a file above the size limits reported and skipped before it is read."""
+    for pos, r in enumerate(shard.records):
+        key, order = f"{shard.first + pos:09d}", ordinal << 32 | pos
+        try:
+            size = Path(r.path).stat().st_size
+            if size > limits.max_bytes:
+                yield SampleError(r.image, f"{r.path} holds {size} bytes, above the limit of {limits.max_bytes}", order)
+                continue
+            data = Path(r.path).read_bytes()
+        except OSError as e:
+            yield SampleError(r.image, f"{r.path} cannot be read: {e.strerror or e}", order)
+            continue
+        ext = Path(r.path).suffix.lower().lstrip(".")
+        yield ShardSample(r.image, r.lat, r.lon, r.author, data, ext, key, shard.name, order)
+
+
+def iter_source(src: Source, ordinal: int, limits: ImageLimits = DEFAULT_LIMITS) -> Iterator[ShardSample | SampleError]:
+    """The samples of a tar shard or of a photo shard."""
+    return iter_shard(src, ordinal, limits) if isinstance(src, str) else iter_photos(src, ordinal, limits)
+
+
 def iter_samples(shards: str | Path | Sequence[str | Path], report: LoadReport | None = None) -> Iterator[ShardSample]:
     """Every readable sample of the shards, in order; bad samples and shards go to ``report`` (and the log)."""
     for ordinal, url in enumerate(resolve_shards(shards)):
@@ -467,8 +541,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     photo's :attr:`ShardSample.index`, as :class:`~geoswc.data.records.ImageDataset` does).
     """
 
-    shards: Sequence[str]
-    """Shard paths (see :func:`resolve_shards`)."""
+    shards: Sequence[Source]
+    """Shard paths (see :func:`resolve_shards`), or photo shards (:func:`photo_shards`)."""
     pre: Preprocess
     views: int = 1
     seed: int = 0
@@ -499,7 +573,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             shards = wds.shuffle(len(self.shards), initial=len(self.shards), rng=self._rng(cycle))(shards)
         if self.split_ranks:
             shards = wds.split_by_node(shards)
-        samples = (s for ordinal, url in wds.split_by_worker(shards) for s in iter_shard(url, ordinal, self.limits))
+        samples = (s for ordinal, src in wds.split_by_worker(shards) for s in iter_source(src, ordinal, self.limits))
         if self.shuffle_buffer > 1:
             info = torch.utils.data.get_worker_info()
             rng = self._rng(

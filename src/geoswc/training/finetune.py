@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,12 @@ from geoswc.core import distributed
 from geoswc.core.config import RunConfig, TrainConfig, digest, non_default
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import latlon_to_xyz
-from geoswc.data.records import Batch, ImageDataset, Record, loader
-from geoswc.data.shards import ShardDataset, count_samples, resolve_shards, sample_positions
+from geoswc.data.records import Batch, loader
+from geoswc.data.shards import PhotoShard, ShardDataset, count_samples, sample_positions, shard_sources, source_name
 from geoswc.models.geomodel import GeoModel
 from geoswc.models.heads import geo_contrastive_loss
 from geoswc.models.registry import TrunkBackbone
 from geoswc.training.checkpoint import Checkpointer, Phase, run_key, run_phase
-from geoswc.training.positives import PositiveSampler
-from geoswc.training.train import author_ids, pair_batches
 
 log = logging.getLogger(__name__)
 
@@ -160,65 +157,14 @@ class _Finetuning:
         )
 
 
-def finetune(
-    model: GeoModel,
-    records: Sequence[Record],
-    cfg: TrainConfig,
-    checkpoint_dir: str | Path | None = None,
-    run: RunConfig = RunConfig(),
-    progress: bool = True,
-) -> dict[str, list[float]]:
-    """Fine-tune ``model`` (backbone and heads, in place) on photos with positions.
-
-    Photos that fail to decode are skipped batch by batch. Under torchrun each rank decodes and runs its
-    slice of every global batch.
-
-    Args:
-        run: decoding is done in this process (``workers`` is not used here), ``device`` and ``precision``
-            (autocast of the backbone on GPUs).
-
-    Returns:
-        The mean loss of each epoch (``finetune``).
-    """
-    if len(records) < 2:
-        raise InputError(f"fine-tuning needs at least 2 photos, got {len(records)}")
-    n = len(records)
-    lat, lon = np.array([r.lat for r in records]), np.array([r.lon for r in records])
-    xyz = torch.from_numpy(latlon_to_xyz(lat, lon)).float()
-    authors = author_ids([r.author for r in records])
-    positives = PositiveSampler(lat, lon, authors, cfg.positive_km, cfg.same_author_positives)
-    ds = ImageDataset([r.path for r in records], model.config.backbone.preprocess, seed=cfg.seed, train_augment=True)
-    key = run_key(
-        finetune=non_default(cfg),
-        heads=non_default(model.config.heads),
-        cells=model.config.cells_fingerprint,
-        names=digest(*[r.image for r in records]),
-    )
-    ft = _Finetuning(model, cfg, run, key, checkpoint_dir)
-    pairs, authors_t = max(2, min(cfg.batch_size, n) // 2), torch.from_numpy(authors)
-
-    def loss(batch: tuple[np.ndarray, ...]) -> torch.Tensor:
-        idx = batch[0]
-        lo, hi = distributed.shard_range(len(idx))
-        ok = [(int(i), t) for i, t, _, _ in (ds[int(i)] for i in idx[lo:hi]) if t is not None]
-        it = torch.tensor([i for i, _ in ok], dtype=torch.long)
-        return ft.loss(torch.stack([t for _, t in ok]) if ok else None, xyz[it], it, authors_t[it])
-
-    def batches(rng: np.random.Generator) -> list:
-        ds.epoch = int(rng.integers(1 << 30))
-        return pair_batches(n, pairs, positives, 1, rng)
-
-    return ft.run(ft.phase(math.ceil(n / pairs), batches, loss), progress)
-
-
 def _author_hash(author: str) -> int:
     """A stable id for an author name (-1: unknown), for streams where no global author table exists."""
     return int(digest(author, length=15), 16) if author else -1
 
 
-def finetune_shards(
+def finetune(
     model: GeoModel,
-    shards: str | Path | Sequence[str | Path],
+    photos: str | Path | Sequence[str | Path | PhotoShard],
     cfg: TrainConfig,
     checkpoint_dir: str | Path | None = None,
     run: RunConfig = RunConfig(),
@@ -226,7 +172,10 @@ def finetune_shards(
     samples: int | None = None,
     shuffle_buffer: int = 1000,
 ) -> dict[str, list[float]]:
-    """:func:`finetune` streamed from WebDataset shards, for data sets too large to index in memory.
+    """Fine-tune ``model`` (backbone and heads, in place) on photos with positions, streamed from WebDataset shards
+    (``photos``: a shard spec, see :func:`~geoswc.data.shards.resolve_shards`) or from a photo list cut into the
+    shards ``geoswc shards`` would write of it (:func:`~geoswc.data.shards.photo_shards`): one path, so the same
+    photos give the same model whether they were packed or not. Photos that fail to decode are skipped.
 
     A step's global batch holds ``batch_size // 2`` photos with two augmented views each (the views are
     each other's positives, as are photos of the batch taken within ``positive_km``). Every epoch the
@@ -234,9 +183,13 @@ def finetune_shards(
     streams its own shards (cycling them) and contributes its share of every batch. An epoch is
     ``samples // (batch_size // 2)`` steps; ``samples`` defaults to the count in ``shards.json`` (else
     the shards are counted). Epoch ``e`` depends only on ``(seed, e)``, so a killed run resumes from its
-    last per-epoch checkpoint.
+    last per-epoch checkpoint. ``run`` gives the decoding processes, the device and the precision (autocast of
+    the backbone on GPUs).
+
+    Returns:
+        The mean loss of each epoch (``finetune``).
     """
-    urls = resolve_shards(shards)
+    urls = shard_sources(photos)
     ctx = distributed.context()
     if len(urls) < ctx.world_size:
         raise InputError(f"{len(urls)} shards cannot feed {ctx.world_size} ranks; write smaller shards")
@@ -260,7 +213,7 @@ def finetune_shards(
         heads=non_default(model.config.heads),
         cells=model.config.cells_fingerprint,
         samples=total,
-        shards=digest(*[Path(u).name for u in urls]),
+        shards=digest(*[source_name(u) for u in urls]),
     )
     ft = _Finetuning(model, cfg, run, key, checkpoint_dir)
     skipped: list[tuple[str, str]] = []
