@@ -95,3 +95,15 @@ def test_importing_the_package_is_cheap_and_does_nothing() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_steps_are_thin() -> None:
+    """A workflow step checks its inputs, calls the library and logs: no function there runs over 40 lines of
+    code (its docstring, the command's help, aside); the domain logic lives in the layers below."""
+    tree = ast.parse((SRC / "workflow.py").read_text(encoding="utf-8"))
+    long = []
+    for f in _functions(tree):
+        body = f.body[1:] if ast.get_docstring(f) is not None else f.body
+        if body and body[-1].end_lineno - body[0].lineno + 1 > 40:  # type: ignore[operator]
+            long.append(f.name)
+    assert not long, f"workflow steps over 40 lines of code: {long}"

@@ -11,10 +11,7 @@ the command prints on standard output.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,8 +39,15 @@ from geoswc.data.shards import photo_shards, write_shards
 from geoswc.data.sources import Photos
 from geoswc.evaluation.benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
 from geoswc.evaluation.compare import read_system, write_comparison
-from geoswc.evaluation.crossfit import calibration_report, out_of_fold, report_markdown
-from geoswc.evaluation.evaluate import benchmark_counts, format_metrics, locate_records, missing_csv, write_evaluation
+from geoswc.evaluation.crossfit import out_of_fold_signals, report_markdown
+from geoswc.evaluation.evaluate import (
+    benchmark_counts,
+    format_metrics,
+    labelled_signals,
+    locate_records,
+    missing_csv,
+    write_evaluation,
+)
 from geoswc.gallery.files import load_gallery
 from geoswc.gallery.search import Gallery
 from geoswc.gallery.thumbnails import ThumbnailSettings, check_side
@@ -58,11 +62,11 @@ from geoswc.prediction.calibration import (
     Calibrator,
     LocalizableRule,
     fit_calibrator,
-    rounded,
-    signal_matrix,
 )
 from geoswc.prediction.geolocator import Geolocator
-from geoswc.prediction.results import LocateFailure, OutputFormat, PredictionWriter, Result, output_format
+from geoswc.prediction.output import write_predictions
+from geoswc.prediction.results import OutputFormat, Result, output_format
+from geoswc.service.binding import check_bindable, is_loopback
 from geoswc.service.settings import NO_SERVICE_CHANGES, ServiceChanges, ServiceSettings
 from geoswc.training.features import Extraction, Extractor, FeatureSet, extract_and_save
 from geoswc.training.finetune import finetune
@@ -506,11 +510,8 @@ def _out_of_fold_signals(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     fs = FeatureSet.load(features)
     compat.check(m, features=fs, where=str(features))
-    oof = out_of_fold(fs, m.cells, m.config, folds)
-    per_method = {k: (signal_matrix([p.signals for p in ps]), oof.errors_km[k]) for k, ps in oof.predictions.items()}
-
-    cross = rounded(calibration_report(oof, "swc", storage.ensure_dir(report) if report is not None else None))
-    fitted = {"how": f"out-of-fold, {folds} author-disjoint folds", "n": len(fs), "folds": folds, "cross_fitted": cross}
+    per_method, fitted = out_of_fold_signals(fs, m, folds, storage.ensure_dir(report) if report is not None else None)
+    cross = fitted["cross_fitted"]
     if report is not None:
         storage.write_report(
             report / "calibration.json",
@@ -533,9 +534,8 @@ def _labelled_signals(
         raise InputError(f"no photo of {data.csv} can be used: {report.summary()}")
     gallery = load_gallery(index) if (index / "index.json").is_file() else None
     geo = Geolocator(m, gallery, device=distributed.resolve_device(run.device))  # no calibrator: it is being fitted
-    results, _ = locate_records(geo, records, geo.methods, exclude_same_author, run.batch_size, run.workers)
-    per_method = {r.method: (signal_matrix([p.signals for p in r.predictions]), r.errors_km) for r in results}
-    return per_method, {"how": f"labelled set {Path(data.csv).name}", "n": len(results[0].names)}
+    per_method, n = labelled_signals(geo, records, exclude_same_author, run.batch_size, run.workers)
+    return per_method, {"how": f"labelled set {Path(data.csv).name}", "n": n}
 
 
 @dataclass(frozen=True)
@@ -582,38 +582,20 @@ def locate(
     fmt = output_format(output, format)
     source = _photo_source(data, _load_geolocator(model, index, search, run, abstain), method, run)
     progress = output is not None or (fmt == "text" and (source.count is None or source.count > 8))
-    kept = _Kept(source.results(progress), abstain.leave_out)
-    if output is None:
-        with PredictionWriter(sys.stdout, fmt) as w:
-            _write_results(iter(kept), w)
-    else:
-        w = _write_output(iter(kept), Path(output), fmt)
+    w = write_predictions(
+        source.results(progress), output, fmt, abstain.leave_out, lambda f: log.warning("error: %s", f.error)
+    )
     failed = w.failed + source.skipped  # rows of a list that name no usable photo fail too
-    left = f", {kept.left_out} not localizable left out" if kept.left_out else ""
-    if output is not None and (w.located or kept.left_out):
+    left = f", {w.left_out} not localizable left out" if w.left_out else ""
+    if output is not None and (w.located or w.left_out):
         log.info(
             "%d photos located%s%s -> %s (%s)", w.located, left, f", {failed} failed" if failed else "", output, fmt
         )
     elif failed:
-        log.warning("%d of %d photos could not be located", failed, failed + w.located + kept.left_out)
-    if output is None and kept.left_out:
-        log.warning("%d photos were not localizable and were left out", kept.left_out)
-    return LocateSummary(w.located, failed, kept.left_out)
-
-
-class _Kept:
-    """The results to write: all of them, or (``leave_out``) all but the predictions that are not localizable,
-    which are counted."""
-
-    def __init__(self, results: Iterator[Result], leave_out: bool) -> None:
-        self.results, self.leave_out, self.left_out = results, leave_out, 0
-
-    def __iter__(self) -> Iterator[Result]:
-        for r in self.results:
-            if self.leave_out and getattr(r, "localizable", None) is False:
-                self.left_out += 1
-                continue
-            yield r
+        log.warning("%d of %d photos could not be located", failed, failed + w.located + w.left_out)
+    if output is None and w.left_out:
+        log.warning("%d photos were not localizable and were left out", w.left_out)
+    return LocateSummary(w.located, failed, w.left_out)
 
 
 @dataclass(frozen=True)
@@ -651,32 +633,6 @@ def _photo_source(data: Photos, geo: Any, method: Method, run: RunConfig) -> _Ph
             raise InputError(f"no photos found in {item}; give image files or folders holding them")
         photos += found
     return _PhotoSource(lambda progress: geo.locate_batch(photos, progress=progress, **kw), len(photos))
-
-
-class _NothingLocated(Exception):
-    """Abandons an output file that would hold no prediction, keeping the file that was there."""
-
-
-def _write_output(results: Iterator[Result], output: Path, fmt: OutputFormat) -> PredictionWriter:
-    """Stream the results into ``output`` atomically; a run that locates nothing leaves an earlier file as it was."""
-    try:
-        with storage.atomic_writer(output, "w") as f, PredictionWriter(f, fmt) as w:  # type: ignore[arg-type]
-            _write_results(results, w)
-            if not w.located and output.exists():
-                raise _NothingLocated
-    except _NothingLocated:
-        log.warning("no photo was located: %s was left as it was", output)
-    return w
-
-
-def _write_results(results: Iterator[Result], writer: PredictionWriter) -> None:
-    for r in results:
-        if isinstance(r, LocateFailure):
-            log.warning("error: %s", r.error)
-            if writer.fmt == "text":  # a readable stream: the error was just reported
-                writer.failed += 1
-                continue
-        writer.write(r)
 
 
 def shards(
@@ -800,9 +756,9 @@ def serve(
     if not 0 <= port <= 65535:
         raise SettingError(f"port must be in 0..65535, got {port}", None, "port")
     settings = ServiceSettings.from_env(**service)
-    _check_bindable(host, port)  # before loading the model: a busy port is one line, at once
+    check_bindable(host, port)  # before loading the model: a busy port is one line, at once
     geo = _load_geolocator(model, index, NO_SEARCH_CHANGES, run)  # run_server applies the limits of settings
-    if not _is_loopback(host) and not settings.token:
+    if not is_loopback(host) and not settings.token:
         log.warning("serving on %s without a token: anyone who can reach it can use it (set GEOSWC_TOKEN)", host)
     log.info(
         "serving model %s (gallery of %d photos) on http://%s:%d",
@@ -812,28 +768,6 @@ def serve(
         port,
     )
     run_server(geo, settings, host, port)
-
-
-def _check_bindable(host: str, port: int) -> None:
-    """Refuse a host this machine cannot listen on, or a port something else holds."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(address)
-    except OSError as e:  # socket.gaierror included
-        raise InputError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host or --port, or stop what uses it"
-        ) from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 COMMANDS = {

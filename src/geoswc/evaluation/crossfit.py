@@ -20,7 +20,7 @@ from geoswc.evaluation.evaluate import plot_reliability, plot_selective
 from geoswc.evaluation.metrics import accuracy_at, calibration_block, errors_km, selective_block
 from geoswc.geo.cells import CellTable
 from geoswc.models.geomodel import GeoModel
-from geoswc.prediction.calibration import MethodCalibration, signal_matrix
+from geoswc.prediction.calibration import MethodCalibration, rounded, signal_matrix
 from geoswc.prediction.geolocator import Geolocator
 from geoswc.prediction.results import Prediction
 from geoswc.training.features import FeatureSet
@@ -157,3 +157,17 @@ def report_markdown(report: dict[str, Any]) -> str:
             for k, acc in report[block]["accuracy"].items()
         ]
     return "\n".join(lines)
+
+
+def out_of_fold_signals(
+    feats: FeatureSet, model: GeoModel, folds: int, plots: Path | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """What a calibrator is fitted on, out of fold: per method, the signals ``(N, S)`` and errors ``(N,)`` of each
+    photo located by the fold model that did not see its photographer (:func:`out_of_fold`, with ``model``'s
+    cells and settings); and how: the folds and the cross-fitted report (:func:`calibration_report`, its plots
+    in ``plots``)."""
+    oof = out_of_fold(feats, model.cells, model.config, folds)
+    per_method = {k: (signal_matrix([p.signals for p in ps]), oof.errors_km[k]) for k, ps in oof.predictions.items()}
+    cross = rounded(calibration_report(oof, "swc", plots))
+    how = f"out-of-fold, {folds} author-disjoint folds"
+    return per_method, {"how": how, "n": len(feats), "folds": folds, "cross_fitted": cross}

@@ -54,6 +54,7 @@ from geoswc.evaluation.metrics import (
     median_km,
     selective_block,
 )
+from geoswc.prediction.calibration import signal_matrix
 from geoswc.prediction.geolocator import Geolocator
 from geoswc.prediction.results import Prediction
 
@@ -427,3 +428,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         + f" (at coverage {', '.join(f'{c:g}' for c in sel['coverage'])})"
     )
     return "\n".join(lines)
+
+
+def labelled_signals(
+    geo: Geolocator, records: Sequence[Record], exclude_same_author: bool, batch_size: int = 16, workers: int = 0
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """What a calibrator is fitted on, from a labelled set the model did not train on: per method of ``geo``, the
+    signals ``(N, S)`` and errors ``(N,)`` of each photo; and the photos located."""
+    results, _ = locate_records(geo, records, geo.methods, exclude_same_author, batch_size, workers)
+    per_method = {r.method: (signal_matrix([p.signals for p in r.predictions]), r.errors_km) for r in results}
+    return per_method, len(results[0].names)
