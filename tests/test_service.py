@@ -418,6 +418,18 @@ def test_settings_from_env_and_flags() -> None:
         ServiceSettings(tiles="file:///etc/passwd")
 
 
+def test_every_setting_but_warmup_has_its_environment_variable() -> None:
+    """The variables come from the settings' own declaration: each field (but ``warmup``) is read from one."""
+    from geoswc.service.settings import ENV_VARS
+
+    names = {f.name for f in dataclasses.fields(ServiceSettings)} - {"warmup"}
+    assert sorted(name for name, _ in ENV_VARS.values()) == sorted(names)
+    for var, (name, parse) in ENV_VARS.items():
+        default = getattr(ServiceSettings(), name)
+        value = "https://a.example.org/{z}/{x}/{y}.png" if name == "tiles" else str(parse(default or 1) * 2)
+        assert getattr(ServiceSettings.from_env({var: value}), name) == parse(value), var
+
+
 def test_serve_command_wiring(
     monkeypatch: pytest.MonkeyPatch, geo: Geolocator, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -98,7 +98,7 @@ def _export_checked(backbone: nn.Module, image_size: int, dest: Path) -> float:
     eager PyTorch on two random images."""
     x = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batch = torch.export.Dim("batch", min=1, max=4096)
-    # The exporter reports progress on stdout, which carries results (`geoswc locate --json`), and
+    # The exporter reports progress on stdout, which carries results (`geoswc locate --format jsonl`), and
     # warns about its own internals; keep both out of the user's way.
     with contextlib.redirect_stdout(sys.stderr), torch.no_grad(), warnings.catch_warnings(), quiet("torch.onnx"):
         warnings.simplefilter("ignore")

@@ -118,8 +118,9 @@ def _warmup(geo: Geolocator) -> None:
         log.info("warm-up inference in %.2f s", time.monotonic() - t0)
 
 
-def _gate(app: FastAPI) -> InferenceGate:
-    gate = getattr(app.state, "gate", None)
+def _gate(app: FastAPI, new: bool = False) -> InferenceGate:
+    """The app's admission gate, made from its settings on first use (``new``: anew, at each start-up)."""
+    gate = None if new else getattr(app.state, "gate", None)
     if gate is None:
         s: ServiceSettings = app.state.settings
         gate = app.state.gate = InferenceGate(s.max_concurrent, s.max_queue, s.queue_timeout_s)
@@ -329,7 +330,7 @@ def create_app(geolocator: Geolocator, settings: ServiceSettings | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.gate = InferenceGate(settings.max_concurrent, settings.max_queue, settings.queue_timeout_s)
+        _gate(app, new=True)
         if settings.warmup:
             await run_in_threadpool(_warmup, geolocator)
         yield

@@ -1,9 +1,9 @@
-"""Typed response models of the web service, mirroring :mod:`geoswc.prediction.geolocator`'s dataclasses field
-for field.
+"""Typed response models of the web service, mirroring :mod:`geoswc.prediction.results`' dataclasses field for
+field.
 
 ``extra="forbid"`` makes a field added to a dataclass but not here fail response validation (and
 ``tests/test_service.py`` compares both sides), so the OpenAPI schema cannot drift from
-:meth:`geoswc.prediction.geolocator.Prediction.to_dict`.
+:meth:`geoswc.prediction.results.Prediction.to_dict`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class NeighborModel(_Strict):
 
 
 class PredictionModel(_Strict):
-    """Where a photo was taken (the JSON of ``geoswc locate --json``)."""
+    """Where a photo was taken (the JSON of ``geoswc locate --format jsonl``)."""
 
     image: str = Field(description="The uploaded file's name.")
     lat: float

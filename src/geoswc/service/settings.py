@@ -10,7 +10,7 @@ import math
 import os
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
@@ -27,37 +27,42 @@ _DAY_S = 86_400
 """The longest time setting accepted: a day."""
 
 
+def _env(default: Any, var: str) -> Any:
+    """A settings field read from the environment variable ``var`` too (the one place that names it)."""
+    return field(default=default, metadata={"env": var})
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Limits and options of the web service. Each has an environment variable (see :data:`ENV_VARS`);
     ``geoswc serve --service.FIELD`` flags win over the environment."""
 
-    max_upload_mb: float = 20.0
+    max_upload_mb: float = _env(20.0, "GEOSWC_MAX_UPLOAD_MB")
     """Largest accepted file in MiB; a larger upload is refused with 413 while streaming."""
-    max_pixels: int = 50_000_000
+    max_pixels: int = _env(50_000_000, "GEOSWC_MAX_PIXELS")
     """Largest width x height decoded (decompression-bomb guard); larger images get 413."""
-    max_files: int = 16
+    max_files: int = _env(16, "GEOSWC_MAX_FILES")
     """Most files in one request; more get 413."""
-    max_concurrent: int = 2
+    max_concurrent: int = _env(2, "GEOSWC_MAX_CONCURRENT")
     """Requests running inference at once (each in a worker thread)."""
-    max_queue: int = 8
+    max_queue: int = _env(8, "GEOSWC_MAX_QUEUE")
     """Further requests admitted to upload and wait for a slot; beyond, 503 with Retry-After."""
-    queue_timeout_s: float = 30.0
+    queue_timeout_s: float = _env(30.0, "GEOSWC_QUEUE_TIMEOUT")
     """Longest wait for an inference slot before answering 503."""
-    upload_timeout_s: float = 120.0
+    upload_timeout_s: float = _env(120.0, "GEOSWC_UPLOAD_TIMEOUT")
     """Longest time a request's upload may take; longer gets 408 (and its admission is given back)."""
-    upload_idle_s: float = 5.0
+    upload_idle_s: float = _env(5.0, "GEOSWC_UPLOAD_IDLE")
     """Longest pause between two chunks of an upload, and the grace before ``upload_min_kbs`` applies."""
-    upload_min_kbs: float = 32.0
+    upload_min_kbs: float = _env(32.0, "GEOSWC_UPLOAD_MIN_KBS")
     """Slowest average upload rate (KiB/s) accepted after ``upload_idle_s``: a trickling client gets 408."""
-    max_request_pixels: int = 400_000_000
+    max_request_pixels: int = _env(400_000_000, "GEOSWC_MAX_REQUEST_PIXELS")
     """Pixels of all the photos of one request together (what decoding them costs in memory); more gets 413."""
-    token: str | None = None
+    token: str | None = _env(None, "GEOSWC_TOKEN")
     """When set, ``/api/*`` requires ``Authorization: Bearer <token>`` (prefer $GEOSWC_TOKEN: a flag is
     visible to other users in the process list)."""
-    tiles: str | None = None
+    tiles: str | None = _env(None, "GEOSWC_TILES")
     """Optional tile URL template (``https://{s}.tile.example.org/{z}/{x}/{y}.png``) for the page."""
-    tiles_attribution: str | None = None
+    tiles_attribution: str | None = _env(None, "GEOSWC_TILES_ATTRIBUTION")
     """Attribution shown for the tiles."""
     warmup: bool = True
     """Locate a dummy image at start-up (loads the place index, caches), so the first request is fast."""
@@ -120,20 +125,11 @@ class ServiceSettings:
         return cls(**kw)
 
 
+_PARSERS = {"float": float, "int": int, "str": str}
 ENV_VARS: dict[str, tuple[str, Any]] = {
-    "GEOSWC_MAX_UPLOAD_MB": ("max_upload_mb", float),
-    "GEOSWC_MAX_PIXELS": ("max_pixels", int),
-    "GEOSWC_MAX_FILES": ("max_files", int),
-    "GEOSWC_MAX_CONCURRENT": ("max_concurrent", int),
-    "GEOSWC_MAX_QUEUE": ("max_queue", int),
-    "GEOSWC_QUEUE_TIMEOUT": ("queue_timeout_s", float),
-    "GEOSWC_UPLOAD_TIMEOUT": ("upload_timeout_s", float),
-    "GEOSWC_UPLOAD_IDLE": ("upload_idle_s", float),
-    "GEOSWC_UPLOAD_MIN_KBS": ("upload_min_kbs", float),
-    "GEOSWC_MAX_REQUEST_PIXELS": ("max_request_pixels", int),
-    "GEOSWC_TOKEN": ("token", str),
-    "GEOSWC_TILES": ("tiles", str),
-    "GEOSWC_TILES_ATTRIBUTION": ("tiles_attribution", str),
+    f.metadata["env"]: (f.name, _PARSERS[str(f.type).split(" | ")[0]])
+    for f in fields(ServiceSettings)
+    if "env" in f.metadata
 }
 """Environment variable -> (settings field, parser)."""
 
