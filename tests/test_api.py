@@ -37,6 +37,7 @@ def test_sources_agree(geo):
     assert a.image == str(KAUAI) and b.image == "<image>"
 
 
+@pytest.mark.slow
 def test_prediction_contents(geo):
     p = geo.locate(KAUAI)
     assert -90 <= p.lat <= 90 and -180 <= p.lon <= 180

@@ -19,6 +19,7 @@ from geoswc.training.features import FeatureSet
 from .conftest import MP16
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_cells_build_save_load_round_trip(tmp_path):
     a = np.loadtxt(MP16, delimiter=",", skiprows=1)

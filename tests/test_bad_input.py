@@ -502,6 +502,7 @@ def test_load_records_needs_a_source() -> None:
 # -- CSV: CLI ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(FILE_KINDS))
 def test_cli_evaluate_bad_csv(
     tiny_workspace: dict[str, Path], tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
@@ -528,6 +529,7 @@ def test_cli_evaluate_bad_csv(
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(FILE_KINDS))
 def test_cli_cells_bad_coords(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
     p = make_csv(tmp_path, kind)
@@ -724,6 +726,7 @@ def _fill(argv: list[str], ws: dict[str, Path], tmp: Path) -> list[str]:
     return [a.format(**{k: str(v) for k, v in subs.items()}) for a in argv]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(FLAG_KINDS))
 def test_cli_bad_flag(
     tiny_workspace: dict[str, Path], tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
@@ -734,6 +737,7 @@ def test_cli_bad_flag(
     assert not (tmp_path / "m").exists() and not (tmp_path / "c.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(PATH_KINDS))
 def test_cli_bad_artifact_path(
     tiny_workspace: dict[str, Path], tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
@@ -837,6 +841,7 @@ def test_failed_cells_keeps_the_existing_table(
 # -- the real command in a subprocess: exit code 2, one line on stderr, no traceback ----------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind",
     ["cells_huge_field", "locate_model_missing", "train_out_is_a_file", "evaluate_non_utf8", "locate_batch_size_0"],

@@ -162,6 +162,7 @@ def ready_page(chromium: str, url: str, errors: list[str], console: bool = False
             browser.close()
 
 
+@pytest.mark.slow
 def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path) -> None:
     gps_photo = tmp_path / "kauai_gps.jpg"  # the same photo with its GPS position in EXIF
     Image.open(KAUAI).convert("RGB").save(gps_photo, quality=90, exif=gps_exif(22.0964, -159.5261))
@@ -271,6 +272,7 @@ def thumbnail_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_page_shows_the_thumbnails_of_the_retrieved_photos(
     chromium: str, thumbnail_server: str, tmp_path: Path

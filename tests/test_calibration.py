@@ -121,6 +121,7 @@ def test_fit_tracks_the_truth_and_constant_thresholds() -> None:
     assert cal2.coef[0] == [0.0] * len(SIGNALS) and cal2.predict(x)[:, 0].max() < 0.01
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None)
 @given(
     x=arrays(

@@ -22,6 +22,7 @@ from .conftest import DEV_IMAGES, KAUAI, ROOT, dev_rows, write_csv
 RECIPE = ROOT / "recipes" / "default.yaml"
 
 
+@pytest.mark.slow
 def test_help_lists_every_command_and_each_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -77,6 +78,7 @@ def test_a_recipe_never_names_code_to_run(tmp_path):
     assert args["provenance"] == {"x": evil} and not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -141,6 +143,7 @@ def test_running_out_of_memory_is_named_not_called_a_bug(monkeypatch, capsys):
     assert err.startswith("geoswc backbones: error: out of memory (Unable to allocate 12.8 GiB") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_the_console_script_runs():
     out = subprocess.run(
         [sys.executable, "-m", "geoswc", "--version"],
@@ -272,6 +275,7 @@ def test_locate_reports_bad_photo_and_carries_on(tiny_workspace, tmp_path, capsy
     assert "lat" in lines[1]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_contract(tiny_workspace, tmp_path, capsys):
     rows = dev_rows(12, step=101)
     csv_path = write_csv(tmp_path / "bench.csv", rows + [{"image": "missing.jpg", "lat": "1", "lon": "2"}])

@@ -129,6 +129,7 @@ def test_a_gallery_photo_retrieves_itself_unless_its_name_guards_against_it(geo)
         assert len(p.neighbors) == k and r["image"] not in {n.image for n in p.neighbors}, r["image"]
 
 
+@pytest.mark.slow
 def test_pq_coded_copy_of_the_shipped_index_finds_the_exact_neighbours(geo, tmp_path):
     """The shipped gallery re-coded as 64-byte FAISS pq codes: within-cell searches (re-ranking 100 candidates
     exactly) mostly return the flat index's neighbours, and the example photo gets the same answer.

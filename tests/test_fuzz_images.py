@@ -95,6 +95,7 @@ def test_the_unmutated_photos_decode_with_their_position(fmt: str) -> None:
     assert abs(lat + 33.8667) < 1e-3 and abs(lon - 151.2083) < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mutated_image_bytes(fmt: str) -> None:
     @FUZZ
@@ -105,6 +106,7 @@ def test_mutated_image_bytes(fmt: str) -> None:
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_mutated_exif_blocks(fmt: str) -> None:
     @FUZZ
@@ -122,6 +124,7 @@ def test_mutated_exif_blocks(fmt: str) -> None:
 rationals = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     lat=st.lists(rationals, min_size=1, max_size=400).map(tuple),

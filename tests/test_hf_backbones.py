@@ -153,6 +153,7 @@ def test_registry_has_the_foundation_families_with_their_preprocessing():
         register_backbone(REGISTRY["dinov2-small"])
 
 
+@pytest.mark.slow
 def test_registry_sizes_and_widths_are_those_of_the_architectures():
     """Parameter counts and feature widths of every entry, from its architecture built without memory."""
     for spec in REGISTRY.values():
@@ -166,6 +167,7 @@ def test_registry_sizes_and_widths_are_those_of_the_architectures():
             assert bb.net.config.hidden_size == spec.feature_dim
 
 
+@pytest.mark.slow
 def test_plain_install_pulls_no_transformers():
     reqs = [r.replace(" ", "") for r in requires("geoswc") or []]  # the installed metadata of pyproject.toml
     assert not [r for r in reqs if r.startswith("transformers") and "extra==" not in r]

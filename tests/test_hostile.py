@@ -88,6 +88,7 @@ MALFORMED_GPS = {
 # -- 1. shard lists never run commands or fetch ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [
@@ -397,6 +398,7 @@ def _numeric_flags(command: str) -> list[str]:
 CASES = [(c, f) for c in BASE_ARGS for f in _numeric_flags(c)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,flag", CASES, ids=[f"{c}--{f}" for c, f in CASES])
 def test_every_numeric_flag_refuses_hostile_values_in_one_line(
     command: str, flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -520,6 +522,7 @@ KIND_CLASHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KIND_CLASHES))
 def test_no_command_writes_into_another_kind_of_artifact(
     kind: str, artifacts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -592,6 +595,7 @@ CONFIG_DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [*CONFIG_DAMAGE, "nested_100k_deep"])
 def test_a_damaged_model_config_is_exit_2_not_a_bug(
     kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -151,6 +151,7 @@ def uninterrupted(tiny_workspace: dict[str, Path]) -> dict[float, str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("val_fraction", [0.0, 0.3])  # 0.3: the best MvMF head so far is checkpointed too
 @pytest.mark.parametrize("kill_at", [2, 3])  # at the end of the MvMF phase, and in the RRM phase
 def test_kill_between_checkpoint_tensors_and_json_resumes(

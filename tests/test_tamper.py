@@ -130,6 +130,7 @@ def test_pristine_copies_load(pristine: dict[str, Path], case: str) -> None:
     loader(pristine[which])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ARTEFACTS))
 def test_flipped_byte_is_refused(copy: Callable[[str, str], Path], case: str) -> None:
     which, rel, loader = ARTEFACTS[case]
@@ -145,6 +146,7 @@ def test_flipped_byte_is_refused(copy: Callable[[str, str], Path], case: str) ->
         path.write_bytes(original)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in ARTEFACTS if c.endswith(".json") and c != "default/config.json"])
 def test_every_json_field_is_checked(copy: Callable[[str, str], Path], case: str) -> None:
     """A flip in any key or value of the metadata is refused: no field is left unchecked (a key that
@@ -322,7 +324,7 @@ def test_serve_warns_on_a_public_interface_without_a_token(
     if host == "192.168.1.20":  # an interface this machine may not have: only the warning is under test here
         import geoswc.workflow
 
-        monkeypatch.setattr(geoswc.workflow, "_check_bindable", lambda host, port: None)
+        monkeypatch.setattr(geoswc.workflow, "check_bindable", lambda host, port: None)
     seen = _serve(["--host", host, "--port", "0"], geo, monkeypatch)
     assert seen["host"] == host
     err = capsys.readouterr().err

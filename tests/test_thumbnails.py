@@ -375,6 +375,7 @@ def test_service_never_serves_a_damaged_thumbnail(thumbed: tuple[Geolocator, Pat
 # -- end to end on real photos ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_index_with_thumbnails_from_photos_and_from_features(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
