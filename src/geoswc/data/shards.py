@@ -342,6 +342,8 @@ class ShardSample:
     shard: str
     order: int
     """``shard ordinal << 32 | position in the shard``: sorting by it restores the shard set's order."""
+    path: Path | None = None
+    """The photo's file (a photo shard's sample), else None."""
 
     @property
     def index(self) -> int:
@@ -493,7 +495,7 @@ def iter_photos(
             yield SampleError(r.image, f"{r.path} cannot be read: {e.strerror or e}", order)
             continue
         ext = Path(r.path).suffix.lower().lstrip(".")
-        yield ShardSample(r.image, r.lat, r.lon, r.author, data, ext, key, shard.name, order)
+        yield ShardSample(r.image, r.lat, r.lon, r.author, data, ext, key, shard.name, order, Path(r.path))
 
 
 def iter_source(src: Source, ordinal: int, limits: ImageLimits = DEFAULT_LIMITS) -> Iterator[ShardSample | SampleError]:
@@ -528,6 +530,8 @@ class SampleMeta:
     author: str
     gps: tuple[float, float] | None = None
     """The photo's own GPS EXIF (only when the dataset was asked to read it)."""
+    path: Path | None = None
+    """The photo's file, when it was read from one (a photo shard)."""
 
 
 @dataclass(eq=False)
@@ -594,8 +598,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _prepare(self, s: ShardSample | SampleError) -> Item:
         if isinstance(s, SampleError):
             return s.order, None, InputError(f"{s.label}: {s.reason}"), SampleMeta(s.label, math.nan, math.nan, "")
-        meta = SampleMeta(s.image, s.lat, s.lon, s.author)
-        label = f"{s.image} ({Path(s.shard).name}#{s.key})"
+        meta = SampleMeta(s.image, s.lat, s.lon, s.author, path=s.path)
+        label = str(s.path) if s.path is not None else f"{s.image} ({Path(s.shard).name}#{s.key})"
         try:
             img = load_image(s.data, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM, name=label)
             x = make_views(
@@ -613,7 +617,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             return s.order, None, ImageError(f"{label} cannot be processed ({type(e).__name__}: {e})"), meta
         if self.read_exif:
             try:
-                meta = SampleMeta(s.image, s.lat, s.lon, s.author, read_gps(s.data, self.limits, label))
+                meta = SampleMeta(s.image, s.lat, s.lon, s.author, read_gps(s.data, self.limits, label), s.path)
             except ImageError:
                 pass
         return s.order, x, None, meta

@@ -24,8 +24,8 @@ from geoswc.core.errors import ArtifactError, InputError, building
 from geoswc.core.item_lines import ItemColumn, float_columns, row_offsets
 from geoswc.core.progress import progress_bar
 from geoswc.data.images import DEFAULT_LIMITS, ImageLimits
-from geoswc.data.records import Batch, ImageDataset, LoadReport, Record, loader
-from geoswc.data.shards import ShardDataset, listed_total, resolve_shards
+from geoswc.data.records import Batch, LoadReport, Record, loader
+from geoswc.data.shards import ShardDataset, Source, listed_total, photo_shards, resolve_shards
 from geoswc.models.backbone import create_backbone
 from geoswc.models.registry import backbone_fingerprint
 from geoswc.training.feature_files import FEATURES_FORMAT, ITEMS_HEADER, CacheInfo, FeatureWriter, Part, write_cache
@@ -176,20 +176,7 @@ def _read_items(path: Path, sha256: object) -> tuple[ItemColumn, ItemColumn, np.
     return ItemColumn(data, offsets, 0), ItemColumn(data, offsets, 1), pos[:, 0].copy(), pos[:, 1].copy()
 
 
-def _record_batches(
-    records: Sequence[Record], ex: Extractor, how: Extraction, indices: Sequence[int] | None = None
-) -> Iterator[Batch]:
-    """Batches whose metas are the records (bad items named by their image id)."""
-    ds: torch.utils.data.Dataset = ImageDataset(
-        [r.path for r in records], ex.config.preprocess, views=how.views, seed=how.seed, limits=how.limits
-    )
-    if indices is not None:
-        ds = torch.utils.data.Subset(ds, list(indices))  # items keep their index in ``records`` (augment seeds)
-    for b in loader(ds, how.batch_size, how.workers):
-        yield Batch(b.keys, b.images, [records[i] for i in b.keys.tolist()], [(k, records[k], e) for k, _, e in b.bad])
-
-
-def _shard_batches(shards: Sequence[str], ex: Extractor, how: Extraction) -> Iterator[Batch]:
+def _shard_batches(shards: Sequence[Source], ex: Extractor, how: Extraction) -> Iterator[Batch]:
     yield from loader(
         ShardDataset(shards, ex.config.preprocess, views=how.views, seed=how.seed, limits=how.limits),
         how.batch_size,
@@ -276,19 +263,21 @@ def _batches(
     rank: int = 0,
     world: int = 1,
 ) -> tuple[Iterator[Batch], LoadReport, int | None]:
-    """This process's batches (every ``world``-th record from ``rank``; shards are dealt by the dataset), an empty
-    report and the progress total."""
+    """This process's batches, an empty report and the progress total. Photos of a list are read as photo shards
+    (:func:`~geoswc.data.shards.photo_shards`, enough for every rank's decoding processes), so one dataset reads
+    lists and shards alike; the shards are dealt to the ranks by the dataset."""
     if records is not None:
         if not records:
             raise InputError("no photos to extract features from")
-        mine = range(rank, len(records), world)
-        report = LoadReport("feature extraction" + (f", rank {rank}" if world > 1 else ""), total=len(mine))
-        return _record_batches(records, ex, how, mine if world > 1 else None), report, len(mine)
-    assert shards is not None
-    if len(shards) < world:
-        log.warning("%d shards for %d ranks: some ranks have nothing to do", len(shards), world)
-    report = LoadReport("feature extraction (shards)" + (f", rank {rank}" if world > 1 else ""))
-    return _shard_batches(shards, ex, how), report, listed_total(shards[rank::world])
+        sources: list[Source] = list(photo_shards(records, parts=world * max(1, how.workers)))
+        total: int | None = sum(len(s.records) for s in sources[rank::world])  # type: ignore[union-attr]
+    else:
+        assert shards is not None
+        sources, total = list(shards), listed_total(shards[rank::world])
+    if len(sources) < world:
+        log.warning("%d shards for %d ranks: some ranks have nothing to do", len(sources), world)
+    report = LoadReport("feature extraction" + (f", rank {rank}" if world > 1 else ""), total=total or 0)
+    return _shard_batches(sources, ex, how), report, total
 
 
 def extract_features(
