@@ -172,3 +172,26 @@ def test_features_from_shards_equal_features_from_folder(dev_records, tmp_path, 
     cached = FeatureSet.load(tmp_path / "f")
     assert cached.names == folder.names
     assert torch.allclose(cached.features.float(), folder.features.half().float(), rtol=1e-3, atol=1e-4)  # float16
+
+
+def test_photo_shards_read_files_as_shards_do_and_refuse_pipes_without_blocking(tmp_path: Path) -> None:
+    """A photo list read as shards: keys are row numbers; a pipe, a folder or a missing file is one refused sample
+    (a pipe is never opened: reading it would block), and the rest are read."""
+    import os
+
+    from geoswc.data.records import Record
+    from geoswc.data.shards import ShardSample, iter_photos, photo_shards
+
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg_bytes((40, 30)))
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    names = ["good.jpg", "pipe.jpg", "folder.jpg", "missing.jpg", "good.jpg"]
+    records = [Record(n, tmp_path / n, 1.0, 2.0, "") for n in names]
+    shards = photo_shards(records, parts=2)
+    assert [s.first for s in shards] == [0, 3] and sum(len(s.records) for s in shards) == 5
+    got = [x for o, s in enumerate(shards) for x in iter_photos(s, o)]
+    assert [isinstance(x, ShardSample) for x in got] == [True, False, False, False, True]
+    assert "not a regular file" in got[1].reason and "directory" in got[2].reason
+    assert [x.key for x in got if isinstance(x, ShardSample)] == ["000000000", "000000004"]
+    assert got[0].data == good.read_bytes() and got[0].path == good

@@ -106,7 +106,19 @@ def _source_file(source: str | os.PathLike | bytes | BinaryIO, name: str, limits
 
 
 def _read_path(path: Path, name: str, limits: ImageLimits) -> BinaryIO:
-    """The bytes of the regular, non-empty file at ``path``, refused before reading when above the limit."""
+    return io.BytesIO(read_image_file(path, limits, name))
+
+
+def read_image_file(
+    path: str | os.PathLike[str], limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None
+) -> bytes:
+    """The bytes of the regular, non-empty file at ``path``, refused before reading when above the limit (a
+    pipe or a device, which would block or never end, is refused too).
+
+    Raises:
+        ImageError: naming ``name`` (default: the path).
+    """
+    path, name = Path(path), name or str(path)
     if path.is_dir():
         raise ImageError(f"{name} is a directory, not an image file", kind="unsupported")
     try:
@@ -121,7 +133,7 @@ def _read_path(path: Path, name: str, limits: ImageLimits) -> BinaryIO:
         raise ImageError(f"{name} is an empty file (0 bytes)", kind="empty")
     _check_max_bytes(size, name, limits)
     try:
-        return io.BytesIO(path.read_bytes())
+        return path.read_bytes()
     except OSError as e:
         raise ImageError(f"{name} cannot be read: {e.strerror or e}", kind="unreadable") from e
 

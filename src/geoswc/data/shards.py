@@ -35,7 +35,15 @@ from geoswc.core import distributed, storage
 from geoswc.core.config import Preprocess, digest
 from geoswc.core.errors import ImageError, InputError
 from geoswc.core.progress import progress_bar
-from geoswc.data.images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, load_image, open_image, read_gps
+from geoswc.data.images import (
+    DEFAULT_LIMITS,
+    IMAGE_EXTENSIONS,
+    ImageLimits,
+    load_image,
+    open_image,
+    read_gps,
+    read_image_file,
+)
 from geoswc.data.records import DRAFT_HEADROOM, Item, LoadReport, Record, make_views, parse_coord, worker_count
 from geoswc.data.sources import names_remote
 
@@ -486,13 +494,9 @@ def iter_photos(
     for pos, r in enumerate(shard.records):
         key, order = f"{shard.first + pos:09d}", ordinal << 32 | pos
         try:
-            size = Path(r.path).stat().st_size
-            if size > limits.max_bytes:
-                yield SampleError(r.image, f"{r.path} holds {size} bytes, above the limit of {limits.max_bytes}", order)
-                continue
-            data = Path(r.path).read_bytes()
-        except OSError as e:
-            yield SampleError(r.image, f"{r.path} cannot be read: {e.strerror or e}", order)
+            data = read_image_file(r.path, limits)
+        except ImageError as e:
+            yield SampleError(r.image, str(e), order)
             continue
         ext = Path(r.path).suffix.lower().lstrip(".")
         yield ShardSample(r.image, r.lat, r.lon, r.author, data, ext, key, shard.name, order, Path(r.path))
