@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from torch import nn
 
 from geoswc.core import distributed, storage
 from geoswc.core.config import BackboneConfig, CellConfig, HeadConfig, ModelConfig, Preprocess, TrainConfig
+from geoswc.core.errors import SettingError
 from geoswc.data.records import Record
 from geoswc.data.shards import write_shards
 from geoswc.geo.cells import build_cells
@@ -87,12 +90,20 @@ class _Stop(Exception):
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    os.environ.update(  # what torchrun --nproc-per-node 2 sets
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_RUN_ID="test",
     )
     torch.set_num_threads(1)
-    ctx = distributed.init_distributed("cpu")
-    assert ctx.enabled and ctx.rank == rank and ctx.world_size == world
+    eng = distributed.start("cpu")
+    assert eng.enabled and eng.rank == rank and eng.world_size == world
+    assert type(eng.fabric.strategy).__name__ == "DDPStrategy" and eng.precision == "32-true"
     tmp_path = Path(tmp)
     out: dict[str, torch.Tensor] = {}
     try:
@@ -132,7 +143,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             pass
         finally:
             torch.optim.AdamW.step = step
-        distributed.barrier()
+        eng.barrier()
         resumed = _model(cells)
         train_heads(resumed, fs, CFG, checkpoint_dir=tmp_path / "ckpt2", progress=False)
         out |= {f"resumed.{k}": v for k, v in _heads(resumed).items()}
@@ -155,9 +166,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         out["ft_loss"] = torch.tensor(hist["finetune"])
         out |= {f"ft.{k}": v.detach().clone() for k, v in ft.backbone.state_dict().items()}
         torch.save(out, tmp_path / f"rank{rank}.pt")
-        distributed.barrier()  # both ranks done before either leaves the group
+        eng.barrier()  # both ranks done before either leaves the group
     finally:
-        distributed.shutdown()
+        distributed.stop()
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +242,69 @@ def test_streamed_finetune_under_ddp(two_ranks):
     assert np.isfinite(r0["ft_loss"].numpy()).all() and torch.equal(r0["ft_loss"], r1["ft_loss"])
     for k in [k for k in r0 if k.startswith("ft.")]:
         assert torch.equal(r0[k], r1[k]), k
+
+
+@pytest.mark.slow
+def test_geoswc_train_under_torchrun_runs_on_fabric_ddp(tmp_path):
+    """``torchrun --nproc-per-node 2 -m geoswc train``: Fabric's DDP strategy on gloo, said once, and one model."""
+    fs, cells = _data()
+    fs.save(tmp_path / "features")
+    cells.save(tmp_path / "cells.csv")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CI", None)  # (nothing here reads it; keep the child's logging as a user's)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    args = ["-m", "geoswc", "train", "--features", str(tmp_path / "features"), "--cells", str(tmp_path / "cells.csv")]
+    args += ["--out", str(tmp_path / "model"), "--train.epochs", "2", "--train.rrm_epochs", "1", "--run.device", "cpu"]
+    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "Lightning Fabric DDPStrategy" in line]
+    assert len(said) == 1 and "2 process(es) on cpu, gloo, precision 32-true" in said[0], done.stderr[-3000:]
+    assert GeoModel.load(tmp_path / "model", with_backbone=False).config.train.epochs == 2
+
+
+def test_precisions_map_onto_fabric_names_with_one_line_errors():
+    cpu = torch.device("cpu")
+    assert [distributed.fabric_precision(cpu, p) for p in ("auto", "fp32", "bf16")] == [
+        "32-true",
+        "32-true",
+        "bf16-mixed",
+    ]
+    with pytest.raises(SettingError, match="fp16 needs a CUDA GPU; on a CPU use bf16 or fp32") as e:
+        distributed.fabric_precision(cpu, "fp16")
+    assert e.value.field == "precision" and "\n" not in str(e.value)
+    with pytest.raises(SettingError, match="precision must be one of auto, fp32, bf16, fp16, got 'half'"):
+        distributed.fabric_precision(cpu, "half")
+
+
+def test_a_bf16_engine_trains_the_heads_on_the_cpu():
+    """``--run.precision bf16`` on a CPU is Fabric's bf16-mixed (autocast), not silently fp32: the losses differ
+    from fp32's by rounding, not more."""
+    fs, cells = _data()
+    fp32 = train_heads(_model(cells), fs, CFG, progress=False)
+    eng = distributed.start("cpu", "bf16")
+    try:
+        assert eng.precision == "bf16-mixed" and not eng.enabled
+        with eng.autocast():
+            assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.bfloat16
+        bf16 = train_heads(_model(cells), fs, CFG, progress=False)
+    finally:
+        distributed.stop()
+    for phase, tol in (("mvmf", 0.8), ("rrm", 0.02)):
+        a, b = np.array(fp32[phase]), np.array(bf16[phase])
+        assert np.isfinite(b).all() and np.abs(a - b).max() < tol and not np.array_equal(a, b), (phase, a, b)
+    assert distributed.world_size() == 1 and distributed.engine().precision == "32-true"  # stopped: the default
+
+
+def test_fp16_on_a_cpu_is_refused_by_the_cli_naming_the_flag(tmp_path, capsys):
+    from geoswc.cli import main
+
+    fs, cells = _data()
+    fs.save(tmp_path / "f")
+    cells.save(tmp_path / "c.csv")
+    rc = main(
+        ["train", "--features", str(tmp_path / "f"), "--cells", str(tmp_path / "c.csv"), "--out", str(tmp_path / "m")]
+        + ["--run.device", "cpu", "--run.precision", "fp16"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "--run.precision" in err and "fp16 needs a CUDA GPU" in err, err
+    assert not (tmp_path / "m" / "config.json").exists()

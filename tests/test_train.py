@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from geoswc.core import distributed
 from geoswc.core.config import ModelConfig, TrainConfig
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import haversine_km, latlon_to_xyz
@@ -162,6 +163,7 @@ def test_max_steps_bounds_every_epoch(tmp_path):
         torch.optim.SGD(net.parameters(), lr=0.1),
         [0.1],
         [net],
+        distributed.engine(),
     )
     history: dict = {}
     run_phase(phase, Checkpointer(None, "k", {"net": net}), 0, history, progress=False)

@@ -111,14 +111,14 @@ def _load_geolocator(
 
 
 @contextmanager
-def _process_group(device: str) -> Iterator[distributed.DistContext]:
-    """Join the torchrun process group for the length of a step (a single process without torchrun)."""
-    ctx = distributed.init_distributed(device)
+def _engine(run: RunConfig) -> Iterator[distributed.Engine]:
+    """The step's engine on ``run``'s device and precision (under torchrun: its process group) for its length."""
+    eng = distributed.start(run.device, run.precision)
     try:
-        yield ctx
-        distributed.barrier()  # every rank done before any leaves the group (a step that failed skips this)
+        yield eng
+        eng.barrier()  # every rank done before any leaves the group (a step that failed skips this)
     finally:
-        distributed.shutdown()
+        distributed.stop()
 
 
 # -- the steps -----------------------------------------------------------------------------------------
@@ -183,14 +183,14 @@ def features(
         raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
     storage.claim_folder(out, "feature cache")
     records = None if data.shards else _geotagged(data)
-    with _process_group(run.device) as ctx:
+    with _engine(run) as eng:
         if model is not None:
             m = GeoModel.load(model)
             ex = Extractor(m.backbone, m.config.backbone, m.backbone_fingerprint)  # type: ignore[arg-type]
         else:
             ex = Extractor.from_config(backbone.resolve())
-        ex.backbone.to(ctx.device)
-        how = Extraction(views, seed, run.batch_size, run.workers, run.precision)
+        ex.backbone.to(eng.device)
+        how = Extraction(views, seed, run.batch_size, run.workers)
         fs, report = extract_and_save(out, ex, records=records, shards=data.shards, how=how)
     if fs is not None:
         log.info(
@@ -230,7 +230,7 @@ def train(
         provenance: free-form record of how the model was built (a recipe and its data digests), saved in it.
     """
     storage.claim_folder(out, "model")
-    with _process_group(run.device) as ctx:
+    with _engine(run) as eng:
         log.info("verifying and loading the feature cache %s", features)  # its checksum reads it once: minutes at MP-16
         feats, table = FeatureSet.load(features), CellTable.load(cells)
         config = ModelConfig(
@@ -243,7 +243,7 @@ def train(
         )
         model = GeoModel.create(config, table, with_backbone=train.finetune)
         history = _fit(model, feats, data, Path(out), run)
-    if not ctx.is_main:
+    if not eng.is_main:
         return model
     fp = model.to("cpu").save(out)
     losses = ", ".join(f"{k} {v[-1]:.3f}" for k, v in history.items() if v and k != "mvmf_val")
@@ -281,7 +281,7 @@ def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunCo
     history = train_heads(model, feats, cfg, checkpoint_dir=out / "checkpoint")
     if cfg.finetune:
         ckpt = out / "checkpoint-finetune"
-        world = distributed.context().world_size
+        world = distributed.world_size()
         photos = data.shards or photo_shards(_geotagged(data), parts=world)
         history |= finetune(model, photos, cfg, ckpt, run)
     return history

@@ -10,7 +10,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, TypedDict, TypeVar
 
 from geoswc.core.errors import ArtifactError, SettingError
@@ -22,6 +22,10 @@ Method = Literal["swc", "classification", "retrieval"]
 """How a photo is located: search within the chosen cell (the paper), the chosen cell's centroid, or
 the clustering of the top-k neighbours of the whole gallery."""
 METHODS: tuple[str, ...] = typing.get_args(Method)
+
+LATER: types.MappingProxyType[str, Any] = types.MappingProxyType({"omit_default": True})
+"""``field(default=..., metadata=LATER)``: a field added after format 1. :func:`to_dict` leaves it out while it
+holds its default, so that configs which do not use it serialise, and digest, exactly as before it existed."""
 
 
 def check_field(obj: Any, name: str, ok: bool, rule: str) -> None:
@@ -90,10 +94,25 @@ class Preprocess:
     resize: Literal["center_crop", "squash"] = "center_crop"
     """``center_crop``: shorter side to ``image_size``, then the central square; ``squash``: the whole
     image resized to a square (keeps everything, distorts the aspect ratio)."""
+    crop_fraction: float = field(default=1.0, metadata=LATER)
+    """Share of the resized image's side kept by the evaluation crop (timm's ``crop_pct``): the image is first
+    resized to ``round(image_size / crop_fraction)`` (the shorter side, or the whole square for ``squash``),
+    then the central ``image_size`` square is kept. 1.0: no margin cut away."""
+    interpolation: Literal["bicubic", "bilinear"] = field(default="bicubic", metadata=LATER)
+    """The PIL resampling of the resizes, at evaluation and in the training augmentation."""
 
     def __post_init__(self) -> None:
         check_field(self, "resize", self.resize in ("center_crop", "squash"), "must be 'center_crop' or 'squash'")
         check_field(self, "image_size", 32 <= self.image_size <= 1024, "must be in 32..1024")
+        check_field(
+            self,
+            "crop_fraction",
+            _is_number(self.crop_fraction) and 0.5 <= self.crop_fraction <= 1.0,
+            "must be a number in [0.5, 1]",
+        )
+        check_field(
+            self, "interpolation", self.interpolation in ("bicubic", "bilinear"), "must be 'bicubic' or 'bilinear'"
+        )
 
 
 @dataclass(frozen=True)
@@ -293,8 +312,32 @@ class ModelConfig:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as a JSON-ready dict (tuples become lists)."""
-    return json.loads(json.dumps(asdict(obj)))
+    """A dataclass as a JSON-ready dict (tuples become lists), recursing into nested dataclasses.
+
+    A field marked :data:`LATER` (added after format 1) is left out while it equals its default: configs that
+    do not use it serialise, and digest, exactly as before; :func:`from_dict` restores the default."""
+    return json.loads(json.dumps(_plain(obj)))
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with its dataclasses as dicts (less their :data:`LATER` fields at the default), as ``asdict``."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if not _at_later_default(f, getattr(obj, f.name))
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _at_later_default(f: Field[Any], value: Any) -> bool:
+    """Whether field ``f`` is marked :data:`LATER` and ``value`` is its default."""
+    if not f.metadata.get("omit_default"):
+        return False
+    default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+    return default is not MISSING and bool(value == default)
 
 
 def non_default(obj: Any) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""Data-parallel helpers for runs launched by ``torchrun``; every helper is a no-op in a single process.
+"""The engine under every device, precision and data-parallel path: Lightning Fabric.
 
-Under ``torchrun`` each process reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from its environment
-and joins a process group: NCCL when it drives a GPU (``cuda:LOCAL_RANK``), gloo on CPU. Training keeps
-one *global* batch per step, the same on every rank; each rank computes its contiguous slice of it
-(:func:`shard_range`) and the gradients are averaged, so a run gives the same model on any number of
-processes (up to floating-point summation order).
+A plain command runs as one process on one device. Under ``torchrun`` (any number of nodes) each process
+joins Fabric's DDP strategy (NCCL on GPUs, gloo on CPUs) on ``cuda:LOCAL_RANK`` or the CPU, and Fabric
+synchronises the gradients during the backward pass. Mixed precision is Fabric's too (``--run.precision``:
+``fp32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed``, ``fp16`` -> ``16-mixed`` with its loss scaler).
+
+Training keeps one *global* batch per step, the same on every rank; each rank computes its contiguous slice of
+it (:func:`shard_range`) and the gradients are averaged, so a run gives the same model on any number of
+processes (up to floating-point summation order). What stays here is only what SwC needs on top of Fabric:
+the rank's slice, and a differentiable gather of rows of uneven counts for the contrastive loss.
 """
 
 from __future__ import annotations
@@ -12,47 +16,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+import warnings
+from contextlib import AbstractContextManager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from geoswc.core.errors import InputError, SettingError
+from geoswc.core.config import RunConfig
+from geoswc.core.errors import SettingError
+
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process stands in a data-parallel run (rank 0 of 1 when not launched by torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def enabled(self) -> bool:
-        """True when more than one process takes part."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the only process that writes files and shows progress."""
-        return self.rank == 0
-
-
-_context: DistContext | None = None
+_FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
 
 def launched_by_torchrun() -> bool:
-    """Whether the torchrun environment variables are set."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    """Whether this process was started by ``torchrun`` (torch elastic)."""
+    return dist.is_available() and dist.is_torchelastic_launched()
 
 
 def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
@@ -67,193 +53,236 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int = 0
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
         raise SettingError(
-            f"device {str(device)!r} is not a device ({e}); use auto, cpu or cuda[:N]", None, "device"
+            f"device {str(device)!r} is not a device ({e}); use auto, cpu or cuda[:N]", RunConfig, "device"
         ) from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SettingError(f"device {dev} is not available here (no CUDA GPU); use auto or cpu", None, "device")
+        raise SettingError(f"device {dev} is not available here (no CUDA GPU); use auto or cpu", RunConfig, "device")
     if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
-        raise SettingError(f"device {dev} is not available here ({torch.cuda.device_count()} GPUs)", None, "device")
+        raise SettingError(
+            f"device {dev} is not available here ({torch.cuda.device_count()} GPUs)", RunConfig, "device"
+        )
     if dev.type not in ("cpu", "cuda"):
-        raise SettingError(f"device {dev} is not supported; use auto, cpu or cuda[:N]", None, "device")
+        raise SettingError(f"device {dev} is not supported; use auto, cpu or cuda[:N]", RunConfig, "device")
     return dev
 
 
-def init_distributed(device: str | torch.device | None = None, timeout_s: float = 3600.0) -> DistContext:
-    """Join the torchrun process group (NCCL on GPU, gloo on CPU); without torchrun, a single-process context.
+def fabric_precision(device: torch.device, precision: str = "auto") -> str:
+    """Fabric's name for ``--run.precision`` on ``device``: ``auto`` is ``32-true`` on a CPU and ``bf16-mixed``
+    on a GPU that has bf16 (else ``16-mixed``).
+
+    Raises:
+        SettingError: an unknown name, or fp16 on a CPU (PyTorch has no fp16 autocast there).
+    """
+    if precision not in PRECISIONS:
+        raise SettingError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", RunConfig, "precision"
+        )
+    if precision == "auto":
+        if device.type != "cuda":
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if precision == "fp16" and device.type != "cuda":
+        raise SettingError("precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32", RunConfig, "precision")
+    return _FABRIC_PRECISION[precision]
+
+
+class Engine:
+    """This process's place in a run and the Fabric that drives it (rank 0 of 1 outside ``torchrun``)."""
+
+    def __init__(self, fabric: Fabric, precision: str, local_rank: int = 0) -> None:
+        self.fabric, self.local_rank = fabric, local_rank
+        self.precision = precision
+        """Fabric's precision setting (``32-true``, ``bf16-mixed``, ``16-mixed``)."""
+
+    @property
+    def rank(self) -> int:
+        return int(self.fabric.global_rank)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.fabric.world_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and shows progress."""
+        return self.rank == 0
+
+    def setup(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """``module`` on this engine's device under its precision (DDP-wrapped under torchrun) and its
+        optimizer (its step scales fp16 losses). Call the returned module; its parameters are ``module``'s."""
+        return self.fabric.setup(module, optimizer)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass (gradients averaged over ranks as they are computed; fp16 losses scaled)."""
+        self.fabric.backward(loss)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The precision's autocast, for forward passes outside :meth:`setup` (feature extraction)."""
+        return self.fabric.autocast()
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.enabled:
+            self.fabric.barrier()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over ranks (``t`` itself in a single process)."""
+        return self.fabric.all_reduce(t, reduce_op="sum") if self.enabled else t
+
+    def mean(self, value: float) -> float:
+        """Mean of a Python number over ranks."""
+        if not self.enabled:
+            return value
+        return float(self.fabric.all_reduce(torch.tensor([value], dtype=torch.float64), reduce_op="mean")[0])
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x (n_r, ...)`` in rank order -> ``(sum n_r, ...)``, differentiably (counts may differ).
+
+        When every rank computes the same loss on the gathered rows and the gradients are averaged (DDP), each
+        parameter receives exactly the gradient of that loss.
+        """
+        if not self.enabled:
+            return x
+        counts = [int(c) for c in self.fabric.all_gather(torch.tensor(x.shape[0], device=x.device)).tolist()]
+        top = max(counts)
+        padded = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))]) if x.shape[0] < top else x
+        with warnings.catch_warnings():  # Fabric's gather with gradients calls torch.distributed.nn's all_gather
+            warnings.filterwarnings("ignore", category=FutureWarning, module="lightning_fabric")
+            parts = self.fabric.all_gather(padded, sync_grads=True)
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+
+def _create(device: str, precision: str, timeout_s: float) -> Engine:
+    """A Fabric for ``device`` and ``precision``: one device, or DDP over torchrun's processes (launched)."""
+    from lightning_fabric import Fabric  # import-time cost (1 s): only extracting and training load Lightning
+    from lightning_fabric.strategies import DDPStrategy  # (the same)
+
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    if world > 1 and str(device).startswith("cuda:"):
+        raise SettingError(
+            f"under torchrun each process drives cuda:LOCAL_RANK; use --run.device cuda or auto, not {device}",
+            RunConfig,
+            "device",
+        )
+    dev = resolve_device(device, local_rank)
+    fabric_prec = fabric_precision(dev, precision)
+    if world > 1:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        strategy: Any = DDPStrategy(timeout=timedelta(seconds=timeout_s))
+        devices: Any = local_world
+        nodes = world // local_world
+    else:
+        strategy, devices, nodes = "auto", [dev.index] if dev.type == "cuda" else 1, 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Lightning.*", category=UserWarning)
+        fabric = Fabric(
+            accelerator=dev.type, devices=devices, num_nodes=nodes, strategy=strategy, precision=fabric_prec
+        )
+        fabric.launch()
+    return Engine(fabric, fabric_prec, local_rank)
+
+
+_current: Engine | None = None
+_made: dict[tuple[str, str], Engine] = {}
+"""Single-process engines made for the Python API, by ``(device, precision)``."""
+
+
+def start(device: str = "auto", precision: str = "auto", timeout_s: float = 3600.0) -> Engine:
+    """Make this process's engine for a command (under torchrun: join the process group) and log it once.
 
     Args:
-        device: ``auto``/None (``cuda:LOCAL_RANK`` if available, else CPU), ``cpu`` or ``cuda``.
+        device: ``auto`` (``cuda:LOCAL_RANK`` if present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see :func:`fabric_precision`).
         timeout_s: how long collectives wait for the slowest rank (feature extraction can be uneven).
+
+    Raises:
+        SettingError: a device this machine lacks, or a precision it cannot run.
     """
-    global _context
-    if dist.is_available() and dist.is_initialized():
-        return context()
-    if not launched_by_torchrun():
-        _context = DistContext(device=resolve_device(device))
-        return _context
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    _context = DistContext(rank, world, local, dev)
-    log.info("rank %d of %d on %s (%s)", rank, world, dev, backend)
-    return _context
+    global _current
+    if _current is not None:
+        return _current
+    _current = _create(device, precision, timeout_s)
+    e = _current
+    if e.is_main:
+        backend = f", {dist.get_backend()}" if e.enabled else ""
+        log.info(
+            "Lightning Fabric %s: %d process(es) on %s%s, precision %s",
+            type(e.fabric.strategy).__name__,
+            e.world_size,
+            e.device.type,
+            backend,
+            e.precision,
+        )
+    return e
 
 
-def context() -> DistContext:
-    """The current context: the one :func:`init_distributed` made, else rank 0 of 1 on the CPU."""
-    global _context
-    if dist.is_available() and dist.is_initialized():
-        if _context is None or _context.world_size != dist.get_world_size():
-            _context = DistContext(
-                dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), resolve_device(None)
-            )
-        return _context
-    return _context if _context is not None else DistContext()
+def engine() -> Engine:
+    """The engine :func:`start` made; without one, a single-process engine on the CPU in fp32."""
+    return _current if _current is not None else engine_for("cpu", "fp32")
 
 
-def shutdown() -> None:
-    """Leave the process group (if any)."""
-    global _context
+def engine_for(device: str = "auto", precision: str = "auto") -> Engine:
+    """The started engine (a command's), else a single-process one for ``device`` and ``precision`` (the
+    Python API's; under torchrun it is started)."""
+    if _current is not None:
+        return _current
+    if launched_by_torchrun():
+        return start(device, precision)
+    key = (str(device), precision)
+    if key not in _made:
+        _made[key] = _create(*key, 3600.0)
+    return _made[key]
+
+
+def stop() -> None:
+    """Leave the process group (if any) and forget the started engine."""
+    global _current
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _context = None
+    _current = None
 
 
-def shard_range(n: int, ctx: DistContext | None = None) -> tuple[int, int]:
-    """This rank's contiguous slice ``[lo, hi)`` of ``n`` items (sizes differ by at most one)."""
-    ctx = ctx or context()
-    base, extra = divmod(n, ctx.world_size)
-    lo = ctx.rank * base + min(ctx.rank, extra)
-    return lo, lo + base + (1 if ctx.rank < extra else 0)
+def rank() -> int:
+    """This process's rank in the started engine (0 without one); cheap: no Fabric is made."""
+    return _current.rank if _current is not None else 0
 
 
-def _comm_device() -> torch.device:
-    ctx = context()
-    return ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+def world_size() -> int:
+    """Processes in the started engine (1 without one); cheap: no Fabric is made."""
+    return _current.world_size if _current is not None else 1
 
 
 def barrier() -> None:
-    if context().enabled:
-        dist.barrier()
+    """Wait for every rank of the started engine (nothing without one)."""
+    if _current is not None:
+        _current.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over ranks (a new tensor on ``t``'s device); ``t`` itself in a single process."""
-    if not context().enabled:
-        return t
-    buf = t.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(buf)
-    return buf.to(t.device)
+def autocast() -> AbstractContextManager[Any]:
+    """The started engine's autocast (nothing without one): for inference outside :meth:`Engine.setup`."""
+    return _current.autocast() if _current is not None else contextlib.nullcontext()
 
 
-def all_reduce_mean(value: float) -> float:
-    """Mean of a Python number over ranks."""
-    if not context().enabled:
-        return value
-    return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64))[0]) / context().world_size
+def is_main() -> bool:
+    """Rank 0: the only process that writes files and shows progress."""
+    return rank() == 0
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """All-reduce and average the gradients of ``params`` in place (missing gradients count as zeros),
-    in flat buckets of about 25 MB."""
-    ctx = context()
-    if not ctx.enabled:
-        return
-    grads = []
-    for p in params:
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for g in [*grads, None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket and (g is None or size >= 25 << 20):
-            flat = torch.cat([b.reshape(-1) for b in bucket]).to(_comm_device())
-            dist.all_reduce(flat)
-            flat /= ctx.world_size
-            off = 0
-            for b in bucket:
-                b.copy_(flat[off : off + b.numel()].view_as(b).to(b.device))
-                off += b.numel()
-            bucket, size = [], 0
-
-
-def broadcast_module(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank."""
-    if not context().enabled:
-        return
-    for t in module.state_dict().values():
-        buf = t.detach().to(_comm_device())
-        dist.broadcast(buf, 0)
-        if buf.data_ptr() != t.data_ptr():
-            t.copy_(buf.to(t.device))
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 with per-rank sizes; the backward sums the gradients of every rank."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world, rank = dist.get_world_size(), dist.get_rank()
-        dev = _comm_device()
-        sizes_t = torch.zeros(world, dtype=torch.long, device=dev)
-        sizes_t[rank] = x.shape[0]
-        dist.all_reduce(sizes_t)
-        sizes = [int(s) for s in sizes_t.tolist()]
-        top = max(sizes)
-        padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=dev)
-        padded[: x.shape[0]] = x.detach().to(dev)
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        ctx.lo, ctx.n, ctx.in_device = sum(sizes[:rank]), x.shape[0], x.device
-        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).to(x.device)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        g = grad.contiguous().to(_comm_device(), copy=True)
-        dist.all_reduce(g)
-        return g[ctx.lo : ctx.lo + ctx.n].to(ctx.in_device)
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``x (n_r, ...)`` in rank order -> ``(sum n_r, ...)``, differentiably.
-
-    When every rank computes the same loss on the gathered rows and the gradients are then averaged
-    (:func:`average_gradients` or DDP), each parameter receives exactly the gradient of that loss.
-    """
-    if not context().enabled:
-        return x
-    return _GatherRows.apply(x)
-
-
-def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``: None (fp32) on the CPU and for ``fp32``;
-    ``auto`` picks bf16 where the GPU supports it, else fp16."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    """Mixed precision on GPUs (``dtype`` from :func:`resolve_precision`); nothing when ``dtype`` is None."""
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
+def shard_range(n: int, eng: Engine | None = None) -> tuple[int, int]:
+    """This rank's contiguous slice ``[lo, hi)`` of ``n`` items (sizes differ by at most one)."""
+    r, world = (eng.rank, eng.world_size) if eng is not None else (rank(), world_size())
+    base, extra = divmod(n, world)
+    lo = r * base + min(r, extra)
+    return lo, lo + base + (1 if r < extra else 0)

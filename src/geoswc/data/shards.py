@@ -584,9 +584,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         samples = (s for ordinal, src in wds.split_by_worker(shards) for s in iter_source(src, ordinal, self.limits))
         if self.shuffle_buffer > 1:
             info = torch.utils.data.get_worker_info()
-            rng = self._rng(
-                cycle, distributed.context().rank if self.split_ranks else 0, info.id if info is not None else 0
-            )
+            rng = self._rng(cycle, distributed.rank() if self.split_ranks else 0, info.id if info is not None else 0)
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         return samples
 

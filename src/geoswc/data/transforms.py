@@ -12,23 +12,37 @@ _MAX_ASPECT = 8
 """Beyond this aspect ratio, center_crop crops before resizing (bounded memory)."""
 
 
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+"""PIL's filter for each :attr:`Preprocess.interpolation`."""
+
+
+def _resample(img: Image.Image, size: tuple[int, int], pre: Preprocess) -> Image.Image:
+    """``img`` resized to ``size`` with ``pre``'s interpolation."""
+    return img.resize(size, _RESAMPLING[pre.interpolation], reducing_gap=3.0)
+
+
+def _center(img: Image.Image, s: int) -> Image.Image:
+    """The central ``s`` x ``s`` square of ``img`` (at least that large)."""
+    w, h = img.size
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
 def _resize(img: Image.Image, pre: Preprocess) -> Image.Image:
+    """``img`` at ``pre.image_size`` square: resized to ``round(image_size / crop_fraction)`` (the shorter side
+    for ``center_crop``, the whole square for ``squash``), then the central square."""
     s = pre.image_size
+    r = round(s / pre.crop_fraction)
     if pre.resize == "squash":
-        return img.resize((s, s), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return _center(_resample(img, (r, r), pre), s)
     w, h = img.size
     if max(w, h) > _MAX_ASPECT * min(w, h):
         # A 1 x 30000 image would be scaled to 224 x 6.7M pixels before the crop (GBs of memory): crop the
         # central square first. Ordinary photos keep the resize-then-crop path (bit-identical features).
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
+        img = _center(img, min(w, h))
         w, h = img.size
-    scale = s / min(w, h)
-    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - s) // 2, (nh - s) // 2
-    return img.crop((left, top, left + s, top + s))
+    scale = r / min(w, h)
+    return _center(_resample(img, (max(r, round(w * scale)), max(r, round(h * scale))), pre), s)
 
 
 def to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
@@ -60,7 +74,7 @@ def augment(img: Image.Image, pre: Preprocess, rng: np.random.Generator) -> torc
             img = img.crop((x0, y0, x0 + cw, y0 + ch))
             break
     s = pre.image_size
-    img = img.resize((s, s), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    img = _resample(img, (s, s), pre)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))

@@ -264,7 +264,7 @@ def _pretrained(spec: BackboneSpec, where: Path | HubWeights) -> nn.Module:
             )
         source, local = str(where), True
     else:  # torchrun ranks never download: all at once they would race on the cache
-        source, local = where.repo, offline() or distributed.context().enabled
+        source, local = where.repo, offline() or distributed.world_size() > 1
     log.info("loading %s weights from %s", spec.name, source)
     try:
         with _quiet_loading(tf):

@@ -77,6 +77,10 @@ class BackboneSpec:
     ``siglip``."""
     resize: str = "center_crop"
     """The resize policy the weights were trained with (the default of ``--backbone.resize``)."""
+    crop_fraction: float = 1.0
+    """The evaluation crop the weights were trained with (timm's ``crop_pct``; see :class:`Preprocess`)."""
+    interpolation: str = "bicubic"
+    """The resampling the weights were trained with: ``bicubic`` or ``bilinear``."""
     params_m: float = 0.0
     """Parameters of the feature extractor, millions (checked against the architecture by the tests)."""
     arch: tuple[tuple[str, Any], ...] = ()

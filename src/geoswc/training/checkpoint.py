@@ -92,7 +92,7 @@ class Checkpointer:
 
     def save(self, optimizer: torch.optim.Optimizer | None, progress: dict[str, Any]) -> None:
         """Write the modules, the optimizer's state and ``progress`` (under torchrun: rank 0 only)."""
-        if self.folder is None or not distributed.context().is_main:
+        if self.folder is None or not distributed.is_main():
             return
         tensors = {f"{n}.{k}": v.detach().cpu() for n, m in self.modules.items() for k, v in m.state_dict().items()}
         opt_meta: dict[str, Any] = {}
@@ -129,9 +129,9 @@ class Checkpointer:
 class Phase:
     """One training phase: how its batches are drawn, the loss of a batch, and what it optimises.
 
-    Under torchrun, ``sync_gradients`` averages the gradients of ``modules`` over the ranks after each
-    backward pass (left False when DDP does it); ``scaler`` scales fp16 losses; ``end_of_epoch`` runs after
-    each epoch, before its checkpoint is written.
+    ``optimizer`` comes from :meth:`~geoswc.core.distributed.Engine.setup` (under torchrun its module is
+    DDP-wrapped, so gradients are averaged during ``engine.backward``); ``end_of_epoch`` runs after each epoch,
+    before its checkpoint is written.
     """
 
     name: str
@@ -145,8 +145,7 @@ class Phase:
     """Peak learning rate of each parameter group."""
     modules: Sequence[nn.Module]
     """What the phase trains (put in train mode during its epochs)."""
-    sync_gradients: bool = False
-    scaler: torch.amp.GradScaler | None = None
+    engine: distributed.Engine
     end_of_epoch: Callable[[], None] | None = None
 
 
@@ -164,7 +163,7 @@ def run_phase(
         torch.manual_seed(es)
         losses = _epoch(phase, epoch, np.random.default_rng(es), progress)
         # Each rank's loss is scaled so that their mean is the loss of the global batch.
-        mean = distributed.all_reduce_mean(float(np.mean(losses))) if losses else float("nan")
+        mean = phase.engine.mean(float(np.mean(losses))) if losses else float("nan")
         if losses and not math.isfinite(mean):  # never save (or go on from) weights that hold NaN or inf
             raise SettingError(
                 f"training diverged: the {phase.name} loss of epoch {epoch + 1} is {mean}; lower "
@@ -187,7 +186,6 @@ def run_phase(
 
 def _epoch(phase: Phase, epoch: int, rng: np.random.Generator, progress: bool) -> list[float]:
     """One epoch of optimisation steps; returns this rank's loss of each step."""
-    params = [p for m in phase.modules for p in m.parameters()]
     for m in phase.modules:
         m.train()
     total = phase.epochs * phase.steps_per_epoch
@@ -201,21 +199,15 @@ def _epoch(phase: Phase, epoch: int, rng: np.random.Generator, progress: bool) -
         unit="batch",
         leave=False,
         total=steps,
-        show=progress and distributed.context().is_main,
+        show=progress and distributed.is_main(),
     )
     for b_i, batch in enumerate(bar):
         for g, base in zip(phase.optimizer.param_groups, phase.base_lrs, strict=True):
             g["lr"] = cosine_lr(base, epoch * phase.steps_per_epoch + b_i, total, warmup)
         loss = phase.loss(batch)
         phase.optimizer.zero_grad(set_to_none=True)
-        (phase.scaler.scale(loss) if phase.scaler is not None else loss).backward()
-        if phase.sync_gradients:
-            distributed.average_gradients(params)
-        if phase.scaler is not None:
-            phase.scaler.step(phase.optimizer)
-            phase.scaler.update()
-        else:
-            phase.optimizer.step()
+        phase.engine.backward(loss)
+        phase.optimizer.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses

@@ -50,7 +50,8 @@ class Extractor:
 
 @dataclass(frozen=True)
 class Extraction:
-    """How features are extracted: views per photo, batching, decoding processes and precision."""
+    """How features are extracted: views per photo, batching and decoding processes (the device and the precision
+    are the engine's: :func:`geoswc.core.distributed.start`)."""
 
     views: int = 1
     """1 = the plain preprocessed image; more adds random augmented views (training)."""
@@ -59,8 +60,6 @@ class Extraction:
     batch_size: int = 32
     workers: int = 0
     """Decoding processes (0: in the calling process)."""
-    precision: str = "fp32"
-    """``fp32``, or mixed precision on a GPU (``auto``, ``bf16``, ``fp16``; ignored on the CPU)."""
     limits: ImageLimits = DEFAULT_LIMITS
     progress: bool = True
 
@@ -227,16 +226,15 @@ def _run_backbone(
     """Run the backbone over the batches: each good photo's features ``(V, D)`` go to ``sink`` with its key and
     meta, each bad one to ``report``."""
     device = next(ex.backbone.parameters()).device
-    dtype = distributed.resolve_precision(device, how.precision)
     ex.backbone.eval()
-    show = how.progress and distributed.context().is_main
+    show = how.progress and distributed.is_main()
     with progress_bar(total=total, desc="features", unit="img", show=show) as bar:
         for b in batches:
             for _, meta, err in b.bad:
                 report.skip(meta.image, str(err))
             if b.images is not None:
                 x = b.images
-                with distributed.autocast(device, dtype):
+                with distributed.autocast():
                     f = ex.backbone(x.reshape(-1, *x.shape[-3:]).to(device))
                 sink.add(b.keys, f.float().cpu().reshape(x.shape[0], how.views, -1), b.metas)
             bar.update(len(b.keys) + len(b.bad))
@@ -365,11 +363,11 @@ def extract_and_save(
     """
     if (records is None) == (shards is None):
         raise InputError("give records or shards")
-    ctx = distributed.context()
+    rank, world = distributed.rank(), distributed.world_size()
     urls = resolve_shards(shards) if shards is not None else None
-    batches, report, total = _batches(ex, how, records, urls, ctx.rank, ctx.world_size)
+    batches, report, total = _batches(ex, how, records, urls, rank, world)
     parts = Path(out) / ".parts"
-    writer = FeatureWriter(parts / f"rank-{ctx.rank:05d}" if ctx.enabled else out, how.views, ex.config.feature_dim)
+    writer = FeatureWriter(parts / f"rank-{rank:05d}" if world > 1 else out, how.views, ex.config.feature_dim)
     sink = _Handed(
         lambda keys, feats, metas: writer.add(
             keys.numpy(),
@@ -386,22 +384,22 @@ def extract_and_save(
         writer.abort()
         raise
     report.total = sink.count + len(report.skipped)
-    if not ctx.enabled:
+    if world == 1:
         try:
             return _finish_cache(Path(out), [writer.part()], [report], ex, how)
         finally:
             writer.abort()
     writer.part().save_index()
     storage.write_json(
-        parts / f"rank-{ctx.rank:05d}.json",
+        parts / f"rank-{rank:05d}.json",
         {"staging": writer.staging.name, "total": report.total, "skipped": report.skipped},
     )
     distributed.barrier()
-    if not ctx.is_main:
+    if rank != 0:
         return None, report
     try:  # rank 0: the ranks' staged parts written as one cache, in input order
         staged, reports = [], []
-        for r in range(ctx.world_size):
+        for r in range(world):
             meta = storage.read_json(parts / f"rank-{r:05d}.json", f"features of rank {r}")
             staged.append(Part.load(parts / f"rank-{r:05d}" / Path(str(meta["staging"])).name))
             reports.append(LoadReport(f"rank {r}", int(meta["total"]), [(str(a), str(b)) for a, b in meta["skipped"]]))

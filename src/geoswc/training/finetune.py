@@ -32,29 +32,29 @@ log = logging.getLogger(__name__)
 
 
 class _FinetuneNet(nn.Module):
-    """The backbone (under autocast on GPUs) then the heads in float32: the module DDP wraps."""
+    """The backbone then the heads: the module the engine sets up (DDP under torchrun; its forward runs under the
+    precision's autocast and returns float32)."""
 
-    def __init__(self, model: GeoModel, dtype: torch.dtype | None) -> None:
+    def __init__(self, model: GeoModel) -> None:
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images (B, 3, S, S)`` -> ``(logits (B, C), embeddings (B, D))``."""
         assert self.model.backbone is not None
-        with distributed.autocast(x.device, self.dtype):
-            f = self.model.backbone(x)
-        return self.model.heads(f.float())
+        return self.model.heads(self.model.backbone(x))
 
 
 class _Finetuning:
-    """A fine-tuning run's network (DDP-wrapped under torchrun), optimizer, loss scaler and checkpointer."""
+    """A fine-tuning run's network and optimizer (set up by the engine: DDP under torchrun, the precision's
+    autocast and fp16 loss scaling) and its checkpointer."""
 
     def __init__(
-        self, model: GeoModel, cfg: TrainConfig, run: RunConfig, key: str, checkpoint_dir: str | Path | None
+        self, model: GeoModel, cfg: TrainConfig, eng: distributed.Engine, key: str, checkpoint_dir: str | Path | None
     ) -> None:
         if model.backbone is None:
             raise InputError("fine-tuning needs a model with a backbone")
-        self.model, self.cfg, self.ctx = model, cfg, distributed.context()
+        self.model, self.cfg, self.eng = model, cfg, eng
         self.ckpt = Checkpointer(
             Path(checkpoint_dir) if checkpoint_dir else None,
             key,
@@ -62,11 +62,8 @@ class _Finetuning:
         )
         self.ckpt.resume()
         self.history: dict[str, list[float]] = self.ckpt.state.get("history", {})
-        self.dev = (
-            self.ctx.device if run.device == "auto" else distributed.resolve_device(run.device, self.ctx.local_rank)
-        )
-        dtype = distributed.resolve_precision(self.dev, run.precision)
-        if self.ctx.enabled and self.dev.type == "cuda":  # batch statistics over the global batch
+        self.dev = eng.device
+        if eng.enabled and self.dev.type == "cuda":  # batch statistics over the global batch
             model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
             self.ckpt.modules["backbone"] = model.backbone  # (the same state dict)
         if cfg.finetune_blocks:  # any nn.Module can be fine-tuned whole; a registry backbone also by blocks
@@ -79,12 +76,7 @@ class _Finetuning:
                 trainable,
             )
         model.to(self.dev)
-        self.net: nn.Module = _FinetuneNet(model, dtype)
-        if self.ctx.enabled:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.dev] if self.dev.type == "cuda" else None
-            )
-        self.opt = torch.optim.AdamW(
+        opt = torch.optim.AdamW(
             [
                 {
                     "params": [p for p in model.backbone.parameters() if p.requires_grad],
@@ -97,7 +89,7 @@ class _Finetuning:
             ],
             lr=cfg.finetune_lr,
         )
-        self.scaler = torch.amp.GradScaler(self.dev.type) if dtype == torch.float16 else None
+        self.net, self.opt = eng.setup(_FinetuneNet(model), opt)
 
     def phase(self, steps: int, batches: Any, loss: Any) -> Phase:
         return Phase(
@@ -109,7 +101,7 @@ class _Finetuning:
             self.opt,
             [self.cfg.finetune_lr, self.cfg.finetune_lr * 10],
             [self.model],
-            scaler=self.scaler,
+            self.eng,
         )
 
     def run(self, phase: Phase, progress: bool) -> dict[str, list[float]]:
@@ -125,7 +117,7 @@ class _Finetuning:
         InfoNCE runs on the embeddings gathered from every rank.
         """
         cfg, dev, mvmf = self.cfg, self.dev, self.model.mvmf
-        if not self.ctx.enabled:
+        if not self.eng.enabled:
             if x is None or x.shape[0] < 2:
                 return sum(p.sum() * 0.0 for p in mvmf.parameters())  # type: ignore[return-value]
             logits, emb = self.net(x.to(dev))
@@ -133,7 +125,7 @@ class _Finetuning:
             return mvmf.nll(logits, xyz) + geo_contrastive_loss(
                 emb, xyz, src.to(dev), author.to(dev), cfg.positive_km, cfg.temperature, cfg.same_author_positives
             )
-        n = int(distributed.all_reduce_sum(torch.tensor([0 if x is None else x.shape[0]])).item())
+        n = int(self.eng.sum(torch.tensor([0 if x is None else x.shape[0]])).item())
         real = x is not None
         if x is None:  # a stand-in image keeps every parameter in DDP's graph; its terms have weight 0
             size = self.model.config.backbone.preprocess.image_size
@@ -145,8 +137,8 @@ class _Finetuning:
         if n < 2:  # the same decision on every rank
             return (log_p.sum() + emb.sum()) * 0.0
         keep = slice(None) if real else slice(0, 0)
-        gather = distributed.gather_rows
-        return -log_p[keep].sum() * (self.ctx.world_size / n) + geo_contrastive_loss(
+        gather = self.eng.gather_rows
+        return -log_p[keep].sum() * (self.eng.world_size / n) + geo_contrastive_loss(
             gather(emb[keep]),
             gather(xyz[keep]),
             gather(src[keep].to(dev)),
@@ -190,14 +182,14 @@ def finetune(
         The mean loss of each epoch (``finetune``).
     """
     urls = shard_sources(photos)
-    ctx = distributed.context()
-    if len(urls) < ctx.world_size:
-        raise InputError(f"{len(urls)} shards cannot feed {ctx.world_size} ranks; write smaller shards")
+    eng = distributed.engine_for(run.device, run.precision)
+    if len(urls) < eng.world_size:
+        raise InputError(f"{len(urls)} shards cannot feed {eng.world_size} ranks; write smaller shards")
     total = samples if samples is not None else count_samples(urls)
     photos = max(2, cfg.batch_size // 2)
-    lo, hi = distributed.shard_range(photos, ctx)
+    lo, hi = distributed.shard_range(photos, eng)
     if hi <= lo:
-        raise InputError(f"a batch of {photos} photos cannot be split over {ctx.world_size} ranks")
+        raise InputError(f"a batch of {photos} photos cannot be split over {eng.world_size} ranks")
     steps = max(1, total // photos)
     ds = ShardDataset(
         urls,
@@ -215,7 +207,7 @@ def finetune(
         samples=total,
         shards=digest(*[source_name(u) for u in urls]),
     )
-    ft = _Finetuning(model, cfg, run, key, checkpoint_dir)
+    ft = _Finetuning(model, cfg, eng, key, checkpoint_dir)
     skipped: list[tuple[str, str]] = []
 
     def loss(b: Batch) -> torch.Tensor:
@@ -239,6 +231,6 @@ def finetune(
     history = ft.run(ft.phase(steps, batches, loss), progress)
     if skipped:
         log.warning(
-            "fine-tuning skipped %d unreadable samples (rank %d), e.g. %s: %s", len(skipped), ctx.rank, *skipped[0]
+            "fine-tuning skipped %d unreadable samples (rank %d), e.g. %s: %s", len(skipped), eng.rank, *skipped[0]
         )
     return history

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from geoswc.core import distributed
 from geoswc.core.config import TrainConfig, digest, non_default
@@ -66,6 +67,20 @@ def pair_batches(
     return batches
 
 
+class _MvMFSlice(nn.Module):
+    """The MvMF head as DDP runs it: dropout (and the optional hidden layer) on the whole global batch, drawing
+    the masks one process would, then the classifier and the likelihood on this rank's rows ``[lo, hi)``."""
+
+    def __init__(self, mvmf: nn.Module) -> None:
+        super().__init__()
+        self.mvmf = mvmf
+
+    def forward(self, features: torch.Tensor, xyz: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``features (B, D)``, true positions of the slice ``xyz (hi - lo, 3)`` -> log densities ``(hi - lo,)``."""
+        mv = self.mvmf
+        return mv.log_prob(mv.fc(mv.mlp(mv.dropout(features))[lo:hi]), xyz)
+
+
 class _HeadTraining:
     """The state shared by the two phases of :func:`train_heads`: features ``(N, V, D)``, positions, authors,
     the hold-out split, the device and the checkpointer."""
@@ -105,11 +120,11 @@ class _HeadTraining:
         self.ckpt = Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None, key, modules)
         self.ckpt.resume()
         self.history: dict[str, list[float]] = self.ckpt.state.get("history", {})
-        self.ctx = distributed.context()
-        self.dev = torch.device(device) if device is not None else self.ctx.device
+        # A command's engine (under torchrun: DDP, which starts every rank from rank 0's weights), else one here.
+        self.eng = distributed.engine_for(str(device) if device is not None else "cpu", "fp32")
+        self.dev = self.eng.device
         for m in modules.values():
             m.to(self.dev)
-            distributed.broadcast_module(m)
         self.xyz = torch.from_numpy(latlon_to_xyz(feats.lat, feats.lon)).float().to(self.dev)
         self.batch_size = min(cfg.batch_size, self.n)
         self.positives: PositiveSampler | None = None
@@ -126,6 +141,7 @@ class _HeadTraining:
         if self.best_mvmf is not None and "mvmf_val" not in self.history:
             self.history["mvmf_val"] = [self.val_nll()]  # epoch 0: the untrained head (the cells' prior) competes
         bs = min(self.batch_size, len(self.fit_rows))
+        self.mvmf_net, opt = self.eng.setup(_MvMFSlice(mv), opt)
         return Phase(
             "mvmf",
             cfg.epochs,
@@ -135,7 +151,7 @@ class _HeadTraining:
             opt,
             [cfg.lr, cfg.lr * 10],
             [mv],
-            sync_gradients=self.ctx.enabled,
+            self.eng,
             end_of_epoch=self.keep_if_best if self.best_mvmf is not None else None,
         )
 
@@ -149,15 +165,11 @@ class _HeadTraining:
 
     def mvmf_loss(self, batch: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
         rows, v = batch
-        mv, ctx = self.model.mvmf, self.ctx
         f = self.X[torch.from_numpy(rows), torch.from_numpy(v)].to(self.dev).float()
-        if not ctx.enabled:
-            return mv.nll(mv(f), self.xyz[torch.from_numpy(rows)])
-        # Dropout (and the optional hidden layer) on the whole batch draws the masks one process would;
-        # the classifier and the likelihood run on this rank's slice only.
-        lo, hi = distributed.shard_range(len(rows), ctx)
-        log_p = mv.log_prob(mv.fc(mv.mlp(mv.dropout(f))[lo:hi]), self.xyz[torch.from_numpy(rows[lo:hi])])
-        return -log_p.sum() * (ctx.world_size / len(rows))
+        lo, hi = distributed.shard_range(len(rows), self.eng)
+        log_p = self.mvmf_net(f, self.xyz[torch.from_numpy(rows[lo:hi])], lo, hi)
+        # Each rank's share of the global batch's mean NLL (in one process: exactly the mean).
+        return -log_p.sum() / (len(rows) / self.eng.world_size)
 
     @torch.no_grad()
     def val_nll(self) -> float:
@@ -185,6 +197,7 @@ class _HeadTraining:
         opt = torch.optim.AdamW(self.model.rrm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.authors_t = torch.from_numpy(self.authors).to(self.dev)
         pairs = max(2, self.batch_size // 2)
+        self.rrm_net, opt = self.eng.setup(self.model.rrm, opt)
         return Phase(
             "rrm",
             cfg.rrm_epochs,
@@ -194,7 +207,7 @@ class _HeadTraining:
             opt,
             [cfg.lr],
             [self.model.rrm],
-            sync_gradients=self.ctx.enabled,
+            self.eng,
         )
 
     def rrm_batches(self, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
@@ -208,12 +221,10 @@ class _HeadTraining:
 
     def rrm_loss(self, batch: tuple[np.ndarray, ...]) -> torch.Tensor:
         idx, v, _, _ = batch
-        it, rrm, cfg = torch.from_numpy(idx), self.model.rrm, self.cfg
-        if not self.ctx.enabled:
-            emb = rrm(self.X[it, torch.from_numpy(v)].to(self.dev).float())
-        else:  # embed this rank's slice; every rank computes the loss of the gathered batch
-            lo, hi = distributed.shard_range(len(idx), self.ctx)
-            emb = distributed.gather_rows(rrm(self.X[it[lo:hi], torch.from_numpy(v[lo:hi])].to(self.dev).float()))
+        it, cfg = torch.from_numpy(idx), self.cfg
+        # Each rank embeds its slice; every rank computes the loss of the gathered batch.
+        lo, hi = distributed.shard_range(len(idx), self.eng)
+        emb = self.eng.gather_rows(self.rrm_net(self.X[it[lo:hi], torch.from_numpy(v[lo:hi])].to(self.dev).float()))
         itd = it.to(self.dev)
         return geo_contrastive_loss(
             emb, self.xyz[itd], itd, self.authors_t[itd], cfg.positive_km, cfg.temperature, cfg.same_author_positives
@@ -239,8 +250,9 @@ def train_heads(
         feats: features ``(N, V, D)`` with positions; must come from the model's backbone.
         cfg: epochs, batch size, learning rate, contrastive settings, seed.
         checkpoint_dir: where per-epoch checkpoints go (resumed from when present).
-        device: where the heads train (default: the torchrun context's device, else the CPU); the
-            features stay in host memory and go over batch by batch.
+        device: where the heads train when no engine was started (default: the CPU; a command's engine, see
+            :func:`~geoswc.core.distributed.start`, decides otherwise); the features stay in host memory and go
+            over batch by batch.
 
     Returns:
         Mean loss per epoch of each phase (``mvmf_val``: the held-out NLL of each candidate head).
