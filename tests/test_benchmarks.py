@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from geoswc.core.config import CellConfig
 from geoswc.core.sphere import haversine_km
@@ -196,3 +197,29 @@ def test_gallery_search_benchmark(tmp_path, monkeypatch, capsys):
     assert runs["pq"]["disk_bytes_per_entry"] > runs["flat"]["disk_bytes_per_entry"] + 16  # codes beside vectors
     assert "| 4,000 | synthetic | pq 16 B" in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("geoswc-gallery-bench-")]  # scratch removed
+
+
+def test_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (as here) also where one is
+    assert _load("gpu_check").main(["--out", str(tmp_path / "x.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no CUDA GPU" in out and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path, capsys):
+    """The GPU check's code path on tiny inputs: shards, extraction and fine-tuning as one process and under
+    torchrun (2 CPU processes), and a randomly initialised CLIP tower's extraction."""
+    out = tmp_path / "gpu.json"
+    argv = ["--out", str(out), "--device", "cpu", "--photos", "48", "--size", "80", "--backbone", "efficientnet-lite0"]
+    argv += ["--image-size", "64", "--precision", "fp32", "--batch-size", "16", "--train-batch", "8", "--steps", "4"]
+    argv += ["--epochs", "2", "--workers", "1", "--clip", "clip-vit-b32"]
+    assert _load("gpu_check").main(argv) == 0
+    r = json.loads(out.read_text())
+    for key, procs in (("one_process", 1), ("torchrun", 2)):
+        ex, tr = r[key]["extract"], r[key]["train"]
+        assert ex["processes"] == tr["processes"] == procs and ex["images_per_s"] > 0, r[key]
+        assert tr["steps"] == 4 and len(tr["losses"]) == 2 and np.isfinite(tr["losses"]).all(), tr
+        assert tr["images_per_s"] > 0 and isinstance(tr["loss_fell"], bool) and tr["peak_gpu_gib"] is None
+    assert r["clip_extract"]["backbone"] == "clip-vit-b32" and r["clip_extract"]["images_per_s"] > 0
+    assert "torchrun: extraction" in capsys.readouterr().out

@@ -117,6 +117,8 @@ def _engine(run: RunConfig) -> Iterator[distributed.Engine]:
     try:
         yield eng
         eng.barrier()  # every rank done before any leaves the group (a step that failed skips this)
+        if eng.device.type == "cuda" and eng.is_main:
+            log.info("peak GPU memory %.2f GiB (rank 0)", eng.peak_memory_gib())
     finally:
         distributed.stop()
 

@@ -37,8 +37,13 @@ _FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"
 
 
 def launched_by_torchrun() -> bool:
-    """Whether this process was started by ``torchrun`` (torch elastic)."""
-    return dist.is_available() and dist.is_torchelastic_launched()
+    """Whether this process is one of a launched group: ``torchrun`` (torch elastic), or any launcher that sets
+    ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` as torchrun does."""
+    if not dist.is_available():
+        return False
+    return dist.is_torchelastic_launched() or all(
+        k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    )
 
 
 def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
@@ -118,6 +123,10 @@ class Engine:
         """Rank 0: the only process that writes files and shows progress."""
         return self.rank == 0
 
+    def peak_memory_gib(self) -> float:
+        """The most GPU memory this process's tensors held so far, in GiB (0 on a CPU)."""
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+
     def setup(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """``module`` on this engine's device under its precision (DDP-wrapped under torchrun) and its
         optimizer (its step scales fp16 losses). Call the returned module; its parameters are ``module``'s."""
@@ -166,11 +175,13 @@ class Engine:
 def _create(device: str, precision: str, timeout_s: float) -> Engine:
     """A Fabric for ``device`` and ``precision``: one device, or DDP over torchrun's processes (launched)."""
     from lightning_fabric import Fabric  # import-time cost (1 s): only extracting and training load Lightning
+    from lightning_fabric.plugins.environments import TorchElasticEnvironment  # (the same)
     from lightning_fabric.strategies import DDPStrategy  # (the same)
 
-    world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
-    if world > 1 and str(device).startswith("cuda:"):
+    elastic = launched_by_torchrun()
+    world = int(os.environ.get("WORLD_SIZE", "1")) if elastic else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if elastic else 0
+    if elastic and str(device).startswith("cuda:"):
         raise SettingError(
             f"under torchrun each process drives cuda:LOCAL_RANK; use --run.device cuda or auto, not {device}",
             RunConfig,
@@ -178,9 +189,10 @@ def _create(device: str, precision: str, timeout_s: float) -> Engine:
         )
     dev = resolve_device(device, local_rank)
     fabric_prec = fabric_precision(dev, precision)
-    if world > 1:
+    if elastic:  # DDP on any number of processes, one included (its process group is the one torchrun's run uses)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        strategy: Any = DDPStrategy(timeout=timedelta(seconds=timeout_s))
+        os.environ.setdefault("LOCAL_RANK", "0")  # (what TorchElasticEnvironment reads; torchrun sets it)
+        strategy: Any = DDPStrategy(cluster_environment=TorchElasticEnvironment(), timeout=timedelta(seconds=timeout_s))
         devices: Any = local_world
         nodes = world // local_world
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,9 @@ def run_phase(
     for epoch in range(done, phase.epochs):
         es = epoch_seed(seed, phase.name, epoch)
         torch.manual_seed(es)
+        t0 = time.perf_counter()
         losses = _epoch(phase, epoch, np.random.default_rng(es), progress)
+        seconds = time.perf_counter() - t0
         # Each rank's loss is scaled so that their mean is the loss of the global batch.
         mean = phase.engine.mean(float(np.mean(losses))) if losses else float("nan")
         if losses and not math.isfinite(mean):  # never save (or go on from) weights that hold NaN or inf
@@ -172,7 +175,15 @@ def run_phase(
                 "finetune_lr" if phase.name == "finetune" else "lr",
             )
         history.setdefault(phase.name, []).append(mean)
-        log.info("%s epoch %d/%d: loss %.4f", phase.name, epoch + 1, phase.epochs, mean)
+        log.info(
+            "%s epoch %d/%d: loss %.4f (%d steps, %.1f s)",
+            phase.name,
+            epoch + 1,
+            phase.epochs,
+            mean,
+            len(losses),
+            seconds,
+        )
         if phase.end_of_epoch is not None:
             phase.end_of_epoch()
         phase_epochs = dict(ckpt.state.get("phase_epochs", {}), **{phase.name: epoch + 1})
