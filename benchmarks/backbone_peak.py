@@ -25,7 +25,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from geoswc.core import storage
-from geoswc.data.records import ImageDataset
+from geoswc.data.records import loader
+from geoswc.data.shards import photo_dataset
 from geoswc.models.geomodel import GeoModel
 from geoswc.models.onnx_runtime import OnnxBackbone, default_cache_dir
 from geoswc.prediction.geolocator import default_model_dir
@@ -76,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone, cfg = model.backbone, model.config.backbone
     assert backbone is not None
     photos = sorted(args.images.glob("*.jpg"))[: max(batch_sizes)]
-    ds = ImageDataset(photos, cfg.preprocess)
-    x_all = torch.stack([ds[i][1] for i in range(len(ds))])
+    x_all = torch.cat([b.images for b in loader(photo_dataset(photos, cfg.preprocess), 16) if b.images is not None])
     gflops = count_gflops(backbone, x_all)
     cache = args.cache or default_cache_dir()
     t0 = time.perf_counter()

@@ -34,7 +34,8 @@ from torch import nn
 
 from geoswc.core import storage
 from geoswc.core.config import Preprocess
-from geoswc.data.records import ImageDataset, loader
+from geoswc.data.records import loader
+from geoswc.data.shards import photo_dataset
 from geoswc.prediction.geolocator import Geolocator, LocateFailure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ class GeoClipStyle(nn.Module):
 def geoclip_run(model: GeoClipStyle, photos: list[Path], batch_size: int) -> float:
     """Photos/s end to end: decode, preprocess, predict."""
     pre = Preprocess(224, CLIP_MEAN, CLIP_STD, "center_crop")
-    dl = loader(ImageDataset(photos, pre), batch_size)
+    dl = loader(photo_dataset(photos, pre, per=batch_size), batch_size)
     t0 = time.perf_counter()
     n = 0
     for _, x, _, _ in dl:

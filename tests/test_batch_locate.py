@@ -81,7 +81,7 @@ def test_folder_to_csv_reports_the_bad_photo_and_finishes(tmp_path, capsys):
     out = tmp_path / "pred.csv"
     assert main(["locate", str(folder), "--output", str(out)]) == 1
     captured = capsys.readouterr()
-    assert "1 photos located, 1 failed" in captured.out and "error:" in captured.err and "broken.jpg" in captured.err
+    assert "1 photo located, 1 failed" in captured.out and "error:" in captured.err and "broken.jpg" in captured.err
     table = {r["image"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
     bad = table["broken.jpg"]
     assert "broken.jpg" in bad["error"] and bad["kind"] and not bad["lat"]

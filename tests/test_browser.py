@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -140,6 +141,12 @@ def chromium() -> str:
     return path
 
 
+def drawn(page: Any, cls: str) -> int:
+    """How many layers of the shown prediction carry the class ``cls`` (drawn on the overlay's canvas, not as SVG
+    elements)."""
+    return int(page.evaluate("cls => geoswc.drawn(cls)", cls))
+
+
 @contextlib.contextmanager
 def ready_page(chromium: str, url: str, errors: list[str], console: bool = False) -> Iterator[Any]:
     """The map page at ``url`` in headless Chromium, loaded and its basemap drawn; page errors and failed
@@ -180,17 +187,17 @@ def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path
         place = page.inner_text("#details .place-name").strip()
         assert place and place != "no named place"
         assert page.inner_text("#details h2") == "kauai.png"
-        assert page.locator("path.geoswc-cell").count() >= 5
-        assert page.locator("path.geoswc-searched").count() >= 1
+        assert drawn(page, "geoswc-cell") >= 5
+        assert drawn(page, "geoswc-searched") >= 1
         # The embedded model ships a calibrator: chances in words, rings instead of the formula circle.
-        assert page.locator("path.geoswc-confidence").count() == 0
+        assert drawn(page, "geoswc-confidence") == 0
         details = page.inner_text("#details")
         assert "within 25 km:" in details and "within 2500 km:" in details and "50 %:" in details
         kauai = page.evaluate("geoswc.state.items[0].result")
-        rings = page.locator("path.geoswc-ring50").count() + page.locator("path.geoswc-ring90").count()
+        rings = drawn(page, "geoswc-ring50") + drawn(page, "geoswc-ring90")
         assert rings == sum(kauai["within_km"]["2500"] >= q for q in (0.5, 0.9))
         assert ("Not localizable" in details) == (not kauai["localizable"])
-        assert page.locator("path.geoswc-neighbor").count() >= 1
+        assert drawn(page, "geoswc-neighbor") >= 1
         assert [t.strip() for t in page.locator("#results li .name").all_inner_texts()] == [
             "kauai.png",
             "kauai_gps.jpg",
@@ -200,7 +207,7 @@ def test_page_locates_uploaded_photos(chromium: str, server: str, tmp_path: Path
         page.screenshot(path=str(shot))
 
         page.locator("#results li").nth(1).click()
-        page.wait_for_selector("path.geoswc-exif", timeout=10_000)
+        page.wait_for_function("geoswc.drawn('geoswc-exif') === 1", timeout=10_000)
         assert "km off" in page.inner_text("#details")
         page.wait_for_timeout(400)
         shot_gps = tmp_path / "kauai_gps.png"
@@ -312,7 +319,7 @@ def test_page_shows_the_thumbnails_of_the_retrieved_photos(
         )
         cell = page.inner_text(".evidence-strip li:first-child")
         assert f"sim {first['similarity']:.2f}" in cell and " km" in cell
-        assert page.locator("path.geoswc-neighbor").count() == len(p["neighbors"])
+        assert drawn(page, "geoswc-neighbor") == len(p["neighbors"])
         assert "--thumbnails" in page.inner_text("#legend")
         page.locator("#details .evidence").scroll_into_view_if_needed()
         page.wait_for_timeout(400)  # let fitBounds' animation settle
@@ -324,3 +331,419 @@ def test_page_shows_the_thumbnails_of_the_retrieved_photos(
     if keep := os.environ.get("GEOSWC_SCREENSHOT_DIR"):
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+# -- the estimate on top, the view at the estimate, the searched cell explained, thousands of neighbours ----------
+
+MARKER_JS = """() => { const r = document.querySelector('.geoswc-estimate').getBoundingClientRect();
+  return {left: r.left, top: r.top, right: r.right, bottom: r.bottom,
+          x: r.left + r.width / 2, y: r.top + r.height / 2}; }"""
+
+# Points over the estimate marker (its centre among them) whose topmost element is not the marker.
+COVERED_JS = """() => {
+  const m = document.querySelector('.geoswc-estimate').getBoundingClientRect(), out = [];
+  for (const fx of [0.2, 0.5, 0.8]) for (const fy of [0.15, 0.5, 0.85]) {
+    const x = m.left + fx * m.width, y = m.top + fy * m.height, e = document.elementFromPoint(x, y);
+    if (!e || !e.closest('.geoswc-estimate')) out.push([x, y, e ? String(e.className) : null]);
+  }
+  return out;
+}"""
+
+# Where a thumbnail shown on the map overlaps the estimate marker: {spot: the centre of the overlap, entry: a point
+# of that thumbnail away from the marker where the thumbnail is on top}; null if no thumbnail overlaps it.
+OVERLAP_JS = """() => {
+  const m = document.querySelector('.geoswc-estimate').getBoundingClientRect();
+  for (const t of document.querySelectorAll('.geoswc-thumb-marker')) {
+    if (!t.getClientRects().length) continue;  // hidden
+    const r = t.getBoundingClientRect();
+    const l = Math.max(r.left, m.left), rt = Math.min(r.right, m.right);
+    const tp = Math.max(r.top, m.top), b = Math.min(r.bottom, m.bottom);
+    if (rt - l < 3 || b - tp < 3) continue;
+    const ex = r.left + r.width / 2 > m.left + m.width / 2 ? r.right - 3 : r.left + 3, ey = r.top + r.height / 2;
+    const e = document.elementFromPoint(ex, ey);
+    if (e && t.contains(e)) return {spot: [(l + rt) / 2, (tp + b) / 2], entry: [ex, ey]};
+  }
+  return null;
+}"""
+
+# What is topmost at a point: "the estimate", "a thumbnail (its photo)" or the element.
+TOPMOST_JS = """([x, y]) => { const e = document.elementFromPoint(x, y);
+  if (!e) return 'nothing';
+  if (e.closest('.geoswc-estimate')) return 'the estimate';
+  const t = e.closest('.geoswc-thumb-marker');
+  return t ? 'a thumbnail (' + (t.querySelector('img') || {}).alt + ')' : e.tagName + '.' + e.className; }"""
+
+# Whether the estimate (the marker's tip) lies inside the map's visible rectangle.
+IN_VIEW_JS = """() => { const e = document.querySelector('.geoswc-estimate');
+  if (!e) return false;
+  const m = e.getBoundingClientRect(), r = document.getElementById('map').getBoundingClientRect();
+  const x = m.left + m.width / 2, y = m.bottom;
+  return x > r.left && x < r.right && y > r.top && y < r.bottom; }"""
+
+# The visible map's width in km along its centre latitude.
+VIEW_KM_JS = """() => { const b = geoswc.state.map.getBounds(), c = b.getCenter();
+  return geoswc.distanceKm([c.lat, b.getWest()], [c.lat, c.lng]) +
+    geoswc.distanceKm([c.lat, c.lng], [c.lat, b.getEast()]); }"""
+
+
+def locate_through_page(page: Any, photo: Path) -> dict[str, Any]:
+    """Upload ``photo`` through the page's file input and wait until its estimate is drawn; returns the result."""
+    page.set_input_files("#file", [str(photo)])
+    page.wait_for_selector(".geoswc-estimate", timeout=60_000)
+    page.wait_for_selector("#details h2", timeout=10_000)
+    return page.evaluate("geoswc.state.items[geoswc.state.selected].result")
+
+
+def set_view(page: Any, lat: float, lon: float, zoom: float) -> None:
+    page.evaluate("([lat, lon, z]) => { geoswc.state.map.setView([lat, lon], z, {animate: false}); }", [lat, lon, zoom])
+    page.wait_for_timeout(150)
+
+
+def click_opens_estimate_popup(page: Any, x: float, y: float, place: str, close: bool = True) -> None:
+    """A real mouse click at (x, y) opens the estimate's popup, which names the place."""
+    page.evaluate("() => { geoswc.state.map.closePopup(); }")
+    page.mouse.click(x, y)
+    page.wait_for_selector(".leaflet-popup-content", timeout=5_000)
+    assert place in page.inner_text(".leaflet-popup-content")
+    if close:
+        page.evaluate("() => { geoswc.state.map.closePopup(); }")
+
+
+def keep_screenshots(*shots: Path) -> None:
+    for s in shots:
+        assert s.stat().st_size > 20_000, s
+    log.info("screenshots: %s", ", ".join(map(str, shots)))
+    if keep := os.environ.get("GEOSWC_SCREENSHOT_DIR"):
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for s in shots:
+            shutil.copy(s, Path(keep) / s.name)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_estimate_stays_on_top_of_the_thumbnails(chromium: str, thumbnail_server: str, tmp_path: Path) -> None:
+    """The estimate marker ("click it for the place") is the topmost element over all of it at every zoom, also
+    where a thumbnail overlaps it, and a click on it opens its popup."""
+    page_errors: list[str] = []
+    with ready_page(chromium, thumbnail_server, page_errors, console=True) as page:
+        p = locate_through_page(page, KAUAI)
+        n = sum(1 for x in p["neighbors"][:24] if x["thumbnail"])
+        assert n >= 3
+        page.wait_for_function(
+            "n => [...document.querySelectorAll('.geoswc-thumb-marker img')].filter(i => i.complete && "
+            "i.naturalWidth > 0).length === n",
+            arg=n,
+            timeout=20_000,
+        )
+        place = page.inner_text("#details .place-name").strip()
+        page.wait_for_function(IN_VIEW_JS, timeout=5_000)
+        assert page.evaluate(COVERED_JS) == []
+        m = page.evaluate(MARKER_JS)
+        click_opens_estimate_popup(page, m["x"], m["y"], place)
+        shot = tmp_path / "estimate_on_top.png"
+        page.screenshot(path=str(shot))
+
+        fitted = page.evaluate("geoswc.state.map.getZoom()")
+        overlapped = []
+        max_zoom = page.evaluate("geoswc.state.map.getMaxZoom()")
+        for z in sorted({fitted, *range(3, int(max_zoom) + 1)}):
+            set_view(page, p["lat"], p["lon"], z)
+            assert page.evaluate(COVERED_JS) == [], f"at zoom {z} something covers the estimate marker"
+            m = page.evaluate(MARKER_JS)
+            click_opens_estimate_popup(page, m["x"], m["y"], place)
+            over = page.evaluate(OVERLAP_JS)
+            if over:
+                # A thumbnail lies under part of the marker. The pointer comes over that thumbnail (a hovered marker
+                # rises above the others) and on to the estimate: the estimate must still be on top, and get the click.
+                overlapped.append(z)
+                page.mouse.move(*over["entry"])
+                page.wait_for_timeout(100)
+                page.mouse.move(*over["spot"], steps=8)
+                top = page.evaluate(TOPMOST_JS, over["spot"])
+                assert top == "the estimate", f"at zoom {z} the estimate is under {top} after hovering it"
+                assert page.evaluate(COVERED_JS) == [], f"at zoom {z} a hovered thumbnail covers the estimate"
+                click_opens_estimate_popup(page, *over["spot"], place, close=len(overlapped) > 1)
+                if len(overlapped) == 1:
+                    page.wait_for_timeout(300)  # the popup's fade-in
+                    shot_overlap = tmp_path / "estimate_over_thumbnail.png"
+                    page.screenshot(path=str(shot_overlap))
+                    page.evaluate("() => { geoswc.state.map.closePopup(); }")
+                page.mouse.move(5, 5)
+        # Without an overlap at some zoom the checks above would prove nothing about the thumbnails.
+        assert overlapped, "no zoom at which a thumbnail overlaps the estimate marker"
+        log.info("a thumbnail overlaps the estimate at zooms %s (fitted: %s)", overlapped, fitted)
+        # At continent zoom the thumbnails are in the strip only, not hundreds of km off on the map.
+        set_view(page, p["lat"], p["lon"], 4)
+        assert page.evaluate(
+            "[...document.querySelectorAll('.geoswc-thumb-marker')].every(t => !t.getClientRects().length)"
+        )
+        assert page.locator(".evidence-strip img").count() == n
+    assert not page_errors, page_errors
+    keep_screenshots(shot, shot_overlap)
+
+
+@pytest.mark.slow
+def test_view_goes_to_the_estimate_and_the_button_brings_it_back(chromium: str, server: str, tmp_path: Path) -> None:
+    """After a result the view is the estimate and the neighbours of its cluster, no closer than the offline base map
+    can show; "Zoom to estimate" brings it back after panning away; past the base map's detail the page says so."""
+    page_errors: list[str] = []
+    with ready_page(chromium, server, page_errors, console=True) as page:
+        world = page.evaluate("geoswc.state.map.getZoom()")
+        idle = page.evaluate("(document.querySelector('.geoswc-zoom-estimate') || {}).disabled === true")
+        p = locate_through_page(page, KAUAI)
+        agree = [x for x in p["neighbors"] if x["cluster"] == p["cluster"] and x["cluster"] >= 0]
+        spread = max((haversine_km(p["lat"], p["lon"], x["lat"], x["lon"]) for x in agree), default=0.0)
+        assert agree and spread < 50, "the example photo's evidence should be one tight cluster"
+        page.wait_for_function(IN_VIEW_JS, timeout=5_000)
+        zoom = page.evaluate("geoswc.state.map.getZoom()")
+        view_km = page.evaluate(VIEW_KM_JS)
+        assert world < zoom and view_km < 1000, f"the view is {view_km:.0f} km wide (zoom {zoom}), not at the estimate"
+        detail = page.evaluate("geoswc.DETAIL_ZOOM")
+        assert zoom <= detail, "closer than the offline base map can show"
+        inside = page.evaluate(
+            "ns => ns.every(n => geoswc.state.map.getBounds().contains([n.lat, geoswc.nearLon(n.lon, 0)]))", agree
+        )
+        assert inside, "the neighbours that agree with the estimate should be in view"
+        assert page.locator(".geoswc-detail-note").is_hidden()
+        button = page.get_by_role("button", name="Zoom to estimate")
+        assert idle and button.is_enabled(), "the button is disabled until there is an estimate, then enabled"
+        page.wait_for_timeout(300)
+        shot = tmp_path / "view_at_estimate.png"
+        page.screenshot(path=str(shot))
+
+        # The base map still shows something at that zoom: outlines, not one flat colour (the page's layers hidden).
+        hide = ".leaflet-overlay-pane, .leaflet-geoswcEstimate-pane, .leaflet-geoswcThumbs-pane, .leaflet-control"
+        page.add_style_tag(content=f"{hide} {{ visibility: hidden !important; }}")
+        base = tmp_path / "basemap_at_estimate.png"
+        page.locator("#map").screenshot(path=str(base))
+        outline = outline_pixels(base)
+        assert outline > 300, f"the base map is blank at zoom {zoom} ({outline} outline pixels)"
+        page.evaluate("document.head.lastElementChild.remove()")
+
+        set_view(page, -30, -60, 3)  # pan away to South America
+        assert not page.evaluate(IN_VIEW_JS)
+        button.click()
+        page.wait_for_function(IN_VIEW_JS, timeout=5_000)
+        page.wait_for_function("z => Math.abs(geoswc.state.map.getZoom() - z) < 0.01", arg=zoom, timeout=5_000)
+
+        page.evaluate("z => { geoswc.state.map.setZoom(z, {animate: false}); }", detail + 2)
+        note = page.locator(".geoswc-detail-note")
+        note.wait_for(state="visible", timeout=5_000)
+        assert "no more detail" in note.inner_text()
+        page.wait_for_timeout(300)
+        shot_beyond = tmp_path / "beyond_detail.png"
+        page.screenshot(path=str(shot_beyond))
+        page.evaluate("z => { geoswc.state.map.setZoom(z, {animate: false}); }", detail)
+        note.wait_for(state="hidden", timeout=5_000)
+    assert not page_errors, page_errors
+    keep_screenshots(shot, base, shot_beyond)
+
+
+def outline_pixels(png: Path) -> int:
+    """Pixels of a base map screenshot that are neither the land fill nor the sea: the outlines."""
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int32)
+    land, sea = np.array([0xF3, 0xEF, 0xE4]), np.array([0xCF, 0xE2, 0xEE])
+    off = np.minimum(np.abs(rgb - land).sum(-1), np.abs(rgb - sea).sum(-1))
+    return int((off > 40).sum())
+
+
+def colour_pixels(png: Path, colour: str, tolerance: int = 30) -> int:
+    """Pixels of a screenshot within ``tolerance`` (summed over R, G, B) of ``colour`` ('#rrggbb')."""
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int32)
+    ref = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - ref).sum(-1) < tolerance).sum())
+
+
+SAME_CELL_JS = """() => {
+  const s = geoswc.state, p = JSON.parse(JSON.stringify(s.items[0].result));
+  p.image = 'same.jpg'; p.cell = p.top_cells[0].token; p.cell_probability = p.top_cells[0].probability;
+  s.items.push({name: p.image, url: '', status: 'done', result: p});
+  geoswc.select(s.items.length - 1);
+  return document.getElementById('details').innerText;
+}"""
+
+
+@pytest.mark.slow
+def test_page_explains_a_searched_cell_that_is_not_the_top_cell(chromium: str, server: str, tmp_path: Path) -> None:
+    page_errors: list[str] = []
+    with ready_page(chromium, server, page_errors, console=True) as page:
+        p = locate_through_page(page, KAUAI)
+        top = p["top_cells"][0]
+        assert top["token"] != p["cell"], "the embedded model (select_km 2000) searches another cell for this photo"
+        details = page.inner_text("#details")
+        assert f"top cell\n{top['token']} ({100 * top['probability']:.1f} %)" in details.replace("\t", "\n")
+        assert f"searched cell\n{p['cell']} ({100 * p['cell_probability']:.1f} %)" in details.replace("\t", "\n")
+        note = page.inner_text("#details .cell-note")
+        assert "select_km" in note and "neighbourhood" in note and "most probability" in note
+        assert "not the single most probable cell" in note
+        assert p["prior_like"] is True  # the embedded model's answer for almost any photo: the page says so
+        assert "No better than the model's prior" in page.inner_text("#details .prior-like")
+        page.locator("#details .cell-note").scroll_into_view_if_needed()
+        shot = tmp_path / "cell_note.png"
+        page.screenshot(path=str(shot))
+        same = page.evaluate(SAME_CELL_JS)
+        assert "searched cell" in same and page.locator("#details .cell-note").count() == 0
+    assert not page_errors, page_errors
+    keep_screenshots(shot)
+
+
+MAX_THUMBNAIL_REQUESTS = 24
+
+# Thumbnail requests made, and the most in flight at once, from the browser's resource timing.
+IN_FLIGHT_JS = """() => {
+  const ev = [];
+  for (const e of performance.getEntriesByType('resource')) {
+    if (!e.name.includes('/api/thumbnails/')) continue;
+    ev.push([e.startTime, 1], [e.responseEnd, -1]);
+  }
+  ev.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  let now = 0, most = 0;
+  for (const [, d] of ev) { now += d; most = Math.max(most, now); }
+  return [ev.length / 2, most];
+}"""
+
+# A promise of the time of the first frame after the estimate marker appeared (installed before the upload).
+DRAWN_AT_JS = """() => { window.drawnAt = new Promise(resolve => {
+  const o = new MutationObserver(() => {
+    if (!document.querySelector('.geoswc-estimate')) return;
+    o.disconnect();
+    requestAnimationFrame(() => setTimeout(() => resolve(performance.now()), 0));
+  });
+  o.observe(document.body, {subtree: true, childList: true});
+}); }"""
+
+# Milliseconds from the end of api/locate's answer to that frame.
+ELAPSED_JS = """async () => {
+  const t = await window.drawnAt;
+  const e = performance.getEntriesByType('resource').filter(x => x.name.includes('/api/locate')).pop();
+  return t - e.responseEnd;
+}"""
+
+
+def many_neighbours(n: int, seed: int = 0) -> dict[str, Any]:
+    """A prediction in the shape of POST /api/locate's with ``n`` neighbours, all with thumbnails: a tight cluster
+    of 200 at the estimate, the rest spread over Europe in 20 clusters and noise."""
+    import random
+
+    rng = random.Random(seed)
+    lat, lon = 47.39, 12.64
+    neighbours = []
+    for i in range(n):
+        if i < 200:
+            nlat, nlon, cluster = lat + rng.gauss(0, 0.05), lon + rng.gauss(0, 0.07), 0
+        else:
+            nlat, nlon, cluster = rng.uniform(36, 60), rng.uniform(-10, 30), rng.randrange(-1, 20)
+        neighbours.append(
+            {
+                "image": f"g/{i}.jpg",
+                "lat": nlat,
+                "lon": nlon,
+                "similarity": round(0.9 - 0.5 * i / n, 4),
+                "cluster": cluster,
+                "row": i,
+                "thumbnail": True,
+            }
+        )
+    poly = [[46.0, 11.0], [46.0, 14.5], [48.5, 14.5], [48.5, 11.0]]
+    return {
+        "image": "kauai.png",
+        "lat": lat,
+        "lon": lon,
+        "confidence": 0.4,
+        "method": "swc",
+        "cell": "477",
+        "cell_probability": 0.2,
+        "top_cells": [{"token": "477", "lat": lat, "lon": lon, "probability": 0.2, "polygon": poly}],
+        "neighbors": neighbours,
+        "cluster": 0,
+        "fallback": False,
+        "place": {
+            "name": "Saalbach",
+            "admin1": "Salzburg",
+            "admin2": "",
+            "country_code": "AT",
+            "country": "Austria",
+            "lat": 47.39,
+            "lon": 12.64,
+            "distance_km": 0.5,
+        },
+        "exif": None,
+        "cell_polygon": poly,
+        "signals": {},
+        "within_km": {"1": 0.01, "25": 0.3, "200": 0.6, "750": 0.8, "2500": 0.95},
+        "localizable": True,
+    }
+
+
+@pytest.mark.slow
+def test_thousands_of_neighbours_render_fast_with_few_thumbnail_requests(
+    chromium: str, server: str, tmp_path: Path
+) -> None:
+    """A result with 5,000 neighbours (POST api/locate stubbed in the browser) is drawn in under 2 s and loads at
+    most 24 thumbnails, a few at a time."""
+    import io
+
+    pred = many_neighbours(5000)
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 72), (90, 140, 200)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    body = json.dumps([pred])
+    asked: list[str] = []
+
+    def locate(route: Any) -> None:
+        route.fulfill(status=200, content_type="application/json", body=body)
+
+    def thumbnail(route: Any) -> None:
+        asked.append(route.request.url)
+        route.fulfill(status=200, content_type="image/jpeg", body=jpeg)
+
+    page_errors: list[str] = []
+    with ready_page(chromium, server, page_errors, console=True) as page:
+        page.route("**/api/locate*", locate)
+        page.route("**/api/thumbnails/*", thumbnail)
+        page.evaluate(DRAWN_AT_JS)
+        page.set_input_files("#file", [str(KAUAI)])
+        page.wait_for_selector(".geoswc-estimate", timeout=30_000)
+        # In the browser's own clock: from the end of the answer's download to the next frame after the estimate
+        # marker appeared (the main thread free again).
+        elapsed = page.evaluate(ELAPSED_JS) / 1000
+        render_ms = page.evaluate("geoswc.state.renderMs")
+        log.info("5000 neighbours: %.2f s from the answer to drawn, %.0f ms to render", elapsed, render_ms)
+        assert elapsed < 2.0, f"{elapsed:.2f} s from the answer to the result drawn"
+        assert page.locator("#details .evidence-strip").count() == 1
+        assert drawn(page, "geoswc-neighbor") == 5000
+        shown = min(MAX_THUMBNAIL_REQUESTS, len(pred["neighbors"]))
+        page.wait_for_function(
+            "n => [...document.querySelectorAll('.evidence-strip img')].filter(i => i.complete && "
+            "i.naturalWidth > 0).length === n",
+            arg=shown,
+            timeout=15_000,
+        )
+        page.wait_for_timeout(1000)  # any late requests
+        assert len(asked) <= MAX_THUMBNAIL_REQUESTS, f"{len(asked)} thumbnail requests"
+        assert len(set(asked)) == len(asked), "a thumbnail was requested twice"
+        assert page.locator(".evidence-strip li").count() == shown
+        assert "24 most similar of 5,000" in page.inner_text("#details .evidence h3")
+        requests, in_flight = page.evaluate(IN_FLIGHT_JS)
+        assert requests == len(asked) and in_flight <= 4, (requests, in_flight)
+        page.wait_for_timeout(300)
+        shot = tmp_path / "many_neighbours.png"
+        page.screenshot(path=str(shot))
+        # The dots are on screen (a canvas, no elements to count): pixels of the estimate's cluster colour.
+        pink = colour_pixels(shot, "#e64980")
+        assert pink > 200, f"{pink} pixels of the cluster's colour"
+        # A click on a dot beyond the 24 shown loads that photo's thumbnail on demand, in a popup.
+        far = pred["neighbors"][4000]
+        pt = page.evaluate(
+            "n => { const m = geoswc.state.map; m.setView([n.lat, n.lon], 9, {animate: false}); "
+            "const p = m.latLngToContainerPoint([n.lat, n.lon]), r = m.getContainer().getBoundingClientRect(); "
+            "return [r.left + p.x, r.top + p.y]; }",
+            far,
+        )
+        page.wait_for_timeout(200)
+        page.mouse.click(pt[0], pt[1])
+        page.wait_for_selector(".neighbor-popup img", timeout=5_000)
+        page.wait_for_function("document.querySelector('.neighbor-popup img').naturalWidth > 0", timeout=5_000)
+        assert asked[-1].endswith("/api/thumbnails/4000")
+    assert not page_errors, page_errors
+    keep_screenshots(shot)

@@ -120,7 +120,7 @@ def test_paired_bootstrap_known_cases() -> None:
 
 def test_systems_are_compared_on_the_photos_they_share(tmp_path) -> None:
     first = read_system(_geo_file(tmp_path / "first.csv", ROWS))
-    other_rows = [(r[0], *r[1:5], 0.1) for r in ROWS[1:]] + [("e.jpg", 1.0, 1.0, 1.0, 1.0, 0.0)]
+    other_rows = [(r[0], *r[1:3], *r[1:3], 0.1) for r in ROWS[1:]] + [("e.jpg", 1.0, 1.0, 1.0, 1.0, 0.0)]
     second = read_system(_evaluation(tmp_path / "second", other_rows))
     result = compare_systems([first, second], resamples=200)
     assert result["common_photos"] == 3  # b, c, d

@@ -417,12 +417,14 @@ def test_a_diverging_training_stops_with_the_flag_named(capsys: pytest.CaptureFi
     """lr = 2**64 is a number, so it passes the parser; the first epoch's loss is not, and nothing is saved."""
     import torch
 
+    from geoswc.core import distributed
     from geoswc.training.checkpoint import Checkpointer, Phase, run_phase
 
     net = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(net.parameters(), lr=2.0**64)
     x = torch.randn(32, 4)
-    phase = Phase("mvmf", 2, 4, lambda rng: [x] * 4, lambda b: (net(b) ** 2).mean(), opt, [2.0**64], [net])
+    loss = lambda b: (net(b) ** 2).mean()  # noqa: E731
+    phase = Phase("mvmf", 2, 4, lambda rng: [x] * 4, loss, opt, [2.0**64], [net], distributed.engine())
     ckpt = Checkpointer(tmp_path / "ckpt", "run", {"net": net})
     with pytest.raises(SettingError, match="diverged") as e:
         run_phase(phase, ckpt, 0, {}, progress=False)
@@ -553,7 +555,7 @@ def test_locate_csv_rows_that_name_no_photo_fail_the_run(
         ["locate", "--data.csv", listing, "--data.images", artifacts["photos"], "--output", out], capsys
     )
     assert rc == 1, err
-    assert "1 photos located, 5 failed" in stdout
+    assert "1 photo located, 5 failed" in stdout
     assert "line 3: empty image name" in err and "lines.jpg (line 4): image file not found" in err
     assert "missing.jpg (line 6): image file not found" in err  # the file's line: the quoted name spans two
     assert "../photos/b.jpg (line 7): outside the image folder" in err and "(line 8): outside" in err

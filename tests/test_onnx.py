@@ -10,7 +10,8 @@ import torch
 
 from geoswc import Geolocator
 from geoswc.core.errors import GeoswcError, InputError
-from geoswc.data.records import ImageDataset
+from geoswc.data.records import loader
+from geoswc.data.shards import photo_dataset
 from geoswc.models.onnx_runtime import OnnxBackbone, cached_export, export_backbone
 
 from .conftest import DEV_IMAGES, KAUAI, dev_rows
@@ -34,8 +35,8 @@ def onnx_geo(torch_geo, cache):
 
 
 def _images(geo: Geolocator, paths) -> torch.Tensor:
-    ds = ImageDataset(list(paths), geo.model.config.backbone.preprocess)
-    return torch.stack([ds[i][1] for i in range(len(ds))])
+    ds = photo_dataset(list(paths), geo.model.config.backbone.preprocess)
+    return torch.cat([b.images for b in loader(ds, 16) if b.images is not None])
 
 
 @pytest.mark.shared_data

@@ -25,7 +25,14 @@ from jsonargparse import ArgumentError, ArgumentParser
 
 from geoswc.core.errors import GeoswcError, SettingError
 from geoswc.core.version import __version__
-from geoswc.recipes import call_arguments, command_parser, summary
+from geoswc.recipes import (
+    HelpFormatter,
+    call_arguments,
+    command_parser,
+    inline_settings_files,
+    parser_mode,
+    summary,
+)
 from geoswc.workflow import COMMANDS
 
 log = logging.getLogger("geoswc")
@@ -36,6 +43,8 @@ def build_parser(parsers: dict[str, Any] | None = None) -> Any:
     parser = ArgumentParser(
         prog="geoswc",
         exit_on_error=False,
+        parser_mode=parser_mode(),  # the subcommands' too: every YAML value goes through the bounded reader
+        formatter_class=HelpFormatter,  # the subcommands' too
         version=__version__,
         description="Where on Earth was this photo taken? Search-within-Cell geolocation "
         "(Kordopatis-Zilos et al., ICMR 2021).",
@@ -107,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parsers: dict[str, Any] = {}
     parser = build_parser(parsers)
     try:
-        cfg = parser.parse_args(argv)
+        cfg = parser.parse_args(inline_settings_files(argv, COMMANDS[command]) if command else argv)
     except (ArgumentError, GeoswcError) as e:
         return _fail(command, _as_flags(" ".join(str(e).split()), command))
     command = cfg.command
@@ -152,8 +161,14 @@ def _as_flags(message: str, command: str) -> str:
     return head + sep + names
 
 
+MAX_MESSAGE = 2000
+"""The longest error message printed: a parser's message quotes the value it refused, which may be huge."""
+
+
 def _fail(command: str, message: str) -> int:
     message = " ".join(message.split())  # one line, whatever a library put in its message
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[: MAX_MESSAGE - 40]} ... ({len(message):,} characters in all)"
     print(f"geoswc{' ' + command if command else ''}: error: {message}", file=sys.stderr)
     return 2
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from geoswc.core import distributed, storage
 from geoswc.core.config import (
+    METHODS,
     NO_SEARCH_CHANGES,
     CellConfig,
     GalleryCodes,
@@ -34,7 +35,15 @@ from geoswc.core.config import (
     to_dict,
 )
 from geoswc.core.errors import ArtifactError, InputError, SettingError, building
-from geoswc.data.records import LoadReport, Record, find_photos, load_records, read_coordinates, read_photo_csv
+from geoswc.data.records import (
+    LoadReport,
+    Record,
+    find_photos,
+    load_records,
+    no_usable_photo,
+    read_coordinates,
+    read_photo_csv,
+)
 from geoswc.data.shards import photo_shards, write_shards
 from geoswc.data.sources import Photos
 from geoswc.evaluation.benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
@@ -51,7 +60,7 @@ from geoswc.evaluation.evaluate import (
 from geoswc.gallery.files import load_gallery
 from geoswc.gallery.search import Gallery
 from geoswc.gallery.thumbnails import ThumbnailSettings, check_side
-from geoswc.geo.cells import CellTable, build_cells
+from geoswc.geo.cells import CellTable, build_cells, coarse_partition
 from geoswc.models import compat, registry
 from geoswc.models.backbone import BackboneChoice
 from geoswc.models.geomodel import GeoModel
@@ -63,7 +72,7 @@ from geoswc.prediction.calibration import (
     LocalizableRule,
     fit_calibrator,
 )
-from geoswc.prediction.geolocator import Geolocator
+from geoswc.prediction.geolocator import Geolocator, resolve_model_dir
 from geoswc.prediction.output import write_predictions
 from geoswc.prediction.results import OutputFormat, Result, output_format
 from geoswc.service.binding import check_bindable, is_loopback
@@ -90,9 +99,11 @@ def _geotagged(data: Photos) -> list[Record]:
             "--data.images DIR, or --data.images DIR alone (photos with GPS EXIF)"
             + (", or --data.shards" if not data.shards else "")
         )
-    records, _ = load_records(data.csv, data.images, data.columns)
+    records, report = load_records(data.csv, data.images, data.columns)
     if not records:
-        raise InputError(f"{data.csv or data.images} holds no usable photo")
+        raise InputError(
+            no_usable_photo(data.csv, data.images, report) if data.csv else f"{data.images} holds no usable photo"
+        )
     return records
 
 
@@ -142,6 +153,8 @@ def cells(coords: Path, out: Path, cells: CellConfig = CellConfig(), columns: st
         table = build_cells(lat, lon, cells, progress=True)
     table.save(out)
     log.info("%d cells from %d coordinates -> %s (fingerprint %s)", len(table), len(lat), out, table.fingerprint)
+    if hint := coarse_partition(len(table), len(lat), cells):
+        log.warning("%s", hint)
     return table
 
 
@@ -183,7 +196,7 @@ def features(
         raise SettingError(f"views must be in 1..{MAX_VIEWS}, got {views}", None, "views")
     if not 0 <= seed < 2**63:
         raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
-    storage.claim_folder(out, "feature cache")
+    storage.claim_output_folder(out, "feature cache")
     records = None if data.shards else _geotagged(data)
     with _engine(run) as eng:
         if model is not None:
@@ -290,7 +303,7 @@ def _fit(model: GeoModel, feats: FeatureSet, data: Photos, out: Path, run: RunCo
 
 
 def index(
-    model: Path,
+    model: Path | None = None,
     out: Path | None = None,
     features: Path | None = None,
     data: Photos = Photos(),
@@ -301,8 +314,10 @@ def index(
     """Embed a background gallery with a model and index it by the model's cells.
 
     Args:
-        model: the model folder.
-        out: the index folder to write (default: ``MODEL/index``).
+        model: the model folder (default, or ``default``: the embedded model, whose index goes to ``--out``).
+        out: the index folder to write (default: ``MODEL/index``; required for the embedded model, which lives in
+            the installed package: then locate with ``--index OUT``); an index already there stays as it was
+            until the new one is complete, then the new one replaces it whole.
         features: a feature cache made with the model's backbone (the gallery's photos); else ``data``.
         data: geotagged photos to embed (a CSV and its folder, a GPS-EXIF folder, or shards).
         codes: how FAISS codes the embeddings (``flat``: exact; ``pq``: ~``pq_bytes`` a photo in memory).
@@ -313,9 +328,14 @@ def index(
         run: batch size and decoding processes of the extraction (and of the thumbnails).
     """
     thumbs = _thumbnail_settings(thumbnails, features, data)
+    embedded, model = model is None or str(model) == "default", resolve_model_dir(model)
+    if embedded and out is None:
+        raise InputError(
+            "give --out DIR for an index of the embedded model (its folder is inside the installed package)"
+        )
     m = GeoModel.load(model, with_backbone=features is None)
     out = Path(out) if out is not None else Path(model) / "index"
-    storage.claim_folder(out, "gallery index")
+    storage.claim_output_folder(out, "gallery index", inside=model)  # e.g. MODEL/index, the model's own
     if features is None and not data.given:
         raise InputError(
             "give the gallery: --features (a feature cache made with the model's backbone), or photos "
@@ -394,11 +414,13 @@ def evaluate(
         run: batch size, decoding processes, device and backbone runtime.
     """
     check_search_changes(search)
+    if not methods:
+        raise SettingError(f"give at least one method: {', '.join(METHODS)}", None, "methods")
     if data.csv is None or data.files or data.shards:
         raise InputError(
             "evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and --data.images DIR"
         )
-    storage.claim_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
+    storage.claim_output_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
     records, report = read_photo_csv(data.csv, data.images, columns=data.columns)
     bench = BENCHMARKS[benchmark] if benchmark else None
     if not records:
@@ -485,8 +507,9 @@ def calibrate(
         storage.claim_folder(report, "calibration report")
     if (features is None) == (not data.given):
         raise InputError(
-            "give the photos to calibrate on: --features (the model's training features, out of fold) "
-            "or --data.csv with --data.images (a labelled set the model did not train on), not both"
+            ("give the photos to calibrate on, one of: " if features is None else "give one of, not both: ")
+            + "--features (the model's training features, out of fold) or --data.csv with --data.images "
+            "(a labelled set the model did not train on)"
         )
     m = GeoModel.load(model, with_backbone=features is None)
     if features is not None:
@@ -495,6 +518,8 @@ def calibrate(
         per_method, fitted = _labelled_signals(m, data, Path(index or Path(model) / "index"), exclude_same_author, run)
     cal = fit_calibrator(m.fingerprint, per_method, rule, to_dict(m.config.search), fitted)
     cal.save(Path(model) / CALIBRATION_FILE)
+    for line in cal.constant_thresholds():
+        log.warning("calibrator %s: its probability for that threshold is a constant; calibrate on more photos", line)
     log.info(
         "calibrator %s for model %s (%s, %d photos; localizable: %s) -> %s",
         cal.fingerprint,
@@ -520,7 +545,10 @@ def _out_of_fold_signals(
             {"model": m.fingerprint, "features": str(features), **cross},
             report_markdown(cross),
         )
-    log.info("cross-fitted (each fold calibrated on the others): ECE %s", cross["calibration"]["ece"])
+    ece = "  ".join(
+        f"{k} km {v:.3f}" if v is not None else f"{k} km n/a" for k, v in cross["calibration"]["ece"].items()
+    )
+    log.info("cross-fitted (each fold calibrated on the others), expected calibration error: %s", ece)
     return per_method, fitted
 
 
@@ -531,9 +559,9 @@ def _labelled_signals(
         raise InputError(
             "calibrate reads a labelled CSV: give --data.csv FILE (image,lat,lon[,author]) and --data.images DIR"
         )
-    records, report = read_photo_csv(data.csv, data.images)
+    records, report = read_photo_csv(data.csv, data.images, columns=data.columns)
     if not records:
-        raise InputError(f"no photo of {data.csv} can be used: {report.summary()}")
+        raise InputError(no_usable_photo(data.csv, data.images, report))
     gallery = load_gallery(index) if (index / "index.json").is_file() else None
     geo = Geolocator(m, gallery, device=distributed.resolve_device(run.device))  # no calibrator: it is being fitted
     per_method, n = labelled_signals(geo, records, exclude_same_author, run.batch_size, run.workers)
@@ -576,11 +604,14 @@ def locate(
         search: search settings to change from the model's, e.g. ``{k: 5}``.
         abstain: which photos are localizable (default: the rule saved with the model's calibrator), and whether
             the output leaves the others out; every prediction is marked ``localizable`` either way.
-        output: write the results to this file (atomically); default: standard output.
+        output: write the results to this file (atomically; not inside a model, index or other geoswc artifact
+            folder); default: standard output.
         format: ``text``, ``jsonl``, ``csv`` or ``geojson`` (default: from the output's extension, else text).
         run: batch size, decoding processes, device and backbone runtime.
     """
     check_search_changes(search)
+    if output is not None:
+        storage.claim_output(output)  # a bad output path fails now, before the model is loaded
     fmt = output_format(output, format)
     source = _photo_source(data, _load_geolocator(model, index, search, run, abstain), method, run)
     progress = output is not None or (fmt == "text" and (source.count is None or source.count > 8))
@@ -591,13 +622,18 @@ def locate(
     left = f", {w.left_out} not localizable left out" if w.left_out else ""
     if output is not None and (w.located or w.left_out):
         log.info(
-            "%d photos located%s%s -> %s (%s)", w.located, left, f", {failed} failed" if failed else "", output, fmt
+            "%s located%s%s -> %s (%s)", _photos(w.located), left, f", {failed} failed" if failed else "", output, fmt
         )
     elif failed:
         log.warning("%d of %d photos could not be located", failed, failed + w.located + w.left_out)
     if output is None and w.left_out:
-        log.warning("%d photos were not localizable and were left out", w.left_out)
+        log.warning("%s not localizable and left out", _photos(w.left_out, "was", "were"))
     return LocateSummary(w.located, failed, w.left_out)
+
+
+def _photos(n: int, singular: str = "", plural: str = "") -> str:
+    """``n`` photo(s), with the verb that agrees: ``1 photo``, ``3 photos``, ``1 photo was``."""
+    return f"{n} photo{'' if n == 1 else 's'}" + (f" {singular if n == 1 else plural}" if singular else "")
 
 
 @dataclass(frozen=True)
@@ -617,7 +653,7 @@ def _photo_source(data: Photos, geo: Any, method: Method, run: RunConfig) -> _Ph
     if data.csv:
         records, report = read_photo_csv(data.csv, data.images, positions=False, columns=data.columns)
         if not records:
-            raise InputError(f"{data.csv} names no photo that can be located: {report.summary()}")
+            raise InputError(no_usable_photo(data.csv, data.images, report))
         return _PhotoSource(
             lambda progress: geo.locate_batch(
                 [r.path for r in records], progress=progress, names=[r.image for r in records], **kw
@@ -694,7 +730,7 @@ def compare(
         raise SettingError(f"resamples must be in 100..100000, got {resamples}", None, "resamples")
     if not 0 <= seed < 2**63:
         raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
-    storage.claim_folder(out, "comparison")
+    storage.claim_output_folder(out, "comparison")
     systems = [read_system(Path(r), names[i] if names else None) for i, r in enumerate(runs)]
     taken = [s.name for s in systems]
     if len(set(taken)) < len(taken):

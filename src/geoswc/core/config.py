@@ -42,6 +42,18 @@ def check_ints(obj: Any) -> None:
             check_field(obj, f.name, -(2**63) <= v < 2**63, "must fit in 64 bits")
 
 
+def check_numbers(obj: Any) -> None:
+    """Every ``int`` field of ``obj`` holds a whole number and every ``float`` field a number (never a bool, a
+    string or, for an ``int``, a fraction): a value handed over in Python is refused before it is used."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        v, hint = getattr(obj, f.name), hints.get(f.name)
+        if hint is int and (isinstance(v, bool) or not isinstance(v, int)):
+            check_field(obj, f.name, False, "must be a whole number")
+        if hint is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            check_field(obj, f.name, False, "must be a number")
+
+
 def _finite(v: float, low: float = 0.0, strict: bool = False) -> bool:
     return math.isfinite(v) and (v > low if strict else v >= low)
 
@@ -135,16 +147,18 @@ class HeadConfig:
     """Sizes of the MvMF classifier and the Residual Retrieval Module."""
 
     mvmf_hidden: int = 0
-    """0: mixture weights are a linear function of the features (as in the paper); >0: one hidden layer."""
+    """0: mixture weights are a linear function of the features (as in the paper); >0: one hidden layer of this
+    width, at most 16384 (its weights take ``width x (features + cells)`` floats)."""
     mvmf_dropout: float = 0.2
     """Dropout on the features before the MvMF layer, during training."""
     rrm_hidden: int = 0
-    """Width of the RRM's inner layer; 0 means the feature width."""
+    """Width of the RRM's inner layer, at most 16384 (its weights take ``2 x width x features`` floats); 0 means
+    the feature width."""
 
     def __post_init__(self) -> None:
         check_ints(self)
-        check_field(self, "mvmf_hidden", self.mvmf_hidden >= 0, "must be >= 0")
-        check_field(self, "rrm_hidden", self.rrm_hidden >= 0, "must be >= 0")
+        for name in ("mvmf_hidden", "rrm_hidden"):  # bounded before any layer of that size is allocated
+            check_field(self, name, 0 <= getattr(self, name) <= 16_384, "must be in 0..16384")
         check_field(self, "mvmf_dropout", 0 <= self.mvmf_dropout < 1, "must be in [0, 1)")
 
 
@@ -231,6 +245,7 @@ class SearchConfig:
     search_km of the chosen cell's (its neighbours)."""
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_ints(self)
         check_field(self, "k", 1 <= self.k <= 10_000, "must be in 1..10000")
         check_distance(self, "eps_km", strict=True)
@@ -263,7 +278,9 @@ class GalleryCodes:
     rerank: int = 100
     """Candidates of a coded search re-scored exactly."""
     train_rows: int = 65_536
-    """Rows sampled from the gallery to train the quantiser."""
+    """Rows sampled from the gallery to train the quantiser (held in memory as float32 while it trains), at most
+    1048576: FAISS's k-means and OPQ use 65,536 at most. ``opq`` needs at least as many as the embeddings have
+    dimensions."""
     seed: int = 0
     """Seed of the training sample and of the quantiser's k-means."""
 
@@ -272,7 +289,7 @@ class GalleryCodes:
         check_field(self, "kind", self.kind in typing.get_args(CodeKind), f"must be one of {typing.get_args(CodeKind)}")
         check_field(self, "pq_bytes", 1 <= self.pq_bytes <= 4096, "must be in 1..4096")
         check_field(self, "rerank", 1 <= self.rerank <= 100_000, "must be in 1..100000")
-        check_field(self, "train_rows", 256 <= self.train_rows <= 10_000_000, "must be in 256..10000000")
+        check_field(self, "train_rows", 256 <= self.train_rows <= 1_048_576, "must be in 256..1048576")
         check_field(self, "seed", 0 <= self.seed < 2**31, "must be in 0..2**31-1")
 
 
@@ -465,7 +482,8 @@ class RunConfig:
     device: str = "auto"
     """``auto`` (``cuda:LOCAL_RANK`` when a GPU is present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: Precision = "auto"
-    """Backbone autocast on GPUs (``auto``: bf16 where supported, else fp16); CPUs always run fp32."""
+    """Lightning Fabric's precision: ``fp32`` (``32-true``), ``bf16`` (``bf16-mixed``, also on a CPU), ``fp16``
+    (``16-mixed``, GPUs only); ``auto``: bf16 on GPUs that have it, else fp16; fp32 on a CPU."""
     runtime: Runtime = "torch"
     """Backbone runtime for locating: ``torch`` (eager) or ``onnx`` (exported once, several times faster on a
     CPU; needs ``pip install 'geoswc[fast]'``)."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import ctypes
 import glob
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -134,7 +138,7 @@ def artifact_kind(folder: str | Path) -> str | None:
         if not path.is_file():
             continue
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
+            meta = parse_json(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             continue
         if isinstance(meta, dict) and (
@@ -187,13 +191,84 @@ def write_report(path: str | Path, result: dict[str, Any], table: str) -> None:
     write_text(path.with_suffix(".md"), table + "\n")
 
 
+JSON_INT_RANGE = (-(2**63), 2**63)
+"""Whole numbers a geoswc JSON file may hold, ``[low, high)``: what fits in 64 bits, as every count, size and seed
+geoswc writes does (each loader then checks the range of the numbers it uses)."""
+
+
+class JSONNumberError(ValueError):
+    """A JSON number geoswc never writes: ``NaN``, ``Infinity``, a float that overflows (``1e400``) or an integer
+    beyond 64 bits (``10**400``)."""
+
+
+class _Refused:
+    """Stands for a refused number while a document is parsed (its place is then looked up, for the message)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` for files geoswc reads: every number finite and every whole number within 64 bits
+    (:data:`JSON_INT_RANGE`).
+
+    Raises:
+        JSONNumberError: naming the first such number's key (``methods.swc.mean[0] is NaN``).
+        ValueError: not JSON (``json.JSONDecodeError``).
+        RecursionError: absurdly deep nesting.
+    """
+    refused: list[_Refused] = []
+
+    def refuse(t: str) -> _Refused:
+        refused.append(_Refused(t))
+        return refused[-1]
+
+    def finite(t: str) -> float | _Refused:
+        v = float(t)
+        return v if math.isfinite(v) else refuse(t)
+
+    def whole(t: str) -> int | _Refused:
+        if len(t.lstrip("-")) > 19:  # more digits than any 64-bit number (and no 4300-digit conversion)
+            return refuse(t)
+        v = int(t)
+        return v if JSON_INT_RANGE[0] <= v < JSON_INT_RANGE[1] else refuse(t)
+
+    data = json.loads(text, parse_constant=refuse, parse_float=finite, parse_int=whole)
+    if refused:
+        bad = refused[0]
+        shown = bad.text if len(bad.text) <= 24 else f"{bad.text[:12]}…({len(bad.text)} characters)"
+        raise JSONNumberError(f"{_key_of(data, bad) or 'the document'} is {shown}, not a finite number within 64 bits")
+    return data
+
+
+def _key_of(data: Any, target: _Refused) -> str:
+    """Where ``target`` sits in a parsed document: ``a.b[2]`` ("" for the whole document)."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, v = stack.pop()
+        if v is target:
+            return where
+        if isinstance(v, dict):
+            stack += [(f"{where}.{k}" if where else str(k), x) for k, x in v.items()]
+        elif isinstance(v, list):
+            stack += [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+    return ""
+
+
 def read_json(path: str | Path, what: str) -> dict[str, Any]:
-    """Read a JSON object, with an error that says which artifact is broken."""
+    """Read a JSON object (:func:`parse_json`: no NaN, infinity or out-of-range number), with an error that says
+    which artifact is broken."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path} is missing")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except JSONNumberError as e:
+        raise ArtifactError(
+            f"{what} {path} is damaged or was changed: {e}; rebuild it or restore the original file"
+        ) from e
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
         raise ArtifactError(f"{what} {path} is unreadable or not JSON ({str(e)[:200]}); rebuild it") from e
     if not isinstance(data, dict):
@@ -313,7 +388,7 @@ def safetensors_header(head: bytes, file_size: int) -> tuple[dict[str, Any], int
     n = int.from_bytes(head[:8], "little")
     if not 0 < n <= min(file_size - 8, 1 << 24) or len(head) < 8 + n:
         raise ValueError("bad safetensors header length")
-    header = json.loads(head[8 : 8 + n].decode("utf-8"))
+    header = parse_json(head[8 : 8 + n].decode("utf-8"))
     if not isinstance(header, dict):
         raise ValueError("the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
@@ -326,13 +401,27 @@ def header_length(data: np.ndarray) -> int:
 
 
 def tensor_view(data: np.ndarray, spec: dict[str, Any], base: int) -> np.ndarray:
-    """The array a header ``spec`` describes inside ``data`` (the file's bytes, e.g. memory-mapped)."""
+    """The array a header ``spec`` describes inside ``data`` (the file's bytes, e.g. memory-mapped).
+
+    Raises:
+        ValueError: a spec that is not a known dtype, whole non-negative offsets and sizes, or that disagrees with
+            the file's size.
+    """
+    if not isinstance(spec, dict) or spec.get("dtype") not in SAFETENSORS_DTYPES:
+        raise ValueError(f"a tensor spec of no supported dtype: {str(spec)[:100]}")
     dtype = np.dtype(SAFETENSORS_DTYPES[spec["dtype"]])
-    start, stop = (int(v) for v in spec["data_offsets"])
-    shape = tuple(int(v) for v in spec["shape"])
-    if stop - start != int(np.prod(shape)) * dtype.itemsize or base + stop > len(data):
+    offsets, shape = spec.get("data_offsets"), spec.get("shape")
+    if not (_whole_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1] and _whole_list(shape)):
+        raise ValueError(f"a tensor spec without whole, non-negative offsets and shape: {str(spec)[:100]}")
+    start, stop = offsets
+    if stop - start != math.prod(shape) * dtype.itemsize or base + stop > len(data):
         raise ValueError("tensor size and file size disagree")
     return data[base + start : base + stop].view(dtype).reshape(shape)
+
+
+def _whole_list(v: Any) -> bool:
+    """Whether ``v`` is a list of whole numbers ``>= 0`` (not bools)."""
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
 def map_tensor(path: str | Path, name: str, what: str, sha256: str | None = None) -> torch.Tensor:
@@ -427,6 +516,13 @@ class BlockChecksums:
     """
 
     def __init__(self, path: Path, data: np.ndarray, block_bytes: int, digests: list[str]) -> None:
+        if not (isinstance(block_bytes, int) and 0 < block_bytes <= 1 << 40) or not all(
+            isinstance(d, str) for d in digests
+        ):
+            raise ArtifactError(
+                f"the checksums recorded for {path} are damaged (block size {str(block_bytes)[:40]}); "
+                "rebuild it or restore the original file"
+            )
         if len(digests) != -(-len(data) // block_bytes):
             raise ArtifactError(
                 f"the checksums recorded for {path} do not cover its {len(data)} bytes; "
@@ -523,3 +619,224 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
             v.reshape(-1).view(torch.uint8).numpy().tobytes(),
         ]
     return digest(*parts)
+
+
+# -- outputs for people: where they may go, and their cells (write side) --------------------------------------
+
+
+def artifact_around(path: str | Path) -> tuple[Path, str] | None:
+    """The nearest folder at or above ``path`` (symbolic links followed) that holds a geoswc artifact, with its
+    kind (None: ``path`` lies in no artifact folder)."""
+    real = Path(os.path.realpath(path))
+    for folder in (real, *real.parents):
+        kind = artifact_kind(folder) if folder.is_dir() else None
+        if kind is not None:
+            return folder, kind
+    return None
+
+
+def claim_output(path: str | Path) -> Path:
+    """Check a file a command is about to write for its user (``locate --output``): a file inside a geoswc
+    artifact folder, at any depth and through symbolic links, is refused, so that no output overwrites a model's,
+    an index's or an evaluation's files or mixes with them; so is a folder.
+
+    Raises:
+        InputError: ``path`` is a folder or lies inside an artifact folder.
+    """
+    path = Path(path)
+    real = Path(os.path.realpath(path))  # a symbolic link is written through: where it points is what counts
+    if real.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory; give a file name")
+    found = artifact_around(real.parent)
+    if found is not None:
+        raise InputError(f"cannot write {path}: {found[0]} holds a geoswc {found[1]}; write it outside that folder")
+    ensure_dir(path.parent, create=False)
+    return path
+
+
+def claim_output_folder(folder: str | Path, kind: str, inside: str | Path | None = None) -> Path:
+    """:func:`claim_folder` for an output folder of ``kind``, which must also lie outside every other artifact
+    folder, at any depth (symbolic links followed), but ``inside`` (the one it may lie in: an index in the folder
+    of the model it is built for).
+
+    Raises:
+        InputError: ``folder`` is a file, holds another kind of artifact, or lies inside an artifact folder.
+    """
+    folder = claim_folder(folder, kind)
+    found = artifact_around(Path(os.path.realpath(folder)).parent)
+    if found is not None and inside is not None and found[0] == Path(os.path.realpath(inside)):
+        found = artifact_around(found[0].parent)
+    if found is not None:
+        raise InputError(
+            f"cannot write the {kind} into {folder}: it lies inside {found[0]}, which holds a geoswc {found[1]}; "
+            "write it outside that folder"
+        )
+    return folder
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+"""What a spreadsheet may take for the start of a formula in a cell: OWASP's list for CSV injection (``=``, ``+``,
+``-``, ``@``, tab, carriage return) and the full-width forms of the first four."""
+
+
+def csv_text(value: str) -> str:
+    """A text cell of a CSV written for people, safe to open in a spreadsheet: a value that begins with one of
+    :data:`FORMULA_STARTS` gets a single quote ``'`` added in front (OWASP's advice: the spreadsheet shows it as
+    text, never runs it). So that :func:`csv_plain` can give every value back, a value that begins with ``'``
+    gets one too. Only text columns go through it, never numbers (``-12.5`` stays a number)."""
+    return "'" + value if value.startswith((*FORMULA_STARTS, "'")) else value
+
+
+def csv_plain(cell: str) -> str:
+    """A text cell of a CSV geoswc wrote, as the value :func:`csv_text` was given (its added quote removed)."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+def csv_row(cells: Sequence[Any]) -> str:
+    """One CSV record, ending in ``\\n``, whose fields holding a line break of either kind (``\\r`` as well as
+    ``\\n``) are quoted: a writer whose records end in ``\\n`` alone leaves a lone ``\\r`` bare, and a reader then
+    splits the record there."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(cells)
+    return buf.getvalue()[:-2] + "\n"
+
+
+MARKDOWN_BREAKS = ("\r\n", "\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+"""Line breaks (as :meth:`str.splitlines` counts them) that :func:`markdown_cell` writes as ``<br>``."""
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` as one cell of a Markdown table row, shown as given: ``&``, ``<`` and ``>`` as entities (no
+    HTML), ``\\`` and ``|`` escaped with a backslash (a ``|`` would end the cell), each line break as ``<br>`` (one
+    would end the row), and leading or trailing white space as character references (a table trims it)."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = text.replace("\\", "\\\\").replace("|", "\\|")
+    for brk in MARKDOWN_BREAKS:
+        text = text.replace(brk, "<br>")
+    body = text.lstrip()
+    lead = text[: len(text) - len(body)]
+    body = body.rstrip()
+    trail = text[len(lead) + len(body) :]
+    return "".join(f"&#{ord(c)};" for c in lead) + body + "".join(f"&#{ord(c)};" for c in trail)
+
+
+# -- artifact folders replaced whole ------------------------------------------------------------------------------
+
+
+class FolderSwap:
+    """A new version of the artifact folder ``target``, built in a staging folder beside it
+    (``.NAME.<pid>.*.new``, after removing what killed runs left) and swapped in whole by :meth:`commit`: at every
+    moment ``target`` holds the old version or the new one, complete. Entries of the old folder that are not the
+    artifact's own files (``own``) or temporary files are kept (hard-linked into the new one before the swap).
+
+    On Linux the swap is one atomic exchange of the two folders (``renameat2``); elsewhere the old folder is renamed
+    aside (``.NAME.<pid>.old``) and the new one into place, and a process killed between the two renames leaves
+    the old one for :func:`recover_folder` to put back.
+
+    Attributes:
+        target: the folder replaced (symbolic links resolved).
+        path: the staging folder to build the new version in.
+    """
+
+    def __init__(self, target: str | Path, own: Sequence[str]) -> None:
+        self.target = Path(os.path.realpath(target))
+        recover_folder(self.target)
+        remove_stale(self.target.parent, self.target.name)
+        self.own = frozenset(own)
+        self.path = Path(tempfile.mkdtemp(prefix=temp_prefix(self.target.name), suffix=".new", dir=self.target.parent))
+        os.chmod(self.path, self.target.stat().st_mode & 0o7777)
+        self.committed = False
+
+    def commit(self) -> None:
+        """Swap the staging folder in for ``target``, then remove the old version."""
+        _keep_foreign(self.target, self.path, self.own)
+        old = self.path
+        if not exchange_paths(self.path, self.target):
+            old = self.target.parent / f"{temp_prefix(self.target.name)}old"
+            os.rename(self.target, old)
+            try:
+                os.rename(self.path, self.target)
+            except BaseException:
+                os.rename(old, self.target)
+                raise
+        self.committed = True
+        _sync_folder(self.target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Give the new version up (the old one stays); nothing happens after :meth:`commit`."""
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def swappable(folder: str | Path) -> bool:
+    """Whether a :class:`FolderSwap` can replace ``folder``: a folder, not a mount point, in a folder this process
+    may write (else a writer writes into it in place)."""
+    real = Path(os.path.realpath(folder))
+    return real.is_dir() and not os.path.ismount(real) and os.access(real.parent, os.W_OK | os.X_OK)
+
+
+def recover_folder(target: str | Path) -> bool:
+    """Put back an artifact folder that a process killed in the middle of a :class:`FolderSwap` left renamed aside
+    (``.NAME.<pid>.old``, the process gone, ``target`` missing). Returns whether it did."""
+    target = Path(os.path.realpath(target))
+    if target.exists() or not target.parent.is_dir():
+        return False
+    for p in sorted(target.parent.glob(f".{glob.escape(target.name)}.*.old")):
+        pid = p.name[len(target.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)) and p.is_dir():
+            os.rename(p, target)
+            return True
+    return False
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``). Returns False, having changed
+    nothing, where the system or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, TypeError, AttributeError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _keep_foreign(old: Path, new: Path, own: frozenset[str]) -> None:
+    """Hard-link (or copy) into ``new`` the entries of ``old`` that are not the artifact's own or temporary."""
+    for p in old.iterdir():
+        if p.name in own or _temporary(p.name) or os.path.lexists(new / p.name):
+            continue
+        if p.is_symlink():
+            os.symlink(os.readlink(p), new / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, new / p.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(p, new / p.name)
+
+
+def _temporary(name: str) -> bool:
+    """Whether ``name`` is one of a process's temporary files or folders (:func:`temp_prefix`)."""
+    parts = name.split(".")
+    return name.startswith(".") and len(parts) > 3 and any(part.isdigit() for part in parts[2:-1])
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a folder's renames durable (where the system can sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -39,21 +39,30 @@ def parse_columns(text: str | None) -> dict[str, str]:
     """``image=COL,lat=COL,lon=COL,author=COL`` (any subset) as ``{role: column}``, column names lower-cased.
 
     Raises:
-        ValueError: not that form, an unknown role, a role given twice or an empty column name.
+        ValueError: not that form, an unknown role, a role given twice, an empty column name, or one column
+            given for two roles; the one-line message names the part at fault.
     """
     if text is None or not text.strip():
         return {}
+    example = "e.g. image=IMG_ID,lat=LAT,lon=LON,author=AUTHOR"
     out: dict[str, str] = {}
     for part in text.split(","):
         role, eq, column = part.partition("=")
         role, column = role.strip().lower(), column.strip().lower()
-        if not eq or role not in ROLES or not column:
-            raise ValueError(
-                f"{part.strip()!r} is not ROLE=COLUMN with ROLE one of {', '.join(ROLES)} "
-                "(e.g. image=IMG_ID,lat=LAT,lon=LON,author=AUTHOR)"
-            )
+        if not eq:
+            raise ValueError(f"{part.strip()!r} is not ROLE=COLUMN with ROLE one of {', '.join(ROLES)} ({example})")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} in {part.strip()!r}: the roles are {', '.join(ROLES)} ({example})")
+        if not column:
+            raise ValueError(f"{part.strip()!r} names no column for {role}: give {role}=COLUMN ({example})")
         if role in out:
-            raise ValueError(f"{role} is mapped twice")
+            raise ValueError(f"{role} is mapped twice (to {out[role]!r} and {column!r}): map each role once")
+        other = next((r for r, c in out.items() if c == column), None)
+        if other is not None:
+            raise ValueError(
+                f"column {column!r} is mapped to two roles, {other} and {role}: a column holds one role; "
+                f"map each to its own column ({example})"
+            )
         out[role] = column
     return out
 
@@ -92,7 +101,8 @@ def resolve_layout(
     columns: dict[str, str] | None = None,
     flag: str = "--data.columns",
 ) -> Layout:
-    """The layout of a CSV whose ``header`` (as written) is given: ``columns`` first, then the aliases.
+    """The layout of a CSV whose ``header`` (as written) is given: ``columns`` first, then the aliases (a column
+    ``columns`` maps to a role is never another role's).
 
     Args:
         header: the header row.
@@ -116,9 +126,10 @@ def resolve_layout(
                 f"{shown_header(header)}"
             )
         index[role] = first[column]
+    taken = set(index.values())  # a mapped column holds its role only: another role's names skip it
     for role in ROLES:
         if role not in index:
-            index[role] = next((first[a] for a in ALIASES[role] if a in first), -1)
+            index[role] = next((first[a] for a in ALIASES[role] if a in first and first[a] not in taken), -1)
     lacking = [r for r in need if index[r] < 0]
     if lacking:
         raise InputError(

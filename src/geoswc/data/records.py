@@ -14,7 +14,7 @@ import math
 import os
 import re
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,9 +30,6 @@ from geoswc.data.images import (
     DEFAULT_LIMITS,
     IMAGE_EXTENSIONS,
     ImageLimits,
-    ImageSource,
-    check_size,
-    load_image,
     read_gps,
 )
 from geoswc.data.layouts import parse_columns, resolve_layout
@@ -81,6 +78,9 @@ class LoadReport:
     def log(self) -> None:
         (log.warning if self.skipped else log.info)("%s", self.summary())
 
+
+MISSING_IMAGE = "image file not found"
+"""The reason a photo list's row is skipped when its image file is not there."""
 
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
@@ -225,7 +225,10 @@ def read_photo_csv(
     csv_path = Path(csv_path)
     root = Path(images_dir) if images_dir is not None else csv_path.parent
     if check_images and not root.is_dir():
-        raise InputError(f"image folder not found: {root}")
+        raise InputError(
+            f"image folder not found: {root} ({root.resolve()}); "
+            + ("check --data.images" if images_dir is not None else "give --data.images, the folder of the photos")
+        )
     header, rows = csv_table(csv_path)
     cols = resolve_layout(
         header,
@@ -264,6 +267,25 @@ def read_photo_csv(
     return records, report
 
 
+def no_usable_photo(csv_path: str | Path, images_dir: str | Path | None, report: LoadReport) -> str:
+    """Why a photo CSV gave no usable photo, in one line. When its rows name image files that are not there,
+    the folder they were looked for in (resolved) and the flag to check: ``--data.images``, or to give it when
+    it was left out (then the names are looked up beside the CSV)."""
+    root = Path(images_dir) if images_dir is not None else Path(csv_path).parent
+    missing = [item for item, why in report.skipped if why == MISSING_IMAGE]
+    if not missing:
+        return f"{csv_path} holds no usable photo: {report.summary(first=3)}"
+    fix = (
+        "check --data.images, the folder the CSV's image names are relative to"
+        if images_dir is not None
+        else "give --data.images, the folder the CSV's image names are relative to (without it, the CSV's own folder)"
+    )
+    return (
+        f"no photo {csv_path} names was found in {root.resolve()}: {len(missing)} of its {report.total} rows name "
+        f"an image file not there (first: {missing[0]}); {fix}"
+    )
+
+
 def path_under(root: Path, image: str) -> Path | None:
     """``root / image``, or None when a photo list's ``image`` would leave the folder (an absolute path, or
     ``..``): photo lists name photos relative to their folder."""
@@ -276,7 +298,7 @@ def _image_problem(root: Path, image: str) -> str:
     if path is None:
         return "outside the image folder (an absolute path, or '..'); name photos relative to the folder"
     try:
-        return "" if path.is_file() else "image file not found" if not path.exists() else "not a regular file"
+        return "" if path.is_file() else MISSING_IMAGE if not path.exists() else "not a regular file"
     except OSError as e:  # e.g. a name longer than the file system allows
         return f"unusable image path ({e.strerror or e})"
 
@@ -341,7 +363,7 @@ class Batch(NamedTuple):
 
 
 def collate(items: Iterable[Item]) -> Batch:
-    """Batch the good items of a dataset (:class:`ImageDataset`, :class:`~geoswc.data.shards.ShardDataset`)."""
+    """Batch the good items of a dataset (:class:`~geoswc.data.shards.ShardDataset`)."""
     items = list(items)
     good = [(k, x, m) for k, x, _, m in items if x is not None]
     return Batch(
@@ -368,62 +390,6 @@ def loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int 
     )
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decoded, preprocessed images. Items are ``(index, tensor | None, error | None, None)``: a bad image
-    yields its error instead of stopping the whole batch job.
-
-    With ``views > 1``, each item holds ``views`` tensors stacked ``(V, 3, S, S)``: the plain view first,
-    then random augmentations seeded by ``(seed, index)`` (the same on every run).
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[ImageSource],
-        pre: Preprocess,
-        views: int = 1,
-        seed: int = 0,
-        limits: ImageLimits = DEFAULT_LIMITS,
-        train_augment: bool = False,
-        names: Sequence[str] | None = None,
-    ) -> None:
-        self.paths = list(paths)
-        self.pre, self.views, self.seed, self.limits = pre, views, seed, limits
-        self.train_augment = train_augment
-        self.names = names
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _decode(self, i: int) -> Image.Image:
-        src = self.paths[i]
-        name = self.names[i] if self.names is not None else None
-        if isinstance(src, ImageError):  # a source that could not even be read: its error stands for it
-            raise src
-        if isinstance(src, Image.Image):
-            check_size(src, name or f"<image {i + 1}>", self.limits)  # no pixels, or a pixel bomb: ImageError
-            try:
-                return src if src.mode == "RGB" else src.convert("RGB")
-            except (OSError, ValueError) as e:
-                raise ImageError(f"<image {i + 1}> (mode {src.mode}) cannot be converted to RGB: {e}") from e
-        # JPEG draft decoding with 2x head-room: enough for augmented crops, and the same decode for every
-        # view, so a cached plain view equals what inference computes for the photo.
-        return load_image(src, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM, name=name)
-
-    def __getitem__(self, i: int) -> Item:
-        try:
-            img = self._decode(i)
-            x = make_views(
-                img, self.pre, i, views=self.views, seed=self.seed, train_augment=self.train_augment, epoch=self.epoch
-            )
-        except ImageError as e:
-            return i, None, e, None
-        except Exception as e:  # noqa: BLE001 - whatever one photo does, the batch goes on without it
-            name = self.names[i] if self.names is not None else f"<image {i + 1}>"
-            return i, None, ImageError(f"{name} cannot be processed ({type(e).__name__}: {e})", "corrupt"), None
-        return i, x, None, None
-
-
 def make_views(
     img: Image.Image,
     pre: Preprocess,
@@ -434,7 +400,7 @@ def make_views(
     train_augment: bool = False,
     epoch: int = 0,
 ) -> torch.Tensor:
-    """The input tensor(s) of photo number ``index``, as :class:`ImageDataset` (and the shard reader) make them.
+    """The input tensor(s) of photo number ``index``, as the shard reader makes them.
 
     Returns:
         ``(3, S, S)`` for one view; ``(V, 3, S, S)`` for ``views > 1``: the plain view, then augmentations

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
 import tarfile
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
+from PIL import Image
 
 from geoswc.core import distributed, storage
 from geoswc.core.config import Preprocess, digest
@@ -39,11 +41,14 @@ from geoswc.data.images import (
     DEFAULT_LIMITS,
     IMAGE_EXTENSIONS,
     ImageLimits,
+    ImageSource,
+    check_size,
     load_image,
     open_image,
     read_gps,
     read_image_file,
 )
+from geoswc.data.images import source_name as image_name
 from geoswc.data.records import DRAFT_HEADROOM, Item, LoadReport, Record, make_views, parse_coord, worker_count
 from geoswc.data.sources import names_remote
 
@@ -90,8 +95,51 @@ class PhotoShard:
         return f"photos {self.first}..{self.first + len(self.records) - 1}"
 
 
-Source = str | PhotoShard
-"""A shard of a stream: a local tar file, or photos of a list."""
+@dataclass(frozen=True)
+class MemoryShard:
+    """Photos handed to the Python API (paths, encoded bytes, PIL images, or the error reading one gave) read as
+    a photo shard: keyed by their positions in the input (:func:`memory_shards`), named by ``names``."""
+
+    sources: tuple[ImageSource | ImageError, ...]
+    names: tuple[str, ...]
+    first: int
+    """The input position of the first photo."""
+
+    @property
+    def name(self) -> str:
+        return f"photos {self.first}..{self.first + len(self.sources) - 1}"
+
+
+Source = str | PhotoShard | MemoryShard
+"""A shard of a stream: a local tar file, photos of a list, or photos handed over in memory."""
+
+
+def memory_shards(sources: Sequence[ImageSource | ImageError], names: Sequence[str], per: int) -> list[MemoryShard]:
+    """Photos as consecutive shards of ``per``: a DataLoader worker decodes whole shards, so with ``per`` the batch
+    size each worker's batches hold consecutive photos, and input order is restored with a small buffer."""
+    per = max(1, per)
+    return [MemoryShard(tuple(sources[i : i + per]), tuple(names[i : i + per]), i) for i in range(0, len(sources), per)]
+
+
+def photo_dataset(
+    sources: Sequence[ImageSource | ImageError],
+    pre: Preprocess,
+    names: Sequence[str] | None = None,
+    per: int = 16,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    read_exif: bool = False,
+) -> ShardDataset:
+    """The one reader over photos handed over (paths, bytes, PIL images): :func:`memory_shards` of ``per`` (the
+    batch size) read by :class:`ShardDataset` in this process's share (not split over torchrun ranks). Its keys
+    map to input positions with :func:`input_position` of its ``shards``."""
+    labels = list(names) if names is not None else [image_name(s) for s in sources]  # type: ignore[arg-type]
+    shards = memory_shards(list(sources), labels, per)
+    return ShardDataset(shards, pre, limits=limits, read_exif=read_exif, split_ranks=False)
+
+
+def input_position(shards: Sequence[PhotoShard | MemoryShard], order: int) -> int:
+    """The input position of the sample ``order`` (``ordinal << 32 | position in its shard``) of ``shards``."""
+    return shards[order >> 32].first + (order & 0xFFFFFFFF)
 
 
 def photo_shards(records: Sequence[Record], parts: int = 1) -> list[PhotoShard]:
@@ -115,7 +163,9 @@ def shard_sources(spec: str | Path | Sequence[str | Path | PhotoShard]) -> list[
 
 def source_name(src: Source) -> str:
     """What identifies a shard in a run's key: a tar file's name, or a digest of a photo shard's ids."""
-    return Path(src).name if isinstance(src, str) else digest(*[r.image for r in src.records])
+    if isinstance(src, str):
+        return Path(src).name
+    return digest(*(src.names if isinstance(src, MemoryShard) else [r.image for r in src.records]))
 
 
 def _index_of(folder: Path) -> dict[str, int]:
@@ -125,7 +175,7 @@ def _index_of(folder: Path) -> dict[str, int]:
     if not path.is_file():
         return {}
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = storage.parse_json(path.read_text(encoding="utf-8"))
         listed = {str(s["url"]): int(s["nsamples"]) for s in meta.get("shardlist", [])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         log.warning("%s is unreadable (%s); ignoring it", path, e)
@@ -343,8 +393,8 @@ class ShardSample:
     lat: float
     lon: float
     author: str
-    data: bytes
-    """The encoded photo, as stored."""
+    data: ImageSource
+    """The encoded photo, as stored (a memory shard's: the source as handed over)."""
     ext: str
     key: str
     shard: str
@@ -352,6 +402,8 @@ class ShardSample:
     """``shard ordinal << 32 | position in the shard``: sorting by it restores the shard set's order."""
     path: Path | None = None
     """The photo's file (a photo shard's sample), else None."""
+    label: str | None = None
+    """How messages name the photo (default: its file, else its id, shard and key)."""
 
     @property
     def index(self) -> int:
@@ -367,6 +419,9 @@ class SampleError:
     label: str
     reason: str
     order: int
+    kind: str | None = None
+    """A memory shard's unreadable source: its :class:`~geoswc.core.errors.ImageError` kind (``reason`` is then
+    the whole message)."""
 
 
 @dataclass
@@ -409,7 +464,7 @@ class _Group:
         if len(images) != 1:
             return SampleError(label, "no image member" if not images else f"several image members {images}", order)
         try:
-            meta = json.loads(group["json"].decode("utf-8"))  # bounded: 1 MiB; nesting ends in RecursionError
+            meta = storage.parse_json(group["json"])  # bounded: 1 MiB; nesting ends in RecursionError
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
             lat = parse_coord(None if meta.get("lat") is None else str(meta["lat"]), "lat", 90.0)
@@ -502,9 +557,25 @@ def iter_photos(
         yield ShardSample(r.image, r.lat, r.lon, r.author, data, ext, key, shard.name, order, Path(r.path))
 
 
+def iter_memory(shard: MemoryShard, ordinal: int) -> Iterator[ShardSample | SampleError]:
+    """The samples of a memory shard: each source as it is (decoded by the dataset, which checks its limits),
+    a source that could not be read as its error."""
+    for pos, (src, name) in enumerate(zip(shard.sources, shard.names, strict=True)):
+        order = ordinal << 32 | pos
+        if isinstance(src, ImageError):
+            yield SampleError(name, str(src), order, src.kind)
+            continue
+        path = Path(src) if isinstance(src, (str, os.PathLike)) else None
+        ext = path.suffix.lower().lstrip(".") if path is not None else ""
+        key = f"{shard.first + pos:09d}"
+        yield ShardSample(name, math.nan, math.nan, "", src, ext, key, shard.name, order, path, label=name)
+
+
 def iter_source(src: Source, ordinal: int, limits: ImageLimits = DEFAULT_LIMITS) -> Iterator[ShardSample | SampleError]:
-    """The samples of a tar shard or of a photo shard."""
-    return iter_shard(src, ordinal, limits) if isinstance(src, str) else iter_photos(src, ordinal, limits)
+    """The samples of a tar shard, a photo shard or a memory shard."""
+    if isinstance(src, str):
+        return iter_shard(src, ordinal, limits)
+    return iter_memory(src, ordinal) if isinstance(src, MemoryShard) else iter_photos(src, ordinal, limits)
 
 
 def iter_samples(shards: str | Path | Sequence[str | Path], report: LoadReport | None = None) -> Iterator[ShardSample]:
@@ -522,6 +593,29 @@ def iter_samples(shards: str | Path | Sequence[str | Path], report: LoadReport |
 
 
 # -- the streaming dataset ----------------------------------------------------------------------------
+
+
+def _sample_error(s: SampleError) -> Exception:
+    """The error a bad sample stands for: an unreadable handed-over source keeps its kind and message."""
+    if s.kind is not None:
+        return ImageError(s.reason, kind=s.kind)
+    return InputError(f"{s.label}: {s.reason}")
+
+
+def decode_source(source: ImageSource, limits: ImageLimits, draft_size: int, name: str) -> Image.Image:
+    """A sample's RGB image: encoded data or a file decoded by :func:`~geoswc.data.images.load_image`; a PIL
+    image handed over taken as it is (bounded and converted to RGB, not re-oriented).
+
+    Raises:
+        ImageError: naming ``name``.
+    """
+    if not isinstance(source, Image.Image):
+        return load_image(source, limits, draft_size=draft_size, name=name)
+    check_size(source, name, limits)  # no pixels, or a pixel bomb
+    try:
+        return source if source.mode == "RGB" else source.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{name} (mode {source.mode}) cannot be converted to RGB: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -546,7 +640,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Shards are split across the ranks of a torchrun job and then across DataLoader workers by WebDataset's
     ``split_by_node`` and ``split_by_worker``, so each shard is read once per pass. The tensor is
     ``(3, S, S)``, or ``(V, 3, S, S)`` with ``views > 1`` (plain first, then augmentations seeded by the
-    photo's :attr:`ShardSample.index`, as :class:`~geoswc.data.records.ImageDataset` does).
+    photo's :attr:`ShardSample.index`).
     """
 
     shards: Sequence[Source]
@@ -599,11 +693,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _prepare(self, s: ShardSample | SampleError) -> Item:
         if isinstance(s, SampleError):
-            return s.order, None, InputError(f"{s.label}: {s.reason}"), SampleMeta(s.label, math.nan, math.nan, "")
+            return s.order, None, _sample_error(s), SampleMeta(s.label, math.nan, math.nan, "")
         meta = SampleMeta(s.image, s.lat, s.lon, s.author, path=s.path)
-        label = str(s.path) if s.path is not None else f"{s.image} ({Path(s.shard).name}#{s.key})"
+        label = s.label or (str(s.path) if s.path is not None else f"{s.image} ({Path(s.shard).name}#{s.key})")
         try:
-            img = load_image(s.data, self.limits, draft_size=self.pre.image_size * DRAFT_HEADROOM, name=label)
+            img = decode_source(s.data, self.limits, self.pre.image_size * DRAFT_HEADROOM, label)
             x = make_views(
                 img,
                 self.pre,
@@ -617,10 +711,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             return s.order, None, e, meta
         except Exception as e:  # noqa: BLE001 - whatever one sample does, the stream goes on without it
             return s.order, None, ImageError(f"{label} cannot be processed ({type(e).__name__}: {e})"), meta
-        if self.read_exif:
+        if self.read_exif and not isinstance(s.data, Image.Image):
             try:
                 meta = SampleMeta(s.image, s.lat, s.lon, s.author, read_gps(s.data, self.limits, label), s.path)
-            except ImageError:
+            except Exception:  # noqa: BLE001, S110 - the photo's own position is a courtesy: never worth failing it
                 pass
         return s.order, x, None, meta
 

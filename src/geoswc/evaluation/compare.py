@@ -13,6 +13,12 @@ files, with their trailing blank line and summary block), aligned on the photos 
 Accuracies are fractions over the common photos; ``n`` is the photos the system predicted, ``lacks`` how many of
 the photos any system predicted it did not; ``diff_ci`` the 95 % paired-bootstrap interval of its accuracy minus
 the first system's (``[0, 0]`` for the first).
+
+A file's own distance column is never taken on trust: each error is recomputed from the file's coordinates
+(prediction against ground truth, :func:`~geoswc.core.sphere.haversine_km`), and where the file's value differs
+from it by more than :data:`DISTANCE_TOLERANCE_KM` or :data:`DISTANCE_TOLERANCE_FRACTION` of it, whichever is more,
+a warning names how many rows and the first photo, and the recomputed error is used. In ``compare.md`` every
+system name is escaped for its table cell (:func:`~geoswc.core.storage.markdown_cell`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ LAYOUTS = {  # the columns of a per-photo prediction file: id, true lat, true lo
 KEYS = [str(int(t)) for t in THRESHOLDS_KM]
 TRUTH_TOLERANCE_KM = 1.0
 """Two files whose true positions of a shared photo lie further apart than this disagree about the photo."""
+DISTANCE_TOLERANCE_KM = 1.0
+DISTANCE_TOLERANCE_FRACTION = 0.01
+"""A file's distance for a photo disagrees with the one its coordinates give when the two differ by more than
+``max(DISTANCE_TOLERANCE_KM, DISTANCE_TOLERANCE_FRACTION * recomputed)`` (published files round to 10 m)."""
 
 
 @dataclass
@@ -75,12 +85,19 @@ def _number(text: str | None, what: str, where: str) -> float:
 
 def read_system(path: Path, name: str | None = None) -> System:
     """A system's predictions: ``PATH/predictions.csv`` of an evaluation folder, or a per-photo prediction file
-    (geoswc's or GeoEstimation's layout; a blank line then a summary block may end it).
+    (geoswc's or GeoEstimation's layout; a blank line then a summary block may end it). The errors are the
+    distances between the file's coordinates, whatever its distance column says (:func:`checked_errors`); the
+    photo names of geoswc's own files lose the ``'`` that escaped them for spreadsheets.
 
     Raises:
         InputError: no such file, another layout, a bad or duplicate row (named with its line).
     """
     path = Path(path)
+    if not path.exists():
+        raise InputError(
+            f"{path} not found: compare expects a geoswc evaluation folder (holding predictions.csv) or a "
+            "per-photo prediction file there"
+        )
     file = path / "predictions.csv" if path.is_dir() else path
     if path.is_dir() and not file.is_file():
         raise InputError(f"{path} is not a geoswc evaluation folder: it has no predictions.csv")
@@ -94,31 +111,63 @@ def read_system(path: Path, name: str | None = None) -> System:
             f"{','.join(LAYOUTS['GeoEstimation'])} (GeoEstimation)"
         )
     at = [lower.index(c) if c in lower else -1 for c in layout]
-    ids, seen, values = [], set(), []
+    ids: list[str] = []
+    seen: set[str] = set()
+    values: list[tuple[float, float, float, float]] = []
     summary = None
     for line, row in rows:
         if not any(cell.strip() for cell in row):  # the blank line before a published summary block
             summary = _summary_block(rows, file)
             break
-        where = f"{file} line {line}"
-        cells = [row[i] if 0 <= i < len(row) else None for i in at]
-        pid = photo_id(cells[0] or "")
-        if not pid or pid in seen:
-            raise InputError(f"{where}: {'empty' if not pid else 'duplicate'} photo id {cells[0]!r}")
-        try:
-            pos = [parse_coord(cells[k], layout[k], 90 if "lat" in layout[k] else 180) for k in range(1, 5)]
-        except ValueError as e:
-            raise InputError(f"{where}: {e}") from None
-        err = _number(cells[5], layout[5], where) if at[5] >= 0 else float(haversine_km(pos[0], pos[1], pos[2], pos[3]))
+        pid, value = _prediction_row(row, at, layout, f"{file} line {line}", seen)
         seen.add(pid)
         ids.append(pid)
-        values.append((pos[0], pos[1], err))
+        values.append(value)
     if not ids:
         raise InputError(f"{file} holds no prediction")
     v = np.array(values, np.float64)
-    return System(
-        name or (path.name if path.is_dir() else path.stem), str(path), ids, v[:, 0], v[:, 1], v[:, 2], summary
-    )
+    err = checked_errors(v[:, 3], v[:, 2], ids, f"{file}'s {layout[5]} column")
+    return System(name or (path.name if path.is_dir() else path.stem), str(path), ids, v[:, 0], v[:, 1], err, summary)
+
+
+def _prediction_row(
+    row: list[str], at: list[int], layout: tuple[str, ...], where: str, seen: set[str]
+) -> tuple[str, tuple[float, float, float, float]]:
+    """A row's photo id, and its true position, its file's distance (the recomputed one when it has none) and the
+    distance between its coordinates."""
+    cells = [row[i] if 0 <= i < len(row) else None for i in at]
+    raw = cells[0] or ""
+    pid = photo_id(storage.csv_plain(raw) if layout is LAYOUTS["geoswc"] else raw)
+    if not pid or pid in seen:
+        raise InputError(f"{where}: {'empty' if not pid else 'duplicate'} photo id {cells[0]!r}")
+    try:
+        pos = [parse_coord(cells[k], layout[k], 90 if "lat" in layout[k] else 180) for k in range(1, 5)]
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+    computed = float(haversine_km(pos[0], pos[1], pos[2], pos[3]))
+    claimed = _number(cells[5], layout[5], where) if at[5] >= 0 else computed
+    return pid, (pos[0], pos[1], claimed, computed)
+
+
+def checked_errors(computed: np.ndarray, claimed: np.ndarray, ids: Sequence[str], what: str) -> np.ndarray:
+    """The errors to score: a file's own distances ``claimed`` where they agree with ``computed`` (from its
+    coordinates) within ``max(DISTANCE_TOLERANCE_KM, DISTANCE_TOLERANCE_FRACTION * computed)``, else the computed
+    ones, with a warning that says how many rows disagree and names the first photo."""
+    tolerance = np.maximum(DISTANCE_TOLERANCE_KM, DISTANCE_TOLERANCE_FRACTION * computed)
+    off = np.abs(claimed - computed) > tolerance
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        log.warning(
+            "%s disagrees with the distance between the file's coordinates on %d of %d photos (first: %s, "
+            "%.3f km claimed, %.3f km computed); the computed distances are used",
+            what,
+            int(off.sum()),
+            len(off),
+            ids[i],
+            claimed[i],
+            computed[i],
+        )
+    return np.where(off, computed, claimed)
 
 
 def _summary_block(rows: Any, file: Path) -> dict[str, float] | None:
@@ -219,7 +268,8 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
     """The comparison as Markdown: accuracies (%) over the shared photos, then the differences from the first
     system with their intervals, and what each system lacks."""
     n, rows = result["common_photos"], result["systems"]
-    ref = rows[0]["name"]
+    md = storage.markdown_cell  # a name is shown as given and never breaks its row
+    ref = md(rows[0]["name"])
     lines = [
         f"Accuracy (%) on the {n} photos all {len(rows)} systems share, and median error",
         "",
@@ -228,7 +278,7 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['n']} | {r['lacks']} | "
+            f"| {md(r['name'])} | {r['n']} | {r['lacks']} | "
             + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in KEYS)
             + f" | {r['median_km']:.0f} |"
         )
@@ -247,13 +297,13 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
             f"[{100 * r['diff_ci'][k][0]:+.1f}, {100 * r['diff_ci'][k][1]:+.1f}]"
             for k in KEYS
         ]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md(r['name'])} | " + " | ".join(cells) + " |")
     lacking = [r for r in rows if r["lacks"]]
     lines += [
         "",
         (
             "The systems' photo sets differ: "
-            + "; ".join(f"{r['name']} lacks {r['lacks']}" for r in lacking)
+            + "; ".join(f"{md(r['name'])} lacks {r['lacks']}" for r in lacking)
             + f". Every figure above is over the {n} shared photos only."
             if lacking
             else f"Every system predicted the same {n} photos."
@@ -267,14 +317,15 @@ def _summary_note(s: System, row: dict[str, Any], n: int) -> str:
     """Whether a file's own summary block agrees with the accuracies computed from its rows."""
     if not s.summary:
         return ""
+    name = storage.markdown_cell(s.name)
     published = [v for k, v in s.summary.items() if "acc" in k.lower()][: len(KEYS)]
     shown = " / ".join(f"{100 * v:.1f}" for v in published)
     if len(s.ids) != n:
-        return f"- {s.name}: its summary block ({shown} %) is over its own {len(s.ids)} photos, not the shared ones."
+        return f"- {name}: its summary block ({shown} %) is over its own {len(s.ids)} photos, not the shared ones."
     same = len(published) == len(KEYS) and all(
         abs(v - row["accuracy"][k]) < 5e-6 for v, k in zip(published, KEYS, strict=True)
     )
-    return f"- {s.name}: its own summary block ({shown} %) " + ("is reproduced." if same else "differs from its rows.")
+    return f"- {name}: its own summary block ({shown} %) " + ("is reproduced." if same else "differs from its rows.")
 
 
 def plot(result: dict[str, Any], systems: Sequence[System], path: Path) -> None:

@@ -22,11 +22,15 @@ trust the estimates::
 predicted probability, and the Brier score); it is null when the model has no calibrator. ``selective`` is the
 accuracy among the most confident photos, ranked at each threshold by ``within_km`` at that threshold (by the
 prediction density ``confidence`` without a calibrator).
+
+In both CSVs a text cell that a spreadsheet would take for a formula (it begins with ``=``, ``+``, ``-``, ``@``, a
+tab or a carriage return) gets a single quote ``'`` added in front (:func:`geoswc.core.storage.csv_text`; a cell
+that begins with ``'`` gets one too); ``geoswc compare`` removes it when it reads ``predictions.csv``. Numbers are
+never changed.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from collections.abc import Sequence
@@ -77,16 +81,16 @@ MISSING_COLUMNS = ["image", "line", "reason"]
 
 def missing_csv(skipped: Sequence[tuple[str, str]], gap: str = "") -> str:
     """``missing.csv``: each row or photo that could not be evaluated (its image, its line in the list when
-    known, why), then ``gap`` (the photos the list itself lacks) as a last row without an image."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(MISSING_COLUMNS)
+    known, why), then ``gap`` (the photos the list itself lacks) as a last row without an image. The image and
+    the reason are text cells escaped for spreadsheets (:func:`geoswc.core.storage.csv_text`: a ``'`` in front of
+    one that begins with a formula character)."""
+    rows = [storage.csv_row(MISSING_COLUMNS)]
     for item, why in skipped:
         image, line = parse_row_label(item)
-        w.writerow([image, "" if line is None else line, why])
+        rows.append(storage.csv_row([storage.csv_text(image), "" if line is None else line, storage.csv_text(why)]))
     if gap:
-        w.writerow(["", "", gap])
-    return buf.getvalue()
+        rows.append(storage.csv_row(["", "", storage.csv_text(gap)]))
+    return "".join(rows)
 
 
 def benchmark_counts(bench: Benchmark, rows_in_file: int, evaluated: int, source: str) -> tuple[dict[str, Any], str]:
@@ -144,28 +148,32 @@ class MethodResult:
         }
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(PREDICTION_COLUMNS)
+        """``predictions.csv``: :data:`PREDICTION_COLUMNS` for each photo. The text cells (the image and the cell
+        token) are escaped for spreadsheets: one that begins with a formula character gets a ``'`` in front
+        (:func:`geoswc.core.storage.csv_text`); the numbers are written as they are. A field holding a line break
+        of either kind is quoted (:func:`geoswc.core.storage.csv_row`)."""
+        rows = [storage.csv_row(PREDICTION_COLUMNS)]
         for name, tl, tn, p, e in zip(
             self.names, self.true_lat, self.true_lon, self.predictions, self.errors_km, strict=True
         ):
             within = [f"{p.within_km[f'{int(t)}']:.4f}" for t in THRESHOLDS_KM] if p.within_km else [""] * 5
-            w.writerow(
-                [
-                    name,
-                    f"{tl:.6f}",
-                    f"{tn:.6f}",
-                    f"{p.lat:.6f}",
-                    f"{p.lon:.6f}",
-                    f"{e:.3f}",
-                    p.cell,
-                    f"{p.confidence:.4f}",
-                    *within,
-                    "" if p.localizable is None else p.localizable,
-                ]
+            rows.append(
+                storage.csv_row(
+                    [
+                        storage.csv_text(name),
+                        f"{tl:.6f}",
+                        f"{tn:.6f}",
+                        f"{p.lat:.6f}",
+                        f"{p.lon:.6f}",
+                        f"{e:.3f}",
+                        storage.csv_text(p.cell),
+                        f"{p.confidence:.4f}",
+                        *within,
+                        "" if p.localizable is None else p.localizable,
+                    ]
+                )
             )
-        return buf.getvalue()
+        return "".join(rows)
 
 
 def plot_accuracy(results: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "") -> None:

@@ -16,6 +16,7 @@ against a cell centroid), so the lists need no coarse quantiser.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,10 @@ CODE_KINDS = ("flat", "sq8", "pq", "opq")
 PQ_CENTROIDS = 256
 """Centroids of each product-quantiser sub-vector (8-bit codes)."""
 MIN_TRAIN_ROWS = PQ_CENTROIDS
-"""Fewest rows a quantiser trains on (FAISS advises 39 a centroid; fewer gives a warning, not an error)."""
+"""Fewest rows a quantiser trains on: FAISS's k-means fails below one row a centroid (it advises 39 a centroid;
+fewer gives our warning, not an error)."""
+OPQ_MAX_TRAIN_ROWS = 256 * 256
+"""Rows FAISS's OPQ trains its rotation on at most (``OPQMatrix.max_train_points``: it subsamples more)."""
 PARAM_NAMES = {"flat": (), "sq8": ("sq_trained",), "pq": ("pq_centroids",), "opq": ("opq_matrix", "pq_centroids")}
 """The arrays each kind of codebook keeps."""
 
@@ -109,40 +113,104 @@ class Codebook:
         return ivf
 
 
-def check_codes(kind: str, dim: int, m: int) -> None:
-    """Refuse a kind of codes, or a ``pq``/``opq`` size, that cannot code ``dim``-wide vectors.
+def check_codes(kind: str, dim: int, m: int, train_rows: int | None = None) -> None:
+    """Refuse a kind of codes, or a ``pq``/``opq`` size, that cannot code ``dim``-wide vectors, or (given
+    ``train_rows``, ``--codes.train_rows``) a training sample that could never be large enough for them.
 
     Raises:
         InputError: naming the flag.
     """
     if kind not in CODE_KINDS:
         raise InputError(f"--codes.kind must be one of {', '.join(CODE_KINDS)}, got {kind!r}")
+    if dim < 1:
+        raise InputError(f"cannot code embeddings of width {dim}; the model's features are damaged")
     if kind in ("pq", "opq") and not (1 <= m <= dim and dim % m == 0):
         raise InputError(
             f"--codes.pq_bytes must divide the embedding width {dim} (e.g. {_divisor_near(dim, m)}), got {m}"
         )
+    if kind == "opq" and dim > OPQ_MAX_TRAIN_ROWS:  # FAISS would subsample below `dim` rows (see rows_needed)
+        raise InputError(
+            f"--codes.kind opq codes embeddings of at most {OPQ_MAX_TRAIN_ROWS} dimensions, these have {dim}; "
+            "use --codes.kind pq"
+        )
+    if train_rows is not None and train_rows < rows_needed(kind, dim):
+        _refuse_rows(kind, dim, train_rows, None, flag=True)
 
 
 def _divisor_near(dim: int, m: int) -> int:
-    return min((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: (abs(d - m), d))
+    """The divisor of ``dim`` nearest ``m`` (the smaller on a tie), in ``O(sqrt(dim))`` steps."""
+    small = [d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0]
+    return min({*small, *(dim // d for d in small)}, key=lambda d: (abs(d - m), d))
 
 
-def train_codebook(kind: str, sample: NDArray[np.floating], m: int = 0, seed: int = 0) -> Codebook:
+def rows_needed(kind: str, dim: int) -> int:
+    """Fewest training rows FAISS trains ``kind`` codes of ``dim``-wide vectors on without failing or crashing.
+
+    ``flat``: none. ``sq8`` and ``pq``: :data:`MIN_TRAIN_ROWS` (k-means needs a row a centroid; FAISS raises
+    below). ``opq``: also ``dim``: FAISS's rotation update sizes a buffer by ``rows x dim`` and writes ``dim x
+    dim`` into it, so fewer rows than dimensions overrun it and kill the process (a segmentation fault or an
+    abort, not an exception).
+    """
+    if kind == "flat":
+        return 0
+    return max(MIN_TRAIN_ROWS, dim) if kind == "opq" else MIN_TRAIN_ROWS
+
+
+def check_training(kind: str, dim: int, m: int, rows: int, gallery_rows: int | None = None) -> None:
+    """Refuse, before FAISS sees them, ``rows`` training rows that are too few for ``kind`` codes of ``dim``-wide
+    vectors (:func:`rows_needed`), naming the flags that help.
+
+    Args:
+        rows: the training sample's rows (the gallery's photos, at most ``--codes.train_rows``).
+        gallery_rows: the gallery's photos, when known (says whether ``--codes.train_rows`` or the gallery is short).
+
+    Raises:
+        InputError: naming ``--codes.kind`` and the numbers.
+    """
+    check_codes(kind, dim, m)
+    if rows < rows_needed(kind, dim):
+        _refuse_rows(kind, dim, rows, gallery_rows)
+
+
+def _refuse_rows(kind: str, dim: int, rows: int, gallery_rows: int | None, flag: bool = False) -> None:
+    """Raise the InputError of :func:`check_training` (``flag``: ``rows`` is ``--codes.train_rows`` itself)."""
+    need = rows_needed(kind, dim)
+    usable = [k for k in CODE_KINDS if k != kind and rows_needed(k, dim) <= max(rows, gallery_rows or 0)]
+    kinds = " or ".join(filter(None, (", ".join(usable[:-1]), usable[-1])))
+    why = f" for {dim}-dimensional embeddings" if need > MIN_TRAIN_ROWS else ""
+    if flag or (gallery_rows is not None and gallery_rows >= need):
+        got, fix = f"--codes.train_rows gives it {rows}", f"raise --codes.train_rows to {need} or more"
+    elif gallery_rows is not None or need <= MIN_TRAIN_ROWS:  # --codes.train_rows is >= MIN_TRAIN_ROWS
+        got, fix = f"this gallery has {rows if gallery_rows is None else gallery_rows}", "index more photos"
+    else:
+        got, fix = f"it has {rows}", f"raise --codes.train_rows to {need} or more (on a gallery of as many)"
+    raise InputError(
+        f"--codes.kind {kind} needs at least {need} photos to train its quantiser{why}; {got}: use --codes.kind "
+        f"{kinds}, or {fix}"
+    )
+
+
+def train_codebook(
+    kind: str, sample: NDArray[np.floating], m: int = 0, seed: int = 0, gallery_rows: int | None = None
+) -> Codebook:
     """Train a codebook of ``kind`` on ``sample (n, dim)`` unit vectors (deterministic for a seed).
 
     Args:
         m: bytes of a ``pq``/``opq`` code (must divide ``dim``).
+        gallery_rows: the gallery's photos the sample was drawn from, for the message of a too small sample.
+
+    Raises:
+        InputError: a sample FAISS cannot train on (:func:`check_training`), checked before FAISS sees it.
     """
     x = np.ascontiguousarray(sample, np.float32)
+    if x.ndim != 2:
+        raise InputError(f"a codebook trains on a (rows, dim) sample, got shape {x.shape}")
     dim = int(x.shape[1])
-    check_codes(kind, dim, m)
+    check_training(kind, dim, m, len(x), gallery_rows)
     if kind == "flat":
         return Codebook(kind, dim, {})
-    if len(x) < MIN_TRAIN_ROWS:
-        raise InputError(
-            f"--codes.kind {kind} needs a gallery of at least {MIN_TRAIN_ROWS} photos to train its "
-            f"quantiser ({len(x)} given); use --codes.kind flat"
-        )
+    if not np.isfinite(x).all():
+        raise InputError("the gallery's embeddings hold NaN or infinite values; re-extract the features")
     faiss = _faiss()
     if kind == "sq8":
         sq = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
@@ -190,7 +258,9 @@ class CellLists:
         self.ivf = codebook.empty_ivf(self.num_cells + 1)
         faiss = _faiss()
         spans = [(int(offsets[c]), int(offsets[c + 1])) for c in range(self.num_cells)] + [(0, int(offsets[0]))]
-        total = int(sum(b - a for a, b in spans))
+        self.sizes = np.array([max(b - a, 0) for a, b in spans], np.int64)
+        """Rows of each list."""
+        total = int(self.sizes.sum())
         with building(f"FAISS lists of {total:,} {codebook.kind} codes ({codebook.code_size} bytes each)"):
             for c, (a, b) in enumerate(spans):
                 if b > a:
@@ -208,6 +278,10 @@ class CellLists:
         cells = np.unique(np.asarray(cells, np.int64))
         return cells[(cells >= 0) & (cells < self.num_cells)]
 
+    def rows_in(self, lists: NDArray[np.int64]) -> int:
+        """Rows held by ``lists`` (as :meth:`lists_of` gives them)."""
+        return int(self.sizes[lists].sum()) if lists.size else 0
+
     def search(
         self, query: NDArray[np.float32], k: int, lists: NDArray[np.int64], exclude: NDArray[np.int64] | None = None
     ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
@@ -217,7 +291,8 @@ class CellLists:
             ``(rows (k',), scores (k',))``, ``k' <= k``; rows in ``exclude`` are never returned.
         """
         faiss = _faiss()
-        if k <= 0 or lists.size == 0:
+        k = min(int(k), self.rows_in(lists))  # the buffers below are sized for the rows that exist, not for `k`
+        if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         q = self.codebook.rotate(query.reshape(1, -1))
         assign = np.ascontiguousarray(lists.reshape(1, -1), np.int64)

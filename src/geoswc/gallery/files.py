@@ -13,6 +13,11 @@
   and of every 64 MiB block of ``index.safetensors``, and a seal over its own fields. ``index.json`` is written
   last: its presence marks a whole index.
 
+Rebuilding an index over an earlier one (``geoswc index --out EXISTING``) writes the new one into a staging folder
+beside it and swaps it in whole once it is complete (:class:`~geoswc.core.storage.FolderSwap`): a build killed at
+any point leaves the earlier index as it was, loadable (or, on a system without an atomic exchange, renamed aside
+and put back by the next load or build).
+
 Every file is verified before FAISS or a search reads it. At load: everything but the embeddings, and the whole
 of ``codes.safetensors`` (FAISS copies the codes into its inverted lists). A ``flat`` index copies the
 embeddings themselves into FAISS, so they are verified at load too; a coded index re-scores a few rows a
@@ -49,7 +54,7 @@ from geoswc.core.item_lines import ItemColumn, item_line
 from geoswc.core.progress import progress_bar
 from geoswc.gallery.codes import PARAM_NAMES, CellLists, Codebook, check_codes, train_codebook
 from geoswc.gallery.search import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
-from geoswc.gallery.thumbnails import Thumbnails, ThumbnailSettings, ThumbnailWriter, remove_files
+from geoswc.gallery.thumbnails import BIN_FILE, TABLE_FILE, Thumbnails, ThumbnailSettings, ThumbnailWriter, remove_files
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ EAGER_VERIFY_BYTES = 512 << 20
 PREFETCH_GAP_BYTES = 64 << 10
 """Rows to re-score that lie this close in the file are prefetched in one request (with the rows between)."""
 CODES_FILE = "codes.safetensors"
+INDEX_FILES = ("index.json", "index.safetensors", "items.csv", CODES_FILE, BIN_FILE, TABLE_FILE)
+"""The files of an index folder (a rebuild keeps any other entry of the folder)."""
 _ITEMS_HEADER = b"image,author\n"
 _META_KEYS = (
     "model_fingerprint",
@@ -110,6 +117,8 @@ def load_gallery(folder: str | Path, verify: bool = False) -> Gallery:
         ArtifactError: a missing, truncated or changed file, or an unknown format.
     """
     folder = Path(folder)
+    if not (folder / "index.json").is_file() and storage.recover_folder(folder):
+        log.warning("%s: put back the index a rebuild that was killed had set aside", folder)
     meta = storage.read_record(
         folder / "index.json", "gallery index", INDEX_FORMAT, _META_KEYS, "rebuild it with `geoswc index`"
     )
@@ -337,7 +346,10 @@ class GalleryWriter:
 
     Each :meth:`add` appends a chunk, sorted by cell, to a staging folder inside ``folder``; :meth:`finish`
     compacts the chunks into the cell-grouped layout (sequential copies of contiguous slices), writes
-    ``index.safetensors`` and ``items.csv`` atomically, then ``index.json``. Coded indexes first train their
+    ``index.safetensors`` and ``items.csv`` atomically, then ``index.json``. A ``folder`` that already holds an
+    index keeps it until the new one is complete: the new one is written into a folder beside it and swapped in
+    whole by :meth:`finish` (:class:`~geoswc.core.storage.FolderSwap`); until then the earlier index loads as it
+    was, whatever happens to this process. Coded indexes first train their
     quantiser on a sample of the staged rows, then code the rows as they are compacted (``codes.safetensors``).
     Memory use is about 70 bytes per photo (positions, cells, id hashes, row digests) plus one chunk and the
     training sample.
@@ -358,8 +370,12 @@ class GalleryWriter:
         codes: GalleryCodes = GalleryCodes(),
         thumbnails: ThumbnailSettings | None = None,
     ) -> None:
-        check_codes(codes.kind, int(dim), codes.pq_bytes)
-        self.folder = storage.ensure_dir(folder)
+        check_codes(codes.kind, int(dim), codes.pq_bytes, codes.train_rows)
+        storage.recover_folder(folder)  # an index a killed rebuild set aside comes back first
+        self.target = storage.ensure_dir(folder)
+        earlier = (self.target / "index.json").exists() and storage.swappable(self.target)
+        self._swap = storage.FolderSwap(self.target, INDEX_FILES) if earlier else None
+        self.folder = self._swap.path if self._swap is not None else self.target
         self.dim, self.identity, self.codes = int(dim), identity, codes
         self._stage = storage.Staging(
             self.folder, "embeddings.bin", "items.bin", *(["thumbnails.bin"] if thumbnails is not None else [])
@@ -476,7 +492,10 @@ class GalleryWriter:
         else:
             remove_files(self.folder)  # an earlier build's, rebuilt without
         storage.write_json(self.folder / "index.json", storage.seal(meta))  # last: its presence marks a whole index
-        self.abort()
+        self._stage.remove()
+        if self._swap is not None:  # the new index is whole: it takes the earlier one's place
+            self._swap.commit()
+            self.folder = self.target
 
     def _train(self, perm: NDArray[np.int64]) -> Codebook:
         """The quantiser, trained on up to ``codes.train_rows`` rows drawn at random (seeded) from the final row
@@ -492,7 +511,7 @@ class GalleryWriter:
         sample = np.asarray(src[pick], np.float32) if src is not None else np.zeros((0, self.dim), np.float32)
         del src
         log.info("training %s codes on %d of %d rows", self.codes.kind, len(sample), n)
-        return train_codebook(self.codes.kind, sample, self.codes.pq_bytes, self.codes.seed)
+        return train_codebook(self.codes.kind, sample, self.codes.pq_bytes, self.codes.seed, gallery_rows=n)
 
     def _write_tensors(
         self, small: dict[str, np.ndarray], runs: list[tuple[int, int]], sink: _CodesWriter | None
@@ -547,8 +566,10 @@ class GalleryWriter:
         return out.whole.hexdigest()
 
     def abort(self) -> None:
-        """Remove the staging files (after :meth:`finish`, or to give up)."""
+        """Remove the staging files (after :meth:`finish`, or to give up: an earlier index then stays as it was)."""
         self._stage.remove()
+        if self._swap is not None:
+            self._swap.discard()
 
     def __enter__(self) -> GalleryWriter:
         return self

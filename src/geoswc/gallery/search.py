@@ -166,16 +166,27 @@ class Gallery:
 
         Returns:
             ``(rows (k',), similarities (k',))`` with ``k' <= k``: exact similarities of the stored vectors.
+
+        Raises:
+            TypeError: ``k`` is not a whole number (a bool, a float, a string).
+            InputError: ``k`` is below 1, or the query is not ``(D,)``.
         """
+        if not isinstance(k, (int, np.integer)) or isinstance(k, (bool, np.bool_)):
+            raise TypeError(f"k must be a whole number of neighbours, got {k!r} ({type(k).__name__})")
+        if k < 1:
+            raise InputError(f"k must be at least 1 (the neighbours to return), got {k}")
         q = np.asarray(query, np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise InputError(f"query has {q.shape[0]} dimensions, the gallery {self.dim}")
         empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
         qnorm = float(np.linalg.norm(q))
-        if k <= 0 or len(self) == 0 or not np.isfinite(qnorm):
+        if len(self) == 0 or not np.isfinite(qnorm):
             return empty
         q = q / qnorm if qnorm > 0 else q
         lists = self.lists.lists_of(None if cells is None else np.fromiter(cells, np.int64))
+        k = min(int(k), self.lists.rows_in(lists))  # allocate for the rows searched, never for a huge k
+        if k == 0:
+            return empty
         short = 2 * k if self.lists.codebook.exact else max(2 * k, self.rerank)  # 2k: ties and summation order
         cand, _ = self.lists.search(q, short, lists, exclude)
         if cand.size == 0:

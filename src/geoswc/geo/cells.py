@@ -24,6 +24,38 @@ log = logging.getLogger(__name__)
 
 CSV_HEADER = ["token", "level", "lat", "lon", "count", "spread_km"]
 
+FEW_CELLS = 20
+"""A partition of fewer cells than this is too coarse for the classifier (``geoswc cells`` warns)."""
+POINTS_PER_MAX = 50
+"""Thresholds that fit ``N`` coordinates: ``max_per_cell`` about ``N / POINTS_PER_MAX``, ..."""
+MAX_PER_MIN = 20
+"""... and ``min_per_cell`` about ``max_per_cell / MAX_PER_MIN``."""
+
+
+def fitting_thresholds(points: int) -> tuple[int, int]:
+    """``(max_per_cell, min_per_cell)`` that fit ``points`` coordinates: about ``N/50`` and ``max/20`` (at least 1)."""
+    top = max(1, round(points / POINTS_PER_MAX))
+    return top, max(1, round(top / MAX_PER_MIN))
+
+
+def coarse_partition(cells: int, points: int, config: CellConfig) -> str:
+    """A one-line warning when ``cells`` cells from ``points`` coordinates make too coarse a partition (fewer
+    than :data:`FEW_CELLS`, or ``max_per_cell`` above a tenth of the coordinates), naming thresholds that fit
+    the data and the rule they follow; "" when the partition is fine."""
+    if cells >= FEW_CELLS and config.max_per_cell * 10 <= points:
+        return ""
+    top, low = fitting_thresholds(points)
+    head = (
+        f"only {cells} cell{'' if cells == 1 else 's'} from {points} coordinates with max_per_cell "
+        f"{config.max_per_cell} and min_per_cell {config.min_per_cell}: too coarse to tell places apart"
+    )
+    if (top, low) == (config.max_per_cell, config.min_per_cell) or top > config.max_per_cell:
+        return f"{head}; the coordinates are too few or too close together to split finer: give more coordinates"
+    return (
+        f"{head}; thresholds that fit {points} coordinates: --cells.max_per_cell {top} --cells.min_per_cell {low} "
+        f"(max_per_cell about N/{POINTS_PER_MAX}, min_per_cell about max_per_cell/{MAX_PER_MIN})"
+    )
+
 
 def leaf_ids(lat: ArrayLike, lon: ArrayLike, progress: bool = False) -> NDArray[np.uint64]:
     """S2 leaf (level-30) cell ids of points, ``(N,)`` uint64."""

@@ -53,6 +53,15 @@ LOG_SIGNALS: tuple[str, ...] = (*(f"density_{int(r)}" for r in DENSITY_RADII_KM)
 LOG_FLOOR = 1e-4
 THRESHOLD_KEYS: tuple[str, ...] = tuple(str(int(t)) for t in THRESHOLDS_KM)
 """``"1"``, ``"25"``, ``"200"``, ``"750"``, ``"2500"``: the keys of ``within_km``."""
+PARAM_LIMIT = 1e6
+"""Largest magnitude of a saved mean, scale, coefficient or intercept (fitted ones are below 100): a file beyond
+it is refused, and with it no prediction's arithmetic can overflow into NaN."""
+MIN_SCALE = 1e-12
+"""Smallest saved scale (a fit replaces smaller spreads by 1)."""
+SIGNAL_LIMIT = 1e6
+"""Signals are clipped to ``[-SIGNAL_LIMIT, SIGNAL_LIMIT]`` before use (real ones lie in [-1, 1])."""
+MAX_PHOTOS = 10**12
+"""Most photos a saved calibrator may say it was fitted on."""
 _KEYS = ("fingerprint", "model", "thresholds_km", "signals", "log_signals", "methods", "rule", "search", "fitted")
 
 
@@ -202,8 +211,12 @@ class MethodCalibration:
         )
 
     def predict(self, signals: ArrayLike) -> NDArray[np.float64]:
-        """``P(error <= t)`` ``(N, T)`` for signals ``(N, F)``, non-decreasing along ``t``."""
-        z = (_design(np.asarray(signals, np.float64)) - np.asarray(self.mean)) / np.asarray(self.scale)
+        """``P(error <= t)`` ``(N, T)`` for signals ``(N, F)``, non-decreasing along ``t``, always finite: a NaN
+        signal counts as missing (0), others are clipped to ``±SIGNAL_LIMIT`` (with a loaded calibrator's bounded
+        coefficients, nothing then overflows)."""
+        x = np.nan_to_num(np.asarray(signals, np.float64), nan=0.0, posinf=SIGNAL_LIMIT, neginf=-SIGNAL_LIMIT)
+        x = np.clip(x, -SIGNAL_LIMIT, SIGNAL_LIMIT)
+        z = (_design(x) - np.asarray(self.mean, np.float64)) / np.asarray(self.scale, np.float64)
         logit = z @ np.asarray(self.coef).T + np.asarray(self.intercept)
         return monotone(1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50))))
 
@@ -236,6 +249,17 @@ class Calibrator:
             "search": self.search,
             "fitted": self.fitted,
         }
+
+    def constant_thresholds(self) -> list[str]:
+        """A line for each threshold that no fitted photo (or every one) met: its probability is then a constant,
+        the same for every photo, and says nothing about a photo."""
+        out = []
+        for m, cal in self.methods.items():
+            for t, pos in zip(THRESHOLD_KEYS, cal.positives, strict=False):
+                if pos in (0, cal.n):
+                    which = "none" if pos == 0 else "all"
+                    out.append(f"{m}: {which} of the {cal.n} photos lay within {t} km")
+        return out
 
     def within_km(self, method: str, signals: Sequence[dict[str, float]]) -> list[dict[str, float]] | None:
         """``{"1": p, "25": p, ...}`` for each prediction's signals; None for a method it was not fitted for."""
@@ -277,8 +301,8 @@ class Calibrator:
                 dict(meta["search"]),
                 dict(meta["fitted"]),
             )
-            for c in methods.values():
-                _check_shapes(c)
+            for name, c in methods.items():
+                check_method(name, c)
         except (ArtifactError, InputError, TypeError, ValueError) as e:
             raise ArtifactError(f"calibrator {path} is damaged ({e}); {fix}") from e
         if cal.fingerprint != meta["fingerprint"]:
@@ -286,17 +310,40 @@ class Calibrator:
         return cal
 
 
-def _check_shapes(c: MethodCalibration) -> None:
-    f, t = len(SIGNALS), len(THRESHOLDS_KM)
-    ok = (
-        len(c.mean) == len(c.scale) == f
-        and len(c.coef) == len(c.intercept) == t
-        and all(len(row) == f for row in c.coef)
-        and np.isfinite(np.asarray([*c.mean, *c.scale, *c.intercept, *np.ravel(c.coef)], np.float64)).all()
-        and all(s > 0 for s in c.scale)
-    )
-    if not ok:
-        raise ValueError("coefficients of the wrong shape, or not finite")
+def check_method(name: str, c: MethodCalibration) -> None:
+    """Refuse the coefficients of method ``name`` when they have the wrong shape or type, or lie outside their
+    ranges: means, coefficients and intercepts within ``±PARAM_LIMIT``, scales in ``[MIN_SCALE, PARAM_LIMIT]``,
+    ``0 <= positives <= n <= MAX_PHOTOS``.
+
+    Raises:
+        ValueError: naming the key (``methods.swc.scale[2]``) and the value.
+    """
+    f, t, key = len(SIGNALS), len(THRESHOLDS_KM), f"methods.{name}"
+    if not isinstance(c.coef, list) or len(c.coef) != t:
+        raise ValueError(f"{key}.coef must be a list of {t} rows")
+    lists = [
+        ("mean", c.mean, f, -PARAM_LIMIT),
+        ("scale", c.scale, f, MIN_SCALE),
+        ("intercept", c.intercept, t, -PARAM_LIMIT),
+    ]
+    lists += [(f"coef[{i}]", row, f, -PARAM_LIMIT) for i, row in enumerate(c.coef)]
+    for part, values, size, low in lists:
+        if not isinstance(values, list) or len(values) != size:
+            raise ValueError(f"{key}.{part} must be a list of {size} numbers")
+        for i, v in enumerate(values):
+            if not (_is_number(v) and low <= v <= PARAM_LIMIT):
+                raise ValueError(f"{key}.{part}[{i}] is {v!r}, not a number in [{low:g}, {PARAM_LIMIT:g}]")
+    if not 0 <= c.n <= MAX_PHOTOS:
+        raise ValueError(f"{key}.n is {c.n}, not a count of photos in 0..{MAX_PHOTOS}")
+    if not isinstance(c.positives, list) or len(c.positives) not in (0, t):
+        raise ValueError(f"{key}.positives must be a list of {t} counts")
+    for i, v in enumerate(c.positives):
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= c.n):
+            raise ValueError(f"{key}.positives[{i}] is {v!r}, not a count in 0..n ({c.n})")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def fit_calibrator(
@@ -309,6 +356,10 @@ def fit_calibrator(
     """A calibrator for a model from each method's ``(signals (N, F), errors (N,) km)``."""
     methods = {m: MethodCalibration.fit(x, e) for m, (x, e) in per_method.items()}
     for m, c in methods.items():
+        try:
+            check_method(m, c)  # what Calibrator.load will check: never save a file that cannot be loaded
+        except ValueError as e:
+            raise InputError(f"cannot calibrate {m}: the fit is out of range ({e}); check the signals") from e
         log.info("calibrated %s on %d photos (within 1/25/200/750/2500 km: %s)", m, c.n, c.positives)
     return Calibrator(model_fingerprint, methods, rule, search or {}, rounded(fitted or {}))
 

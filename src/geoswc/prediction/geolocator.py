@@ -9,7 +9,7 @@ import io
 import logging
 import os
 import typing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from geoswc.core import storage
 from geoswc.core.config import METHODS, Method, Runtime, SearchChanges, SearchConfig, to_dict
-from geoswc.core.errors import ArtifactError, GeoswcError, ImageError, InputError
+from geoswc.core.errors import ArtifactError, GeoswcError, ImageError, InputError, SettingError
 from geoswc.core.progress import progress_bar
-from geoswc.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, read_gps
-from geoswc.data.records import Batch, ImageDataset, loader
-from geoswc.data.shards import ShardDataset, listed_total, resolve_shards
+from geoswc.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, source_name
+from geoswc.data.records import Batch, loader
+from geoswc.data.shards import ShardDataset, input_position, listed_total, photo_dataset, resolve_shards
 from geoswc.gallery.files import load_gallery
 from geoswc.gallery.search import Gallery
 from geoswc.geo.places import nearest_places
@@ -38,13 +39,21 @@ from geoswc.prediction.calibration import (
     retrieval_signals,
 )
 from geoswc.prediction.results import CellProbability, LocateFailure, Neighbor, Prediction, Result
-from geoswc.prediction.swc import cells_within, estimate_from_neighbors, prediction_density, select_cell
+from geoswc.prediction.swc import (
+    PriorRule,
+    cell_prior,
+    cells_within,
+    estimate_from_neighbors,
+    prediction_density,
+    prior_divergence,
+    select_cell,
+)
 
 log = logging.getLogger(__name__)
 
 RUNTIMES: tuple[str, ...] = typing.get_args(Runtime)
 
-__all__ = ["Geolocator", "LocateFailure", "Prediction", "default_model_dir"]
+__all__ = ["Geolocator", "LocateFailure", "Prediction", "default_model_dir", "resolve_model_dir"]
 
 
 def default_model_dir() -> Path:
@@ -53,6 +62,14 @@ def default_model_dir() -> Path:
     if env:
         return Path(env)
     return Path(str(resources.files("geoswc") / "assets" / "default"))
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """A model folder: ``model`` as given, or the embedded model for None or the name ``default`` (unless a
+    folder of that name is there)."""
+    if model is None or (str(model) == "default" and not Path(model).exists()):
+        return default_model_dir()
+    return Path(model)
 
 
 def _read_file_object(source: Any, label: str, limits: ImageLimits) -> ImageSource | ImageError:
@@ -73,10 +90,35 @@ def _read_file_object(source: Any, label: str, limits: ImageLimits) -> ImageSour
     return bytes(data)
 
 
-def _label(source: ImageSource, name: str | None) -> str:
-    if name is not None:
-        return name
-    return str(source) if isinstance(source, (str, os.PathLike)) else "<image>"
+def _changed_search(base: SearchConfig, changes: Any) -> SearchConfig:
+    """``base`` with ``changes`` (a mapping of :class:`SearchConfig` fields) applied, each checked.
+
+    Raises:
+        TypeError: ``changes`` is not a mapping.
+        SettingError: an unknown field, or a value of the wrong type or out of range (naming the field).
+    """
+    if not isinstance(changes, Mapping):
+        raise TypeError(f"search must be a SearchConfig or a dict of its fields, e.g. {{'k': 5}}; got {changes!r}")
+    known = [f.name for f in dataclasses.fields(SearchConfig)]
+    unknown = [str(k) for k in changes if k not in known]
+    if unknown:
+        raise SettingError(
+            f"search has no setting {unknown[0]!r}; the settings are {', '.join(known)}", SearchConfig, unknown[0]
+        )
+    return dataclasses.replace(base, **changes)
+
+
+def _warn_of_other_search(calibrator: Calibrator | None, search: SearchConfig) -> None:
+    """Warn, naming each setting and its two values, when ``calibrator`` was fitted with other search settings."""
+    fitted = calibrator.search if calibrator is not None else None
+    if not fitted:
+        return
+    now = to_dict(search)
+    changed = [f"{k} {fitted[k]} -> {now.get(k)}" for k in sorted(fitted) if fitted[k] != now.get(k)]
+    if changed:
+        log.warning(
+            "the calibrator was fitted with other search settings (%s): within_km may be off", ", ".join(changed)
+        )
 
 
 class Geolocator:
@@ -117,6 +159,8 @@ class Geolocator:
         self._device = torch.device(device)
         self._limits = limits
         self._fast_backbone: Any = None  # set by use_runtime("onnx")
+        self._prior = cell_prior(np.diff(gallery.offsets)) if gallery is not None else None
+        self._prior_rule = PriorRule()
 
     @property
     def model(self) -> GeoModel:
@@ -184,29 +228,27 @@ class Geolocator:
         """Load a model folder (default: the embedded model) and its gallery index.
 
         Args:
-            model_dir: a folder written by ``geoswc train``; None for the embedded default.
+            model_dir: a folder written by ``geoswc train``; None (or ``"default"``) for the embedded model.
             index_dir: a folder written by ``geoswc index``; None uses ``<model_dir>/index`` if present.
             search: the search settings, whole, or the fields to change from the model's (``{"k": 5}``).
             with_backbone: False for a heads-only locator that works on cached features.
             runtime: ``torch`` (eager) or ``onnx`` (see :meth:`use_runtime`).
             rule: which predictions are localizable (default: the rule saved with the calibrator).
         """
-        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        model_dir = resolve_model_dir(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ArtifactError(f"no geoswc model in {model_dir} (config.json missing)")
-        if isinstance(search, dict):  # settings checked before the weights are loaded
-            search = dataclasses.replace(GeoModel.read_config(model_dir).search, **search)
+        if search is not None and not isinstance(search, SearchConfig):  # checked before the weights are loaded
+            search = _changed_search(GeoModel.read_config(model_dir).search, search)
         model = GeoModel.load(model_dir, with_backbone=with_backbone, device=device)
+        storage.recover_folder(model_dir / "index")  # an index a killed rebuild left renamed aside comes back
         if index_dir is None and (model_dir / "index" / "index.json").is_file():
             index_dir = model_dir / "index"
         gallery = load_gallery(index_dir) if index_dir is not None else None
         if gallery is None:
             log.warning("no gallery index: only the 'classification' method is available")
         geo = cls(model, gallery, search, device, limits, load_calibrator(model_dir), rule)
-        if geo.calibrator is not None and geo.calibrator.search and geo.calibrator.search != to_dict(geo.search):
-            log.warning(
-                "the calibrator was fitted with other search settings (%s): within_km may be off", geo.calibrator.search
-            )
+        _warn_of_other_search(geo.calibrator, geo.search)
         if with_backbone:
             geo.use_runtime(runtime)
         return geo
@@ -258,7 +300,9 @@ class Geolocator:
             InputError: ``row`` is not a row of the gallery.
             ArtifactError: the stored thumbnail was damaged or changed (it is never returned then).
         """
-        return self.gallery.thumbnail(row) if self.gallery is not None else None
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+            raise TypeError(f"row must be a gallery row number (a neighbour's row), got {row!r}")
+        return self.gallery.thumbnail(int(row)) if self.gallery is not None else None
 
     # -- the prediction path -------------------------------------------------------------------------
 
@@ -331,9 +375,11 @@ class Geolocator:
             cell_polygon=cells.polygon(int(chosen)),
             signals=density_signals(probs, cells.xyz, chosen),
         )
+        if self._prior is not None:
+            pred.prior_kl = prior_divergence(probs, self._prior)
         if method == "classification" or self.gallery is None:
             pred.signals |= retrieval_signals([], [], -1, cfg.k)
-            return pred
+            return self._judge(pred)
         g = self.gallery
         within = None
         if method == "swc":
@@ -342,7 +388,7 @@ class Geolocator:
         if idx.size == 0:
             pred.fallback = True
             pred.signals |= retrieval_signals([], [], -1, cfg.k, fallback=True)
-            return pred
+            return self._judge(pred)
         est = estimate_from_neighbors(g.lat[idx], g.lon[idx], sim, cfg.eps_km, cfg.min_samples)
         pred.lat, pred.lon, pred.cluster = est.lat, est.lon, est.cluster
         pred.signals |= retrieval_signals(sim, est.labels, est.cluster, cfg.k)
@@ -350,6 +396,12 @@ class Geolocator:
             Neighbor(g.names[j], float(g.lat[j]), float(g.lon[j]), float(s), int(lab), int(j), g.has_thumbnail(int(j)))
             for j, s, lab in zip(idx, sim, est.labels, strict=True)
         ]
+        return self._judge(pred)
+
+    def _judge(self, pred: Prediction) -> Prediction:
+        """Say whether ``pred`` is no better than the model's prior (left None without a gallery)."""
+        if pred.prior_kl is not None:
+            pred.prior_like = self._prior_rule.prior_like(pred.prior_kl, pred.signals)
         return pred
 
     def _require_backbone(self) -> None:
@@ -364,6 +416,26 @@ class Geolocator:
         backbone = self._fast_backbone or self.model.backbone
         return backbone(images.to(self.device)).float().cpu()
 
+    def _stream(
+        self, ds: ShardDataset, total: int | None, batch_size: int, num_workers: int, progress: bool
+    ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        """The one reader: the dataset's photos decoded and preprocessed (:class:`~geoswc.data.shards.ShardDataset`)
+        and run through the backbone, batch by batch, in the order the decoding workers deliver them."""
+        with progress_bar(total=total, desc="locate", unit="img", show=progress) as bar:
+            for b in loader(ds, batch_size, num_workers):
+                yield b, None if b.images is None else self.backbone_features(b.images)
+                bar.update(len(b.keys) + len(b.bad))
+
+    def _photos(
+        self, sources: Sequence[ImageSource | ImageError], labels: Sequence[str], batch_size: int, read_exif: bool
+    ) -> ShardDataset:
+        """The dataset of photos handed over (checked: a backbone, a batch size)."""
+        self._require_backbone()
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        pre = self.model.config.backbone.preprocess
+        return photo_dataset(sources, pre, labels, batch_size, self.limits, read_exif)
+
     def iter_features(
         self,
         sources: Sequence[ImageSource],
@@ -372,18 +444,26 @@ class Geolocator:
         progress: bool = False,
         names: Sequence[str] | None = None,
     ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
-        """Decode, preprocess and run the backbone over photos, in order, batch by batch.
+        """Decode, preprocess and run the backbone over photos, batch by batch (the reader of
+        :meth:`locate_batch`).
 
         Yields:
             ``(batch, features (b, D) or None)``: the batch's keys are indices into ``sources``; its bad items
             carry their :class:`~geoswc.core.errors.ImageError`, named by ``names`` (default: the paths).
         """
-        self._require_backbone()
-        ds = ImageDataset(sources, self.model.config.backbone.preprocess, limits=self.limits, names=names)
-        with progress_bar(total=len(sources), desc="locate", unit="img", show=progress) as bar:
-            for b in loader(ds, batch_size, num_workers):
-                yield b, None if b.images is None else self.backbone_features(b.images)
-                bar.update(len(b.keys) + len(b.bad))
+        labels = [names[i] if names is not None else source_name(s) for i, s in enumerate(sources)]
+        ds = self._photos(list(sources), labels, batch_size, read_exif=False)
+        shards = ds.shards  # memory shards: keys map to input positions
+        for b, feats in self._stream(ds, len(labels), batch_size, num_workers, progress):
+            keys = torch.tensor([input_position(shards, int(k)) for k in b.keys], dtype=torch.long)  # type: ignore[arg-type]
+            yield b._replace(keys=keys, bad=[(input_position(shards, k), m, e) for k, m, e in b.bad]), feats  # type: ignore[arg-type]
+
+    def _results(self, b: Batch, feats: torch.Tensor | None, method: Method, with_place: bool) -> Iterator[Result]:
+        """A batch's results, failures first: each with the photo's own GPS position (when its EXIF has one)."""
+        yield from (LocateFailure(m.image, str(err), getattr(err, "kind", "corrupt")) for _, m, err in b.bad)
+        if feats is not None:
+            preds = self.predict_features(feats, method, names=[m.image for m in b.metas])
+            yield from self._finish(preds, [m.gps for m in b.metas], with_place)
 
     def locate_batch(
         self,
@@ -409,29 +489,24 @@ class Geolocator:
         if isinstance(sources, (str, os.PathLike, bytes, bytearray, Image.Image)) or hasattr(sources, "read"):
             sources = [sources]  # one photo, not a sequence of characters or bytes
         sources = list(sources)  # a generator is read once, here
-        if names is not None and len(names) != len(sources):
+        if names is not None and (isinstance(names, str) or len(names) != len(sources)):
             raise InputError("names must match sources one to one")
-        labels = [_label(s, names[i] if names is not None else None) for i, s in enumerate(sources)]
+        if names is not None and not all(isinstance(n, str) for n in names):
+            raise TypeError(f"names must be strings, got {next(n for n in names if not isinstance(n, str))!r}")
+        labels = [names[i] if names is not None else source_name(s) for i, s in enumerate(sources)]
         # File objects are read once, so decoding and the EXIF lookup both see the whole file.
         sources = [_read_file_object(s, label, self.limits) for s, label in zip(sources, labels, strict=True)]
-        for b, feats in self.iter_features(sources, batch_size, num_workers, progress, labels):
-            rows = b.keys.tolist()
-            results: dict[int, Result] = {
-                k: LocateFailure(labels[k], str(e), getattr(e, "kind", "corrupt")) for k, _, e in b.bad
-            }
-            if feats is not None:
-                preds = self.predict_features(feats, method, names=[labels[i] for i in rows])
-                gps = [self._gps(sources[i], labels[i]) for i in rows]
-                results.update(zip(rows, self._finish(preds, gps, with_place), strict=True))
-            yield from (results[i] for i in sorted(results))
-
-    def _gps(self, source: ImageSource, name: str) -> tuple[float, float] | None:
-        if isinstance(source, (Image.Image, ImageError)):
-            return None
-        try:
-            return read_gps(source, self.limits, name)
-        except Exception:  # noqa: BLE001 - the photo's own position is a courtesy: never worth failing it
-            return None
+        ds = self._photos(sources, labels, batch_size, read_exif=True)
+        shards = ds.shards
+        done: dict[int, Result] = {}  # results that came before an earlier photo's (another decoding worker's)
+        nxt = 0
+        for b, feats in self._stream(ds, len(labels), batch_size, num_workers, progress):
+            keys = [k for k, _, _ in b.bad] + b.keys.tolist()  # the order _results yields them in
+            positions = (input_position(shards, k) for k in keys)  # type: ignore[arg-type]
+            done.update(zip(positions, self._results(b, feats, method, with_place), strict=True))
+            while nxt in done:
+                yield done.pop(nxt)
+                nxt += 1
 
     @staticmethod
     def _finish(
@@ -461,22 +536,12 @@ class Geolocator:
         gallery). With ``num_workers > 1`` the shards are split across the workers and results come in the
         order the workers deliver them. Unreadable samples yield a :class:`LocateFailure` and the rest carry on.
         """
-        self._require_backbone()
+        self._require_backbone()  # before the shards are looked for
         urls = resolve_shards(shards)
-        ds = ShardDataset(
-            urls, self.model.config.backbone.preprocess, limits=self.limits, read_exif=True, split_ranks=False
-        )
-        with progress_bar(total=listed_total(urls), desc="locate", unit="img", show=progress) as bar:
-            for b in loader(ds, batch_size, num_workers):
-                yield from (
-                    LocateFailure(meta.image, str(err), getattr(err, "kind", "corrupt")) for _, meta, err in b.bad
-                )
-                if b.images is not None:
-                    preds = self.predict_features(
-                        self.backbone_features(b.images), method, names=[m.image for m in b.metas]
-                    )
-                    yield from self._finish(preds, [m.gps for m in b.metas], with_place)
-                bar.update(len(b.keys) + len(b.bad))
+        pre = self.model.config.backbone.preprocess
+        ds = ShardDataset(urls, pre, limits=self.limits, read_exif=True, split_ranks=False)
+        for b, feats in self._stream(ds, listed_total(urls), batch_size, num_workers, progress):
+            yield from self._results(b, feats, method, with_place)
 
     def locate(
         self, source: ImageSource, *, name: str | None = None, method: Method = "swc", with_place: bool = True

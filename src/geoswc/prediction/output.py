@@ -1,5 +1,6 @@
 """Writing predictions: to a file atomically or to standard output, in any output format, failures reported as
-they come, predictions that are not localizable left out on request."""
+they come, predictions that are not localizable left out on request. A file never goes into a geoswc artifact
+folder, and the text cells of a CSV are safe to open in a spreadsheet."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geoswc.core import storage
-from geoswc.prediction.results import LocateFailure, OutputFormat, PredictionWriter, Result
+from geoswc.prediction.results import (
+    LocateFailure,
+    OutputFormat,
+    PredictionWriter,
+    Result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +39,22 @@ def write_predictions(
 ) -> Written:
     """Write ``results`` to ``output`` atomically (None: standard output); a failure goes to ``on_failure`` as it
     comes and, except in the text format, is written as a row. ``leave_out`` drops the predictions that are not
-    localizable (counted). A run that locates nothing leaves an earlier ``output`` as it was."""
+    localizable (counted). A run in which every photo failed leaves an earlier ``output`` as it was; one whose
+    predictions were all left out replaces it with an empty output (a CSV's header, an empty FeatureCollection).
+    In a CSV, text cells that a spreadsheet would take for a formula get a ``'`` in front
+    (:func:`geoswc.core.storage.csv_text`).
+
+    Raises:
+        InputError: ``output`` is a folder or lies inside a geoswc artifact folder (a model, an index...).
+    """
+    if output is not None:
+        storage.claim_output(output)  # before any result is computed: nothing is located for nothing
     kept = _Kept(iter(results), leave_out)
     if output is None:
         with PredictionWriter(sys.stdout, fmt) as w:
             _write_results(iter(kept), w, on_failure)
     else:
-        w = _write_output(iter(kept), Path(output), fmt, on_failure)
+        w = _write_output(kept, Path(output), fmt, on_failure)
     return Written(w.located, w.failed, kept.left_out)
 
 
@@ -63,13 +78,15 @@ class _NothingLocated(Exception):
 
 
 def _write_output(
-    results: Iterator[Result], output: Path, fmt: OutputFormat, on_failure: Callable[[LocateFailure], None]
+    kept: _Kept, output: Path, fmt: OutputFormat, on_failure: Callable[[LocateFailure], None]
 ) -> PredictionWriter:
-    """Stream the results into ``output`` atomically; a run that locates nothing leaves an earlier file as it was."""
+    """Stream the results into ``output`` atomically. A run in which no photo was located leaves an earlier file
+    as it was; one whose predictions were all left out as not localizable still replaces it (it has its answer:
+    none of them)."""
     try:
         with storage.atomic_writer(output, "w") as f, PredictionWriter(f, fmt) as w:  # type: ignore[arg-type]
-            _write_results(results, w, on_failure)
-            if not w.located and output.exists():
+            _write_results(iter(kept), w, on_failure)
+            if not w.located and not kept.left_out and output.exists():
                 raise _NothingLocated
     except _NothingLocated:
         log.warning("no photo was located: %s was left as it was", output)

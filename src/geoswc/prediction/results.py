@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from geoswc.core import storage
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import haversine_km
 from geoswc.geo.places import Place
@@ -88,9 +89,26 @@ class Prediction:
     ``"750"``, ``"2500"`` km) of the truth; non-decreasing. None: the model has no calibrator."""
     localizable: bool | None = None
     """Whether ``within_km`` meets the localizable rule (``P(<= r km) >= p``). None: no calibrator."""
+    prior_kl: float | None = None
+    """How far the photo moved the classifier's cell probabilities from the model's prior (the gallery's share of
+    photos in each cell), KL in nats: near 0, the photo told the classifier nothing. None: no gallery."""
+    prior_like: bool | None = None
+    """True when the estimate is no better than the model's prior: ``prior_kl`` is small and no cluster of gallery
+    photos agrees on a place (:class:`~geoswc.prediction.swc.PriorRule`); the answer is then what the model would
+    guess for any photo. None: no gallery."""
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, nested ones as dicts (what ``--format jsonl`` writes)."""
         return dataclasses.asdict(self)
+
+    def __repr__(self) -> str:
+        """One line: the photo, the estimate, its place and how sure it is (the details: :meth:`to_dict`)."""
+        near = f", near={self.place.label()!r}" if self.place is not None else ""
+        within = f", within_25_km={self.within_km['25']:.2f}" if self.within_km is not None else ""
+        return (
+            f"Prediction(image={self.image!r}, lat={self.lat:.5f}, lon={self.lon:.5f}{near}, method={self.method!r}, "
+            f"confidence={self.confidence:.3f}{within}, neighbors={len(self.neighbors)})"
+        )
 
     def with_gps(self, gps: tuple[float, float] | None) -> None:
         """Record the photo's own GPS position (from its EXIF) and the estimate's distance to it."""
@@ -146,6 +164,7 @@ CSV_COLUMNS = (
     "fallback",
     *(f"within_{k}_km" for k in WITHIN_KEYS),
     "localizable",
+    "prior_like",
     "place",
     "country",
     "exif_lat",
@@ -190,6 +209,8 @@ def prediction_row(result: Result) -> dict[str, Any]:
         cell_probability=round(result.cell_probability, 4),
         fallback=result.fallback,
     )
+    if result.prior_like is not None:
+        row["prior_like"] = result.prior_like
     if result.within_km is not None:
         row.update({f"within_{k}_km": result.within_km[k] for k in WITHIN_KEYS}, localizable=result.localizable)
     if result.place is not None:
@@ -215,6 +236,11 @@ def format_text(p: Result) -> str:
             else f"  near        {p.place.label()} ({d:.0f} km away)"
         )
     lines.append(f"  cell        {p.cell} ({100 * p.cell_probability:.1f} %, searched)")
+    if p.prior_like:
+        lines.append(
+            f"  prior       no better than the model's prior: it is what the model answers for almost any photo\n"
+            f"              (the photo moved the cell probabilities by {p.prior_kl:.2f} nats; no gallery photos agree)"
+        )
     if p.fallback:
         lines.append("  note        the cell holds no gallery photo: the cell's centroid is the estimate")
     elif p.neighbors:
@@ -251,16 +277,32 @@ def _percent(v: float) -> str:
     return f"{100 * v:.0f} %" if v >= 0.01 else "< 1 %"
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinity) replaced by None, through lists and dicts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of strict JSON: a number JSON cannot hold is written ``null``, never ``NaN``."""
+    return json.dumps(finite(value), ensure_ascii=False, allow_nan=False)
+
+
 class PredictionWriter:
-    """Streams results to a text stream in one of the :data:`OutputFormat` s. Use as a context manager, or
-    call :meth:`close` to finish (GeoJSON needs its closing brackets)."""
+    """Streams results to a text stream in one of the :data:`OutputFormat` s (CSV text cells that a spreadsheet
+    would run, beginning with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return, get a ``'`` in front). Use as a
+    context manager, or call :meth:`close` to finish (GeoJSON needs its closing brackets)."""
 
     def __init__(self, stream: TextIO, fmt: OutputFormat) -> None:
         self.stream, self.fmt = stream, output_format(None, fmt)
         self.located = self.failed = 0
         if fmt == "csv":
-            self._csv = csv.DictWriter(stream, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
-            self._csv.writeheader()
+            stream.write(storage.csv_row(CSV_COLUMNS))
         elif fmt == "geojson":
             stream.write('{"type": "FeatureCollection", "features": [\n')
 
@@ -269,16 +311,16 @@ class PredictionWriter:
         if self.fmt == "text":
             self.stream.write(format_text(result) + "\n")
         elif self.fmt == "jsonl":
-            self.stream.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
-        elif self.fmt == "csv":
-            self._csv.writerow(prediction_row(result))
+            self.stream.write(json_line(result.to_dict()) + "\n")
+        elif self.fmt == "csv":  # text cells escaped for spreadsheets (storage.csv_text), numbers as they are
+            row = prediction_row(result)
+            cells = (row[k] for k in CSV_COLUMNS)
+            self.stream.write(storage.csv_row([storage.csv_text(v) if isinstance(v, str) else v for v in cells]))
         else:
             row = {k: v for k, v in prediction_row(result).items() if v != "" and k not in ("lat", "lon")}
             geometry = {"type": "Point", "coordinates": [round(result.lon, 6), round(result.lat, 6)]} if ok else None
             sep = ",\n" if self.located + self.failed else ""
-            self.stream.write(
-                sep + json.dumps({"type": "Feature", "geometry": geometry, "properties": row}, ensure_ascii=False)
-            )
+            self.stream.write(sep + json_line({"type": "Feature", "geometry": geometry, "properties": row}))
         self.stream.flush()
         if ok:
             self.located += 1

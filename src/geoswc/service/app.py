@@ -284,6 +284,7 @@ def _page(app: FastAPI, settings: ServiceSettings, geolocator: Geolocator) -> No
             "auth_required": bool(s.token),
             "tiles": s.tiles,
             "localizable_rule": rule,
+            "select_km": geolocator.search.select_km,
             "tiles_attribution": s.tiles_attribution,
             "limits": LimitsModel(
                 max_upload_bytes=s.max_upload_bytes,

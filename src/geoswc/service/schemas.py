@@ -93,6 +93,14 @@ class PredictionModel(_Strict):
         description="Whether within_km meets the model's localizable rule (P(within r km) >= p); null without a "
         "calibrator. A non-localizable estimate is still given, marked."
     )
+    prior_kl: float | None = Field(
+        description="How far the photo moved the cell probabilities from the model's prior (KL, nats); null "
+        "without a gallery."
+    )
+    prior_like: bool | None = Field(
+        description="The estimate is no better than the model's prior (the photo moved the cell probabilities "
+        "little and no gallery photos agree on a place); null without a gallery."
+    )
 
 
 class FailureModel(_Strict):
@@ -154,4 +162,8 @@ class PageConfigModel(_Strict):
     limits: LimitsModel
     localizable_rule: RuleModel | None = Field(
         description="The served model's localizable rule; null without a calibrator."
+    )
+    select_km: float = Field(
+        description="The served model's select_km: the searched cell is the one whose neighbourhood within it holds "
+        "the most probability (0: the most probable cell)."
     )

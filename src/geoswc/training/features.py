@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +229,9 @@ def _run_backbone(
     device = next(ex.backbone.parameters()).device
     ex.backbone.eval()
     show = how.progress and distributed.is_main()
+    done, last = 0, time.perf_counter()
     with progress_bar(total=total, desc="features", unit="img", show=show) as bar:
-        for b in batches:
+        for i, b in enumerate(batches):
             for _, meta, err in b.bad:
                 report.skip(meta.image, str(err))
             if b.images is not None:
@@ -238,6 +240,19 @@ def _run_backbone(
                     f = ex.backbone(x.reshape(-1, *x.shape[-3:]).to(device))
                 sink.add(b.keys, f.float().cpu().reshape(x.shape[0], how.views, -1), b.metas)
             bar.update(len(b.keys) + len(b.bad))
+            n, now = len(b.keys) + len(b.bad), time.perf_counter()
+            done += n
+            if i == 1 and total and distributed.is_main():  # the first batch paid the start-up: time the second
+                log.info("%s", cost_estimate(total - done, how.views, n, now - last))
+            last = now
+
+
+def cost_estimate(photos: int, views: int, batch: int, seconds: float) -> str:
+    """What the rest of an extraction will take, from one batch of ``batch`` photos timed at ``seconds``."""
+    rate = batch / max(seconds, 1e-9)
+    left = photos / rate
+    when = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    return f"features: about {when} more for {photos:,} photos x {views} view(s) ({rate:.1f} photos/s on this batch)"
 
 
 def _feature_set(feats: torch.Tensor, metas: Sequence[Any], ex: Extractor, seed: int) -> FeatureSet:

@@ -45,7 +45,10 @@ def build_index(
 ) -> None:
     """Write the gallery index of ``photos`` into ``out`` (with a thumbnail of each photo when ``thumbnails`` is
     given); ``how`` sets the batch size and the decoding processes (of the photos and of the thumbnails). A
-    feature cache must come from the model's backbone (:func:`geoswc.models.compat.check`)."""
+    feature cache must come from the model's backbone (:func:`geoswc.models.compat.check`). An index already in
+    ``out`` stays as it was, loadable, until the new one is complete; then the new one replaces it whole (the
+    writer builds it beside ``out``: :class:`~geoswc.gallery.files.GalleryWriter`), so a build that fails or is
+    killed never leaves ``out`` without a whole index."""
     with GalleryWriter(out, model.config.backbone.feature_dim, model.gallery_identity, codes, thumbnails) as w:
 
         def add(

@@ -9,8 +9,18 @@
     '#ae3ec9', '#e8590c', '#1971c2'];
   var NOISE_COLOR = '#868e96';
   var CELL_COLOR = '#e8590c';
+  /* The offline base map is Natural Earth's 1:50m outlines, a point every ~8 km (median): from zoom 9 on, the median
+   * stretch between two points is 25-35 px long and more, so zooming in shows straight lines and, inside a country,
+   * nothing at all. A result's view stops at this zoom, and beyond it the map says that the detail ends there. */
+  var DETAIL_ZOOM = 8;
+  var THUMB_LIMIT = 24; // thumbnails shown (in the strip and on the map): the most similar neighbours' only
+  var THUMB_CONCURRENCY = 4; // thumbnail requests in flight at once
+  var THUMB_MIN_ZOOM = 6; // below it a 40 px thumbnail on the map would cover ~100 km: shown only in the strip
 
-  var state = { config: null, items: [], selected: -1, map: null, overlay: null, basemap: null, retries: 0, thumbs: {} };
+  var state = {
+    config: null, items: [], selected: -1, map: null, overlay: null, basemap: null, renderer: null, retries: 0,
+    thumbs: {}, thumbQueue: [], thumbActive: 0, focus: null, zoomButton: null, detailNote: null, renderMs: null,
+  };
   var $ = function (id) { return document.getElementById(id); };
 
   // -- geometry ------------------------------------------------------------------------------------
@@ -182,6 +192,13 @@
       maxBounds: [[-89, -BAND], [89, BAND]], maxBoundsViscosity: 0.8, zoomSnap: 0.5,
     });
     map.attributionControl.setPrefix('<a href="https://leafletjs.com">Leaflet</a>');
+    // Panes, bottom to top: the offline base map (300), the drawn prediction on one canvas (Leaflet's overlay pane,
+    // 400), the thumbnails (450), the estimate marker (620), then Leaflet's tooltips (650) and popups (700). The
+    // estimate is always on top of the evidence, so a click on it always opens its popup.
+    map.createPane('geoswcBase').style.zIndex = 300;
+    map.createPane('geoswcThumbs').style.zIndex = 450;
+    map.createPane('geoswcEstimate').style.zIndex = 620;
+    state.renderer = L.canvas({ padding: 0.5, tolerance: 3 });
     var baseLayers = {};
     var outlines = L.layerGroup();
     baseLayers['Natural Earth (offline)'] = outlines;
@@ -197,11 +214,65 @@
     state.basemap = outlines;
     state.overlay = L.featureGroup().addTo(map);
     L.control.scale({ imperial: false }).addTo(map);
+    addZoomButton(map);
+    addDetailNote(map);
+    map.on('zoomend baselayerchange overlayadd', updateZoomDependent);
+    updateZoomDependent();
     loadOutlines(outlines);
   }
 
+  /** The "Zoom to estimate" button under the zoom buttons: back to the view of the estimate and its evidence. */
+  function addZoomButton(map) {
+    var Button = L.Control.extend({
+      options: { position: 'topleft' },
+      onAdd: function () {
+        var b = L.DomUtil.create('button', 'geoswc-zoom-estimate leaflet-bar');
+        b.type = 'button';
+        b.textContent = 'Zoom to estimate';
+        b.title = 'Zoom to the estimate and the retrieved photos that agree with it';
+        b.disabled = true;
+        L.DomEvent.disableClickPropagation(b);
+        L.DomEvent.on(b, 'click', function () { zoomToEstimate(true); });
+        state.zoomButton = b;
+        return b;
+      },
+    });
+    new Button().addTo(map);
+  }
+
+  /** A note shown when zoomed in beyond what the offline base map can show. */
+  function addDetailNote(map) {
+    var Note = L.Control.extend({
+      options: { position: 'bottomleft' },
+      onAdd: function () {
+        var d = L.DomUtil.create('div', 'geoswc-detail-note');
+        d.setAttribute('role', 'note');
+        d.textContent = 'The offline base map has no more detail beyond this zoom (Natural Earth 1:50m outlines, a ' +
+          'point every ~8 km); the markers are still placed exactly.';
+        d.hidden = true;
+        state.detailNote = d;
+        return d;
+      },
+    });
+    new Note().addTo(map);
+  }
+
+  /** What depends on the zoom: the note past the base map's detail, the thumbnails on the map (not at
+   * continent scale, where they would sit hundreds of km from the photos they show). */
+  function updateZoomDependent() {
+    var map = state.map, z = map.getZoom();
+    if (state.detailNote) state.detailNote.hidden = !(z > DETAIL_ZOOM && map.hasLayer(state.basemap));
+    map.getContainer().classList.toggle('geoswc-far', z < THUMB_MIN_ZOOM);
+  }
+
+  /** Fit the view to the estimate and its evidence (state.focus), no closer than the base map can show. */
+  function zoomToEstimate(animate) {
+    if (!state.focus) return;
+    state.map.fitBounds(state.focus, { padding: [48, 48], maxZoom: DETAIL_ZOOM, animate: !!animate });
+  }
+
   function loadOutlines(group) {
-    var renderer = L.canvas({ padding: 0.5 });
+    var renderer = L.canvas({ padding: 0.5, pane: 'geoswcBase' });
     fetch('static/vendor/world-atlas/countries-50m.json')
       .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.json(); })
       .then(function (topo) {
@@ -242,44 +313,68 @@
     return km < 10 ? km.toFixed(1) + ' km' : Math.round(km).toLocaleString('en') + ' km';
   }
 
-  /** The rings holding 50 % and 90 % of the calibrated mass (without a calibrator, the confidence circle);
-   * returns the bounds to frame: the outer ring, or 2500 km around the estimate when no ring fits. */
+  /** The rings holding 50 % and 90 % of the calibrated mass (without a calibrator, the confidence circle). */
   function drawRings(p, lat, lon, group) {
-    var bounds = L.latLng(lat, lon).toBounds(2 * 2500e3);
     if (!p.within_km) {
-      var circle = L.circle([lat, lon], {
+      L.circle([lat, lon], {
         radius: radiusKm(p.confidence) * 1000, color: '#1c7ed6', weight: 2, dashArray: '6 5', fillColor: '#1c7ed6',
-        fillOpacity: 0.08, className: 'geoswc-confidence', interactive: false,
+        fillOpacity: 0.08, className: 'geoswc-confidence', interactive: false, renderer: state.renderer,
       }).addTo(group);
-      return circle.getBounds();
+      return;
     }
     RING_MASS.slice().reverse().forEach(function (q) {
       var km = massRadiusKm(p.within_km, q);
       if (km === null) return;
-      var ring = L.circle([lat, lon], {
+      L.circle([lat, lon], {
         radius: km * 1000, color: q === 0.5 ? '#1c7ed6' : '#74a0c8', weight: 2, dashArray: q === 0.5 ? null : '6 5',
         fillColor: '#1c7ed6', fillOpacity: q === 0.5 ? 0.1 : 0.04, className: 'geoswc-ring' + Math.round(100 * q),
+        renderer: state.renderer,
       }).bindTooltip(Math.round(100 * q) + ' % calibrated chance that the photo was taken within ' + fmtKm(km))
         .addTo(group);
-      if (q === 0.9) bounds = ring.getBounds();
     });
-    return bounds;
   }
 
   // -- the evidence: thumbnails of the retrieved gallery photos ----------------------------------------
 
   /** A promise of an object URL for the thumbnail of gallery row `row` (GET api/thumbnails/{row}, with the token
-   * when one is set: an <img> could not send it), fetched once per row; null when it cannot be had. */
+   * when one is set: an <img> could not send it), fetched once per row; null when it cannot be had. Requests wait
+   * in a queue, THUMB_CONCURRENCY at a time. */
   function thumbnailUrl(row) {
     if (!(row in state.thumbs)) {
-      var headers = {};
-      if (token()) headers.Authorization = 'Bearer ' + token();
-      state.thumbs[row] = fetch('api/thumbnails/' + row, { headers: headers })
-        .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.blob(); })
-        .then(function (b) { return URL.createObjectURL(b); })
-        .catch(function () { delete state.thumbs[row]; return null; });
+      state.thumbs[row] = new Promise(function (resolve) {
+        state.thumbQueue.push({ row: row, resolve: resolve });
+      });
+      pumpThumbnails();
     }
     return state.thumbs[row];
+  }
+
+  function pumpThumbnails() {
+    while (state.thumbActive < THUMB_CONCURRENCY && state.thumbQueue.length) {
+      var job = state.thumbQueue.shift();
+      state.thumbActive++;
+      fetchThumbnail(job.row).then(job.resolve).finally(function () {
+        state.thumbActive--;
+        pumpThumbnails();
+      });
+    }
+  }
+
+  function fetchThumbnail(row) {
+    var headers = {};
+    if (token()) headers.Authorization = 'Bearer ' + token();
+    return fetch('api/thumbnails/' + row, { headers: headers })
+      .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.blob(); })
+      .then(function (b) { return URL.createObjectURL(b); })
+      .catch(function () { delete state.thumbs[row]; return null; });
+  }
+
+  /** Forget the thumbnails still waiting in the queue (those of a result no longer shown). */
+  function dropQueuedThumbnails() {
+    state.thumbQueue.splice(0).forEach(function (job) {
+      delete state.thumbs[job.row];
+      job.resolve(null);
+    });
   }
 
   /** An <img> showing the thumbnail of neighbour `n` once it has loaded (a grey box until then, or if it fails). */
@@ -292,17 +387,22 @@
     return img;
   }
 
+  /** The neighbours whose thumbnails are shown: the THUMB_LIMIT most similar (the response lists them so). */
+  function shownNeighbors(p) {
+    return p.neighbors.slice(0, THUMB_LIMIT);
+  }
+
   function neighborLabel(n, p) {
     return 'similarity ' + n.similarity.toFixed(2) + ' · ' + fmtKm(distanceKm([p.lat, p.lon], [n.lat, n.lon])) +
       ' from the estimate';
   }
 
-  /** Small image markers beside the neighbours' dots on the map (only for neighbours that have a thumbnail);
-   *  photos taken at the same spot (the same 0.01° of latitude and longitude, ~1 km) are set side by side in a
-   *  row instead of on top of each other. */
+  /** Small image markers beside the neighbours' dots on the map (only for the shown neighbours that have a
+   *  thumbnail), in a pane under the estimate marker's; photos taken at the same spot (the same 0.01° of latitude
+   *  and longitude, ~1 km) are set side by side in a row instead of on top of each other. */
   function drawThumbnails(p, lon, group) {
     var atSpot = {};
-    p.neighbors.forEach(function (n) {
+    shownNeighbors(p).forEach(function (n) {
       if (!n.thumbnail) return;
       var spot = n.lat.toFixed(2) + ',' + n.lon.toFixed(2), i = atSpot[spot] || 0;
       atSpot[spot] = i + 1;
@@ -311,18 +411,21 @@
       L.marker([n.lat, nearLon(n.lon, lon)], {
         icon: L.divIcon({ html: box, className: 'geoswc-thumb-marker', iconSize: [40, 40],
                           iconAnchor: [-8 - 44 * i, 20] }),
-        alt: n.image, riseOnHover: true, zIndexOffset: -100,
+        alt: n.image, riseOnHover: true, pane: 'geoswcThumbs',
       }).bindTooltip(esc(n.image) + '<br>' + esc(neighborLabel(n, p))).addTo(group);
     });
   }
 
   /** The strip of retrieved photos under the details: thumbnail, similarity and distance to the estimate. */
   function renderEvidence(p, d) {
-    if (!p.neighbors.some(function (n) { return n.thumbnail; })) return;
+    var shown = shownNeighbors(p);
+    if (!shown.some(function (n) { return n.thumbnail; })) return;
     var box = el('section', 'evidence');
-    box.appendChild(el('h3', null, 'Retrieved gallery photos (the evidence)'));
+    box.appendChild(el('h3', null, 'Retrieved gallery photos (the evidence)' + (shown.length < p.neighbors.length
+      ? ': the ' + shown.length + ' most similar of ' + p.neighbors.length.toLocaleString('en') +
+        ' (click a dot on the map for any other)' : '')));
     var list = el('ol', 'evidence-strip');
-    p.neighbors.forEach(function (n) {
+    shown.forEach(function (n) {
       var li = el('li');
       if (n.cluster === p.cluster && n.cluster >= 0) li.classList.add('agrees');
       li.appendChild(n.thumbnail ? thumbnailImg(n, 'evidence-thumb') : el('span', 'evidence-thumb none', 'no thumbnail'));
@@ -335,24 +438,80 @@
     d.appendChild(box);
   }
 
-  /** Draw one prediction: top cells, probability rings, neighbours, estimate marker and the photo's GPS. */
+  /** The neighbours' dots, one feature group on the overlay's canvas (thousands draw in milliseconds), with one
+   * tooltip for all of them and, on a click, a popup with the photo's thumbnail (loaded then, on demand). */
+  function drawNeighbors(p, lon, group) {
+    var dots = L.featureGroup();
+    p.neighbors.forEach(function (n) {
+      var same = n.cluster === p.cluster && n.cluster >= 0;
+      var dot = L.circleMarker([n.lat, nearLon(n.lon, lon)], {
+        radius: same ? 6 : 5, color: same ? '#212529' : '#fff', weight: same ? 2 : 1,
+        fillColor: clusterColor(n.cluster), fillOpacity: 0.9, className: 'geoswc-neighbor', renderer: state.renderer,
+      });
+      dot.neighbor = n;
+      dots.addLayer(dot);
+    });
+    dots.bindTooltip(function (layer) {
+      var n = layer.neighbor;
+      return esc(n.image) + '<br>similarity ' + n.similarity.toFixed(3) + ', cluster ' +
+        (n.cluster < 0 ? 'none (noise)' : n.cluster) + ', ' + esc(fmtKm(distanceKm([p.lat, p.lon], [n.lat, n.lon]))) +
+        ' from the estimate' + (n.thumbnail ? '<br>(click for its thumbnail)' : '');
+    });
+    dots.on('click', function (e) {
+      var n = e.layer.neighbor, box = el('div', 'neighbor-popup');
+      if (n.thumbnail) box.appendChild(thumbnailImg(n, 'evidence-thumb'));
+      box.appendChild(el('div', null, n.image));
+      box.appendChild(el('div', null, neighborLabel(n, p)));
+      L.popup({ offset: [0, -4] }).setLatLng(e.layer.getLatLng()).setContent(box).openOn(state.map);
+    });
+    group.addLayer(dots);
+  }
+
+  /** The bounds the view goes to: the estimate and the neighbours of its cluster (the evidence that agrees); with
+   * no cluster (a fallback, classification, no gallery), the 50 % ring or the searched cell around the estimate,
+   * not a close-up that would look more precise than the estimate is. */
+  function focusBounds(p, lat, lon) {
+    var b = L.latLngBounds([lat, lon], [lat, lon]);
+    var agree = p.cluster >= 0 ? p.neighbors.filter(function (n) { return n.cluster === p.cluster; }) : [];
+    agree.forEach(function (n) { b.extend([n.lat, nearLon(n.lon, lon)]); });
+    if (agree.length) return b;
+    // No evidence to go by: the 50 % ring (the confidence circle without a calibrator), else the searched cell
+    // when it is not huge, else 250 km around.
+    var km = p.within_km ? massRadiusKm(p.within_km, 0.5) : radiusKm(p.confidence);
+    if (km !== null) return b.extend(L.latLng(lat, lon).toBounds(2 * km * 1000));
+    var ring = p.cell_polygon && p.cell_polygon.length ? unwrapRing(p.cell_polygon) : [], r = lonRange(ring);
+    if (ring.length && r[1] - r[0] <= 30) {
+      var mid = (r[0] + r[1]) / 2;
+      shiftRing(ring, nearLon(mid, lon) - mid).forEach(function (q) {
+        b.extend([Math.max(-85, Math.min(85, q[0])), q[1]]);
+      });
+      return b;
+    }
+    return b.extend(L.latLng(lat, lon).toBounds(2 * 250e3));
+  }
+
+  /** Draw one prediction: top cells, probability rings, neighbours, estimate marker and the photo's GPS; then
+   * go to the estimate and its evidence. */
   function drawPrediction(p) {
-    var map = state.map, group = state.overlay;
+    var group = state.overlay;
+    state.map.closePopup();
     group.clearLayers();
     var lat = p.lat, lon = nearLon(p.lon, 0);
+    // The view first, so that the layers are projected once, at the zoom they are shown at.
+    state.focus = focusBounds(p, lat, lon);
+    if (state.zoomButton) state.zoomButton.disabled = false;
+    zoomToEstimate(false);
     var pmax = Math.max.apply(null, p.top_cells.map(function (c) { return c.probability; }).concat([1e-9]));
-    var context = null; // the top cell's outline, to frame the view when it is not huge
     p.top_cells.slice().reverse().forEach(function (c) {
       var ring = unwrapRing(c.polygon);
       var r = lonRange(ring);
       var mid = (r[0] + r[1]) / 2;
       ring = shiftRing(ring, nearLon(mid, lon) - mid);
       var rank = p.top_cells.indexOf(c) + 1;
-      if (rank === 1 && r[1] - r[0] <= 90) context = ring;
       polygonCopies([ring], lon - 180, lon + 180).forEach(function (poly) {
         L.polygon(poly, {
           color: CELL_COLOR, weight: rank === 1 ? 2 : 1, fillColor: CELL_COLOR,
-          fillOpacity: 0.04 + 0.3 * c.probability / pmax, className: 'geoswc-cell',
+          fillOpacity: 0.04 + 0.3 * c.probability / pmax, className: 'geoswc-cell', renderer: state.renderer,
         }).bindTooltip('#' + rank + ' cell ' + esc(c.token) + ': ' + (100 * c.probability).toFixed(1) + ' %', { sticky: true })
           .addTo(group);
       });
@@ -361,41 +520,48 @@
       var sring = unwrapRing(p.cell_polygon), sr = lonRange(sring), smid = (sr[0] + sr[1]) / 2;
       sring = shiftRing(sring, nearLon(smid, lon) - smid);
       polygonCopies([sring], lon - 180, lon + 180).forEach(function (poly) {
-        L.polygon(poly, { color: '#212529', weight: 2, dashArray: '4 4', fill: false, className: 'geoswc-searched' })
-          .bindTooltip('searched cell ' + esc(p.cell) + ': ' + (100 * p.cell_probability).toFixed(1) + ' %',
-            { sticky: true })
+        L.polygon(poly, {
+          color: '#212529', weight: 2, dashArray: '4 4', fill: false, className: 'geoswc-searched',
+          renderer: state.renderer,
+        }).bindTooltip('searched cell ' + esc(p.cell) + ': ' + (100 * p.cell_probability).toFixed(1) + ' %',
+          { sticky: true })
           .addTo(group);
       });
     }
-    var bounds = drawRings(p, lat, lon, group);
-    p.neighbors.forEach(function (n) {
-      var same = n.cluster === p.cluster && n.cluster >= 0;
-      L.circleMarker([n.lat, nearLon(n.lon, lon)], {
-        radius: same ? 6 : 5, color: same ? '#212529' : '#fff', weight: same ? 2 : 1,
-        fillColor: clusterColor(n.cluster), fillOpacity: 0.9, className: 'geoswc-neighbor',
-      }).bindTooltip(esc(n.image) + '<br>similarity ' + n.similarity.toFixed(3) + ', cluster ' +
-        (n.cluster < 0 ? 'none (noise)' : n.cluster)).addTo(group);
-    });
+    drawRings(p, lat, lon, group);
+    drawNeighbors(p, lon, group);
     drawThumbnails(p, lon, group);
-    if (context) bounds.extend(L.latLngBounds(context.map(function (q) { return [Math.max(-85, Math.min(85, q[0])), q[1]]; })));
     if (p.exif) {
       var path = greatCircle([lat, lon], [p.exif.lat, p.exif.lon], 64);
       var ex = path[path.length - 1];
-      L.polyline(path, { color: '#2b8a3e', weight: 2, dashArray: '2 6', className: 'geoswc-exif-line' })
-        .addTo(group);
+      L.polyline(path, {
+        color: '#2b8a3e', weight: 2, dashArray: '2 6', className: 'geoswc-exif-line', renderer: state.renderer,
+      }).addTo(group);
       L.circleMarker(ex, {
         radius: 7, color: '#fff', weight: 2, fillColor: '#2b8a3e', fillOpacity: 1, className: 'geoswc-exif',
+        renderer: state.renderer,
       }).bindTooltip("The photo's own GPS: " + fmtKm(p.exif.distance_km) + ' from the estimate').addTo(group);
-      path.forEach(function (q) { bounds.extend([Math.max(-85, Math.min(85, q[0])), q[1]]); });
     }
     var label = placeLabel(p.place);
-    var marker = L.marker([lat, lon], { title: label || 'estimate', alt: 'estimate', riseOnHover: true })
-      .bindPopup('<b>' + esc(label || 'Estimate') + '</b><br>' + lat.toFixed(4) + ', ' + p.lon.toFixed(4) +
+    var marker = L.marker([lat, lon], {
+      title: label || 'estimate', alt: 'estimate', pane: 'geoswcEstimate',
+    }).bindPopup('<b>' + esc(label || 'Estimate') + '</b><br>' + lat.toFixed(4) + ', ' + p.lon.toFixed(4) +
         (p.within_km ? '<br>' + esc(chances(p.within_km)) + (p.localizable ? '' : '<br><b>not localizable</b>')
           : '<br>confidence ' + (100 * p.confidence).toFixed(0) + ' %'))
       .addTo(group);
     marker.getElement().classList.add('geoswc-estimate');
-    map.fitBounds(bounds, { padding: [30, 30], maxZoom: 9 });
+  }
+
+  /** How many layers of the drawn prediction carry the class `cls` (they are drawn on a canvas, not as elements). */
+  function drawn(cls) {
+    var count = 0;
+    (function walk(g) {
+      g.eachLayer(function (l) {
+        if (l instanceof L.LayerGroup) walk(l);
+        else if (l.options && l.options.className === cls) count++;
+      });
+    })(state.overlay);
+    return count;
   }
 
   // -- the list and the details ----------------------------------------------------------------------
@@ -468,6 +634,11 @@
     }
     d.appendChild(place);
     if (p.localizable === false) d.appendChild(el('p', 'not-localizable', notLocalizable()));
+    if (p.prior_like) {
+      d.appendChild(el('p', 'prior-like', 'No better than the model\'s prior: this is what the model answers for ' +
+        'almost any photo (the photo moved its cell probabilities by ' + p.prior_kl.toFixed(2) + ' nats, and no ' +
+        'gallery photos agree on a place).'));
+    }
     var dl = el('dl');
     row(dl, 'estimate', p.lat.toFixed(5) + ', ' + p.lon.toFixed(5));
     if (p.within_km) {
@@ -481,7 +652,10 @@
       row(dl, 'confidence', (100 * p.confidence).toFixed(1) + ' % (circle ' + fmtKm(radiusKm(p.confidence)) + ')');
     }
     row(dl, 'method', p.method);
-    row(dl, 'cell', p.cell + ' (' + (100 * p.cell_probability).toFixed(1) + ' %)');
+    var top = p.top_cells[0];
+    if (top) row(dl, 'top cell', top.token + ' (' + (100 * top.probability).toFixed(1) + ' %)');
+    row(dl, 'searched cell', p.cell + ' (' + (100 * p.cell_probability).toFixed(1) + ' %)');
+    if (top && top.token !== p.cell) dl.appendChild(el('dd', 'cell-note', cellNote()));
     if (p.fallback) {
       row(dl, 'evidence', 'the cell holds no gallery photo: its centroid is the estimate');
     } else if (p.neighbors.length) {
@@ -510,6 +684,14 @@
     renderEvidence(p, d);
   }
 
+  /** Why the searched cell is not the top cell (geoswc's select_km rule, README "How it works", 5.). */
+  function cellNote() {
+    var km = state.config && state.config.select_km;
+    return 'The searched cell differs from the top cell because geoswc searches the cell whose neighbourhood (the ' +
+      'cells whose centroids lie within ' + (km ? fmtKm(km) + ', the model\'s select_km,' : "the model's select_km") +
+      ' of its centroid) holds the most probability in total, not the single most probable cell.';
+  }
+
   function notLocalizable() {
     var r = state.config && state.config.localizable_rule;
     return 'Not localizable: ' + (r ? 'the model gives less than ' + Math.round(100 * r.p) +
@@ -520,10 +702,13 @@
   function select(i) {
     var it = state.items[i];
     if (!it || it.status !== 'done') return;
+    var t0 = performance.now();
+    dropQueuedThumbnails();
     state.selected = i;
     renderList();
     renderDetails(it.result);
     drawPrediction(it.result);
+    state.renderMs = performance.now() - t0;
   }
 
   // -- uploads ----------------------------------------------------------------------------------------
@@ -674,7 +859,8 @@
   window.geoswc = {
     state: state, nearLon: nearLon, unwrapRing: unwrapRing, radiusKm: radiusKm, massRadiusKm: massRadiusKm,
     geometryPolygons: geometryPolygons, greatCircle: greatCircle, basemapMaxJump: basemapMaxJump, select: select,
-    distanceKm: distanceKm,
+    distanceKm: distanceKm, drawn: drawn, zoomToEstimate: zoomToEstimate, DETAIL_ZOOM: DETAIL_ZOOM,
+    THUMB_LIMIT: THUMB_LIMIT, THUMB_CONCURRENCY: THUMB_CONCURRENCY, THUMB_MIN_ZOOM: THUMB_MIN_ZOOM,
   };
   start();
 }());
