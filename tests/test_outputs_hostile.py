@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from geoswc import workflow
-from geoswc.core import storage
+from geoswc.core import storage, text_cells
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import haversine_km
 from geoswc.evaluation.compare import System, compare_systems, markdown, photo_id, read_system
@@ -398,8 +398,8 @@ def _unquoted(cell: str) -> bool:
 @SETTINGS
 @given(st.text(max_size=40))
 def test_any_text_cell_is_escaped_and_comes_back(text: str) -> None:
-    cell = storage.csv_text(text)
-    assert storage.csv_plain(cell) == text
+    cell = text_cells.csv_text(text)
+    assert text_cells.csv_plain(cell) == text
     assert _unquoted(cell)
     if text.startswith((*FORMULA, "'")):
         assert cell == "'" + text
@@ -409,7 +409,7 @@ def test_any_text_cell_is_escaped_and_comes_back(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["=1+1", "+1", "-1", "@SUM(A1)", "\t=1", "\r=1", '=HYPERLINK("http://x")', "'=1"])
 def test_formula_cells_get_a_quote(text: str) -> None:
-    assert storage.csv_text(text) == "'" + text and storage.csv_plain("'" + text) == text
+    assert text_cells.csv_text(text) == "'" + text and text_cells.csv_plain("'" + text) == text
 
 
 names = st.lists(st.text(max_size=24), min_size=1, max_size=5)
@@ -423,8 +423,8 @@ def test_locate_csv_escapes_every_text_cell_and_no_number(tmp_path_factory, imag
     write_predictions(results, out, "csv")
     with open(out, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["image"] for r in rows] == [storage.csv_text(n) for n in images] + ["'=" + error]
-    assert [storage.csv_plain(r["image"]) for r in rows[:-1]] == images
+    assert [r["image"] for r in rows] == [text_cells.csv_text(n) for n in images] + ["'=" + error]
+    assert [text_cells.csv_plain(r["image"]) for r in rows[:-1]] == images
     assert all(r["lat"] == "-33.5" and r["lon"] == "-70.25" for r in rows[:-1])  # numbers stay numbers
     assert rows[-1]["error"] == "'-" + error and rows[-1]["kind"] == "'@kind"
     text_columns = ("image", "method", "cell", "place", "country", "error", "kind")
@@ -455,7 +455,7 @@ def test_predictions_csv_escapes_names_and_compare_reads_them_back(tmp_path_fact
     with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == PREDICTION_COLUMNS
-    assert [r[0] for r in rows[1:]] == [storage.csv_text(n) for n in images]
+    assert [r[0] for r in rows[1:]] == [text_cells.csv_text(n) for n in images]
     assert all(r[1].startswith("-") and float(r[1]) < 0 for r in rows[1:])  # numbers are never quoted
     assert all(_unquoted(c) for r in rows for c in r[:1] + r[6:7])
     assert read_system(folder).ids == ids
@@ -553,7 +553,7 @@ def test_any_system_name_keeps_every_table_row_whole(system_names: list[str]) ->
 
 @pytest.mark.parametrize("name", ["a|b", "a\\|b", "two\nlines", "  padded  ", "back\\", "<b>&amp;</b>", "|", " "])
 def test_markdown_cells_show_what_they_were_given(name: str) -> None:
-    cell = storage.markdown_cell(name)
+    cell = text_cells.markdown_cell(name)
     assert "\n" not in cell and table_cells(f"| {cell} | x |") == [cell, "x"] and shown(cell) == name
 
 

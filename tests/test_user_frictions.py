@@ -60,3 +60,26 @@ def test_evaluate_without_a_method_is_refused_before_any_work(tmp_path):
     with pytest.raises(SettingError, match="give at least one method: swc, classification, retrieval"):
         workflow.evaluate(data, out=tmp_path / "e", methods=())
     assert not (tmp_path / "e").exists()
+
+
+def test_split_keeps_every_photographer_on_one_side(tmp_path, capsys):
+    import csv
+    import math
+
+    from geoswc.cli import main
+
+    rows = [(f"p{i}.jpg", 10.0 + i % 7, 20.0 - i % 5, f"u{i % 13}" if i % 4 else "") for i in range(120)]
+    with open(tmp_path / "all.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "lat", "lon", "author"), *rows])
+    assert main(["split", "--data.csv", str(tmp_path / "all.csv"), "--out", str(tmp_path / "s"), "--test", "0.25"]) == 0
+    sides = {}
+    for name in ("train", "test"):
+        with open(tmp_path / "s" / f"{name}.csv", encoding="utf-8") as f:
+            sides[name] = list(csv.DictReader(f))
+    authors = {k: {r["author"] for r in v if r["author"]} for k, v in sides.items()}
+    assert not authors["train"] & authors["test"]  # no photographer on both sides
+    assert sorted(r["image"] for v in sides.values() for r in v) == sorted(r[0] for r in rows)  # every photo once
+    people = {k: {r["author"] or r["image"] for r in v} for k, v in sides.items()}  # a photo alone: its own
+    assert len(people["test"]) == math.ceil(0.25 * (len(people["train"]) + len(people["test"])))
+    assert main(["split", "--data.csv", str(tmp_path / "all.csv"), "--out", str(tmp_path / "t"), "--test", "1.5"]) == 2
+    assert "--test" in capsys.readouterr().err

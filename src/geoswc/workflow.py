@@ -46,6 +46,7 @@ from geoswc.data.records import (
 )
 from geoswc.data.shards import photo_shards, write_shards
 from geoswc.data.sources import Photos
+from geoswc.data.splits import write_author_split
 from geoswc.evaluation.benchmark_sets import BENCHMARKS, Benchmark, BenchmarkName
 from geoswc.evaluation.compare import read_system, write_comparison
 from geoswc.evaluation.crossfit import out_of_fold_signals, report_markdown
@@ -808,6 +809,52 @@ def serve(
     run_server(geo, settings, host, port)
 
 
+@dataclass(frozen=True)
+class SplitSummary:
+    """An author-disjoint split: photos and photographers on each side."""
+
+    train_photos: int
+    test_photos: int
+    train_authors: int
+    test_authors: int
+
+
+def split(data: Photos, out: Path, test: float = 0.25, seed: int = 0) -> SplitSummary:
+    """Split a CSV of photos into ``OUT/train.csv`` and ``OUT/test.csv`` with no photographer on both sides, so that
+    an evaluation never sees the photographers a model learnt from (their photos of one place are near duplicates).
+
+    Args:
+        data: the CSV (``--data.csv``, any layout ``--data.columns`` maps; ``--data.images`` to skip rows whose
+            photo is missing).
+        out: the folder to write ``train.csv`` and ``test.csv`` into (``image,lat,lon,author``).
+        test: the share of photographers drawn for the test side (a photo without an author counts as its own).
+        seed: the draw's seed.
+    """
+    if not (isinstance(test, float | int) and 0 < test < 1):
+        raise SettingError(f"test must be a share of the photographers in (0, 1), got {test}", None, "test")
+    if data.csv is None:
+        raise InputError("give the photos to split: --data.csv FILE (image,lat,lon,author)")
+    records, report = read_photo_csv(data.csv, data.images, check_images=data.images is not None, columns=data.columns)
+    if not records:
+        raise InputError(no_usable_photo(data.csv, data.images, report))
+    if not any(r.author for r in records):
+        log.warning("%s has no author column: every photo counts as a photographer of its own", data.csv)
+    train_side, test_side = write_author_split(records, Path(out), test, seed)
+    s = SplitSummary(
+        len(train_side), len(test_side), *(len({r.author or r.image for r in x}) for x in (train_side, test_side))
+    )
+    log.info(
+        "%d photos -> %s (%d photos, %d photographers) and test.csv (%d photos, %d photographers); none on both",
+        len(records),
+        Path(out) / "train.csv",
+        s.train_photos,
+        s.train_authors,
+        s.test_photos,
+        s.test_authors,
+    )
+    return s
+
+
 COMMANDS = {
     "locate": locate,
     "cells": cells,
@@ -818,6 +865,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "compare": compare,
     "shards": shards,
+    "split": split,
     "backbones": backbones,
     "serve": serve,
 }

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from geoswc.core import storage, text_cells
 from geoswc.core.errors import InputError
+from geoswc.data.records import Record
 
 
 def author_keys(authors: Sequence[str]) -> list[str]:
@@ -58,3 +61,22 @@ def validation_split(authors: Sequence[str], fraction: float, seed: int) -> tupl
         )
     held = np.isin(groups, rng.choice(names, size=k, replace=False))
     return np.nonzero(~held)[0], np.nonzero(held)[0]
+
+
+def write_author_split(
+    records: Sequence[Record], out: Path, test: float, seed: int = 0
+) -> tuple[list[Record], list[Record]]:
+    """Split photos into ``out/train.csv`` and ``out/test.csv`` (``image,lat,lon,author``, written atomically) with
+    every photographer on one side: ``test`` of the photographers (a photo without an author counts as its own)
+    drawn at random (``seed``) for the test side.
+
+    Raises:
+        InputError: when either side would be empty.
+    """
+    train_rows, test_rows = validation_split([r.author for r in records], test, seed)
+    sides = ([records[i] for i in train_rows], [records[i] for i in test_rows])
+    for name, rows in zip(("train.csv", "test.csv"), sides, strict=True):
+        lines = [text_cells.csv_row(["image", "lat", "lon", "author"])]
+        lines += [text_cells.csv_row([r.image, r.lat, r.lon, r.author]) for r in rows]  # for geoswc to read: as named
+        storage.write_text(storage.claim_output(storage.ensure_dir(out) / name), "".join(lines))
+    return sides

@@ -18,7 +18,7 @@ A file's own distance column is never taken on trust: each error is recomputed f
 (prediction against ground truth, :func:`~geoswc.core.sphere.haversine_km`), and where the file's value differs
 from it by more than :data:`DISTANCE_TOLERANCE_KM` or :data:`DISTANCE_TOLERANCE_FRACTION` of it, whichever is more,
 a warning names how many rows and the first photo, and the recomputed error is used. In ``compare.md`` every
-system name is escaped for its table cell (:func:`~geoswc.core.storage.markdown_cell`).
+system name is escaped for its table cell (:func:`~geoswc.core.text_cells.markdown_cell`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from geoswc.core import storage
+from geoswc.core import storage, text_cells
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import THRESHOLDS_KM, haversine_km
 from geoswc.data.records import csv_table, parse_coord
@@ -137,7 +137,7 @@ def _prediction_row(
     distance between its coordinates."""
     cells = [row[i] if 0 <= i < len(row) else None for i in at]
     raw = cells[0] or ""
-    pid = photo_id(storage.csv_plain(raw) if layout is LAYOUTS["geoswc"] else raw)
+    pid = photo_id(text_cells.csv_plain(raw) if layout is LAYOUTS["geoswc"] else raw)
     if not pid or pid in seen:
         raise InputError(f"{where}: {'empty' if not pid else 'duplicate'} photo id {cells[0]!r}")
     try:
@@ -268,7 +268,7 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
     """The comparison as Markdown: accuracies (%) over the shared photos, then the differences from the first
     system with their intervals, and what each system lacks."""
     n, rows = result["common_photos"], result["systems"]
-    md = storage.markdown_cell  # a name is shown as given and never breaks its row
+    md = text_cells.markdown_cell  # a name is shown as given and never breaks its row
     ref = md(rows[0]["name"])
     lines = [
         f"Accuracy (%) on the {n} photos all {len(rows)} systems share, and median error",
@@ -317,7 +317,7 @@ def _summary_note(s: System, row: dict[str, Any], n: int) -> str:
     """Whether a file's own summary block agrees with the accuracies computed from its rows."""
     if not s.summary:
         return ""
-    name = storage.markdown_cell(s.name)
+    name = text_cells.markdown_cell(s.name)
     published = [v for k, v in s.summary.items() if "acc" in k.lower()][: len(KEYS)]
     shown = " / ".join(f"{100 * v:.1f}" for v in published)
     if len(s.ids) != n:

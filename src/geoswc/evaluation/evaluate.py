@@ -24,7 +24,7 @@ accuracy among the most confident photos, ranked at each threshold by ``within_k
 prediction density ``confidence`` without a calibrator).
 
 In both CSVs a text cell that a spreadsheet would take for a formula (it begins with ``=``, ``+``, ``-``, ``@``, a
-tab or a carriage return) gets a single quote ``'`` added in front (:func:`geoswc.core.storage.csv_text`; a cell
+tab or a carriage return) gets a single quote ``'`` added in front (:func:`geoswc.core.text_cells.csv_text`; a cell
 that begins with ``'`` gets one too); ``geoswc compare`` removes it when it reads ``predictions.csv``. Numbers are
 never changed.
 """
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoswc.core import storage
+from geoswc.core import storage, text_cells
 from geoswc.core.config import METHODS, to_dict
 from geoswc.core.errors import InputError
 from geoswc.core.progress import progress_bar
@@ -82,14 +82,16 @@ MISSING_COLUMNS = ["image", "line", "reason"]
 def missing_csv(skipped: Sequence[tuple[str, str]], gap: str = "") -> str:
     """``missing.csv``: each row or photo that could not be evaluated (its image, its line in the list when
     known, why), then ``gap`` (the photos the list itself lacks) as a last row without an image. The image and
-    the reason are text cells escaped for spreadsheets (:func:`geoswc.core.storage.csv_text`: a ``'`` in front of
+    the reason are text cells escaped for spreadsheets (:func:`geoswc.core.text_cells.csv_text`: a ``'`` in front of
     one that begins with a formula character)."""
-    rows = [storage.csv_row(MISSING_COLUMNS)]
+    rows = [text_cells.csv_row(MISSING_COLUMNS)]
     for item, why in skipped:
         image, line = parse_row_label(item)
-        rows.append(storage.csv_row([storage.csv_text(image), "" if line is None else line, storage.csv_text(why)]))
+        rows.append(
+            text_cells.csv_row([text_cells.csv_text(image), "" if line is None else line, text_cells.csv_text(why)])
+        )
     if gap:
-        rows.append(storage.csv_row(["", "", storage.csv_text(gap)]))
+        rows.append(text_cells.csv_row(["", "", text_cells.csv_text(gap)]))
     return "".join(rows)
 
 
@@ -150,23 +152,23 @@ class MethodResult:
     def to_csv(self) -> str:
         """``predictions.csv``: :data:`PREDICTION_COLUMNS` for each photo. The text cells (the image and the cell
         token) are escaped for spreadsheets: one that begins with a formula character gets a ``'`` in front
-        (:func:`geoswc.core.storage.csv_text`); the numbers are written as they are. A field holding a line break
-        of either kind is quoted (:func:`geoswc.core.storage.csv_row`)."""
-        rows = [storage.csv_row(PREDICTION_COLUMNS)]
+        (:func:`geoswc.core.text_cells.csv_text`); the numbers are written as they are. A field holding a line break
+        of either kind is quoted (:func:`geoswc.core.text_cells.csv_row`)."""
+        rows = [text_cells.csv_row(PREDICTION_COLUMNS)]
         for name, tl, tn, p, e in zip(
             self.names, self.true_lat, self.true_lon, self.predictions, self.errors_km, strict=True
         ):
             within = [f"{p.within_km[f'{int(t)}']:.4f}" for t in THRESHOLDS_KM] if p.within_km else [""] * 5
             rows.append(
-                storage.csv_row(
+                text_cells.csv_row(
                     [
-                        storage.csv_text(name),
+                        text_cells.csv_text(name),
                         f"{tl:.6f}",
                         f"{tn:.6f}",
                         f"{p.lat:.6f}",
                         f"{p.lon:.6f}",
                         f"{e:.3f}",
-                        storage.csv_text(p.cell),
+                        text_cells.csv_text(p.cell),
                         f"{p.confidence:.4f}",
                         *within,
                         "" if p.localizable is None else p.localizable,

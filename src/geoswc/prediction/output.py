@@ -42,7 +42,7 @@ def write_predictions(
     localizable (counted). A run in which every photo failed leaves an earlier ``output`` as it was; one whose
     predictions were all left out replaces it with an empty output (a CSV's header, an empty FeatureCollection).
     In a CSV, text cells that a spreadsheet would take for a formula get a ``'`` in front
-    (:func:`geoswc.core.storage.csv_text`).
+    (:func:`geoswc.core.text_cells.csv_text`).
 
     Raises:
         InputError: ``output`` is a folder or lies inside a geoswc artifact folder (a model, an index...).

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from geoswc.core import storage
+from geoswc.core import text_cells
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import haversine_km
 from geoswc.geo.places import Place
@@ -302,7 +302,7 @@ class PredictionWriter:
         self.stream, self.fmt = stream, output_format(None, fmt)
         self.located = self.failed = 0
         if fmt == "csv":
-            stream.write(storage.csv_row(CSV_COLUMNS))
+            stream.write(text_cells.csv_row(CSV_COLUMNS))
         elif fmt == "geojson":
             stream.write('{"type": "FeatureCollection", "features": [\n')
 
@@ -312,10 +312,10 @@ class PredictionWriter:
             self.stream.write(format_text(result) + "\n")
         elif self.fmt == "jsonl":
             self.stream.write(json_line(result.to_dict()) + "\n")
-        elif self.fmt == "csv":  # text cells escaped for spreadsheets (storage.csv_text), numbers as they are
+        elif self.fmt == "csv":  # text cells escaped for spreadsheets (text_cells.csv_text), numbers as they are
             row = prediction_row(result)
             cells = (row[k] for k in CSV_COLUMNS)
-            self.stream.write(storage.csv_row([storage.csv_text(v) if isinstance(v, str) else v for v in cells]))
+            self.stream.write(text_cells.csv_row([text_cells.csv_text(v) if isinstance(v, str) else v for v in cells]))
         else:
             row = {k: v for k, v in prediction_row(result).items() if v != "" and k not in ("lat", "lon")}
             geometry = {"type": "Point", "coordinates": [round(result.lon, 6), round(result.lat, 6)]} if ok else None
