@@ -565,7 +565,7 @@ def test_compare_names_with_pipes_keep_compare_md_a_table(tmp_path: Path, capsys
     rc, _, err = run_cli([*argv, "--resamples", "100"], capsys)
     assert rc == 0, err
     rows = [ln for ln in (tmp_path / "cmp" / "compare.md").read_text().split("\n") if ln.startswith("|")]
-    assert [len(table_cells(r)) for r in rows] == [9, 9, 9, 9, 6, 6, 6]
+    assert [len(table_cells(r)) for r in rows] == [11, 11, 11, 11, 8, 8, 8]
     assert [shown(table_cells(r)[0]) for r in rows] == ["system", "---", "ref", "a|b", "system", "---", "a|b"]
 
 

@@ -446,7 +446,8 @@ def evaluate(
         gap,
     )
     log.info(
-        "%s\n-> %s, predictions.csv, missing.csv, accuracy.png, reliability.png, selective.png",
+        "%s\n-> %s, predictions.csv, missing.csv, breakdown.csv, accuracy.png, reliability.png, selective.png, "
+        "errors_map.png",
         format_metrics(metrics),
         Path(out) / "metrics.json",
     )

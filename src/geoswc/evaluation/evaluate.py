@@ -23,6 +23,12 @@ predicted probability, and the Brier score); it is null when the model has no ca
 accuracy among the most confident photos, ranked at each threshold by ``within_km`` at that threshold (by the
 prediction density ``confidence`` without a calibrator).
 
+Every method's block also holds ``"geoscore": {"mean", "median"}`` (``5000 * exp(-d_km / 1492.7)``) and ``"admin":
+{"country", "admin1", "admin2", "city", "labelled", "unlabelled"}`` (the share of the labelled photos whose estimate
+falls in the truth's country, admin1, admin2 and nearest place; :mod:`geoswc.evaluation.regions`, method in
+``"admin_labels"``, the denominators in ``"admin_note"``). ``"breakdown"`` (also ``breakdown.csv``) gives the first
+method's results per continent and per country of the truth; ``errors_map.png`` maps its errors.
+
 In both CSVs a text cell that a spreadsheet would take for a formula (it begins with ``=``, ``+``, ``-``, ``@``, a
 tab or a carriage return) gets a single quote ``'`` added in front (:func:`geoswc.core.text_cells.csv_text`; a cell
 that begins with ``'`` gets one too); ``geoswc compare`` removes it when it reads ``predictions.csv``. Numbers are
@@ -48,6 +54,7 @@ from geoswc.core.progress import progress_bar
 from geoswc.core.sphere import THRESHOLDS_KM
 from geoswc.data.records import LoadReport, Record, parse_row_label
 from geoswc.evaluation.benchmark_sets import Benchmark
+from geoswc.evaluation.errors_map import plot_errors_map
 from geoswc.evaluation.metrics import (
     COVERAGES,
     SELECTIVE_KM,
@@ -55,8 +62,21 @@ from geoswc.evaluation.metrics import (
     calibration_block,
     equal_mass_bins,
     errors_km,
+    geoscore_block,
     median_km,
     selective_block,
+)
+from geoswc.evaluation.regions import (
+    ADMIN_LABELS,
+    ADMIN_LEVELS,
+    ADMIN_NOTE,
+    AdminLabel,
+    admin_block,
+    admin_hits,
+    admin_labels,
+    breakdown,
+    breakdown_csv,
+    format_breakdown,
 )
 from geoswc.prediction.calibration import signal_matrix
 from geoswc.prediction.geolocator import Geolocator
@@ -139,12 +159,21 @@ class MethodResult:
             return None
         return np.array([[p.within_km[f"{int(t)}"] for t in THRESHOLDS_KM] for p in self.predictions])  # type: ignore[index]
 
-    def metrics(self) -> dict[str, Any]:
+    def estimate_labels(self) -> list[AdminLabel | None]:
+        """The administrative label of each estimate (:func:`~geoswc.evaluation.regions.admin_labels`)."""
+        return admin_labels([p.lat for p in self.predictions], [p.lon for p in self.predictions])
+
+    def metrics(self, truth: Sequence[AdminLabel | None] | None = None) -> dict[str, Any]:
+        """This method's block of ``metrics.json``; ``truth``: the labels of the true positions (computed when
+        not given)."""
         e, w = self.errors_km, self.within
         confidence = w if w is not None else np.array([p.confidence for p in self.predictions])
+        truth = admin_labels(self.true_lat, self.true_lon) if truth is None else truth
         return {
             "accuracy": accuracy_at(e),
             "median_km": median_km(e),
+            "geoscore": geoscore_block(e),
+            "admin": admin_block(truth, self.estimate_labels()),
             "calibration": calibration_block(w, e) if w is not None else None,
             "selective": selective_block(confidence, e),
         }
@@ -343,8 +372,8 @@ def write_evaluation(
     benchmark: dict[str, Any] | None = None,
     gap: str = "",
 ) -> dict[str, Any]:
-    """Write ``metrics.json``, ``predictions[_METHOD].csv``, ``missing.csv``, ``accuracy.png``, ``reliability.png``
-    (only with a calibrator), ``selective.png`` and ``run.json`` into ``out``.
+    """Write ``metrics.json``, ``predictions[_METHOD].csv``, ``missing.csv``, ``breakdown.csv``, ``accuracy.png``,
+    ``reliability.png`` (only with a calibrator), ``selective.png``, ``errors_map.png`` and ``run.json`` into ``out``.
 
     Args:
         results: the methods' results; the first is the contract's.
@@ -361,32 +390,26 @@ def write_evaluation(
     # run killed half-way never leaves new predictions beside old metrics.
     (out / "metrics.json").unlink(missing_ok=True)
     primary = results[0]
+    truth = admin_labels(primary.true_lat, primary.true_lon)
+    block = primary.metrics(truth)
     metrics: dict[str, Any] = {
         "n": len(primary.names),
         "missing": len(skipped),
         "method": primary.method,
-        **primary.metrics(),
+        **block,
+        "admin_labels": ADMIN_LABELS,
+        "admin_note": ADMIN_NOTE,
         "model": geolocator.fingerprint,
     }
     if len(results) > 1:
-        metrics["methods"] = {r.method: r.metrics() for r in results}
+        metrics["methods"] = {r.method: (block if r is primary else r.metrics(truth)) for r in results}
     if benchmark is not None:
         metrics["benchmark"] = benchmark
     storage.write_text(out / "missing.csv", missing_csv(skipped, gap))
     for r in results:
         storage.write_text(out / ("predictions.csv" if r is primary else f"predictions_{r.method}.csv"), r.to_csv())
-    title = f"{run.get('title', 'evaluation')}: {primary.method}, n={len(primary.names)}"
-    plot_accuracy([(r.method, r.errors_km) for r in results], out / "accuracy.png", title)
-    within = primary.within
-    (out / "reliability.png").unlink(missing_ok=True)
-    if within is not None:
-        plot_reliability(within, primary.errors_km, out / "reliability.png", f"Reliability of within_km ({title})")
-    plot_selective(
-        within if within is not None else np.array([p.confidence for p in primary.predictions]),
-        primary.errors_km,
-        out / "selective.png",
-        f"Selective prediction ({title}; ranked by {'within_km' if within is not None else 'confidence'})",
-    )
+    metrics["breakdown"] = write_breakdown(out, primary, truth)
+    write_plots(out, results, f"{run.get('title', 'evaluation')}: {primary.method}, n={len(primary.names)}", truth)
     storage.write_json(
         out / "run.json",
         {
@@ -407,6 +430,41 @@ def write_evaluation(
     return metrics
 
 
+def write_breakdown(out: Path, result: MethodResult, truth: Sequence[AdminLabel | None]) -> dict[str, Any]:
+    """Write ``breakdown.csv`` (per continent and per country of the truth) and return ``metrics.json``'s
+    ``breakdown`` block (:func:`~geoswc.evaluation.regions.breakdown`)."""
+    _, hits = admin_hits(truth, result.estimate_labels())
+    block = breakdown(truth, result.errors_km, hits[:, ADMIN_LEVELS.index("country")])
+    storage.write_text(out / "breakdown.csv", breakdown_csv(block))
+    return block
+
+
+def write_plots(out: Path, results: Sequence[MethodResult], title: str, truth: Sequence[AdminLabel | None]) -> None:
+    """``accuracy.png`` (every method), and of the first method ``reliability.png`` (only with a calibrator),
+    ``selective.png`` and ``errors_map.png``."""
+    primary = results[0]
+    plot_accuracy([(r.method, r.errors_km) for r in results], out / "accuracy.png", title)
+    within = primary.within
+    (out / "reliability.png").unlink(missing_ok=True)
+    if within is not None:
+        plot_reliability(within, primary.errors_km, out / "reliability.png", f"Reliability of within_km ({title})")
+    plot_selective(
+        within if within is not None else np.array([p.confidence for p in primary.predictions]),
+        primary.errors_km,
+        out / "selective.png",
+        f"Selective prediction ({title}; ranked by {'within_km' if within is not None else 'confidence'})",
+    )
+    plot_errors_map(
+        primary.true_lat,
+        primary.true_lon,
+        [p.lat for p in primary.predictions],
+        [p.lon for p in primary.predictions],
+        [t.country if t is not None else "" for t in truth],
+        out / "errors_map.png",
+        f"Errors of {title}: true position to estimate",
+    )
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One line per method: accuracies in % and the median error."""
     rows = metrics.get("methods") or {metrics["method"]: metrics}
@@ -422,6 +480,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     for m, r in rows.items():
         acc = "".join(f"{100 * v:>9.1f}%" for v in r["accuracy"].values())
         lines.append(f"{m:<16}{acc}{r['median_km']:>12.1f}")
+    lines += admin_lines(metrics, rows)
     cal = metrics.get("calibration")
     lines.append(
         "calibration     "
@@ -437,7 +496,29 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         + "; ".join(f"within {k} km: " + " ".join(f"{100 * v:.0f}%" for v in acc) for k, acc in sel["accuracy"].items())
         + f" (at coverage {', '.join(f'{c:g}' for c in sel['coverage'])})"
     )
+    if "breakdown" in metrics:
+        lines += [f"where it fails ({metrics['method']}; breakdown.csv)", format_breakdown(metrics["breakdown"])]
     return "\n".join(lines)
+
+
+def admin_lines(metrics: dict[str, Any], rows: dict[str, Any]) -> list[str]:
+    """The printed table's GeoScore and administrative-level accuracy lines, one per method."""
+    if not all("geoscore" in r and "admin" in r for r in rows.values()):
+        return []
+    first = next(iter(rows.values()))["admin"]
+    lines = [
+        "method          GeoScore mean  median  " + "".join(f"{'same ' + lv:>13}" for lv in ADMIN_LEVELS),
+    ]
+    for m, r in rows.items():
+        adm = "".join(
+            f"{100 * r['admin'][lv]:>12.1f}%" if r["admin"][lv] is not None else f"{'-':>13}" for lv in ADMIN_LEVELS
+        )
+        lines.append(f"{m:<16}{r['geoscore']['mean']:>13.0f}{r['geoscore']['median']:>8.0f}  {adm}")
+    lines.append(
+        f"admin levels    {metrics.get('admin_labels', ADMIN_LABELS)}; {first['labelled']} photos labelled, "
+        f"{first['unlabelled']} unlabelled (truth over 200 km from any place: not in the denominators)"
+    )
+    return lines
 
 
 def labelled_signals(

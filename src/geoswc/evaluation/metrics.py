@@ -1,4 +1,4 @@
-"""Geolocation metrics: the share of photos within 1/25/200/750/2500 km, and the median error."""
+"""Geolocation metrics: the share of photos within 1/25/200/750/2500 km, the median error, and GeoScore."""
 
 from __future__ import annotations
 
@@ -35,6 +35,25 @@ def summarize(errors: ArrayLike) -> dict[str, object]:
     """``{"n", "accuracy", "median_km"}`` of an error list."""
     e = np.asarray(errors, np.float64)
     return {"n": int(e.size), "accuracy": accuracy_at(e), "median_km": median_km(e)}
+
+
+GEOSCORE_MAX = 5000.0
+GEOSCORE_SCALE_KM = 1492.7
+"""GeoScore of an error ``d``: ``5000 * exp(-d / 1492.7)`` (GeoGuessr's points; 5000 at 0 km)."""
+
+
+def geoscore(errors: ArrayLike) -> np.ndarray:
+    """The GeoScore ``(N,)`` of each error ``(N,)`` km: ``5000 * exp(-d_km / 1492.7)``."""
+    return GEOSCORE_MAX * np.exp(-np.asarray(errors, np.float64) / GEOSCORE_SCALE_KM)
+
+
+def geoscore_block(errors: ArrayLike) -> dict[str, float]:
+    """``{"mean", "median"}`` GeoScore of an error list (NaN for an empty one)."""
+    g = geoscore(errors)
+    return {
+        "mean": float(g.mean()) if g.size else float("nan"),
+        "median": float(np.median(g)) if g.size else float("nan"),
+    }
 
 
 # -- calibration and selective prediction ---------------------------------------------------------------
