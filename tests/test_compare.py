@@ -171,6 +171,7 @@ def test_the_six_published_models_reproduce_their_summary_blocks(tmp_path, capsy
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_the_readme_comparison_is_what_compare_makes_of_the_committed_predictions(tmp_path, capsys) -> None:
     """benchmarks/results/compare/ (the README's table) is reproduced from the committed out-of-fold predictions
     and the published files."""

@@ -210,6 +210,7 @@ def test_evaluate_a_benchmark_without_its_photos_names_every_missing_one(tmp_pat
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_evaluate_a_published_subset_counts_the_benchmarks_photos(tmp_path, capsys) -> None:
     """Six rows of Im2GPS3k as published, one naming a photo that is not there: the benchmark's published size
     expected (2,997), the rows whose photos are there evaluated."""

@@ -218,7 +218,7 @@ def test_damaged_checkpoint_is_refused_with_a_hint(
 ALLOWED_WRITERS = {
     # (file, code of the call): why it is safe
     ("core/storage.py", "*"): "the atomic writer itself (temp file + fsync + rename)",
-    ("evaluation/evaluate.py", "fig.savefig(buf, format='png')"): "renders into memory; written by storage.write_bytes",
+    ("evaluation/figures.py", "fig.savefig(buf, format='png')"): "renders into memory; written by storage.write_bytes",
     (
         "training/feature_files.py",
         "np.save(self.folder / 'keys.npy', self.keys)",

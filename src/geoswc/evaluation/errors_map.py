@@ -11,7 +11,6 @@ with matplotlib's object API (Agg, no pyplot state), offline.
 from __future__ import annotations
 
 import functools
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from geoswc.core import storage
 from geoswc.core.sphere import THRESHOLDS_KM, haversine_km, spherical_mean
+from geoswc.evaluation.figures import figure, save_figure
 
 WORLD_ATLAS = (
     Path(__file__).resolve().parents[1] / "service" / "static" / "vendor" / "world-atlas" / "countries-50m.json"
@@ -119,7 +118,7 @@ def plot_errors_map(
     country of each photo's truth in ``countries``, "" for none)."""
     tl, tn, pl, pn = (np.asarray(x, np.float64).ravel() for x in (true_lat, true_lon, pred_lat, pred_lon))
     err = np.maximum(np.asarray(haversine_km(tl, tn, pl, pn), np.float64), 1.0)
-    fig = _mpl().Figure(figsize=(16, 17), dpi=100)
+    fig = figure(figsize=(16, 17), dpi=100)
     top, bottom = fig.subplots(2, 1)
     arcs = outline_arcs()
     _outline(top, arcs)
@@ -155,7 +154,4 @@ def plot_errors_map(
         cb = fig.colorbar(dots, ax=bottom, shrink=0.7, pad=0.01)
         cb.set_label(f"accuracy at {int(MAP_KM)} km (%)")
     bottom.set_title(f"Accuracy at {int(MAP_KM)} km per country of the truth (dot area: photos)", fontsize=13)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    storage.write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

@@ -37,7 +37,6 @@ never changed.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from geoswc.core.sphere import THRESHOLDS_KM
 from geoswc.data.records import LoadReport, Record, parse_row_label
 from geoswc.evaluation.benchmark_sets import Benchmark
 from geoswc.evaluation.errors_map import plot_errors_map
+from geoswc.evaluation.figures import figure, save_figure
 from geoswc.evaluation.metrics import (
     COVERAGES,
     SELECTIVE_KM,
@@ -209,7 +209,7 @@ class MethodResult:
 
 def plot_accuracy(results: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "") -> None:
     """Accuracy against distance threshold (log axis), one line per method, the standard thresholds marked."""
-    fig = _figure(figsize=(7, 4.5), dpi=120)
+    fig = figure(figsize=(7, 4.5), dpi=120)
     ax = fig.subplots()
     grid = np.logspace(-1, np.log10(20000), 400)
     for name, err in results:
@@ -232,25 +232,10 @@ def plot_accuracy(results: Sequence[tuple[str, np.ndarray]], path: str | Path, t
     save_figure(fig, path)
 
 
-def _figure(**kw: Any) -> Any:
-    """A matplotlib figure drawn off-screen (no pyplot state, no backend switch for the caller's process)."""
-    from matplotlib.figure import Figure  # lazy: ~0.4 s to import, needed only for plots
-
-    return Figure(**kw)
-
-
-def save_figure(fig: Any, path: str | Path) -> None:
-    """Write a matplotlib figure as PNG atomically."""
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    storage.write_bytes(path, buf.getvalue())
-
-
 def plot_reliability(within: np.ndarray, errors: np.ndarray, path: str | Path, title: str = "", bins: int = 10) -> None:
     """One reliability diagram per threshold: the observed rate against the mean calibrated probability of
     ``bins`` equal-mass bins of ``within (N, T)`` (the diagonal is perfect calibration)."""
-    fig = _figure(figsize=(3.0 * len(THRESHOLDS_KM), 3.4), dpi=110)
+    fig = figure(figsize=(3.0 * len(THRESHOLDS_KM), 3.4), dpi=110)
     axes = fig.subplots(1, len(THRESHOLDS_KM))
     for j, (ax, t) in enumerate(zip(axes, THRESHOLDS_KM, strict=True)):
         p, hit = within[:, j], errors <= t
@@ -275,7 +260,7 @@ def plot_selective(confidence: np.ndarray, errors: np.ndarray, path: str | Path,
     :func:`~geoswc.evaluation.metrics.selective_block`."""
     block = selective_block(confidence, errors)
     grid = np.linspace(0.02, 1.0, 50)
-    fig = _figure(figsize=(6.5, 4.2), dpi=120)
+    fig = figure(figsize=(6.5, 4.2), dpi=120)
     ax = fig.subplots()
     for t in SELECTIVE_KM:
         col = confidence[:, list(THRESHOLDS_KM).index(t)] if confidence.ndim == 2 else confidence
