@@ -105,9 +105,10 @@ class Prediction:
         """One line: the photo, the estimate, its place and how sure it is (the details: :meth:`to_dict`)."""
         near = f", near={self.place.label()!r}" if self.place is not None else ""
         within = f", within_25_km={self.within_km['25']:.2f}" if self.within_km is not None else ""
+        prior = f", prior_like={self.prior_like}" if self.prior_like is not None else ""
         return (
             f"Prediction(image={self.image!r}, lat={self.lat:.5f}, lon={self.lon:.5f}{near}, method={self.method!r}, "
-            f"confidence={self.confidence:.3f}{within}, neighbors={len(self.neighbors)})"
+            f"confidence={self.confidence:.3f}{within}{prior}, neighbors={len(self.neighbors)})"
         )
 
     def with_gps(self, gps: tuple[float, float] | None) -> None:
