@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from geoswc.evaluation.compare import compare_systems, markdown, read_system
+from geoswc.evaluation.compare import compare_systems, markdown, read_system, write_comparison
 from geoswc.evaluation.errors_map import antimeridian_segments, outline_arcs, plot_errors_map
 from geoswc.evaluation.evaluate import MethodResult, format_metrics, write_evaluation
 from geoswc.evaluation.metrics import GEOSCORE_SCALE_KM, geoscore, geoscore_block
@@ -184,3 +185,6 @@ def test_compare_has_country_accuracy_and_geoscore_with_intervals(tmp_path) -> N
     md = markdown(result, files)
     assert "| country | GeoScore |" in md and "GeoScore (points)" in md
     assert "| b | 5 | 0 |" in md and "| 50.0 |" in md and "-50.0 [" in md
+    write_comparison(tmp_path / "out", files, resamples=50)
+    with Image.open(tmp_path / "out" / "errors_maps.png") as im:  # one map of errors per system, side by side
+        assert im.size[0] > im.size[1] >= 400

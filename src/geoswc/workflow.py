@@ -714,7 +714,7 @@ def compare(
 ) -> dict[str, Any]:
     """Compare systems photo for photo: accuracy at 1/25/200/750/2500 km and the median error over the photos they
     all share, each system's difference from the first with a 95 % paired-bootstrap interval, and how many photos
-    each lacks; printed, and written as ``compare.json``, ``compare.md`` and ``compare.png``.
+    each lacks; printed, and written as ``compare.json``, ``compare.md``, ``compare.png`` and ``errors_maps.png``.
 
     Args:
         out: the folder to write the comparison into.
@@ -738,7 +738,7 @@ def compare(
     if len(set(taken)) < len(taken):
         raise SettingError(f"two systems are named alike ({', '.join(taken)}); name them with --names", None, "names")
     result, text = write_comparison(Path(out), systems, resamples, seed)
-    log.info("%s\n-> %s, compare.md, compare.png", text, Path(out) / "compare.json")
+    log.info("%s\n-> %s, compare.md, compare.png, errors_maps.png", text, Path(out) / "compare.json")
     return result
 
 

@@ -43,6 +43,7 @@ from geoswc.core import storage, text_cells
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import THRESHOLDS_KM, haversine_km
 from geoswc.data.records import csv_table, parse_coord
+from geoswc.evaluation.errors_map import plot_systems_errors
 from geoswc.evaluation.evaluate import plot_accuracy
 from geoswc.evaluation.metrics import accuracy_at, geoscore, geoscore_block, median_km
 from geoswc.evaluation.regions import ADMIN_LABELS, ADMIN_LEVELS, ADMIN_NOTE, admin_hits, admin_labels
@@ -433,9 +434,13 @@ def plot(result: dict[str, Any], systems: Sequence[System], path: Path) -> None:
 def write_comparison(
     out: Path, systems: Sequence[System], resamples: int = 2000, seed: int = 0
 ) -> tuple[dict[str, Any], str]:
-    """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``out``; the result and its Markdown."""
+    """Write ``compare.json``, ``compare.md``, ``compare.png`` and (systems with their estimates' positions)
+    ``errors_maps.png``, one map of errors per system side by side, into ``out``; the result and its Markdown."""
     result = compare_systems(systems, resamples, seed)
     text = markdown(result, systems)
     storage.write_report(out / "compare.json", result, text)
     plot(result, systems, out / "compare.png")
+    mapped = [(s.name, s.true_lat, s.true_lon, s.pred_lat, s.pred_lon) for s in systems if s.pred_lat is not None]
+    if mapped:
+        plot_systems_errors(mapped, out / "errors_maps.png")  # type: ignore[arg-type]
     return result, text

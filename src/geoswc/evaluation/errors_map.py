@@ -105,6 +105,44 @@ def country_points(countries: Sequence[str], lat: np.ndarray, lon: np.ndarray, e
     return out
 
 
+def _error_panel(fig: Any, ax: Any, arcs: list[np.ndarray], pos: tuple[np.ndarray, ...], title: str) -> np.ndarray:
+    """Draw each photo's true position joined to its estimate, coloured by error; returns the errors ``(N,)`` km."""
+    tl, tn, pl, pn = pos
+    err = np.maximum(np.asarray(haversine_km(tl, tn, pl, pn), np.float64), 1.0)
+    _outline(ax, arcs)
+    segs, idx = antimeridian_segments(tl, tn, pl, pn)
+    norm = _mpl().LogNorm(vmin=1.0, vmax=20000.0)
+    order = np.argsort(-err[idx], kind="stable")  # small errors drawn last, on top
+    lines = _mpl().LineCollection(segs[order], cmap="plasma_r", norm=norm, linewidths=0.7, alpha=0.7, zorder=2)
+    lines.set_array(err[idx][order])
+    ax.add_collection(lines)
+    ax.scatter(tn, tl, s=4, c="black", linewidths=0, zorder=3, label="true position")
+    bar = fig.colorbar(lines, ax=ax, shrink=0.7, pad=0.01)
+    bar.set_ticks(list(THRESHOLDS_KM))
+    bar.set_ticklabels([f"{int(t)} km" for t in THRESHOLDS_KM])
+    bar.set_label("error (log scale)")
+    ax.legend(loc="lower left", fontsize=9)
+    ax.set_title(title, fontsize=13)
+    return err
+
+
+def plot_systems_errors(
+    systems: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], path: str | Path
+) -> None:
+    """Write one errors panel per system ``(name, true lat, true lon, predicted lat, predicted lon)``, side by side
+    two to a row (``compare``'s ``errors_maps.png``)."""
+    cols = min(2, len(systems))
+    rows = -(-len(systems) // cols)
+    fig = figure(figsize=(9 * cols, 5.2 * rows), dpi=90)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    arcs = outline_arcs()
+    for ax, (name, *pos) in zip(axes, systems, strict=False):
+        _error_panel(fig, ax, arcs, tuple(np.asarray(p, np.float64).ravel() for p in pos), name)
+    for ax in axes[len(systems) :]:
+        ax.set_axis_off()
+    save_figure(fig, path)
+
+
 def plot_errors_map(
     true_lat: ArrayLike,
     true_lon: ArrayLike,
@@ -117,24 +155,12 @@ def plot_errors_map(
     """Write ``errors_map.png`` (1600 px wide): the error segments, then the accuracy at 750 km per country (the
     country of each photo's truth in ``countries``, "" for none)."""
     tl, tn, pl, pn = (np.asarray(x, np.float64).ravel() for x in (true_lat, true_lon, pred_lat, pred_lon))
-    err = np.maximum(np.asarray(haversine_km(tl, tn, pl, pn), np.float64), 1.0)
     fig = figure(figsize=(16, 17), dpi=100)
     top, bottom = fig.subplots(2, 1)
     arcs = outline_arcs()
-    _outline(top, arcs)
-    segs, idx = antimeridian_segments(tl, tn, pl, pn)
-    norm = _mpl().LogNorm(vmin=1.0, vmax=20000.0)
-    order = np.argsort(-err[idx], kind="stable")  # small errors drawn last, on top
-    lines = _mpl().LineCollection(segs[order], cmap="plasma_r", norm=norm, linewidths=0.7, alpha=0.7, zorder=2)
-    lines.set_array(err[idx][order])
-    top.add_collection(lines)
-    top.scatter(tn, tl, s=4, c="black", linewidths=0, zorder=3, label="true position")
-    bar = fig.colorbar(lines, ax=top, shrink=0.7, pad=0.01)
-    bar.set_ticks(list(THRESHOLDS_KM))
-    bar.set_ticklabels([f"{int(t)} km" for t in THRESHOLDS_KM])
-    bar.set_label("error (log scale)")
-    top.legend(loc="lower left", fontsize=9)
-    top.set_title(title or f"Errors of {len(tl)} photos: true position to estimate", fontsize=13)
+    err = _error_panel(
+        fig, top, arcs, (tl, tn, pl, pn), title or f"Errors of {len(tl)} photos: true position to estimate"
+    )
     _outline(bottom, arcs)
     pts = country_points(countries, tl, tn, err)
     if pts:
