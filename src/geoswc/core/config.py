@@ -35,7 +35,9 @@ def check_field(obj: Any, name: str, ok: bool, rule: str) -> None:
 
 
 def check_ints(obj: Any) -> None:
-    """Every whole-number field of ``obj`` fits in 64 bits, as NumPy, PyTorch and the files need."""
+    """Every number field of ``obj`` holds a number of its type (:func:`check_numbers`) and every whole-number
+    field fits in 64 bits, as NumPy, PyTorch and the files need."""
+    check_numbers(obj)
     for f in fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, int) and not isinstance(v, bool):
@@ -245,7 +247,6 @@ class SearchConfig:
     search_km of the chosen cell's (its neighbours)."""
 
     def __post_init__(self) -> None:
-        check_numbers(self)
         check_ints(self)
         check_field(self, "k", 1 <= self.k <= 10_000, "must be in 1..10000")
         check_distance(self, "eps_km", strict=True)
