@@ -29,6 +29,7 @@ from geoswc.models.backbone import BackboneChoice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 import cross_validation as cv  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -113,6 +114,7 @@ def run(opts: BackboneComparison, argv: list[str]) -> dict[str, Any]:
         "train": results[0]["train"] if results else {},
         "results": results,
         "command": shlex.join(["python", "benchmarks/backbone_comparison.py", *argv]),
+        "provenance": provenance(shlex.join(["python", "benchmarks/backbone_comparison.py", *argv])),
     }
 
 

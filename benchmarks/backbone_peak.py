@@ -31,6 +31,9 @@ from geoswc.models.geomodel import GeoModel
 from geoswc.models.onnx_runtime import OnnxBackbone, default_cache_dir
 from geoswc.prediction.geolocator import default_model_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from provenance import provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "torch": torch.__version__,
         "load_average": os.getloadavg(),
+        "provenance": provenance(),
     }
     try:
         import onnxruntime

@@ -31,6 +31,7 @@ from geoswc.models.registry import get_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 from backbone_peak import count_gflops  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 MP16_PHOTOS = 4_723_695
 DEFAULT = (
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(),
         "backbones": rows,
         "command": shlex.join(["python", "benchmarks/backbone_throughput.py", *argv]),
+        "provenance": provenance(shlex.join(["python", "benchmarks/backbone_throughput.py", *argv])),
     }
     table = markdown_table(result)
     print(table)

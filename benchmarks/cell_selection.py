@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -23,6 +24,9 @@ from geoswc.core import storage
 from geoswc.core.sphere import latlon_to_xyz
 from geoswc.data.records import read_coordinates
 from geoswc.prediction.swc import SELECT_CANDIDATES, cells_within, prediction_density, select_cell
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "traced_peak_mb": round(peak / 2**20, 1),
         "cells_searched_median": int(np.median(sizes)),
         **compare_with_exact(probs[: args.exact_photos], xyz, args.select_km),
+        "provenance": provenance(),
     }
     storage.write_json(args.out, result)
     print(json.dumps(result, indent=2))

@@ -46,6 +46,9 @@ from geoswc.prediction.swc import select_cell
 from geoswc.recipes import Recipe
 from geoswc.training.features import FeatureSet
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from provenance import provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("cross_validation")
@@ -258,6 +261,7 @@ def run(opts: CrossValidation, argv: list[str]) -> dict[str, Any]:
         "calibration": calibration(feats, fold, swc),
         "seconds": round(time.time() - t0, 1),
         "command": shlex.join(["python", "benchmarks/cross_validation.py", *argv]),
+        "provenance": provenance(shlex.join(["python", "benchmarks/cross_validation.py", *argv])),
     }
 
 

@@ -55,6 +55,7 @@ from geoswc.core.config import CellConfig, GalleryCodes
 from geoswc.gallery.files import GalleryWriter, load_gallery
 from geoswc.gallery.search import Gallery, GalleryIdentity
 from geoswc.prediction.geolocator import default_model_dir
+from provenance import provenance  # noqa: E402 - benchmarks/provenance.py
 from scale_rehearsal import MP16, synthetic_photos  # noqa: E402 - a sibling script (benchmarks/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,6 +378,7 @@ def write_result(args: argparse.Namespace, dim: int, rows: list[dict], complete:
         "faiss": __import__("faiss").__version__,
         "command": " ".join(["python", *sys.argv]),
         "runs": rows,
+        "provenance": provenance(),
     }
     storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
 

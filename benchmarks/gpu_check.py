@@ -45,6 +45,9 @@ from geoswc.core import storage
 from geoswc.data.records import Record
 from geoswc.data.shards import write_shards
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from provenance import provenance  # noqa: E402
+
 EPOCH_LINE = re.compile(r"(\w+) epoch (\d+)/(\d+): loss (\S+) \((\d+) steps, ([\d.]+) s\)")
 PEAK_LINE = re.compile(r"peak GPU memory ([\d.]+) GiB")
 PLACES = 40
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) for k, v in vars(a).items() if k not in ("out", "work")},
         **result,
         "total_s": round(time.perf_counter() - t0, 1),
+        "provenance": provenance(),
     }
     storage.write_text(a.out, json.dumps(report, indent=2) + "\n")
     for key in ("one_process", "torchrun"):

@@ -37,6 +37,7 @@ from geoswc.core.config import Preprocess
 from geoswc.data.records import loader
 from geoswc.data.shards import photo_dataset
 from geoswc.prediction.geolocator import Geolocator, LocateFailure
+from provenance import provenance  # benchmarks/provenance.py (benchmarks/ is on sys.path when run)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "torch": torch.__version__,
         "load_average": os.getloadavg(),
+        "provenance": provenance(),
     }
     storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")

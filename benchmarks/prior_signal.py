@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ import torch
 from geoswc import Geolocator
 from geoswc.core import storage
 from geoswc.core.sphere import haversine_km
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT.parent / "shared" / "data" / "im2gps3k-dev"
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "others": {**group(err, ~venice), "prior_like_share": round(float(prior[~venice].mean()), 4)},
         "searched_cells": len({p.cell for p in preds}),
         "prior_kl_nats_median": round(float(np.median([p.prior_kl for p in preds])), 4),
+        "provenance": provenance(),
     }
     storage.write_text(a.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from provenance import provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 STEPS = ("cells", "features", "train", "index", "locate")
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": results,
         "growth": growth(results),
         "command": command,
+        "provenance": provenance(command),
     }
     from geoswc.core import storage
 
