@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +35,15 @@ from torch import nn
 
 from geoswc.core import storage
 from geoswc.core.config import Preprocess
+from geoswc.core.stage_clock import StageClock
+from geoswc.core.threads import set_threads
 from geoswc.data.records import loader
 from geoswc.data.shards import photo_dataset
 from geoswc.prediction.geolocator import Geolocator, LocateFailure
-from provenance import provenance  # benchmarks/provenance.py (benchmarks/ is on sys.path when run)
+from geoswc.prediction.results import PredictionWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -57,9 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch and onnxruntime threads for both pipelines (default 1: on a shared machine a second "
-        "OpenMP thread that is not scheduled stalls every parallel op; scale out with processes)",
+        default=0,
+        help="compute threads (torch, onnxruntime, FAISS) for both pipelines, as --run.threads "
+        "(default 0: geoswc's automatic count, one on a machine of two cores)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time each stage of geoswc's locate pipeline (decode, backbone, heads, search, calibrate, place, "
+        "output) and print where each millisecond of a photo goes",
     )
     p.add_argument(
         "--runtime",
@@ -179,14 +191,64 @@ def geoclip_run(model: GeoClipStyle, photos: list[Path], batch_size: int) -> flo
 # -- geoswc -------------------------------------------------------------------------------------------
 
 
-def geoswc_run(geo: Geolocator, photos: list[Path], batch_size: int) -> float:
+def geoswc_run(geo: Geolocator, photos: list[Path], batch_size: int, clock: StageClock | None = None) -> float:
+    """Photos/s of ``locate_batch`` with each result written as ``geoswc locate --format jsonl`` writes it (to
+    the null device), timed as stage ``output`` when ``clock`` is given."""
     t0 = time.perf_counter()
-    out = list(geo.locate_batch(photos, batch_size=batch_size))
-    dt = time.perf_counter() - t0
-    bad = [r for r in out if isinstance(r, LocateFailure)]
-    if bad:
-        raise RuntimeError(f"{len(bad)} photos failed: {bad[0].error}")
-    return len(out) / dt
+    n = 0
+    with open(os.devnull, "w") as sink, PredictionWriter(sink, "jsonl") as writer:
+        for r in geo.locate_batch(photos, batch_size=batch_size):
+            if isinstance(r, LocateFailure):
+                raise RuntimeError(f"{r.image} failed: {r.error}")
+            t1 = time.perf_counter()
+            writer.write(r)
+            if clock is not None:
+                clock.add("output", time.perf_counter() - t1)
+            n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def backbone_only(geo: Geolocator, photos: list[Path], batch_size: int) -> float:
+    """Photos/s of the backbone alone on the same photos, decoded and preprocessed beforehand (the bound the
+    end-to-end rate is measured against)."""
+    batches = [
+        b.images
+        for b in loader(photo_dataset(photos, geo.model.config.backbone.preprocess, per=batch_size), batch_size)
+    ]
+    geo.backbone_features(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    for x in batches:
+        geo.backbone_features(x)
+    return sum(len(x) for x in batches) / (time.perf_counter() - t0)
+
+
+STAGES = ("decode", "backbone", "heads", "search", "calibrate", "place", "output", "wait")
+THREAD_OF = {"decode": "decode", "backbone": "backbone", "output": "caller", "wait": "caller"}
+
+
+def profile_run(geo: Geolocator, photos: list[Path], batch_size: int) -> dict[str, Any]:
+    """Per-stage milliseconds per photo of one ``locate_batch`` run, and each stage's share of the wall time."""
+    with geo.profiled() as clock:
+        ips = geoswc_run(geo, photos, batch_size, clock)
+    wall_s = len(photos) / ips
+    stages = {
+        k: {
+            "thread": THREAD_OF.get(k, "caller"),
+            "ms_per_photo": 1000 * clock.seconds[k] / len(photos),
+            "share_of_wall": clock.seconds[k] / wall_s,
+        }
+        for k in STAGES
+        if k in clock.seconds
+    }
+    return {"images_per_s": ips, "wall_s": wall_s, "photos": len(photos), "stages": stages}
+
+
+def print_profile(prof: dict[str, Any]) -> None:
+    rate = f"{prof['photos']} photos, {prof['images_per_s']:.1f}/s"
+    print(f"\n| stage | thread | ms per photo | share of wall time ({rate}) |")
+    print("|---|---|---:|---:|")
+    for k, v in prof["stages"].items():
+        print(f"| {k} | {v['thread']} | {v['ms_per_photo']:.2f} | {100 * v['share_of_wall']:.0f} % |")
 
 
 def latencies_ms(fn, photos: list[Path]) -> np.ndarray:
@@ -201,7 +263,7 @@ def latencies_ms(fn, photos: list[Path]) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)  # onnxruntime sessions follow torch's thread count
+    threads = set_threads(args.threads)  # onnxruntime sessions follow torch's thread count
     all_photos = sorted(args.images.glob("*.jpg"))
     n_ours = args.photos or (48 if args.quick else 256)
     n_clip = args.geoclip_photos or (4 if args.quick else 32)
@@ -222,15 +284,20 @@ def main(argv: list[str] | None = None) -> int:
         load_s = time.perf_counter() - t0
         geo.locate(lat_photos[0])  # warm-up: the place lookup table, allocator
         ips = geoswc_run(geo, photos, bs)
+        bb = backbone_only(geo, photos, bs)
         lat = latencies_ms(lambda p, g=geo: g.locate(p), lat_photos)
         runtimes[runtime] = {
             "images_per_s": ips,
+            "backbone_only_images_per_s": bb,
+            "share_of_backbone_rate": ips / bb,
             "p50_latency_ms": float(np.median(lat)),
             "p90_latency_ms": float(np.percentile(lat, 90)),
             "load_s": load_s,
             "photos": len(photos),
             "latency_photos": len(lat_photos),
         }
+        if args.profile:
+            runtimes[runtime]["profile"] = profile_run(geo, photos, bs)
         print(f"geoswc/{runtime}: {json.dumps(runtimes[runtime])}", file=sys.stderr, flush=True)
         del geo
 
@@ -251,11 +318,18 @@ def main(argv: list[str] | None = None) -> int:
 
     main_rt = args.runtime if args.runtime in runtimes else next(iter(runtimes))
     ours = runtimes[main_rt]
-    print(f"\n| pipeline | images/s (batch {bs}) | p50 single-photo latency ms |")
-    print("|---|---:|---:|")
+    print(f"\n| pipeline | images/s (batch {bs}) | backbone alone, images/s | p50 single-photo latency ms |")
+    print("|---|---:|---:|---:|")
     for rt, r in runtimes.items():
-        print(f"| geoswc default model, {rt} runtime | {r['images_per_s']:.2f} | {r['p50_latency_ms']:.0f} |")
-    print(f"| GeoCLIP-style (ViT-L/14 + 100k GPS gallery) | {clip_ips:.3f} | {np.median(clip_lat):.0f} |")
+        print(
+            f"| geoswc default model, {rt} runtime | {r['images_per_s']:.2f} | "
+            f"{r['backbone_only_images_per_s']:.2f} | {r['p50_latency_ms']:.0f} |"
+        )
+    print(f"| GeoCLIP-style (ViT-L/14 + 100k GPS gallery) | {clip_ips:.3f} | | {np.median(clip_lat):.0f} |")
+    for rt, r in runtimes.items():
+        if "profile" in r:
+            print(f"\ngeoswc/{rt}, where each photo's time goes:")
+            print_profile(r["profile"])
     print(f"\nratio geoswc ({main_rt}) / GeoCLIP-style: {ours['images_per_s'] / clip_ips:.1f}x images/s")
     result = {
         "benchmark": "locate_throughput",
@@ -263,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": bs,
         "runtime": main_rt,
         "images_per_s": ours["images_per_s"],
+        "backbone_only_images_per_s": ours["backbone_only_images_per_s"],
+        "share_of_backbone_rate": ours["share_of_backbone_rate"],
         "p50_latency_ms": ours["p50_latency_ms"],
         "geoclip_style_images_per_s": clip_ips,
         "geoclip_style_p50_latency_ms": float(np.median(clip_lat)),
@@ -279,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "build_s": build_s,
             "preprocess": {"image_size": pre.image_size, "mean": CLIP_MEAN, "std": CLIP_STD},
         },
+        "threads": threads,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),

@@ -223,3 +223,29 @@ def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path, capsys):
         assert tr["images_per_s"] > 0 and isinstance(tr["loss_fell"], bool) and tr["peak_gpu_gib"] is None
     assert r["clip_extract"]["backbone"] == "clip-vit-b32" and r["clip_extract"]["images_per_s"] > 0
     assert "torchrun: extraction" in capsys.readouterr().out
+
+
+def test_locate_profile_accounts_for_every_stage(tmp_path, capsys):
+    """The locate benchmark's geoswc half on three photos: the end-to-end and backbone-only rates, and a
+    per-stage profile of the same path whose backbone time is what the backbone alone takes."""
+    from PIL import Image
+
+    from geoswc.prediction.geolocator import Geolocator
+
+    bench = _load("locate_throughput")
+    photos = [ROOT / "examples" / "kauai.png"]
+    for i in range(2):
+        photos.append(tmp_path / f"p{i}.jpg")
+        Image.new("RGB", (320 + 40 * i, 240), (30 * i, 120, 200)).save(photos[-1])
+    geo = Geolocator.load()
+    assert bench.geoswc_run(geo, photos, 2) > 0 and bench.backbone_only(geo, photos, 2) > 0
+    prof = bench.profile_run(geo, photos, 2)
+    stages = prof["stages"]
+    assert {"decode", "backbone", "heads", "search", "calibrate", "place", "output", "wait"} <= set(stages)
+    assert all(v["ms_per_photo"] > 0 and v["share_of_wall"] > 0 for v in stages.values()), stages
+    assert stages["backbone"]["thread"] == "backbone" and stages["search"]["thread"] == "caller"
+    # the stages of the caller's thread cannot take longer than the run itself
+    caller = sum(v["share_of_wall"] for v in stages.values() if v["thread"] == "caller")
+    assert caller <= 1.05, stages
+    bench.print_profile(prof)
+    assert "| backbone | backbone |" in capsys.readouterr().out

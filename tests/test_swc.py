@@ -31,6 +31,39 @@ def test_dbscan_finds_planted_clusters():
     assert cluster_positions(lat, lon, eps_km=1.0, min_samples=2)[9] == -1
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    centre=st.tuples(st.floats(-89, 89), st.floats(-180, 180)),
+    spread_km=st.floats(0.01, 50),
+    n=st.integers(1, 25),
+    eps_km=st.floats(0.05, 20),
+    min_samples=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_dbscan_labels_match_scikit_learn(centre, spread_km, n, eps_km, min_samples, seed):
+    """The NumPy DBSCAN gives scikit-learn's labels (numbering and border points included) on clumps of points
+    anywhere on the sphere, the poles and the antimeridian included."""
+    from sklearn.cluster import DBSCAN
+
+    from geoswc.core.sphere import EARTH_RADIUS_KM
+
+    rng = np.random.default_rng(seed)
+    lat, lon = offsets(centre[0], centre[1], spread_km, n, rng)
+    lat = np.clip(lat, -90, 90)
+    lon = (lon + 180) % 360 - 180
+    x = np.radians(np.stack([lat, lon], 1))
+    db = DBSCAN(eps=eps_km / EARTH_RADIUS_KM, min_samples=min_samples, metric="haversine", algorithm="ball_tree")
+    expected = db.fit_predict(x)
+    a = (
+        np.sin((x[:, None, 0] - x[None, :, 0]) / 2) ** 2
+        + np.cos(x[:, None, 0]) * np.cos(x[None, :, 0]) * np.sin((x[:, None, 1] - x[None, :, 1]) / 2) ** 2
+    )
+    margin = np.abs(a - np.sin(eps_km / EARTH_RADIUS_KM / 2) ** 2)
+    if margin.min() < 1e-15:  # a pair exactly at eps: either answer is right
+        return
+    np.testing.assert_array_equal(cluster_positions(lat, lon, eps_km, min_samples), expected)
+
+
 def test_estimate_is_spherical_mean_of_largest_cluster():
     rng = np.random.default_rng(1)
     a = offsets(-33.8568, 151.2153, 0.3, 7, rng)  # Sydney Opera House

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geoswc.core import distributed, storage
+from geoswc.core import distributed, storage, threads
 from geoswc.core.config import (
     METHODS,
     NO_SEARCH_CHANGES,
@@ -111,6 +111,7 @@ def _geotagged(data: Photos) -> list[Record]:
 def _load_geolocator(
     model: Path | None, index: Path | None, search: SearchChanges, run: RunConfig, abstain: Abstention = Abstention()
 ) -> Geolocator:
+    _set_threads(run)
     device = "cpu" if run.device == "auto" and run.runtime == "onnx" else distributed.resolve_device(run.device)
     geo = Geolocator.load(model, index, search=search, device=device, runtime=run.runtime)
     if geo.calibrator is None and (abstain.leave_out or abstain.within_km is not None or abstain.p is not None):
@@ -122,9 +123,16 @@ def _load_geolocator(
     return geo.with_settings(rule=abstain.rule(geo.rule))
 
 
+def _set_threads(run: RunConfig) -> None:
+    """Every step that computes starts here: torch's, onnxruntime's and FAISS's thread count from ``run``."""
+    n = threads.set_threads(run.threads, run.workers)
+    log.debug("%d compute thread(s), %d decoding worker(s)", n, run.workers)
+
+
 @contextmanager
 def _engine(run: RunConfig) -> Iterator[distributed.Engine]:
     """The step's engine on ``run``'s device and precision (under torchrun: its process group) for its length."""
+    _set_threads(run)
     eng = distributed.start(run.device, run.precision)
     try:
         yield eng
@@ -329,6 +337,7 @@ def index(
         run: batch size and decoding processes of the extraction (and of the thumbnails).
     """
     thumbs = _thumbnail_settings(thumbnails, features, data)
+    _set_threads(run)
     embedded, model = model is None or str(model) == "default", resolve_model_dir(model)
     if embedded and out is None:
         raise InputError(
@@ -513,6 +522,7 @@ def calibrate(
             + "--features (the model's training features, out of fold) or --data.csv with --data.images "
             "(a labelled set the model did not train on)"
         )
+    _set_threads(run)
     m = GeoModel.load(model, with_backbone=features is None)
     if features is not None:
         per_method, fitted = _out_of_fold_signals(m, features, folds, report)

@@ -474,7 +474,7 @@ MAX_WORKERS = 1024
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How a command runs: batch size, decoding processes, device and mixed precision."""
+    """How a command runs: batch size, decoding processes, compute threads, device and mixed precision."""
 
     batch_size: int = 16
     """Photos per inference or extraction batch (training batches are ``train.batch_size``)."""
@@ -488,11 +488,15 @@ class RunConfig:
     runtime: Runtime = "torch"
     """Backbone runtime for locating: ``torch`` (eager) or ``onnx`` (exported once, several times faster on a
     CPU; needs ``pip install 'geoswc[fast]'``)."""
+    threads: int = 0
+    """Compute threads of torch, onnxruntime and FAISS in each process (0: one per usable core less one per
+    decoding worker, and one on machines of two cores or fewer, where a second thread measured slower)."""
 
     def __post_init__(self) -> None:
         check_ints(self)
         check_field(self, "batch_size", 1 <= self.batch_size <= 65536, "must be in 1..65536")
         check_field(self, "workers", 0 <= self.workers <= MAX_WORKERS, f"must be in 0..{MAX_WORKERS}")
+        check_field(self, "threads", 0 <= self.threads <= MAX_WORKERS, f"must be in 0..{MAX_WORKERS}")
         check_field(
             self,
             "device",

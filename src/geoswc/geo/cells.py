@@ -91,14 +91,20 @@ class CellTable:
     _ranges: tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.int64]] | None = field(
         default=None, repr=False, compare=False
     )
+    _xyz: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
+    _polygons: dict[int, tuple[tuple[float, float], ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     @property
     def xyz(self) -> NDArray[np.float64]:
-        """Unit vectors of the centroids, ``(C, 3)``."""
-        return latlon_to_xyz(self.lat, self.lon)
+        """Unit vectors of the centroids, ``(C, 3)`` (computed once, read-only)."""
+        if self._xyz is None or len(self._xyz) != len(self.lat):
+            xyz = latlon_to_xyz(self.lat, self.lon)
+            xyz.flags.writeable = False
+            self._xyz = xyz
+        return self._xyz
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -187,7 +193,13 @@ class CellTable:
 
     def polygon(self, i: int) -> list[tuple[float, float]]:
         """Outline ``(lat, lon)`` of cell ``i``, counter-clockwise: its four corners, with points added
-        along the (geodesic) edges of large cells so they draw right on a flat map."""
+        along the (geodesic) edges of large cells so they draw right on a flat map (computed once per cell)."""
+        outline = self._polygons.get(i)
+        if outline is None:
+            outline = self._polygons[i] = tuple(self._outline(i))
+        return list(outline)
+
+    def _outline(self, i: int) -> list[tuple[float, float]]:
         cell = s2sphere.Cell(s2sphere.CellId.from_token(self.tokens[i]))
         corners = [np.array([v[0], v[1], v[2]]) for v in (cell.get_vertex(k) for k in range(4))]
         steps = 1 if int(self.level[i]) >= 8 else 8

@@ -64,7 +64,7 @@ class GeoModel(nn.Module):
             torch.manual_seed(config.train.seed)
             self.mvmf = MvMFHead(
                 dim,
-                torch.as_tensor(cells.xyz, dtype=torch.float32),
+                torch.tensor(cells.xyz, dtype=torch.float32),
                 kappa_from_spread(torch.as_tensor(cells.spread_km, dtype=torch.float32)),
                 log_prior=torch.log(count / count.sum()).float(),
                 hidden=config.heads.mvmf_hidden,

@@ -3,6 +3,7 @@ call :meth:`Geolocator.locate_batch` (or its shard twin), the one prediction pat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -22,6 +23,8 @@ from geoswc.core import storage
 from geoswc.core.config import METHODS, Method, Runtime, SearchChanges, SearchConfig, to_dict
 from geoswc.core.errors import ArtifactError, GeoswcError, ImageError, InputError, SettingError
 from geoswc.core.progress import progress_bar
+from geoswc.core.stage_clock import OFF, StageClock
+from geoswc.core.threads import ahead
 from geoswc.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, source_name
 from geoswc.data.records import Batch, loader
 from geoswc.data.shards import ShardDataset, input_position, listed_total, photo_dataset, resolve_shards
@@ -161,6 +164,7 @@ class Geolocator:
         self._fast_backbone: Any = None  # set by use_runtime("onnx")
         self._prior = cell_prior(np.diff(gallery.offsets)) if gallery is not None else None
         self._prior_rule = PriorRule()
+        self._clock: StageClock | Any = OFF  # a StageClock while profiled()
 
     @property
     def model(self) -> GeoModel:
@@ -304,6 +308,18 @@ class Geolocator:
             raise TypeError(f"row must be a gallery row number (a neighbour's row), got {row!r}")
         return self.gallery.thumbnail(int(row)) if self.gallery is not None else None
 
+    @contextlib.contextmanager
+    def profiled(self) -> Iterator[StageClock]:
+        """Time the stages of every photo located in the block (``decode``, ``backbone``, ``heads``, ``search``,
+        ``calibrate``, ``place``, and ``wait``: the caller waiting for the next batch); the clock sums each
+        stage's seconds across the threads it runs in. For one caller at a time (a benchmark, not a service)."""
+        clock = StageClock()
+        self._clock = clock
+        try:
+            yield clock
+        finally:
+            self._clock = OFF
+
     # -- the prediction path -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -332,7 +348,8 @@ class Geolocator:
             raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in self.methods:
             raise InputError(f"method {method!r} needs a gallery index; build one with `geoswc index`")
-        probs, emb = self.heads(features)
+        with self._clock.stage("heads"):
+            probs, emb = self.heads(features)
         out = []
         for i in range(len(probs)):
             name = names[i] if names is not None else ""
@@ -340,8 +357,10 @@ class Geolocator:
             if self.gallery is not None:
                 author = exclude_authors[i] if exclude_authors is not None else ""
                 exclude = self.gallery.excluded_rows([name] if name else [], [author] if author else [])
-            out.append(self._search_one(probs[i], emb[i], method, name, exclude))
-        self._calibrate(out, method)
+            with self._clock.stage("search"):
+                out.append(self._search_one(probs[i], emb[i], method, name, exclude))
+        with self._clock.stage("calibrate"):
+            self._calibrate(out, method)
         return out
 
     def _calibrate(self, preds: list[Prediction], method: str) -> None:
@@ -420,11 +439,26 @@ class Geolocator:
         self, ds: ShardDataset, total: int | None, batch_size: int, num_workers: int, progress: bool
     ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
         """The one reader: the dataset's photos decoded and preprocessed (:class:`~geoswc.data.shards.ShardDataset`)
-        and run through the backbone, batch by batch, in the order the decoding workers deliver them."""
+        and run through the backbone, batch by batch, in the order the decoding workers deliver them.
+
+        Three stages overlap: decoding (a background thread, or ``num_workers`` processes behind it), the backbone
+        (a second thread) and the caller's work on the features (search, output), each up to two batches ahead.
+        """
+        clock = self._clock
+        batches = ahead(clock.timed("decode", loader(ds, batch_size, num_workers)), name="geoswc-decode")
+        features = ahead(self._backbone_stream(batches), name="geoswc-backbone")
         with progress_bar(total=total, desc="locate", unit="img", show=progress) as bar:
-            for b in loader(ds, batch_size, num_workers):
-                yield b, None if b.images is None else self.backbone_features(b.images)
+            for b, feats in clock.timed("wait", features):
+                yield b, feats
                 bar.update(len(b.keys) + len(b.bad))
+
+    def _backbone_stream(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        """Each batch with its backbone features ``(b, D)`` (None: no photo of the batch could be decoded)."""
+        with contextlib.closing(batches):  # type: ignore[type-var]
+            for b in batches:
+                with self._clock.stage("backbone"):
+                    feats = None if b.images is None else self.backbone_features(b.images)
+                yield b, feats
 
     def _photos(
         self, sources: Sequence[ImageSource | ImageError], labels: Sequence[str], batch_size: int, read_exif: bool
@@ -508,15 +542,16 @@ class Geolocator:
                 yield done.pop(nxt)
                 nxt += 1
 
-    @staticmethod
     def _finish(
-        preds: list[Prediction], gps: Sequence[tuple[float, float] | None], with_place: bool
+        self, preds: list[Prediction], gps: Sequence[tuple[float, float] | None], with_place: bool
     ) -> list[Prediction]:
         """Add each photo's own GPS position and, with ``with_place``, the nearest place to the estimate."""
         for p, g in zip(preds, gps, strict=True):
             p.with_gps(g)
         if with_place and preds:
-            for p, place in zip(preds, nearest_places([(p.lat, p.lon) for p in preds]), strict=True):
+            with self._clock.stage("place"):
+                places = nearest_places([(p.lat, p.lon) for p in preds])
+            for p, place in zip(preds, places, strict=True):
                 p.place = place
         return preds
 

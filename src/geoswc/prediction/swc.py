@@ -1,5 +1,5 @@
 """Search within cell: cluster the retrieved neighbours' positions and take the spherical mean of the
-largest cluster. Pure NumPy / scikit-learn, arrays in and out."""
+largest cluster. Pure NumPy, arrays in and out."""
 
 from __future__ import annotations
 
@@ -7,23 +7,48 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from sklearn.cluster import DBSCAN
 
-from geoswc.core.sphere import EARTH_RADIUS_KM, sklearn_haversine_points, spherical_mean
+from geoswc.core.sphere import EARTH_RADIUS_KM, spherical_mean
 
 
 def cluster_positions(lat: ArrayLike, lon: ArrayLike, eps_km: float, min_samples: int = 1) -> NDArray[np.int64]:
-    """DBSCAN on the sphere (haversine metric on radians). Labels ``(N,)``; -1 is noise.
+    """DBSCAN on the sphere: labels ``(N,)`` of points ``(N,)`` in degrees; -1 is noise.
 
-    With ``min_samples=1`` (the paper's setting) every point is a core point, so the clusters are the
-    connected components of the "within eps_km" graph and there is no noise.
+    Two points are neighbours when their great-circle distance is at most ``eps_km``; a point with at least
+    ``min_samples`` neighbours (itself included) is a core point. The labels are scikit-learn's
+    (``DBSCAN(metric="haversine")``): clusters numbered in the order of their first core point, a border point
+    given to the first cluster whose expansion reaches it. With ``min_samples=1`` (the paper's setting) every
+    point is a core point, so the clusters are the connected components of the "within eps_km" graph.
+    ``O(N²)`` in NumPy: meant for the ``k`` neighbours of one photo (tens), where it is ~50x faster than a
+    ball tree.
     """
-    lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
-    if lat.size == 0:
-        return np.zeros(0, np.int64)
-    X = sklearn_haversine_points(lat, lon)
-    db = DBSCAN(eps=eps_km / EARTH_RADIUS_KM, min_samples=min_samples, metric="haversine", algorithm="ball_tree")
-    return db.fit_predict(X).astype(np.int64)
+    lat, lon = np.radians(np.asarray(lat, np.float64)), np.radians(np.asarray(lon, np.float64))
+    n = lat.size
+    labels = np.full(n, -1, np.int64)
+    if n == 0:
+        return labels
+    # The haversine "a" of every pair against that of eps: the same comparison a ball tree makes.
+    a = (
+        np.sin((lat[:, None] - lat[None, :]) / 2) ** 2
+        + np.cos(lat)[:, None] * np.cos(lat)[None, :] * np.sin((lon[:, None] - lon[None, :]) / 2) ** 2
+    )
+    near = a <= np.sin(min(eps_km / EARTH_RADIUS_KM, np.pi) / 2) ** 2
+    core = near.sum(1) >= min_samples
+    neighbours = [np.flatnonzero(row) for row in near]
+    label = 0
+    for i in range(n):
+        if labels[i] != -1 or not core[i]:
+            continue
+        stack = [i]
+        while stack:  # depth first, as scikit-learn's dbscan_inner
+            v = stack.pop()
+            if labels[v] != -1:
+                continue
+            labels[v] = label
+            if core[v]:
+                stack.extend(int(u) for u in neighbours[v] if labels[u] == -1)
+        label += 1
+    return labels
 
 
 def largest_cluster(labels: ArrayLike, similarity: ArrayLike) -> int:

@@ -24,6 +24,7 @@ from geoswc.core.config import BackboneConfig, from_dict, to_dict
 from geoswc.core.errors import ArtifactError, InputError, building
 from geoswc.core.item_lines import ItemColumn, float_columns, row_offsets
 from geoswc.core.progress import progress_bar
+from geoswc.core.threads import ahead
 from geoswc.data.images import DEFAULT_LIMITS, ImageLimits
 from geoswc.data.records import Batch, LoadReport, Record, loader
 from geoswc.data.shards import ShardDataset, Source, listed_total, photo_shards, resolve_shards
@@ -224,14 +225,14 @@ def _run_backbone(
     total: int | None,
     sink: _Collected | _Handed,
 ) -> None:
-    """Run the backbone over the batches: each good photo's features ``(V, D)`` go to ``sink`` with its key and
-    meta, each bad one to ``report``."""
+    """Run the backbone over the batches (decoded in a background thread, a batch or two ahead): each good photo's
+    features ``(V, D)`` go to ``sink`` with its key and meta, each bad one to ``report``."""
     device = next(ex.backbone.parameters()).device
     ex.backbone.eval()
     show = how.progress and distributed.is_main()
     done, last = 0, time.perf_counter()
     with progress_bar(total=total, desc="features", unit="img", show=show) as bar:
-        for i, b in enumerate(batches):
+        for i, b in enumerate(ahead(batches, name="geoswc-decode")):
             for _, meta, err in b.bad:
                 report.skip(meta.image, str(err))
             if b.images is not None:

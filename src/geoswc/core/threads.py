@@ -1,0 +1,115 @@
+"""Threads: how many a process computes with (torch, onnxruntime and FAISS), and a pipeline stage that runs an
+iterator ahead of its consumer in a background thread, so that decoding, the backbone and what follows overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_THREADS = 1024
+"""The most threads a setting may ask for."""
+
+_state = {"count": 0}
+"""The thread count set by :func:`set_threads` (0: not set; torch's own default stands)."""
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_threads(workers: int = 0) -> int:
+    """The measured best compute thread count: one per usable core, less one per decoding worker process (the
+    workers need their cores), at least one; on two cores or fewer, one.
+
+    On a 2-core machine a second OpenMP thread contends with decoding and with other processes: a parallel op
+    waits for its slowest thread, and ``benchmarks/locate_throughput.py`` measured one thread best there.
+    """
+    cores = usable_cores()
+    if cores <= 2:
+        return 1
+    return max(1, cores - max(0, workers))
+
+
+def set_threads(count: int, workers: int = 0) -> int:
+    """Set the compute threads of this process: torch's intra-op pool, the onnxruntime sessions made afterwards
+    (they follow torch's count) and FAISS's OpenMP pool (now if FAISS is loaded, else when it is). ``count`` 0:
+    :func:`auto_threads` for ``workers`` decoding processes. Returns the count set."""
+    n = count if count > 0 else auto_threads(workers)
+    n = min(n, MAX_THREADS)
+    _state["count"] = n
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:
+        faiss.omp_set_num_threads(n)
+    log.debug("compute threads: %d", n)
+    return n
+
+
+def threads_set() -> int:
+    """The count :func:`set_threads` set (0: never called in this process)."""
+    return _state["count"]
+
+
+_DONE = object()
+
+
+def ahead(items: Iterable[T], depth: int = 2, name: str = "geoswc-ahead") -> Iterator[T]:
+    """``items``, iterated in a background thread up to ``depth`` items ahead of the consumer: the producer's work
+    (decoding, a network's forward pass: both release the GIL) overlaps the consumer's. An exception the producer
+    raises is raised here, in order; closing this iterator stops the producer and closes ``items``."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for x in it:
+                if not put((x, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((None, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            x, err = q.get()
+            if err is not None:
+                raise err
+            if x is _DONE:
+                return
+            yield x
+    finally:
+        stop.set()
+        worker.join()

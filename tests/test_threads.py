@@ -1,0 +1,104 @@
+"""The compute-thread setting and the pipeline stage that runs an iterator ahead in a thread."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from geoswc.core import threads
+from geoswc.core.config import RunConfig
+from geoswc.core.errors import SettingError
+from geoswc.core.stage_clock import StageClock
+
+
+def test_ahead_keeps_order_and_overlaps_the_producer():
+    seen_threads = set()
+
+    def produce():
+        for i in range(20):
+            seen_threads.add(threading.current_thread().name)
+            time.sleep(0.002)
+            yield i
+
+    assert list(threads.ahead(produce(), depth=3, name="t-ahead")) == list(range(20))
+    assert seen_threads == {"t-ahead"}
+
+
+def test_ahead_raises_the_producers_error_after_its_items():
+    def produce():
+        yield 1
+        yield 2
+        raise ValueError("bad shard")
+
+    got = []
+    with pytest.raises(ValueError, match="bad shard"):
+        for x in threads.ahead(produce()):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_closing_ahead_early_stops_and_closes_the_producer():
+    closed = threading.Event()
+
+    def produce():
+        try:
+            for i in range(10**6):
+                yield i
+        finally:
+            closed.set()
+
+    it = threads.ahead(produce(), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert closed.wait(5), "the producer was not closed"
+    assert not any(t.name == "geoswc-ahead" and t.is_alive() for t in threading.enumerate())
+
+
+def test_set_threads_sets_torch_and_a_loaded_faiss(monkeypatch):
+    before = torch.get_num_threads()
+    calls = []
+
+    class FakeFaiss:
+        @staticmethod
+        def omp_set_num_threads(n):
+            calls.append(n)
+
+    monkeypatch.setitem(sys.modules, "faiss", FakeFaiss)
+    try:
+        assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1 and calls == [1]
+        assert threads.threads_set() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_threads_leaves_the_decoding_workers_their_cores(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)
+    assert threads.auto_threads(0) == 16 and threads.auto_threads(4) == 12 and threads.auto_threads(99) == 1
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    assert threads.auto_threads(0) == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 10**6, 1.5, "2"])
+def test_run_threads_out_of_range_is_a_setting_error(bad):
+    with pytest.raises((SettingError, TypeError)):
+        RunConfig(threads=bad)
+
+
+def test_stage_clock_sums_stages_across_threads():
+    clock = StageClock()
+
+    def work():
+        with clock.stage("x"):
+            time.sleep(0.01)
+
+    ts = [threading.Thread(target=work) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert clock.calls["x"] == 3 and clock.seconds["x"] >= 0.03
+    assert list(clock.timed("y", iter([1, 2]))) == [1, 2] and clock.calls["y"] == 3  # two items and the end
