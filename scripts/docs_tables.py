@@ -190,8 +190,8 @@ def prior_signal(results: Path) -> str:
         g = d[key]
         share = pct(g.get("prior_like_share")) if "prior_like_share" in g else ""
         rows.append([label, g["photos"], pct(g["within_1_km"]), pct(g["within_25_km"]), pct(g["within_750_km"]), share])
-    title = f"Development photos ({d['photos']}, each one's own gallery entry excluded): {pct(d['prior_like_share'])} % "
-    title += "called prior-like"
+    title = f"Development photos ({d['photos']}, each one's own gallery entry excluded): "
+    title += f"{pct(d['prior_like_share'])} % called prior-like"
     head = ["photos", "count", "1 km (%)", "25 km (%)", "750 km (%)", "called prior-like (%)"]
     lines = table(head, "lrrrrr", rows)
     return render(lines, d, "prior_signal.json", "the embedded model on its own training photos; " + DEV_SET, title)
@@ -325,7 +325,8 @@ def _gallery_row(r: dict[str, Any], cold: bool, disk: bool) -> list[str]:
         "–" if cpu is None else f"{cpu:.2f}",
     ]
     if cold:
-        row.append(f"{r['warm_ms_per_query']:.2f} ({r['warm_cpu_ms_per_query']:.2f})" if "warm_ms_per_query" in r else "–")
+        warm = "warm_ms_per_query" in r
+        row.append(f"{r['warm_ms_per_query']:.2f} ({r['warm_cpu_ms_per_query']:.2f})" if warm else "–")
     row += [f"{r['recall_at_10']:.3f}", f"{num(r['resident_bytes_per_entry'])} ({num(r['anon_bytes_per_entry'])})"]
     row += [num(r["disk_bytes_per_entry"]), num(r["build_s"]), f"{r['load_s']:.1f}"]
     if disk:
@@ -356,16 +357,22 @@ def load_test(results: Path) -> str:
         ["requests (concurrent clients)", f"{d['requests']} ({d['concurrency']})"],
         ["answered", ", ".join(f"{n} × {code}" for code, n in d["status_counts"].items())],
         ["requests/s", f"{d['requests_per_s']:.1f}"],
-        ["latency p50 / p90 / p99 / max ms", f"{d['p50_ms']:.0f} / {d['p90_ms']:.0f} / {d['p99_ms']:.0f} / "],
-        ["server RSS MB: start / max / end", f"{d['rss_mb_start']:.0f} / {d['rss_mb_max']:.0f} / {d['rss_mb_end']:.0f}"],
+        [
+            "latency p50 / p90 / p99 / max ms",
+            " / ".join(f"{d[k]:.0f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
+        ],
+        [
+            "server RSS MB: start / max / end",
+            " / ".join(f"{d[k]:.0f}" for k in ("rss_mb_start", "rss_mb_max", "rss_mb_end")),
+        ],
     ]
-    rows[3][1] += f"{d['max_ms']:.0f}"
     gate = s["overload_gate"]
     burst = ", ".join(f"{n} × {code}" for code, n in o["burst_status_counts"].items())
     rows.append(
         [
             f"burst of {o['burst_requests']} against {gate['max_concurrent']} running + {gate['max_queue']} waiting",
-            f"{burst}; refusals within {o['refusal_max_ms']:.0f} ms, Retry-After {', '.join(map(str, o['retry_after']))}",
+            f"{burst}; refusals within {o['refusal_max_ms']:.0f} ms, Retry-After "
+            + ", ".join(map(str, o["retry_after"])),
         ]
     )
     rows.append(["every check passed", "yes" if d["ok"] else "no"])
