@@ -173,8 +173,8 @@ def test_the_six_published_models_reproduce_their_summary_blocks(tmp_path, capsy
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_the_readme_comparison_is_what_compare_makes_of_the_committed_predictions(tmp_path, capsys) -> None:
-    """benchmarks/results/compare/ (the README's table) is reproduced from the committed out-of-fold predictions
-    and the published files."""
+    """benchmarks/results/compare/ is reproduced from the committed out-of-fold predictions and the published
+    files; docs/tables/compare.md (docs/evaluation.md's table) is rendered from its compare.json (test_docs.py)."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     committed = json.loads((results / "compare" / "compare.json").read_text())
     committed.pop("provenance", None)  # where and when the committed run was made
