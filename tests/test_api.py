@@ -55,6 +55,10 @@ def test_prediction_contents(geo):
     assert max(haversine_km(r.lat, r.lon, n.lat, n.lon) for n in r.agreeing) < 5 * geo.search.eps_km
     d = p.to_dict()
     assert set(d) >= {"lat", "lon", "confidence", "top_cells", "neighbors", "place", "exif", "cluster"}
+    for q in (p, r):  # the fast conversion gives what dataclasses.asdict gives, and shares no list with q
+        assert q.to_dict() == dataclasses.asdict(q)
+    d["top_cells"][0]["polygon"].append((0.0, 0.0))
+    assert p.top_cells[0].polygon != d["top_cells"][0]["polygon"]
 
 
 def test_exif_gps_is_reported(geo):

@@ -127,3 +127,18 @@ def test_cell_selection_equals_the_dense_computation(seed, r_km):
     mass = (d <= r_km) @ probs
     assert n <= SELECT_CANDIDATES
     assert mass[select_cell(probs, xyz, r_km)] == pytest.approx(mass.max(), abs=1e-9)
+
+
+def test_densities_at_several_radii_match_one_at_a_time():
+    from geoswc.prediction.swc import densities
+
+    rng = np.random.default_rng(3)
+    lat, lon = rng.uniform(-80, 80, 300), rng.uniform(-180, 180, 300)
+    xyz = latlon_to_xyz(lat, lon)
+    p = rng.dirichlet(np.ones(300))
+    radii = [0.0, 25.0, 750.0, 2500.0, 30000.0]
+    got = densities(p, xyz, 7, radii)
+    for r, g in zip(radii, got, strict=True):
+        near = haversine_km(lat, lon, lat[7], lon[7]) <= r + 1e-6
+        assert g == pytest.approx(min(1.0, p[near].sum()), abs=1e-9) and g == prediction_density(p, xyz, 7, r)
+    assert got[0] == pytest.approx(p[7]) and got[-1] == pytest.approx(1.0)

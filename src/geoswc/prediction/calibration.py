@@ -30,7 +30,7 @@ from geoswc.core import storage
 from geoswc.core.config import canonical_json, check_field, digest, from_dict, to_dict
 from geoswc.core.errors import ArtifactError, InputError
 from geoswc.core.sphere import THRESHOLDS_KM
-from geoswc.prediction.swc import prediction_density
+from geoswc.prediction.swc import densities
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ def density_signals(probs: ArrayLike, cells_xyz: ArrayLike, chosen: int) -> dict
     """Prediction density around the chosen cell at each of :data:`DENSITY_RADII_KM`, and the top cell's
     probability, from cell probabilities ``(C,)`` and unit centroids ``(C, 3)``."""
     p = np.asarray(probs, np.float64)
-    out = {f"density_{int(r)}": prediction_density(p, cells_xyz, chosen, r) for r in DENSITY_RADII_KM}
+    dens = densities(p, cells_xyz, chosen, DENSITY_RADII_KM)
+    out = {f"density_{int(r)}": d for r, d in zip(DENSITY_RADII_KM, dens, strict=True)}
     return out | {"cell_probability": float(p.max()) if p.size else 0.0}
 
 

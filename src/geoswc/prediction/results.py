@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, nested ones as dicts (what ``--format jsonl`` writes)."""
-        return dataclasses.asdict(self)
+        return plain(self)
 
     def __repr__(self) -> str:
         """One line: the photo, the estimate, its place and how sure it is (the details: :meth:`to_dict`)."""
@@ -131,10 +132,30 @@ class LocateFailure:
     kind: str = "corrupt"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain(self)
 
 
 Result = Prediction | LocateFailure
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def plain(value: Any) -> Any:
+    """``dataclasses.asdict``'s result for a result (dataclasses as dicts, lists and dicts copied), without its
+    deep copies of the immutable leaves: a tuple of numbers (a polygon's point) is kept as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: plain(getattr(value, k)) for k in _field_names(type(value))}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return value if all(isinstance(v, (int, float, str)) for v in value) else tuple(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
 
 # -- output formats -----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ largest cluster. Pure NumPy, arrays in and out."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,8 +116,20 @@ def cells_within(cells_xyz: ArrayLike, chosen: int, r_km: float) -> NDArray[np.i
 def prediction_density(probs: ArrayLike, cells_xyz: ArrayLike, chosen: int, r_km: float) -> float:
     """Confidence: the probability mass of the cells whose centroids lie within ``r_km`` of the chosen
     cell's centroid (the chosen cell included). In [0, 1]."""
-    probs = np.asarray(probs, np.float64)
-    return float(np.clip(probs[cells_within(cells_xyz, chosen, r_km)].sum(), 0.0, 1.0))
+    return densities(probs, cells_xyz, chosen, [r_km])[0]
+
+
+def densities(probs: ArrayLike, cells_xyz: ArrayLike, chosen: int, radii_km: Sequence[float]) -> list[float]:
+    """:func:`prediction_density` at each radius, from one product of the centroids ``(C, 3)``."""
+    p = np.asarray(probs, np.float64)
+    xyz = np.asarray(cells_xyz, np.float64)
+    cos = xyz @ xyz[chosen]
+    out = []
+    for r in radii_km:
+        near = cos >= _min_cos(r)
+        near[chosen] = True
+        out.append(min(max(float(p[near].sum()), 0.0), 1.0))
+    return out
 
 
 SELECT_CANDIDATES = 512
