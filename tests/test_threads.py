@@ -46,8 +46,7 @@ def test_closing_ahead_early_stops_and_closes_the_producer():
 
     def produce():
         try:
-            for i in range(10**6):
-                yield i
+            yield from range(10**6)
         finally:
             closed.set()
 
