@@ -267,34 +267,44 @@ def backbone_peak(results: Path) -> str:
 
 def locate_throughput(results: Path) -> str:
     d = load(results, "locate_throughput.json")
-    rows = [
-        [f"geoswc, {name}", f"{r['images_per_s']:.1f}", f"{r['p50_latency_ms']:.0f}", f"{r['p90_latency_ms']:.0f}"]
-        for name, r in d["runtimes"].items()
-    ]
-    if "backbone_only_images_per_s" in d:
-        rows.append([f"backbone only, {d['runtime']}", f"{d['backbone_only_images_per_s']:.1f}", "", ""])
+    rows = []
+    for name, r in d["runtimes"].items():
+        bb = r.get("backbone_only_images_per_s")
+        rows.append(
+            [
+                f"geoswc, {name} runtime",
+                f"{r['images_per_s']:.1f}",
+                "" if bb is None else f"{bb:.1f}",
+                "" if bb is None else pct(r["images_per_s"] / bb, 0),
+                f"{r['p50_latency_ms']:.0f}",
+                f"{r['p90_latency_ms']:.0f}",
+            ]
+        )
     if "geoclip_style" in d:
         g = d["geoclip_style"]
         label = f"GeoCLIP-style: CLIP ViT-L/14 + {g['gallery_size']:,} GPS gallery"
-        rows.append([label, f"{g['images_per_s']:.2f}", f"{g['p50_latency_ms']:.0f}", ""])
-    title = f"Locating end to end, batch {d['batch_size']}, {d['torch_threads']} torch thread(s)"
-    lines = table(["pipeline", "images/s", "p50 ms (one photo)", "p90 ms"], "lrrr", rows)
-    if "profile" in d:
-        lines += ["", *_profile(d["profile"])]
+        rows.append([label, f"{g['images_per_s']:.2f}", "", "", f"{g['p50_latency_ms']:.0f}", ""])
+    threads = d.get("threads", d["torch_threads"])
+    title = f"Locating end to end, batch {d['batch_size']}, {threads} compute thread(s)"
+    header = ["pipeline", "images/s", "backbone alone, images/s", "% of backbone rate", "p50 ms (one photo)", "p90 ms"]
+    lines = table(header, "lrrrrr", rows)
+    if "ratio" in d:
+        lines += [
+            "",
+            f"geoswc ({d['runtime']}) locates {d['ratio']:.0f}x as many photos a second as the GeoCLIP-style pipeline.",
+        ]
+    for name, r in d["runtimes"].items():
+        if "profile" in r:
+            lines += ["", *_profile(name, r["profile"])]
     return render(lines, d, "locate_throughput.json", NO_GPU, title)
 
 
-def _profile(profile: Any) -> list[str]:
-    """The per-stage table of a locate run, whatever its stages: ``{stage: {column: value}}``."""
-    if not isinstance(profile, dict) or not profile:
-        return []
-    stages = list(profile.items())
-    columns = list(dict.fromkeys(c for _, v in stages if isinstance(v, dict) for c in v))
-    if not columns:
-        return table(["stage", "value"], "lr", ([k, v] for k, v in stages))
-    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    rows = ([k, *(cell(v.get(c)) for c in columns)] for k, v in stages if isinstance(v, dict))
-    return table(["stage", *columns], "l" + "r" * len(columns), rows)
+def _profile(runtime: str, prof: dict[str, Any]) -> list[str]:
+    """Where a photo's time goes in one ``--profile`` run: each stage's milliseconds per photo, the thread it runs
+    in, and its share of the run's wall time (stages in different threads overlap)."""
+    head = f"Where the time goes, {runtime} runtime ({prof['photos']} photos at {prof['images_per_s']:.1f}/s):"
+    rows = ([k, v["thread"], f"{v['ms_per_photo']:.2f}", pct(v["share_of_wall"], 0)] for k, v in prof["stages"].items())
+    return [head, "", *table(["stage", "thread", "ms per photo", "% of wall time"], "llrr", rows)]
 
 
 def gallery_search(results: Path, name: str) -> str:

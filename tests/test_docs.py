@@ -118,12 +118,18 @@ def test_a_changed_number_changes_the_table_and_check_names_it(tables, tmp_path,
 def test_tables_render_keys_only_when_present(tables, tmp_path) -> None:
     results = _results_copy(tmp_path)
     data = json.loads((results / "locate_throughput.json").read_text())
-    assert "profile" not in tables.locate_throughput(results)
-    data["backbone_only_images_per_s"] = 61.25
-    data["profile"] = {"decode": {"ms_per_image": 3.5}, "backbone": {"ms_per_image": 17.0}}
+    for r in data["runtimes"].values():
+        for key in ("backbone_only_images_per_s", "profile"):
+            r.pop(key, None)
+    (results / "locate_throughput.json").write_text(json.dumps(data))
+    assert "Where the time goes" not in tables.locate_throughput(results)
+    onnx = data["runtimes"]["onnx"]
+    onnx["images_per_s"], onnx["backbone_only_images_per_s"] = 49.0, 61.25
+    stage = {"thread": "decode", "ms_per_photo": 3.5, "share_of_wall": 0.2}
+    onnx["profile"] = {"images_per_s": 50.0, "photos": 8, "wall_s": 0.16, "stages": {"decode": stage}}
     (results / "locate_throughput.json").write_text(json.dumps(data))
     text = tables.locate_throughput(results)
-    assert "| backbone only, onnx | 61.2 |" in text and "| decode | 3.5 |" in text
+    assert "| geoswc, onnx runtime | 49.0 | 61.2 | 80 |" in text and "| decode | decode | 3.50 | 20 |" in text
     gallery = json.loads((results / "gallery_search_4.7M.json").read_text())
     gallery["runs"][0]["disk_bound_s"] = 12.5
     (results / "gallery_search_4.7M.json").write_text(json.dumps(gallery))
