@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmarks whose figures the README shows: the cross-validation on 40 real photos, the
+"""Smoke tests of the benchmarks whose figures the documentation shows: the cross-validation on 40 real photos, the
 scale rehearsal, the cell selection and the gallery search at small sizes."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The folder tree is the architecture: subpackages are layers, and a module imports only from its own layer or
-the ones below it. The order is written here once (and drawn in the README's Development section).
+the ones below it. The order is written here once (and drawn in docs/architecture.md, The layer map).
 
 Every ``import`` in ``src/geoswc`` counts, at the top of a module, inside a function or under
 ``TYPE_CHECKING``: a type-only reference to a higher layer is still a dependency on it.

@@ -1,4 +1,4 @@
-"""The config dataclasses, under the import path the README documents (``from geoswc.config import CellConfig``).
+"""The config dataclasses, under the import path the documentation uses (``from geoswc.config import CellConfig``).
 They live in :mod:`geoswc.core.config`, the layer every other one builds on."""
 
 from geoswc.core.config import (

@@ -1,4 +1,4 @@
-"""The command options' dataclasses, under the import path the README documents (``from geoswc.options import
+"""The command options' dataclasses, under the import path the documentation uses (``from geoswc.options import
 Photos``). Each lives in its layer: :class:`Photos` in :mod:`geoswc.data.sources`, :class:`RunConfig` in
 :mod:`geoswc.core.config`, :class:`BackboneChoice` in :mod:`geoswc.models.backbone`."""
 

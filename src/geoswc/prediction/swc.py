@@ -178,8 +178,8 @@ class PriorRule:
     than ``kl_nats`` from the prior (:func:`prior_divergence`), and no cluster of at least ``cluster_share`` of the
     ``k`` neighbours with a mean similarity of at least ``cluster_similarity`` agrees on a place.
 
-    The defaults were chosen on the embedded model's development photos (2,244 located; see the README's
-    "How far to trust an estimate"): 95 % of them are called prior-like and are within 25 km of the truth 0.3 % of
+    The defaults were chosen on the embedded model's development photos (2,244 located; see docs/trust.md,
+    "No better than the prior"): 95 % of them are called prior-like and are within 25 km of the truth 0.3 % of
     the time, the rest 23 %. Similarities are the retrieval module's own scale: another model may need others."""
 
     kl_nats: float = 1.0

@@ -684,7 +684,7 @@
     renderEvidence(p, d);
   }
 
-  /** Why the searched cell is not the top cell (geoswc's select_km rule, README "How it works", 5.). */
+  /** Why the searched cell is not the top cell (geoswc's select_km rule, docs/architecture.md, step 5). */
   function cellNote() {
     var km = state.config && state.config.select_km;
     return 'The searched cell differs from the top cell because geoswc searches the cell whose neighbourhood (the ' +
