@@ -225,6 +225,7 @@ def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path, capsys):
     assert "torchrun: extraction" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_locate_profile_accounts_for_every_stage(tmp_path, capsys):
     """The locate benchmark's geoswc half on three photos: the end-to-end and backbone-only rates, and a
     per-stage profile of the same path whose backbone time is what the backbone alone takes."""
