@@ -101,3 +101,28 @@ def test_stage_clock_sums_stages_across_threads():
         t.join()
     assert clock.calls["x"] == 3 and clock.seconds["x"] >= 0.03
     assert list(clock.timed("y", iter([1, 2]))) == [1, 2] and clock.calls["y"] == 3  # two items and the end
+
+
+def test_set_threads_is_exported_without_loading_torch_at_import():
+    import subprocess
+
+    code = "import sys, geoswc; assert 'torch' not in sys.modules; assert geoswc.set_threads(2) == 2"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_a_command_sets_the_threads_it_is_given(tmp_path):
+    """``--run.threads`` reaches torch (and through it onnxruntime) in the command's process."""
+    from geoswc import workflow
+    from geoswc.options import Photos
+
+    from .conftest import KAUAI
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        summary = workflow.locate(Photos(files=[KAUAI]), output=tmp_path / "out.jsonl", run=RunConfig(threads=1))
+        assert torch.get_num_threads() == 1 and threads.threads_set() == 1
+        assert summary.located == 1
+    finally:
+        torch.set_num_threads(before)

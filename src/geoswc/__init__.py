@@ -12,9 +12,10 @@ from geoswc.core.errors import GeoswcError
 from geoswc.core.version import __version__
 from geoswc.prediction.results import LocateFailure, Prediction
 
-__all__ = ["Geolocator", "Prediction", "LocateFailure", "GeoswcError", "__version__"]
+__all__ = ["Geolocator", "Prediction", "LocateFailure", "GeoswcError", "set_threads", "__version__"]
 
 if TYPE_CHECKING:
+    from geoswc.core.threads import set_threads
     from geoswc.prediction.geolocator import Geolocator
 
 
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from geoswc.prediction.geolocator import Geolocator  # lazy: torch loads on first use, not on `import geoswc`
 
         return Geolocator
+    if name == "set_threads":  # what --run.threads does, for Python callers of Geolocator
+        from geoswc.core.threads import set_threads
+
+        return set_threads
     raise AttributeError(f"module 'geoswc' has no attribute {name!r}")
