@@ -11,64 +11,14 @@ Needs playwright (the ``dev`` extra) and a Chromium: Debian's /usr/bin/chromium 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(log: Path) -> Iterator[str]:
-    """``geoswc serve`` (the real command, embedded model) on a free localhost port; yields its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOSWC_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "geoswc.cli", "serve", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"`geoswc serve` exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "api/health", timeout=2) as r:
-                    if json.load(r)["status"] == "ok":
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"`geoswc serve` did not answer within {START_TIMEOUT_S} s") from None
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the load test's server starter: `geoswc serve` until it answers
+from load_test import serve  # noqa: E402
 
 
 def find_chromium(given: str | None) -> str | None:
@@ -113,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if chromium is None:
         print("no Chromium: install Debian's chromium or run `python -m playwright install chromium`", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="map-shot-") as tmp, serving(Path(tmp) / "serve.log") as url:
-        screenshot(url, a.photo, a.out, chromium)
+    with tempfile.TemporaryDirectory(prefix="map-shot-") as tmp, serve([], Path(tmp) / "serve.log", "default") as srv:
+        screenshot(f"http://127.0.0.1:{srv.port}/", a.photo, a.out, chromium)
     print(f"wrote {a.out}")
     return 0
 
