@@ -35,11 +35,13 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ from geoswc.core.errors import ArtifactError, InputError, building
 from geoswc.core.item_lines import ItemColumn, item_line
 from geoswc.core.progress import progress_bar
 from geoswc.gallery.codes import PARAM_NAMES, CellLists, Codebook, check_codes, train_codebook
-from geoswc.gallery.search import CHUNK_ROWS, Gallery, GalleryIdentity, item_key, lookup_table
+from geoswc.gallery.search import CHUNK_ROWS, Gallery, GalleryIdentity, lookup_table
 from geoswc.gallery.thumbnails import BIN_FILE, TABLE_FILE, Thumbnails, ThumbnailSettings, ThumbnailWriter, remove_files
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT = "geoswc-index/2"
 BLOCK_BYTES = 64 << 20
 """Checksum granularity of ``index.safetensors``."""
+BATCH_ROWS = 1 << 15
+"""Rows :class:`GalleryWriter` reads, codes, digests and writes at a time when it compacts the staged rows (80 MiB
+of float16 at D = 1280): FAISS codes them at full speed, and two batches fit in memory."""
 EAGER_VERIFY_BYTES = 512 << 20
 """Files up to this size are verified completely at load."""
 PREFETCH_GAP_BYTES = 64 << 10
@@ -237,6 +242,16 @@ def row_digest(row: NDArray[np.float16]) -> int:
     )
 
 
+def row_digests(rows: NDArray[np.float16]) -> NDArray[np.uint64]:
+    """:func:`row_digest` of each row of ``rows (b, D)``: ``(b,)``, in one tight loop over the rows' bytes."""
+    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    width, blake2b = rows.shape[1] * rows.itemsize, hashlib.blake2b
+    if not width:
+        return np.full(len(rows), row_digest(np.zeros(0, np.float16)), np.uint64)
+    digests = b"".join([blake2b(data[i : i + width], digest_size=8).digest() for i in range(0, len(data), width)])
+    return np.frombuffer(digests, "<u8").astype(np.uint64)
+
+
 class _RowDigests:
     """Checks embedding rows against their row digests, each row once (a coded index's :class:`RowChecker`).
 
@@ -279,7 +294,7 @@ class _RowDigests:
         if not new.any():
             return block
         todo = rows[new]
-        got = np.fromiter((row_digest(row) for row in block[new]), np.uint64, len(todo))
+        got = row_digests(block[new])
         bad = np.flatnonzero(got != np.asarray(self.digests[todo], np.uint64))
         if bad.size:
             raise ArtifactError(
@@ -421,15 +436,15 @@ class GalleryWriter:
         self._emb.write(memoryview(emb16).cast("B"))
         if self._thumbs is not None:
             self._thumbs.add([thumbnails[i] for i in order])  # type: ignore[index]
-        lines = [item_line((names[i], authors[i])) for i in order]
-        self._items.write(b"".join(lines))
+        lines, line_len, name_key, author_key = _item_rows(names, authors, order)
+        self._items.write(lines)
         c = self._cols
         c["lat"].append(np.asarray(lat, np.float64)[order])
         c["lon"].append(np.asarray(lon, np.float64)[order])
         c["cell"].append(cell[order].astype(np.int32))
-        c["line_len"].append(np.array([len(x) for x in lines], np.int64))
-        c["name_key"].append(np.array([item_key(names[i]) for i in order], np.uint64))
-        c["author_key"].append(np.array([item_key(authors[i]) if authors[i] else 0 for i in order], np.uint64))
+        c["line_len"].append(line_len)
+        c["name_key"].append(name_key)
+        c["author_key"].append(author_key)
         self.size += len(cell)
 
     def _columns(self) -> dict[str, np.ndarray]:
@@ -444,12 +459,10 @@ class GalleryWriter:
     def _finish(self) -> None:
         self._stage.close()
         col = self._columns()
-        perm = np.argsort(col["cell"], kind="stable")  # the chunks are sorted: perm is a few long runs
-        runs = (
-            [(int(r[0]), int(r[-1]) + 1) for r in np.split(perm, np.flatnonzero(np.diff(perm) != 1) + 1)]
-            if self.size
-            else []
-        )
+        perm = np.argsort(col["cell"], kind="stable")  # the chunks are sorted: perm is runs of staged rows
+        cut = np.flatnonzero(np.diff(perm) != 1) + 1
+        first, last = (np.r_[0, cut], np.r_[cut - 1, self.size - 1]) if self.size else (cut, cut)
+        run_start, run_stop = perm[first], perm[last] + 1  # the runs' staged rows
         cell = col["cell"][perm]
         akeys = col["author_key"][perm]
         name_keys, name_rows = lookup_table(col["name_key"][perm])
@@ -470,9 +483,9 @@ class GalleryWriter:
             sink = None
             if self.codes.kind != "flat":
                 sink = stack.enter_context(_CodesWriter(self.folder / CODES_FILE, self._train(perm), self.size))
-            tensors = self._write_tensors(small, runs, sink)
-        line_start = np.concatenate([[0], np.cumsum(col["line_len"])])
-        items_sha = self._write_items([(int(line_start[a]), int(line_start[b])) for a, b in runs])
+            tensors = self._write_tensors(small, perm, sink)
+        line_start = np.concatenate([[0], np.cumsum(col["line_len"])]).astype(np.int64)
+        items_sha = self._write_items(line_start[run_start], line_start[run_stop])
         meta = {
             "format": INDEX_FORMAT,
             "model_fingerprint": self.identity.model_fingerprint,
@@ -508,15 +521,16 @@ class GalleryWriter:
             else np.zeros(0, np.int64)
         )
         src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, self.dim)) if n else None
-        sample = np.asarray(src[pick], np.float32) if src is not None else np.zeros((0, self.dim), np.float32)
+        sample = _as_float32(_gather(src, pick)) if src is not None else np.zeros((0, self.dim), np.float32)
         del src
         log.info("training %s codes on %d of %d rows", self.codes.kind, len(sample), n)
         return train_codebook(self.codes.kind, sample, self.codes.pq_bytes, self.codes.seed, gallery_rows=n)
 
     def _write_tensors(
-        self, small: dict[str, np.ndarray], runs: list[tuple[int, int]], sink: _CodesWriter | None
+        self, small: dict[str, np.ndarray], perm: NDArray[np.int64], sink: _CodesWriter | None
     ) -> dict[str, Any]:
-        """``index.safetensors``: the small tensors, then the embeddings copied run by run from staging."""
+        """``index.safetensors``: the small tensors, then the embeddings copied from staging in final row order
+        (``perm``: final row -> staged row), each coded by ``sink`` on the way."""
         specs: dict[str, Any] = {}
         pos = 0
         for name, arr in small.items():
@@ -537,16 +551,8 @@ class GalleryWriter:
             out.write(header)
             for arr in small.values():
                 out.write(arr)
-            src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, d)) if n else None
-            with progress_bar(total=n, desc="writing index", unit="row", show=n > CHUNK_ROWS) as bar:
-                for a, b in runs:
-                    for s in range(a, b, CHUNK_ROWS):
-                        chunk = np.asarray(src[s : min(b, s + CHUNK_ROWS)])  # type: ignore[index]
-                        out.write(chunk)
-                        if sink is not None:
-                            sink.add(chunk)
-                        bar.update(len(chunk))
-            del src
+            if n:
+                self._copy_rows(perm, out, sink)
         return {
             "bytes": out.size,
             "sha256": out.whole.hexdigest(),
@@ -554,15 +560,48 @@ class GalleryWriter:
             "block_sha256": out.block_digests(),
         }
 
-    def _write_items(self, byte_runs: list[tuple[int, int]]) -> str:
-        """``items.csv`` in row order; returns its sha256."""
+    def _copy_rows(self, perm: NDArray[np.int64], out: storage.HashingWriter, sink: _CodesWriter | None) -> None:
+        """The staged embeddings in final row order (``perm``), read once, :data:`BATCH_ROWS` at a time, written to
+        ``out`` and coded and digested by ``sink``. A batch is written, hashed and digested by a helper thread
+        while the next one is coded (hashlib and FAISS release the GIL), so the disk and the coder work together."""
+        n, d = self.size, self.dim
+        src = np.memmap(self._staging / "embeddings.bin", np.float16, mode="r", shape=(n, d))
+        desc = f"coding index ({self.codes.kind})" if sink is not None else "writing index"
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="geoswc-index") as pool,
+            progress_bar(total=n, desc=desc, unit="photo", unit_scale=True, show=n > BATCH_ROWS) as bar,
+        ):
+            pending: Future[None] | None = None
+            for s in range(0, n, BATCH_ROWS):
+                rows = _gather(src, perm[s : s + BATCH_ROWS])
+                codes = sink.encode(rows) if sink is not None else None
+                if pending is not None:
+                    pending.result()  # at most one batch waits for the disk
+                pending = pool.submit(_emit, out, sink, rows, codes)
+                bar.update(len(rows))
+            if pending is not None:
+                pending.result()
+        del src
+
+    def _write_items(self, starts: NDArray[np.int64], stops: NDArray[np.int64]) -> str:
+        """``items.csv`` in row order, from the byte runs ``[starts[i], stops[i])`` of the staged lines, gathered
+        16 MiB at a time; returns its sha256."""
         with storage.atomic_writer(self.folder / "items.csv") as raw:
             out = storage.HashingWriter(raw, BLOCK_BYTES)
             out.write(_ITEMS_HEADER)
-            src = np.memmap(self._staging / "items.bin", np.uint8, mode="r") if byte_runs else None
-            for a, b in byte_runs:
-                out.write(np.asarray(src[a:b]))  # type: ignore[index]
-            del src
+            if len(starts):
+                src = np.memmap(self._staging / "items.bin", np.uint8, mode="r")
+                data = memoryview(src)
+                parts: list[memoryview] = []
+                size = 0
+                for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+                    parts.append(data[a:b])
+                    size += b - a
+                    if size >= 16 << 20:
+                        out.write(b"".join(parts))
+                        parts, size = [], 0
+                out.write(b"".join(parts))
+                del data, src
         return out.whole.hexdigest()
 
     def abort(self) -> None:
@@ -614,10 +653,14 @@ class _CodesWriter:
             self.out.write(np.ascontiguousarray(v))
         return self
 
-    def add(self, rows: NDArray[np.float16]) -> None:
-        """Code and digest the next rows ``(b, D)``."""
-        self.out.write(self.codebook.encode(rows.astype(np.float32)))
-        self.digests[self.done : self.done + len(rows)] = [row_digest(r) for r in rows]
+    def encode(self, rows: NDArray[np.float16]) -> NDArray[np.uint8]:
+        """The codes ``(b, code_size)`` of rows ``(b, D)`` (thread-safe: writes nothing)."""
+        return self.codebook.encode(_as_float32(rows))
+
+    def add(self, rows: NDArray[np.float16], codes: NDArray[np.uint8]) -> None:
+        """Write the codes of the next rows ``(b, D)`` (from :meth:`encode`) and keep the rows' digests."""
+        self.out.write(codes)
+        self.digests[self.done : self.done + len(rows)] = row_digests(rows)
         self.done += len(rows)
 
     def __exit__(self, *exc: object) -> None:
@@ -629,3 +672,49 @@ class _CodesWriter:
                 self.record = {"bytes": self.out.size, "sha256": self.out.whole.hexdigest()}
         finally:
             self._stack.__exit__(*exc)  # type: ignore[arg-type]
+
+
+_CSV_SPECIAL = re.compile('[,"\n\r]')
+
+
+def _item_rows(
+    names: Sequence[str], authors: Sequence[str], order: NDArray[np.int64]
+) -> tuple[bytes, NDArray[np.int64], NDArray[np.uint64], NDArray[np.uint64]]:
+    """The ``items.csv`` lines of photos ``order`` (:func:`~geoswc.core.item_lines.item_line`, joined), their
+    lengths, and the :func:`~geoswc.gallery.search.item_key` of their ids and authors (0: no author), each ``(b,)``;
+    one pass over the photos, each text encoded once."""
+    blake2b, special = hashlib.blake2b, _CSV_SPECIAL.search
+    lines: list[bytes] = []
+    keys: list[bytes] = []
+    zero = bytes(8)
+    for i in order.tolist():
+        name, author = names[i], authors[i]
+        nb, ab = name.encode("utf-8"), author.encode("utf-8")
+        lines.append(item_line((name, author)) if special(name) or special(author) else nb + b"," + ab + b"\n")
+        keys.append(blake2b(nb, digest_size=8).digest())
+        keys.append(blake2b(ab, digest_size=8).digest() if author else zero)
+    both = np.frombuffer(b"".join(keys), "<u8").astype(np.uint64).reshape(-1, 2)
+    return b"".join(lines), np.array([len(x) for x in lines], np.int64), both[:, 0].copy(), both[:, 1].copy()
+
+
+def _gather(src: NDArray[np.float16], rows: NDArray[np.int64]) -> NDArray[np.float16]:
+    """``src[rows]`` ``(len(rows), D)`` of a memory-mapped ``src``, read in file order (the rows sorted) and put
+    back in the order asked for."""
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), src.shape[1]), src.dtype)
+    out[order] = src[rows[order]]
+    return out
+
+
+def _as_float32(rows: NDArray[np.float16]) -> NDArray[np.float32]:
+    """``rows`` as float32 (exact; torch converts float16 several times faster than numpy)."""
+    return torch.from_numpy(np.ascontiguousarray(rows)).float().numpy()
+
+
+def _emit(
+    out: storage.HashingWriter, sink: _CodesWriter | None, rows: NDArray[np.float16], codes: NDArray[np.uint8] | None
+) -> None:
+    """Write a batch of rows ``(b, D)`` to ``index.safetensors`` and, for a coded index, their codes and digests."""
+    out.write(rows)
+    if sink is not None and codes is not None:
+        sink.add(rows, codes)
