@@ -71,6 +71,40 @@ def test_jpeg_draft_decodes_smaller():
     assert 224 <= min(out.size) < 750
 
 
+@pytest.mark.parametrize("side,quarter", [(2000, False), (4000, False), (2000, True)])
+def test_a_draft_decoded_jpeg_gives_the_full_decodes_crop(side, quarter):
+    """A big JPEG decoded at a reduced scale (as the reader decodes it) is resized to the full image's geometry:
+    the same crop, unshifted, and pixels close to the full decode's (DCT scaling is not bicubic resampling)."""
+    from geoswc.core.config import Preprocess
+    from geoswc.data.transforms import preprocess
+
+    from .conftest import KAUAI
+
+    src = Image.open(KAUAI).convert("RGB")
+    big = src.resize((side, side * src.size[1] // src.size[0]), Image.Resampling.BICUBIC)
+    exif = None
+    if quarter:  # stored sideways, EXIF orientation 6: the upright photo is the other way round
+        big = big.transpose(Image.Transpose.ROTATE_90)
+        e = Image.Exif()
+        e[0x0112] = 6
+        exif = e.tobytes()
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92, **({"exif": exif} if exif else {}))
+    pre = Preprocess(224, (0.5,) * 3, (0.5,) * 3, "center_crop")
+    full = load_image(buf.getvalue())
+    drafted = load_image(buf.getvalue(), draft_size=2 * pre.image_size)
+    assert max(drafted.size) < max(full.size) // 3
+    a = preprocess(full, pre).numpy().astype(np.float64) * 127.5  # (3, S, S), in steps of 255
+    b = preprocess(drafted, pre).numpy().astype(np.float64) * 127.5
+    shifts = {
+        (dy, dx): np.abs(a[:, 1 + dy : 223 + dy, 1 + dx : 223 + dx] - b[:, 1:223, 1:223]).mean()
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    }
+    assert min(shifts, key=shifts.get) == (0, 0), shifts
+    assert np.abs(a - b).mean() < 4.0, np.abs(a - b).mean()  # of 255
+
+
 @pytest.mark.parametrize(
     "data,kind,msg",
     [

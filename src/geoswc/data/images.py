@@ -239,6 +239,10 @@ def jpeg_is_complete(data: bytes) -> bool:
     return False
 
 
+FULL_SIZE = "geoswc_full_size"
+"""``Image.info`` key of a draft-decoded JPEG: its ``(width, height)`` at full scale, upright."""
+
+
 def load_image(
     source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS, draft_size: int | None = None, name: str | None = None
 ) -> Image.Image:
@@ -248,7 +252,8 @@ def load_image(
         source: a path, the encoded bytes, a binary file object or a PIL image.
         limits: byte and pixel bounds checked before decoding.
         draft_size: when set, JPEGs are decoded at the smallest power-of-two reduction whose sides are
-            still at least this large (much faster for big photos; quality is unaffected after resizing).
+            still at least this large (much faster for big photos); the image then records its full size
+            (``info[FULL_SIZE]``) so that resizing gives the full decode's geometry.
         name: how error messages name the image (default: its path, or ``<image>``).
 
     Raises:
@@ -261,10 +266,12 @@ def load_image(
     try:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
+        full = img.size
         if draft_size and img.format == "JPEG":
             # exif_transpose may swap the sides, so ask for the short side on both axes.
             img.draft("RGB", (draft_size, draft_size))
         img.load()
+        decoded = img.size
         if img.format == "JPEG" and grey_filled_tail(img):
             raise ImageError(
                 f"{name} is truncated: the bottom of its frame holds no image data (its header "
@@ -272,7 +279,12 @@ def load_image(
                 kind="corrupt",
             )
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        if img.size != decoded:  # turned a quarter
+            full = (full[1], full[0])
+        out = _to_rgb(img)
+        if out.size != full:  # draft-decoded: resizing keeps the full image's geometry (transforms)
+            out.info[FULL_SIZE] = full
+        return out
     except ImageError:
         raise
     except MemoryError as e:

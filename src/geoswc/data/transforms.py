@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from geoswc.core.config import Preprocess
+from geoswc.data.images import FULL_SIZE
 
 _MAX_ASPECT = 8
 """Beyond this aspect ratio, center_crop crops before resizing (bounded memory)."""
@@ -41,6 +42,9 @@ def _resize(img: Image.Image, pre: Preprocess) -> Image.Image:
         # central square first. Ordinary photos keep the resize-then-crop path (bit-identical features).
         img = _center(img, min(w, h))
         w, h = img.size
+    else:
+        # A draft-decoded JPEG is resized to the size its full decode would be: the same crop, no shift.
+        w, h = img.info.get(FULL_SIZE, (w, h))
     scale = r / min(w, h)
     return _center(_resample(img, (max(r, round(w * scale)), max(r, round(h * scale))), pre), s)
 
