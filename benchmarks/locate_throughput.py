@@ -19,6 +19,7 @@ Run:  python benchmarks/locate_throughput.py --out benchmarks/results/locate_thr
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -31,12 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from geoswc.core import storage
 from geoswc.core.config import Preprocess
 from geoswc.core.stage_clock import StageClock
 from geoswc.core.threads import set_threads
+from geoswc.data.images import load_image
 from geoswc.data.records import loader
 from geoswc.data.shards import photo_dataset
 from geoswc.prediction.geolocator import Geolocator, LocateFailure
@@ -222,6 +225,24 @@ def backbone_only(geo: Geolocator, photos: list[Path], batch_size: int) -> float
     return sum(len(x) for x in batches) / (time.perf_counter() - t0)
 
 
+def decode_cost(photo: Path, side: int, draft_size: int, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds to decode ``photo`` upscaled to a ``side``-pixel JPEG (the size of a phone's photo): in full, and at
+    the reduced scale the reader uses (``draft_size``: twice the input size), the best of ``repeats``."""
+    src = Image.open(photo).convert("RGB")
+    buf = io.BytesIO()
+    src.resize((side, side * src.size[1] // src.size[0]), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=92)
+    data = buf.getvalue()
+    out = {}
+    for name, size in (("full_ms", None), ("draft_ms", draft_size)):
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            load_image(data, draft_size=size)
+            ts.append(1000 * (time.perf_counter() - t0))
+        out[name] = min(ts)
+    return {"side": side, "megapixels": side * (side * src.size[1] // src.size[0]) / 1e6, **out}
+
+
 STAGES = ("decode", "backbone", "heads", "search", "calibrate", "place", "output", "wait")
 THREAD_OF = {"decode": "decode", "backbone": "backbone", "output": "caller", "wait": "caller"}
 
@@ -298,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.profile:
             runtimes[runtime]["profile"] = profile_run(geo, photos, bs)
+            if "big_jpeg_decode" not in runtimes[runtime]:
+                size = 2 * geo.model.config.backbone.preprocess.image_size
+                runtimes[runtime]["big_jpeg_decode"] = decode_cost(ROOT / "examples" / "kauai.png", 4000, size)
         print(f"geoswc/{runtime}: {json.dumps(runtimes[runtime])}", file=sys.stderr, flush=True)
         del geo
 

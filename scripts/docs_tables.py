@@ -296,6 +296,13 @@ def locate_throughput(results: Path) -> str:
     for name, r in d["runtimes"].items():
         if "profile" in r:
             lines += ["", *_profile(name, r["profile"])]
+    big = next((r["big_jpeg_decode"] for r in d["runtimes"].values() if "big_jpeg_decode" in r), None)
+    if big is not None:
+        lines += [
+            "",
+            f"Decoding a {big['megapixels']:.0f}-megapixel JPEG: {big['full_ms']:.0f} ms in full, "
+            f"{big['draft_ms']:.0f} ms at the reduced scale the reader uses.",
+        ]
     return render(lines, d, "locate_throughput.json", NO_GPU, title)
 
 

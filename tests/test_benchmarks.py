@@ -250,3 +250,5 @@ def test_locate_profile_accounts_for_every_stage(tmp_path, capsys):
     assert caller <= 1.05, stages
     bench.print_profile(prof)
     assert "| backbone | backbone |" in capsys.readouterr().out
+    big = bench.decode_cost(photos[0], 1200, 448, repeats=1)
+    assert big["megapixels"] > 1 and big["full_ms"] > 0 and big["draft_ms"] > 0
