@@ -42,6 +42,8 @@ PARAM_NAMES = {"flat": (), "sq8": ("sq_trained",), "pq": ("pq_centroids",), "opq
 FAISS_FAST_SUB_DIM = 8
 """Sub-vectors this narrow FAISS codes fast itself (it has vectorised nearest-centroid routines for 2, 4 and 8
 dimensions); wider ones are coded by :func:`pq_codes`."""
+TABLE_ROWS = 4096
+"""Rows whose distance tables to one sub-vector's centroids :func:`pq_codes` holds at a time (4 MiB)."""
 ROUNDING_MARGIN = 8 * 2.0**-24
 """A product-quantiser code taken from FAISS's BLAS nearest-centroid search must beat the runner-up by this many
 float32 rounding units a sub-dimension (times the distances' scale), else FAISS's own coder settles it (see
@@ -267,29 +269,50 @@ def pq_codes(x: NDArray[np.float32], centroids: NDArray[np.float32], sub_coders:
     """FAISS's product-quantiser codes ``(b, m)`` of ``x (b, m * s)`` (centroids ``(m, 256, s)``), fast.
 
     FAISS's coder computes each of the ``256 m`` distances of a row one by one (about 150 us a row at
-    1280 x 128 bytes); its BLAS search (``faiss.knn``) finds each sub-vector's two nearest centroids at a fraction
-    of that. Its nearest is FAISS's code wherever it beats the runner-up by more than both computations' rounding
-    can move a distance (:data:`ROUNDING_MARGIN`): then the two cannot disagree. The few sub-vectors closer to a
-    tie than that (and any with NaN or infinite values) are coded by ``sub_coders[j]``, FAISS's own routine, so
-    every code is FAISS's ``ProductQuantizer.compute_codes`` byte for byte.
+    1280 x 128 bytes); its BLAS distance tables (``faiss.pairwise_L2sqr``, :data:`TABLE_ROWS` rows at a time)
+    give each sub-vector's two nearest centroids at a fraction of that. The nearest is FAISS's code wherever it
+    beats the runner-up by more than both computations' rounding can move a distance (:data:`ROUNDING_MARGIN`):
+    then the two cannot disagree. The few sub-vectors closer to a tie than that (and any with NaN or infinite
+    values) are coded by ``sub_coders[j]``, FAISS's own routine, so every code is FAISS's
+    ``ProductQuantizer.compute_codes`` byte for byte.
     """
-    faiss = _faiss()
     b, (m, _, s) = len(x), centroids.shape
     if b == 0:
         return np.zeros((0, m), np.uint8)
-    sub = np.ascontiguousarray(np.asarray(x, np.float32).reshape(b, m, s).transpose(1, 0, 2))  # (m, b, s)
-    cents = np.ascontiguousarray(centroids, np.float32)
+    x = np.ascontiguousarray(x, np.float32)
+    flat, cents = x.reshape(-1), np.ascontiguousarray(centroids, np.float32)
     cnorm = np.sqrt(np.square(cents, dtype=np.float64).sum(-1).max(-1))  # (m,) largest centroid norm
-    codes = np.empty((m, b), np.uint8)
-    for j in range(m):
-        dist, lab = faiss.knn(sub[j], cents[j], 2)
-        scale = (np.sqrt(np.square(sub[j], dtype=np.float64).sum(1)) + cnorm[j]) ** 2  # bounds |x|^2, |c|^2, 2|x.c|
-        sure = (dist[:, 1].astype(np.float64) - dist[:, 0] > ROUNDING_MARGIN * (s + 3) * scale) & (lab[:, 0] >= 0)
-        codes[j] = lab[:, 0]
-        if not sure.all():
-            near = np.flatnonzero(~sure)
-            codes[j, near] = sub_coders[j].compute_codes(np.ascontiguousarray(sub[j][near]))[:, 0]
-    return np.ascontiguousarray(codes.T)
+    xsq = np.einsum("bms,bms->bm", x.reshape(b, m, s), x.reshape(b, m, s)).astype(np.float64)
+    bound = ROUNDING_MARGIN * (s + 3) * (np.sqrt(xsq) + cnorm) ** 2  # (b, m); the scale bounds |x|^2, |c|^2, 2|x.c|
+    codes = np.empty((b, m), np.uint8)
+    for a in range(0, b, TABLE_ROWS):
+        r = min(TABLE_ROWS, b - a)
+        for j in range(m):
+            near, gap = _two_nearest(flat[(a * m + j) * s :], r, m * s, cents[j])
+            codes[a : a + r, j] = near
+            tie = a + np.flatnonzero(~(gap > bound[a : a + r, j]))  # NaN: not sure either
+            if tie.size:
+                codes[tie, j] = sub_coders[j].compute_codes(np.ascontiguousarray(x[tie, j * s : (j + 1) * s]))[:, 0]
+    return codes
+
+
+def _two_nearest(
+    x: NDArray[np.float32], rows: int, stride: int, cents: NDArray[np.float32]
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The nearest of the centroids ``cents (k, s)`` to each of ``rows`` vectors of ``s`` floats that start
+    ``stride`` floats apart in ``x``, and by how much the runner-up is farther (squared L2 as FAISS's BLAS
+    computes it): ``(rows,)`` each."""
+    faiss = _faiss()
+    k, s = cents.shape
+    dist = np.empty((rows, k), np.float32)
+    faiss.pairwise_L2sqr(
+        s, rows, faiss.swig_ptr(x), k, faiss.swig_ptr(cents), faiss.swig_ptr(dist), stride, s, k
+    )  # reads x[i * stride : i * stride + s] for each row i, no copy
+    at = np.arange(rows)
+    near = dist.argmin(1)
+    best = dist[at, near].astype(np.float64)
+    dist[at, near] = np.inf
+    return near, dist.min(1) - best
 
 
 class CellLists:
