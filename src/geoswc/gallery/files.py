@@ -244,10 +244,10 @@ def row_digest(row: NDArray[np.float16]) -> int:
 
 def row_digests(rows: NDArray[np.float16]) -> NDArray[np.uint64]:
     """:func:`row_digest` of each row of ``rows (b, D)``: ``(b,)``, in one tight loop over the rows' bytes."""
-    data = memoryview(np.ascontiguousarray(rows)).cast("B")
-    width, blake2b = rows.shape[1] * rows.itemsize, hashlib.blake2b
-    if not width:
-        return np.full(len(rows), row_digest(np.zeros(0, np.float16)), np.uint64)
+    blake2b = hashlib.blake2b
+    if not rows.size:  # no rows, or rows of no bytes
+        return np.full(len(rows), int.from_bytes(blake2b(b"", digest_size=8).digest(), "little"), np.uint64)
+    data, width = memoryview(np.ascontiguousarray(rows)).cast("B"), rows.shape[1] * rows.itemsize
     digests = b"".join([blake2b(data[i : i + width], digest_size=8).digest() for i in range(0, len(data), width)])
     return np.frombuffer(digests, "<u8").astype(np.uint64)
 
