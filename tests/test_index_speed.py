@@ -111,3 +111,12 @@ def test_batches_do_not_change_the_index(tmp_path: Path, monkeypatch: pytest.Mon
     whole = _build(tmp_path / "whole", kind)
     monkeypatch.setattr(files, "BATCH_ROWS", 7)
     assert _build(tmp_path / "small", kind) == whole
+
+
+def test_item_keys_are_item_key_of_each_text():
+    from geoswc.gallery.search import item_key, item_keys
+
+    texts = ["a.jpg", "", 'ünïcode,"quoted"\n', "x" * 300]
+    assert item_keys(texts).tolist() == [item_key(t) for t in texts]
+    assert item_keys(texts, empty_is_zero=True).tolist() == [item_key(t) if t else 0 for t in texts]
+    assert item_keys([]).shape == (0,)

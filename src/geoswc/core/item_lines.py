@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator, Sequence
 from typing import overload
 
@@ -54,10 +55,13 @@ class ItemColumn(Sequence[str]):
     __hash__ = None  # type: ignore[assignment]  # mutable-looking, like a list
 
 
+_NEEDS_QUOTES = re.compile('[,"\n\r]').search
+
+
 def item_line(texts: Sequence[str], numbers: Sequence[float] = ()) -> bytes:
     """One CSV row: the text fields (quoted where a field holds ``,``, ``"``, a newline or a carriage return,
     which Python's CSV writer leaves bare), then the numbers as Python writes them (exactly read back)."""
-    quoted = ['"' + t.replace('"', '""') + '"' if any(c in t for c in ',"\n\r') else t for t in texts]
+    quoted = ['"' + t.replace('"', '""') + '"' if _NEEDS_QUOTES(t) else t for t in texts]
     return (",".join([*quoted, *(repr(float(x)) for x in numbers)]) + "\n").encode("utf-8")
 
 

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import threading
@@ -55,7 +54,7 @@ from geoswc.core.errors import ArtifactError, InputError, building
 from geoswc.core.item_lines import ItemColumn, item_line
 from geoswc.core.progress import progress_bar
 from geoswc.gallery.codes import PARAM_NAMES, CellLists, Codebook, check_codes, train_codebook
-from geoswc.gallery.search import CHUNK_ROWS, Gallery, GalleryIdentity, lookup_table
+from geoswc.gallery.search import CHUNK_ROWS, Gallery, GalleryIdentity, item_keys, lookup_table
 from geoswc.gallery.thumbnails import BIN_FILE, TABLE_FILE, Thumbnails, ThumbnailSettings, ThumbnailWriter, remove_files
 
 log = logging.getLogger(__name__)
@@ -674,27 +673,20 @@ class _CodesWriter:
             self._stack.__exit__(*exc)  # type: ignore[arg-type]
 
 
-_CSV_SPECIAL = re.compile('[,"\n\r]')
-
-
 def _item_rows(
     names: Sequence[str], authors: Sequence[str], order: NDArray[np.int64]
 ) -> tuple[bytes, NDArray[np.int64], NDArray[np.uint64], NDArray[np.uint64]]:
     """The ``items.csv`` lines of photos ``order`` (:func:`~geoswc.core.item_lines.item_line`, joined), their
-    lengths, and the :func:`~geoswc.gallery.search.item_key` of their ids and authors (0: no author), each ``(b,)``;
-    one pass over the photos, each text encoded once."""
-    blake2b, special = hashlib.blake2b, _CSV_SPECIAL.search
-    lines: list[bytes] = []
-    keys: list[bytes] = []
-    zero = bytes(8)
-    for i in order.tolist():
-        name, author = names[i], authors[i]
-        nb, ab = name.encode("utf-8"), author.encode("utf-8")
-        lines.append(item_line((name, author)) if special(name) or special(author) else nb + b"," + ab + b"\n")
-        keys.append(blake2b(nb, digest_size=8).digest())
-        keys.append(blake2b(ab, digest_size=8).digest() if author else zero)
-    both = np.frombuffer(b"".join(keys), "<u8").astype(np.uint64).reshape(-1, 2)
-    return b"".join(lines), np.array([len(x) for x in lines], np.int64), both[:, 0].copy(), both[:, 1].copy()
+    lengths, and the :func:`~geoswc.gallery.search.item_key` of their ids and authors (0: no author), each ``(b,)``."""
+    idx = order.tolist()
+    names_in, authors_in = [names[i] for i in idx], [authors[i] for i in idx]
+    lines = [item_line(pair) for pair in zip(names_in, authors_in, strict=True)]
+    return (
+        b"".join(lines),
+        np.fromiter(map(len, lines), np.int64, len(lines)),
+        item_keys(names_in),
+        item_keys(authors_in, empty_is_zero=True),
+    )
 
 
 def _gather(src: NDArray[np.float16], rows: NDArray[np.int64]) -> NDArray[np.float16]:
