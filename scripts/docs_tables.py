@@ -414,6 +414,33 @@ def cell_selection(results: Path) -> str:
     return render(table(["", "measured"], "lr", rows), d, "cell_selection.json", NO_GPU, title)
 
 
+def cell_thresholds(results: Path) -> str:
+    d = load(results, "cell_thresholds.json")
+    rows = [
+        [
+            f"{r['full']['max_per_cell']} / {r['full']['min_per_cell']}",
+            f"{r['full']['cells']:,}",
+            f"{r['half']['cells']:,}",
+            f"{pct(r['full']['points_kept'], 0)} %",
+            f"{r['full']['mean_over_max']:.2f}",
+        ]
+        for r in d["rows"]
+    ]
+    header = [
+        "sample thresholds (max/min)",
+        f"cells ({d['sample'] // 1000}k)",
+        "cells (half sample, halved thresholds)",
+    ]
+    lines = table([*header, "points kept", "mean points per cell / max"], "lrrrr", rows)
+    lines += [
+        "",
+        f"So cells ≈ {d['cells_per_photo_over_max']:.2f} · N / max: for 30,000 cells on N = {d['mp16_photos']:,} "
+        f"photos, max ≈ {d['max_for_30k_cells_on_mp16']:.0f}.",
+    ]
+    title = "Adaptive cells at each threshold on the MP-16 coordinate sample"
+    return render(lines, d, "cell_thresholds.json", "", title)
+
+
 def _galleries(results: Path) -> dict[str, Callable[[Path], str]]:
     names = sorted(p.name for p in results.glob("gallery_search_*.json"))
     return {n.replace(".json", ".md"): (lambda r, n=n: gallery_search(r, n)) for n in names}
@@ -432,6 +459,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "scale_rehearsal.md": scale_rehearsal,
     "load_test.md": load_test,
     "cell_selection.md": cell_selection,
+    "cell_thresholds.md": cell_thresholds,
 }
 
 

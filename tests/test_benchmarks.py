@@ -78,6 +78,19 @@ def test_cell_selection_benchmark(tmp_path, capsys):
 
 
 @pytest.mark.shared_data
+def test_cell_thresholds_benchmark(tmp_path, capsys):
+    """The paper recipe's threshold table: the cells a threshold keeps on the MP-16 sample and on its half."""
+    out = tmp_path / "ct.json"
+    assert _load("cell_thresholds").main(["--out", str(out), "--max", "128", "256", "--coords", str(MP16)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["full"]["max_per_cell"] for row in r["rows"]] == [128, 256]
+    assert r["rows"][0]["full"]["cells"] > r["rows"][1]["full"]["cells"] > 0
+    assert all(0.5 < row["full"]["points_kept"] <= 1 and 0 < row["full"]["mean_over_max"] < 1 for row in r["rows"])
+    assert r["max_for_30k_cells_on_mp16"] == pytest.approx(r["cells_per_photo_over_max"] * 4_720_000 / 30_000)
+    assert "max_per_cell ~" in capsys.readouterr().out
+
+
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_cross_validation_quick_run(tmp_path, capsys):
     cv = _load_cv()
