@@ -78,6 +78,7 @@ def test_cell_selection_benchmark(tmp_path, capsys):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_cell_thresholds_benchmark(tmp_path, capsys):
     """The paper recipe's threshold table: the cells a threshold keeps on the MP-16 sample and on its half."""
     out = tmp_path / "ct.json"
