@@ -81,6 +81,14 @@ def test_auto_threads_leaves_the_decoding_workers_their_cores(monkeypatch):
     assert threads.auto_threads(0) == 1
 
 
+def test_auto_threads_shares_the_cores_among_torchruns_processes(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert threads.auto_threads(0) == 8 and threads.auto_threads(4) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "junk")
+    assert threads.auto_threads(0) == 64
+
+
 @pytest.mark.parametrize("bad", [-1, 10**6, 1.5, "2"])
 def test_run_threads_out_of_range_is_a_setting_error(bad):
     with pytest.raises((SettingError, TypeError)):

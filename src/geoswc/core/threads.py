@@ -34,16 +34,25 @@ def usable_cores() -> int:
 
 
 def auto_threads(workers: int = 0) -> int:
-    """The measured best compute thread count: one per usable core, less one per decoding worker process (the
-    workers need their cores), at least one; on two cores or fewer, one.
+    """The measured best compute thread count: this process's share of the usable cores (under torchrun, the cores
+    over the processes on this node, ``LOCAL_WORLD_SIZE``), less one per decoding worker process (the workers need
+    their cores), at least one; with two cores or fewer, one.
 
     On a 2-core machine a second OpenMP thread contends with decoding and with other processes: a parallel op
     waits for its slowest thread, and ``benchmarks/locate_throughput.py`` measured one thread best there.
     """
-    cores = usable_cores()
+    cores = usable_cores() // max(1, _local_processes())
     if cores <= 2:
         return 1
     return max(1, cores - max(0, workers))
+
+
+def _local_processes() -> int:
+    """The processes of this job on this node (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def set_threads(count: int, workers: int = 0) -> int:
