@@ -40,7 +40,9 @@ def test_help_lists_every_command_and_each_has_help(capsys):
     assert "--search.eps_km" in helps["train"] and "DBSCAN radius" in helps["train"]
     assert "--train.val_fraction" in helps["train"] and "--exclude_same_author" in helps["evaluate"]
     assert "--run.workers" in helps["locate"] and "PHOTO" in helps["locate"]
-    assert all("--run.threads" in helps[c] and "share of the usable cores" in helps[c] for c in ("locate", "index", "train"))
+    assert all(
+        "--run.threads" in helps[c] and "share of the usable cores" in helps[c] for c in ("locate", "index", "train")
+    )
 
 
 def test_print_config_is_complete_and_reads_back(tmp_path, capsys):
