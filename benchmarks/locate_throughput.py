@@ -304,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         load_s = time.perf_counter() - t0
         geo.locate(lat_photos[0])  # warm-up: the place lookup table, allocator
-        ips = geoswc_run(geo, photos, bs)
-        bb = backbone_only(geo, photos, bs)
+        # Each rate the best of two passes, taken in turn, so that a moment of load elsewhere does not decide it.
+        ips, bb = 0.0, 0.0
+        for _ in range(2):
+            ips, bb = max(ips, geoswc_run(geo, photos, bs)), max(bb, backbone_only(geo, photos, bs))
         lat = latencies_ms(lambda p, g=geo: g.locate(p), lat_photos)
         runtimes[runtime] = {
             "images_per_s": ips,
