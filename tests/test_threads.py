@@ -134,3 +134,23 @@ def test_a_command_sets_the_threads_it_is_given(tmp_path):
         assert summary.located == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_pipeline_threads_compute_with_the_process_setting():
+    """OpenMP keeps its thread count per thread (what BLAS and FAISS read): a stage started by ahead() computes
+    with the count set_threads gave, not OpenMP's default of one thread per core."""
+    import ctypes
+
+    omp_max_threads = ctypes.CDLL(None).omp_get_max_threads  # torch's libgomp, loaded with torch
+    before = torch.get_num_threads()
+    seen = []
+
+    def stage():
+        seen.append(omp_max_threads())
+        yield 1
+
+    try:
+        threads.set_threads(1)
+        assert list(threads.ahead(stage())) == [1] and seen == [1]
+    finally:
+        torch.set_num_threads(before)

@@ -62,13 +62,23 @@ def set_threads(count: int, workers: int = 0) -> int:
     n = count if count > 0 else auto_threads(workers)
     n = min(n, MAX_THREADS)
     _state["count"] = n
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
     faiss = sys.modules.get("faiss")
     if faiss is not None:
         faiss.omp_set_num_threads(n)
     log.debug("compute threads: %d", n)
     return n
+
+
+def in_this_thread() -> None:
+    """Give the calling thread the process's compute thread count. OpenMP keeps the count per thread: a thread
+    started after :func:`set_threads` (a pipeline stage, a web server's worker) would otherwise run BLAS and FAISS
+    with OpenMP's default, one thread per core, whatever torch reports."""
+    n = _state["count"] or torch.get_num_threads()
+    torch.set_num_threads(n)
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:
+        faiss.omp_set_num_threads(n)
 
 
 def threads_set() -> int:
@@ -96,6 +106,7 @@ def ahead(items: Iterable[T], depth: int = 2, name: str = "geoswc-ahead") -> Ite
         return False
 
     def produce() -> None:
+        in_this_thread()
         it = iter(items)
         try:
             for x in it:

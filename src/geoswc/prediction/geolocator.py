@@ -24,7 +24,7 @@ from geoswc.core.config import METHODS, Method, Runtime, SearchChanges, SearchCo
 from geoswc.core.errors import ArtifactError, GeoswcError, ImageError, InputError, SettingError
 from geoswc.core.progress import progress_bar
 from geoswc.core.stage_clock import OFF, StageClock
-from geoswc.core.threads import ahead
+from geoswc.core.threads import ahead, in_this_thread
 from geoswc.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, source_name
 from geoswc.data.records import Batch, loader
 from geoswc.data.shards import ShardDataset, input_position, listed_total, photo_dataset, resolve_shards
@@ -444,6 +444,7 @@ class Geolocator:
         Three stages overlap: decoding (a background thread, or ``num_workers`` processes behind it), the backbone
         (a second thread) and the caller's work on the features (search, output), each up to two batches ahead.
         """
+        in_this_thread()  # the caller may be a thread of its own (a web server's): it searches with FAISS
         clock = self._clock
         batches = ahead(clock.timed("decode", loader(ds, batch_size, num_workers)), name="geoswc-decode")
         features = ahead(self._backbone_stream(batches), name="geoswc-backbone")
