@@ -441,6 +441,40 @@ def cell_thresholds(results: Path) -> str:
     return render(lines, d, "cell_thresholds.json", "", title)
 
 
+def gpu_check(results: Path) -> str:
+    """``benchmarks/gpu_check.py``'s run on a CUDA machine, or a line saying that none is committed yet."""
+    if not (results / "gpu_check.json").is_file():
+        return HEADER + (
+            "Not measured yet: no run of `python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json` "
+            "on a CUDA GPU is committed.\n"
+        )
+    d = load(results, "gpu_check.json")
+    rows = []
+    for key, label in (("one_process", "one process"), ("torchrun", "torchrun")):
+        ex, tr = d.get(key, {}).get("extract", {}), d.get(key, {}).get("train", {})
+        rows.append(
+            [
+                f"{label} ({ex.get('processes', tr.get('processes', '–'))} process(es))",
+                "failed" if "error" in ex else num(ex.get("images_per_s"), ".1f"),
+                "failed" if "error" in tr else num(tr.get("images_per_s"), ".1f"),
+                {True: "yes", False: "no"}.get(tr.get("loss_fell"), "–"),
+                num(
+                    max((x for x in (ex.get("peak_gpu_gib"), tr.get("peak_gpu_gib")) if x is not None), default=None),
+                    ".1f",
+                ),
+            ]
+        )
+    clip = d.get("clip_extract")
+    if clip:
+        rate = "failed" if "error" in clip else num(clip.get("images_per_s"), ".1f")
+        rows.append([f"{clip.get('backbone', 'CLIP')} extraction", rate, "", "", num(clip.get("peak_gpu_gib"), ".1f")])
+    head = ["run", "extraction images/s", "fine-tuning images/s", "loss fell", "peak GPU GiB"]
+    settings = d.get("settings", {})
+    size, precision = settings.get("image_size", ""), settings.get("precision", "")
+    title = f"{d['device']}: {settings.get('backbone', '')} at {size} px, {precision}"
+    return render(table(head, "lrrrr", rows), d, "gpu_check.json", "", title)
+
+
 def _galleries(results: Path) -> dict[str, Callable[[Path], str]]:
     names = sorted(p.name for p in results.glob("gallery_search_*.json"))
     return {n.replace(".json", ".md"): (lambda r, n=n: gallery_search(r, n)) for n in names}
@@ -460,6 +494,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "load_test.md": load_test,
     "cell_selection.md": cell_selection,
     "cell_thresholds.md": cell_thresholds,
+    "gpu_check.md": gpu_check,
 }
 
 

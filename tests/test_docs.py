@@ -180,3 +180,25 @@ def test_the_layer_map_follows_test_layers() -> None:
 
     rows = re.findall(r"^\| `(\w+)/` \|", (DOCS / "architecture.md").read_text(), re.M)
     assert rows == [name for name, _ in LAYERS if name]
+
+
+def test_the_gpu_check_table_says_when_nothing_was_measured_and_shows_a_run(tables, tmp_path) -> None:
+    results = _results_copy(tmp_path)
+    (results / "gpu_check.json").unlink(missing_ok=True)
+    assert "Not measured yet" in tables.gpu_check(results)
+    run = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "settings": {"backbone": "efficientnet-b4", "image_size": "300", "precision": "bf16"},
+        "one_process": {
+            "extract": {"processes": 1, "images_per_s": 812.4, "peak_gpu_gib": 9.5},
+            "train": {"processes": 1, "images_per_s": 301.2, "loss_fell": True, "peak_gpu_gib": 21.25},
+        },
+        "torchrun": {"extract": {"error": "NCCL error"}, "train": {}},
+        "clip_extract": {"backbone": "clip-vit-l14", "images_per_s": 640.0, "peak_gpu_gib": 3.0},
+        "provenance": {"commit": "0123456789abcdef", "date": "2026-12-08T00:00:00Z", "machine": {"gpu": "H100 x1"}},
+    }
+    (results / "gpu_check.json").write_text(json.dumps(run))
+    text = tables.gpu_check(results)
+    assert "| one process (1 process(es)) | 812.4 | 301.2 | yes | 21.2 |" in text
+    assert "| torchrun (– process(es)) | failed |" in text and "| clip-vit-l14 extraction | 640.0 |" in text
+    assert "NVIDIA H100 80GB HBM3: efficientnet-b4 at 300 px, bf16" in text and "measured at 0123456" in text
