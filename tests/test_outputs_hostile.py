@@ -254,8 +254,8 @@ def _kill_after(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
     elif point == "items":  # index.safetensors and items.csv written, index.json not yet
         items = GalleryWriter._write_items
 
-        def then_fail(self: GalleryWriter, runs: list[tuple[int, int]]) -> str:
-            items(self, runs)
+        def then_fail(self: GalleryWriter, *byte_runs: object) -> str:
+            items(self, *byte_runs)
             raise Killed
 
         monkeypatch.setattr(GalleryWriter, "_write_items", then_fail)

@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
 
         return Geolocator
     if name == "set_threads":  # what --run.threads does, for Python callers of Geolocator
-        from geoswc.core.threads import set_threads
+        from geoswc.core.threads import set_threads  # lazy: it imports torch, which `import geoswc` does not
 
         return set_threads
     raise AttributeError(f"module 'geoswc' has no attribute {name!r}")
