@@ -154,3 +154,16 @@ def test_pipeline_threads_compute_with_the_process_setting():
         assert list(threads.ahead(stage())) == [1] and seen == [1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_faiss_loaded_after_the_setting_takes_it():
+    """FAISS has its own OpenMP runtime: loaded after set_threads (as a command loads it, with the gallery), it
+    still computes with the count set."""
+    import subprocess
+
+    code = (
+        "import sys; from geoswc.core.threads import set_threads; set_threads(1); assert 'faiss' not in sys.modules;"
+        "from geoswc.gallery.codes import train_codebook, check_codes; import geoswc.gallery.codes as c;"
+        "f = c._faiss(); assert f.omp_get_max_threads() == 1, f.omp_get_max_threads()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -57,8 +57,8 @@ def _local_processes() -> int:
 
 def set_threads(count: int, workers: int = 0) -> int:
     """Set the compute threads of this process: torch's intra-op pool, the onnxruntime sessions made afterwards
-    (they follow torch's count) and FAISS's OpenMP pool (now if FAISS is loaded, else when it is). ``count`` 0:
-    :func:`auto_threads` for ``workers`` decoding processes. Returns the count set."""
+    (they follow torch's count) and FAISS's OpenMP pool (now if FAISS is loaded, else when geoswc loads it).
+    ``count`` 0: :func:`auto_threads` for ``workers`` decoding processes. Returns the count set."""
     n = count if count > 0 else auto_threads(workers)
     n = min(n, MAX_THREADS)
     _state["count"] = n

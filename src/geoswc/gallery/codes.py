@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from geoswc.core import threads
 from geoswc.core.errors import InputError, building
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,11 @@ float32 rounding units a sub-dimension (times the distances' scale), else FAISS'
 
 
 def _faiss() -> Any:
+    loaded = "faiss" in sys.modules
     import faiss  # imported on use: loading it costs ~0.2 s
 
+    if not loaded:  # its own OpenMP runtime: give it the thread count set before it was loaded (--run.threads)
+        threads.in_this_thread()
     return faiss
 
 
