@@ -55,6 +55,7 @@ import torch
 from geoswc import workflow
 from geoswc.core import storage
 from geoswc.core.config import CellConfig, GalleryCodes
+from geoswc.core.threads import set_threads
 from geoswc.gallery.files import GalleryWriter, load_gallery
 from geoswc.gallery.search import Gallery, GalleryIdentity
 from geoswc.prediction.geolocator import default_model_dir
@@ -92,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads",
         type=int,
-        default=torch.get_num_threads(),
-        help="torch and FAISS threads (1 is faster on a busy machine)",
+        default=0,
+        help="torch and FAISS threads, as --run.threads (default 0: geoswc's automatic count; 1 is faster on a busy "
+        "machine)",
     )
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: measure one index, print JSON
     p.add_argument("--queries-file", type=Path, help=argparse.SUPPRESS)
@@ -331,16 +333,9 @@ def measure_in_child(folder: Path, queries: Path, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def set_threads(n: int) -> None:
-    import faiss
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    set_threads(args.threads)
+    args.threads = set_threads(args.threads)  # the count set (0 resolved), recorded and handed to the child
     if args.measure:
         print(json.dumps(measure(args.measure, args.queries_file)))
         return 0
