@@ -62,10 +62,7 @@ def set_threads(count: int, workers: int = 0) -> int:
     n = count if count > 0 else auto_threads(workers)
     n = min(n, MAX_THREADS)
     _state["count"] = n
-    torch.set_num_threads(n)
-    faiss = sys.modules.get("faiss")
-    if faiss is not None:
-        faiss.omp_set_num_threads(n)
+    in_this_thread()
     log.debug("compute threads: %d", n)
     return n
 
