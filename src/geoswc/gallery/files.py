@@ -234,15 +234,9 @@ def _read_codes(folder: Path, codes: dict[str, Any], n: int, dim: int) -> tuple[
     return codebook, base + int(header["codes"]["data_offsets"][0]), t["row_blake2b"]
 
 
-def row_digest(row: NDArray[np.float16]) -> int:
-    """64-bit BLAKE2b of one embedding row's bytes (what :class:`_RowDigests` checks)."""
-    return int.from_bytes(
-        hashlib.blake2b(memoryview(np.ascontiguousarray(row)).cast("B"), digest_size=8).digest(), "little"
-    )
-
-
 def row_digests(rows: NDArray[np.float16]) -> NDArray[np.uint64]:
-    """:func:`row_digest` of each row of ``rows (b, D)``: ``(b,)``, in one tight loop over the rows' bytes."""
+    """Each embedding row's digest, ``(b,)`` of ``rows (b, D)``: the 64-bit BLAKE2b of the row's bytes, read
+    little-endian (what :class:`_RowDigests` checks), in one tight loop over the rows."""
     blake2b = hashlib.blake2b
     if not rows.size:  # no rows, or rows of no bytes
         return np.full(len(rows), int.from_bytes(blake2b(b"", digest_size=8).digest(), "little"), np.uint64)
@@ -259,7 +253,7 @@ class _RowDigests:
 
     Args:
         embeddings: ``(N, D)`` float16, memory-mapped from ``path``, row ``r`` at byte ``row0 + r * 2 * D``.
-        digests: ``(N,)`` each row's :func:`row_digest`.
+        digests: ``(N,)`` each row's digest (:func:`row_digests`).
     """
 
     def __init__(self, embeddings: NDArray[np.float16], digests: NDArray[np.uint64], path: Path, row0: int) -> None:
