@@ -55,7 +55,7 @@ import torch
 from geoswc import workflow
 from geoswc.core import storage
 from geoswc.core.config import CellConfig, GalleryCodes
-from geoswc.core.threads import set_threads
+from geoswc.core.threads import auto_threads, set_threads
 from geoswc.gallery.files import GalleryWriter, load_gallery
 from geoswc.gallery.search import Gallery, GalleryIdentity
 from geoswc.prediction.geolocator import default_model_dir
@@ -94,8 +94,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=0,
-        help="torch and FAISS threads, as --run.threads (default 0: geoswc's automatic count; 1 is faster on a busy "
-        "machine)",
+        help="compute threads of the build, as --run.threads (default 0: geoswc's automatic count for an index built "
+        "from cached features; 1 is faster on a busy machine)",
+    )
+    p.add_argument(
+        "--query-threads",
+        type=int,
+        default=0,
+        help="compute threads of the query measurement (default 0: the automatic count of a locating command, as "
+        "a service searches)",
     )
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: measure one index, print JSON
     p.add_argument("--queries-file", type=Path, help=argparse.SUPPRESS)
@@ -335,7 +342,7 @@ def measure_in_child(folder: Path, queries: Path, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.threads = set_threads(args.threads)  # the count set (0 resolved), recorded and handed to the child
+    args.threads = set_threads(args.threads, pipelined=False)  # the count set (0 resolved), recorded
     if args.measure:
         print(json.dumps(measure(args.measure, args.queries_file)))
         return 0
@@ -383,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                         "build_s": build_s,
                         "disk_bound_s": disk_s,
                         "build_over_disk": build_s / disk_s,
-                        **measure_in_child(folder, work / "queries.npz", args.threads),
+                        **measure_in_child(folder, work / "queries.npz", args.query_threads or auto_threads()),
                     }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -409,6 +416,7 @@ def write_result(args: argparse.Namespace, dim: int, rows: list[dict], complete:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": args.threads,
+        "query_threads": args.query_threads or auto_threads(),
         "faiss": __import__("faiss").__version__,
         "command": " ".join(["python", *sys.argv]),
         "runs": rows,

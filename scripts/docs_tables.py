@@ -324,8 +324,10 @@ def gallery_search(results: Path, name: str) -> str:
     head += ["disk-bound s"] if disk else []
     rows = [_gallery_row(r, cold, disk) for r in d["runs"]]
     state = "cold start: the index's pages dropped before the queries" if cold else "page cache as the build left it"
-    title = f"{d['runs'][0]['queries']} within-cell queries a gallery, k = {d['k']}, {d['threads']} compute thread(s)"
-    title += f"; {state}"
+    threads = f"{d['threads']} compute thread(s)"
+    if "query_threads" in d:
+        threads = f"built with {d['threads']} compute thread(s), queried with {d['query_threads']}"
+    title = f"{d['runs'][0]['queries']} within-cell queries a gallery, k = {d['k']}, {threads}; {state}"
     lines = table(head, "rll" + "r" * (len(head) - 3), rows)
     return render(lines, d, name, NO_GPU, title)
 

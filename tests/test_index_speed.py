@@ -121,3 +121,16 @@ def test_item_keys_are_item_key_of_each_text():
     assert item_keys(texts).tolist() == [item_key(t) for t in texts]
     assert item_keys(texts, empty_is_zero=True).tolist() == [item_key(t) if t else 0 for t in texts]
     assert item_keys([]).shape == (0,)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_pq_codes_split_over_threads_are_faiss_codes(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Blocks of rows coded by several compute threads give the same bytes as FAISS (and as one thread)."""
+    from geoswc.core import threads
+    from geoswc.gallery import codes
+
+    monkeypatch.setitem(threads._state, "count", count)
+    monkeypatch.setattr(codes, "TABLE_ROWS", 256)  # 12 blocks
+    x = _unit(3000, 80, 6)
+    cb = train_codebook("pq", x[:1000], 8, 0)
+    assert np.array_equal(cb.encode(x), _faiss_pq(cb).compute_codes(x))

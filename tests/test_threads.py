@@ -167,3 +167,49 @@ def test_faiss_loaded_after_the_setting_takes_it():
         "f = c._faiss(); assert f.omp_get_max_threads() == 1, f.omp_get_max_threads()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_auto_threads_gives_work_without_a_pipeline_every_core(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    assert threads.auto_threads(0, pipelined=False) == 2 and threads.auto_threads(0) == 1
+    assert threads.auto_threads(1, pipelined=False) == 1
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_each_does_every_item_once_with_one_blas_thread_a_worker(monkeypatch, count):
+    import threadpoolctl
+
+    def blas_threads():  # BLAS pools of their own (an OpenMP-threaded one follows the thread's OpenMP count)
+        info = threadpoolctl.threadpool_info()
+        return [d["num_threads"] for d in info if d["user_api"] == "blas" and d.get("threading_layer") != "openmp"]
+
+    monkeypatch.setitem(threads._state, "count", count)
+    done, seen, where = [], set(), set()
+    lock = threading.Lock()
+
+    def work(i):
+        with lock:
+            done.append(i)
+            seen.update(blas_threads())
+            where.add(threading.current_thread().name)
+        time.sleep(0.01)  # the items overlap: each worker takes some
+
+    before = blas_threads()
+    threads.each(work, range(10))
+    assert sorted(done) == list(range(10))
+    if count > 1:
+        assert seen <= {1} and len(where) > 1 and threading.current_thread().name not in where
+    else:
+        assert where == {threading.current_thread().name}  # one thread: the caller's own
+    assert blas_threads() == before  # restored after
+
+
+def test_each_raises_a_workers_error(monkeypatch):
+    monkeypatch.setitem(threads._state, "count", 2)
+
+    def work(i):
+        if i == 3:
+            raise ValueError("item 3")
+
+    with pytest.raises(ValueError, match="item 3"):
+        threads.each(work, range(6))

@@ -123,9 +123,10 @@ def _load_geolocator(
     return geo.with_settings(rule=abstain.rule(geo.rule))
 
 
-def _set_threads(run: RunConfig) -> None:
-    """Every step that computes starts here: torch's, onnxruntime's and FAISS's thread count from ``run``."""
-    n = threads.set_threads(run.threads, run.workers)
+def _set_threads(run: RunConfig, pipelined: bool = True) -> None:
+    """Every step that computes starts here: torch's, onnxruntime's, FAISS's and BLAS's thread count from ``run``
+    (``pipelined``: the step decodes photos and runs a network in threads of their own)."""
+    n = threads.set_threads(run.threads, run.workers, pipelined)
     log.debug("%d compute thread(s), %d decoding worker(s)", n, run.workers)
 
 
@@ -337,7 +338,7 @@ def index(
         run: batch size and decoding processes of the extraction (and of the thumbnails).
     """
     thumbs = _thumbnail_settings(thumbnails, features, data)
-    _set_threads(run)
+    _set_threads(run, pipelined=features is None or thumbnails > 0)  # from a feature cache: coding only
     embedded, model = model is None or str(model) == "default", resolve_model_dir(model)
     if embedded and out is None:
         raise InputError(

@@ -489,9 +489,9 @@ class RunConfig:
     """Backbone runtime for locating: ``torch`` (eager) or ``onnx`` (exported once, several times faster on a
     CPU; needs ``pip install 'geoswc[fast]'``)."""
     threads: int = 0
-    """Compute threads of torch, onnxruntime and FAISS in each process (0: its share of the usable cores, under
-    torchrun split among the node's processes, less one per decoding worker; one where that leaves two cores or
-    fewer, where a second thread measured slower)."""
+    """Compute threads of torch, onnxruntime, FAISS and NumPy's BLAS in each process (0: its share of the usable
+    cores, under torchrun split among the node's processes, less one per decoding worker; one where that leaves two
+    cores or fewer for a step that decodes photos, where a second thread measured slower)."""
 
     def __post_init__(self) -> None:
         check_ints(self)

@@ -1,5 +1,6 @@
-"""Threads: how many a process computes with (torch, onnxruntime and FAISS), and a pipeline stage that runs an
-iterator ahead of its consumer in a background thread, so that decoding, the backbone and what follows overlap.
+"""Threads: how many a process computes with (torch, onnxruntime, FAISS and NumPy's BLAS), a pipeline stage that runs
+an iterator ahead of its consumer in a background thread, so that decoding, the backbone and what follows overlap,
+and a work loop split over the compute threads.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import threadpoolctl
 import torch
 
 log = logging.getLogger(__name__)
@@ -33,16 +36,19 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def auto_threads(workers: int = 0) -> int:
+def auto_threads(workers: int = 0, pipelined: bool = True) -> int:
     """The measured best compute thread count: this process's share of the usable cores (under torchrun, the cores
     over the processes on this node, ``LOCAL_WORLD_SIZE``), less one per decoding worker process (the workers need
-    their cores), at least one; with two cores or fewer, one.
+    their cores), at least one; for ``pipelined`` work (decoding and a network's forward pass in threads of their
+    own) on two cores or fewer, one.
 
-    On a 2-core machine a second OpenMP thread contends with decoding and with other processes: a parallel op
-    waits for its slowest thread, and ``benchmarks/locate_throughput.py`` measured one thread best there.
+    On a 2-core machine a second OpenMP thread contends with the pipeline's decoding thread and with other
+    processes: a parallel op waits for its slowest thread, and ``benchmarks/locate_throughput.py`` measured one
+    thread best there. Building an index from cached features has no such stage, and
+    ``benchmarks/gallery_search.py`` measured it faster with both cores.
     """
     cores = usable_cores() // max(1, _local_processes())
-    if cores <= 2:
+    if pipelined and cores <= 2:
         return 1
     return max(1, cores - max(0, workers))
 
@@ -55,13 +61,15 @@ def _local_processes() -> int:
         return 1
 
 
-def set_threads(count: int, workers: int = 0) -> int:
+def set_threads(count: int, workers: int = 0, pipelined: bool = True) -> int:
     """Set the compute threads of this process: torch's intra-op pool, the onnxruntime sessions made afterwards
-    (they follow torch's count) and FAISS's OpenMP pool (now if FAISS is loaded, else when geoswc loads it).
-    ``count`` 0: :func:`auto_threads` for ``workers`` decoding processes. Returns the count set."""
-    n = count if count > 0 else auto_threads(workers)
+    (they follow torch's count), FAISS's OpenMP pool (now if FAISS is loaded, else when geoswc loads it), NumPy's
+    BLAS and :func:`each`'s workers. ``count`` 0: :func:`auto_threads` for ``workers`` decoding processes and
+    (``pipelined``) decoding and inference in threads of their own. Returns the count set."""
+    n = count if count > 0 else auto_threads(workers, pipelined)
     n = min(n, MAX_THREADS)
     _state["count"] = n
+    threadpoolctl.threadpool_limits(n, user_api="blas")  # process-wide, unlike OpenMP's count
     in_this_thread()
     log.debug("compute threads: %d", n)
     return n
@@ -81,6 +89,28 @@ def in_this_thread() -> None:
 def threads_set() -> int:
     """The count :func:`set_threads` set (0: never called in this process)."""
     return _state["count"]
+
+
+def each(work: Callable[[T], None], items: Iterable[T]) -> None:
+    """``work(item)`` for every item, split over the process's compute threads (as set, else torch's count), each
+    computing with one thread of its own (BLAS and FAISS), for work that releases the GIL (NumPy, FAISS). An
+    exception is raised here; with one thread or one item, everything runs in the calling thread."""
+    todo = list(items)
+    n = min(len(todo), _state["count"] or torch.get_num_threads())
+    if n <= 1:
+        for item in todo:
+            work(item)
+        return
+
+    def one(item: T) -> None:
+        faiss = sys.modules.get("faiss")
+        if faiss is not None:
+            faiss.omp_set_num_threads(1)  # this thread's own OpenMP count
+        work(item)
+
+    with threadpoolctl.threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n, "geoswc-each") as pool:
+        for _ in pool.map(one, todo):
+            pass
 
 
 _DONE = object()

@@ -47,9 +47,9 @@ dimensions); wider ones are coded by :func:`pq_codes`."""
 TABLE_ROWS = 4096
 """Rows whose distance tables to one sub-vector's centroids :func:`pq_codes` holds at a time (4 MiB)."""
 ROUNDING_MARGIN = 8 * 2.0**-24
-"""A product-quantiser code taken from FAISS's BLAS nearest-centroid search must beat the runner-up by this many
-float32 rounding units a sub-dimension (times the distances' scale), else FAISS's own coder settles it (see
-:func:`pq_codes`): four times what both computations' rounding can move a distance, together."""
+"""A product-quantiser code taken from the BLAS distance tables of :func:`pq_codes` must beat the runner-up by this
+many float32 rounding units a sub-dimension (times the distances' scale), else FAISS's own coder settles it: four
+times what both computations' rounding can move a distance, together."""
 
 
 def _faiss() -> Any:
@@ -274,50 +274,62 @@ def pq_codes(x: NDArray[np.float32], centroids: NDArray[np.float32], sub_coders:
     """FAISS's product-quantiser codes ``(b, m)`` of ``x (b, m * s)`` (centroids ``(m, 256, s)``), fast.
 
     FAISS's coder computes each of the ``256 m`` distances of a row one by one (about 150 us a row at
-    1280 x 128 bytes); its BLAS distance tables (``faiss.pairwise_L2sqr``, :data:`TABLE_ROWS` rows at a time)
-    give each sub-vector's two nearest centroids at a fraction of that. The nearest is FAISS's code wherever it
-    beats the runner-up by more than both computations' rounding can move a distance (:data:`ROUNDING_MARGIN`):
-    then the two cannot disagree. The few sub-vectors closer to a tie than that (and any with NaN or infinite
-    values) are coded by ``sub_coders[j]``, FAISS's own routine, so every code is FAISS's
-    ``ProductQuantizer.compute_codes`` byte for byte.
+    1280 x 128 bytes). Here one BLAS product a sub-vector gives each row's distances to its 256 centroids up to
+    the row's own squared norm (``|c|^2 - 2 x.c``, :func:`_two_nearest`; :data:`TABLE_ROWS` rows at a time), and
+    with them the two nearest centroids. The nearest is FAISS's code wherever it beats the runner-up by more than
+    both computations' rounding can move a distance (:data:`ROUNDING_MARGIN`): then the two cannot disagree. The
+    few sub-vectors closer to a tie than that (and any with NaN or infinite values) are coded by ``sub_coders[j]``,
+    FAISS's own routine, so every code is FAISS's ``ProductQuantizer.compute_codes`` byte for byte. The
+    blocks of rows are coded by the process's compute threads (:func:`geoswc.core.threads.each`).
     """
     b, (m, _, s) = len(x), centroids.shape
     if b == 0:
         return np.zeros((0, m), np.uint8)
     x = np.ascontiguousarray(x, np.float32)
-    flat, cents = x.reshape(-1), np.ascontiguousarray(centroids, np.float32)
+    cents = np.ascontiguousarray(centroids, np.float32)
     cnorm = np.sqrt(np.square(cents, dtype=np.float64).sum(-1).max(-1))  # (m,) largest centroid norm
     xsq = np.einsum("bms,bms->bm", x.reshape(b, m, s), x.reshape(b, m, s)).astype(np.float64)
     bound = ROUNDING_MARGIN * (s + 3) * (np.sqrt(xsq) + cnorm) ** 2  # (b, m); the scale bounds |x|^2, |c|^2, 2|x.c|
+    weights = np.concatenate([-2 * cents, np.square(cents).sum(-1, keepdims=True)], -1).transpose(0, 2, 1).copy()
     codes = np.empty((b, m), np.uint8)
-    for a in range(0, b, TABLE_ROWS):
+
+    def code(a: int) -> None:  # rows a .. a + TABLE_ROWS
         r = min(TABLE_ROWS, b - a)
-        for j in range(m):
-            near, gap = _two_nearest(flat[(a * m + j) * s :], r, m * s, cents[j])
-            codes[a : a + r, j] = near
-            tie = a + np.flatnonzero(~(gap > bound[a : a + r, j]))  # NaN: not sure either
-            if tie.size:
-                codes[tie, j] = sub_coders[j].compute_codes(np.ascontiguousarray(x[tie, j * s : (j + 1) * s]))[:, 0]
+        ext = np.ones((r, m, s + 1), np.float32)  # each sub-vector and a 1 that picks up |c|^2
+        ext[:, :, :s] = x[a : a + r].reshape(r, m, s)
+        near, gap = _two_nearest(ext, weights)
+        codes[a : a + r] = near
+        for j in np.flatnonzero(~(gap > bound[a : a + r]).all(0)):  # NaN: not sure either
+            tie = a + np.flatnonzero(~(gap[:, j] > bound[a : a + r, j]))
+            codes[tie, j] = sub_coders[j].compute_codes(np.ascontiguousarray(x[tie, j * s : (j + 1) * s]))[:, 0]
+
+    threads.each(code, range(0, b, TABLE_ROWS))
     return codes
 
 
 def _two_nearest(
-    x: NDArray[np.float32], rows: int, stride: int, cents: NDArray[np.float32]
-) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
-    """The nearest of the centroids ``cents (k, s)`` to each of ``rows`` vectors of ``s`` floats that start
-    ``stride`` floats apart in ``x``, and by how much the runner-up is farther (squared L2 as FAISS's BLAS
-    computes it): ``(rows,)`` each."""
-    faiss = _faiss()
-    k, s = cents.shape
-    dist = np.empty((rows, k), np.float32)
-    faiss.pairwise_L2sqr(
-        s, rows, faiss.swig_ptr(x), k, faiss.swig_ptr(cents), faiss.swig_ptr(dist), stride, s, k
-    )  # reads x[i * stride : i * stride + s] for each row i, no copy
-    at = np.arange(rows)
-    near = dist.argmin(1)
-    best = dist[at, near].astype(np.float64)
-    dist[at, near] = np.inf
-    return near, dist.min(1) - best
+    ext: NDArray[np.float32], weights: NDArray[np.float32]
+) -> tuple[NDArray[np.uint8], NDArray[np.float64]]:
+    """Each sub-vector's nearest centroid and by how much the runner-up is farther (squared L2), ``(r, m)`` each.
+
+    Args:
+        ext: ``(r, m, s + 1)``: the rows' sub-vectors, each followed by a 1.
+        weights: ``(m, s + 1, 256)``: sub-vector ``j``'s centroids times -2, with their squared norms below, so that
+            ``ext[:, j] @ weights[j]`` is ``|c|^2 - 2 x.c``, the squared distance less ``|x|^2``.
+    """
+    r, m, _ = ext.shape
+    at = np.arange(r)
+    dist = np.empty((r, weights.shape[2]), np.float32)
+    near = np.empty((r, m), np.uint8)
+    gap = np.empty((r, m), np.float64)
+    for j in range(m):
+        np.matmul(ext[:, j], weights[j], out=dist)  # one BLAS call on the strided rows, no copy
+        first = dist.argmin(1)
+        best = dist[at, first]
+        dist[at, first] = np.inf
+        gap[:, j] = dist[at, dist.argmin(1)] - best.astype(np.float64)  # argmin twice: faster than min here
+        near[:, j] = first
+    return near, gap
 
 
 class CellLists:
