@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.data.sources import Photos
 from geoswc.models.backbone import BackboneChoice
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(opts, argv)
     table = markdown_table(result)
     print(table)
-    storage.write_report(opts.out, result, table)
+    atomic_files.write_report(opts.out, result, table)
     return 0
 
 

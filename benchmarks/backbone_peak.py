@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.data.records import loader
 from geoswc.data.shards import photo_dataset
 from geoswc.models.geomodel import GeoModel
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         result["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
+    atomic_files.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.models.backbone import create_backbone, default_config
 from geoswc.models.registry import get_spec
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown_table(result)
     print(table)
-    storage.write_report(args.out, result, table)
+    atomic_files.write_report(args.out, result, table)
     return 0
 
 

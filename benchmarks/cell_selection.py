@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.core.sphere import latlon_to_xyz
 from geoswc.data.records import read_coordinates
 from geoswc.prediction.swc import SELECT_CANDIDATES, cells_within, prediction_density, select_cell
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         **compare_with_exact(probs[: args.exact_photos], xyz, args.select_km),
         "provenance": provenance(),
     }
-    storage.write_json(args.out, result)
+    atomic_files.write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.core.config import CellConfig
 from geoswc.data.records import read_coordinates
 from geoswc.geo.cells import build_cells
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_for_30k_cells_on_mp16": per_cell * MP16_PHOTOS / 30_000,
         "provenance": provenance(),
     }
-    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")
+    atomic_files.write_text(args.out, json.dumps(result, indent=2) + "\n")
     best = result["max_for_30k_cells_on_mp16"]
     print(f"cells ~ {per_cell:.2f} N / max: max_per_cell ~ {best:.0f} for 30k cells on MP-16")
     return 0

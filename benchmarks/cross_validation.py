@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from geoswc import workflow
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.core.config import ModelConfig, SearchChanges, SearchConfig
 from geoswc.data.sources import Photos
 from geoswc.data.splits import author_folds
@@ -183,8 +183,8 @@ def write_predictions(folder: Path, folds: list[tuple[np.ndarray, MethodResult]]
         np.concatenate([r.true_lon for r in parts])[order],
         [preds[i] for i in order],
     )
-    storage.write_text(folder / "predictions.csv", merged_result.to_csv())
-    storage.write_json(
+    atomic_files.write_text(folder / "predictions.csv", merged_result.to_csv())
+    atomic_files.write_json(
         folder / "run.json",
         {
             "method": "swc",
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(opts, argv)
     table = markdown_table(result) + "\n\n" + report_markdown(result["calibration"])
     print(table)
-    storage.write_report(opts.out, result, table)
+    atomic_files.write_report(opts.out, result, table)
     return 0
 
 

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from geoswc import workflow
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.core.config import CellConfig, GalleryCodes
 from geoswc.core.threads import auto_threads, set_threads
 from geoswc.gallery.files import GalleryWriter, load_gallery
@@ -422,7 +422,7 @@ def write_result(args: argparse.Namespace, dim: int, rows: list[dict], complete:
         "runs": rows,
         "provenance": provenance(),
     }
-    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
+    atomic_files.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
 
 
 def print_table(rows: list[dict]) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.data.records import Record
 from geoswc.data.shards import write_shards
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": round(time.perf_counter() - t0, 1),
         "provenance": provenance(),
     }
-    storage.write_text(a.out, json.dumps(report, indent=2) + "\n")
+    atomic_files.write_text(a.out, json.dumps(report, indent=2) + "\n")
     for key in ("one_process", "torchrun"):
         ex, tr = report[key]["extract"], report[key].get("train", {})
         print(

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.core.config import Preprocess
 from geoswc.core.stage_clock import StageClock
 from geoswc.core.threads import set_threads
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(),
         "provenance": provenance(),
     }
-    storage.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
+    atomic_files.write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic, creates the folder
     print(f"\n-> {args.out}")
     return 0
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from geoswc import Geolocator
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.core.sphere import haversine_km
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "prior_kl_nats_median": round(float(np.median([p.prior_kl for p in preds])), 4),
         "provenance": provenance(),
     }
-    storage.write_text(a.out, json.dumps(result, indent=2) + "\n")
+    atomic_files.write_text(a.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

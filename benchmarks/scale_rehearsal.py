@@ -197,12 +197,12 @@ def step_index(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 def step_locate(n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from geoswc.core import storage
+    from geoswc.core import tensor_files
     from geoswc.prediction.geolocator import Geolocator
 
     geo = Geolocator.load(work / "model", work / "index", with_backbone=False, search={"select_km": 2000.0})
     rows = np.sort(np.random.default_rng(2).integers(n, size=args.queries))  # queries: rows of the cache, mapped
-    feats = storage.map_tensor(work / "features" / "features.safetensors", "features", "the rehearsal's features")
+    feats = tensor_files.map_tensor(work / "features" / "features.safetensors", "features", "the rehearsal's features")
     queries = feats[torch.from_numpy(rows), 0].float()
     start = time.perf_counter()
     geo.predict_features(queries, "swc")
@@ -293,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "provenance": provenance(command),
     }
-    from geoswc.core import storage
+    from geoswc.core import atomic_files
 
-    storage.write_json(args.out, report)
+    atomic_files.write_json(args.out, report)
     print(json.dumps(report["growth"], indent=2))
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from geoswc import workflow
 from geoswc.core.errors import GeoswcError
-from geoswc.core.storage import sha256_file
+from geoswc.core.tensor_files import sha256_file
 from geoswc.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -78,7 +78,7 @@ def test_model_saved_before_a_config_field_existed_still_loads(tiny_workspace, t
     assert meta["config"]["backbone"] and "search_km" not in canonical_json(meta["config"])
     # What the older version wrote: the same digest recipe over the config it knew.
     heads = GeoModel.load(tiny_workspace["model"], with_backbone=False).head_tensors()
-    from geoswc.core.storage import state_digest
+    from geoswc.core.tensor_files import state_digest
 
     meta["fingerprint"] = digest(canonical_json(meta["config"]), meta["backbone_fingerprint"], state_digest(heads))
     (d / "config.json").write_text(json.dumps(meta))

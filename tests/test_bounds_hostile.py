@@ -3,7 +3,7 @@
 1. FAISS training: the rows, dimensions and sub-quantizers each kind of codes needs are checked before FAISS sees
    them (a property test runs FAISS in a subprocess, so that a native crash is a failing exit code, not a dead
    pytest);
-2. every JSON number read from an artifact is finite and within 64 bits (storage's readers), and each loader
+2. every JSON number read from an artifact is finite and within 64 bits (json_records' readers), and each loader
    checks the ranges of the numbers it uses: a calibrator or an index with NaN, Infinity or huge numbers at any
    key is an ArtifactError, sealed or not, and a calibrator's predictions are always finite probabilities;
 3. config ints that size an allocation are bounded (``--heads.rrm_hidden 1000000000`` is exit 2 naming the flag);
@@ -32,7 +32,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from geoswc.core import storage
+from geoswc.core import json_records, tensor_files
 from geoswc.core.config import GalleryCodes, HeadConfig, canonical_json, digest
 from geoswc.core.errors import ArtifactError, InputError, SettingError
 from geoswc.gallery.codes import MIN_TRAIN_ROWS, check_codes, check_training, rows_needed
@@ -93,11 +93,11 @@ def _with_token(meta: dict[str, Any], path: tuple[Any, ...], token: str, sealed:
     an attacker would (canonical JSON of what Python's json reads, NaN and all), else with the old seal left."""
     doc = json.loads(json.dumps(meta))
     _set(doc, path, PLACEHOLDER)
-    if sealed and path[0] != storage.SEAL_KEY:
+    if sealed and path[0] != json_records.SEAL_KEY:
         read = json.loads(json.dumps(doc).replace(json.dumps(PLACEHOLDER), token))  # what Python's json makes of it
-        body = {k: v for k, v in read.items() if k != storage.SEAL_KEY}
+        body = {k: v for k, v in read.items() if k != json_records.SEAL_KEY}
         canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
-        doc[storage.SEAL_KEY] = hashlib.sha256(canon.encode()).hexdigest()
+        doc[json_records.SEAL_KEY] = hashlib.sha256(canon.encode()).hexdigest()
     return json.dumps(doc).replace(json.dumps(PLACEHOLDER), token)
 
 
@@ -130,9 +130,9 @@ def _reseal_calibrator(meta: dict[str, Any]) -> str:
     """A calibrator record resealed and re-fingerprinted after an edit: only its loader's checks can refuse it."""
     body_keys = ("model", "thresholds_km", "signals", "log_signals", "methods", "rule", "search", "fitted")
     body = {k: meta[k] for k in body_keys if k in meta}
-    meta = {k: v for k, v in meta.items() if k != storage.SEAL_KEY}
+    meta = {k: v for k, v in meta.items() if k != json_records.SEAL_KEY}
     meta["fingerprint"] = digest(canonical_json(body))
-    return json.dumps(storage.seal(meta))
+    return json.dumps(json_records.seal(meta))
 
 
 N_ROWS, DIM, CELLS = 300, 8, 3
@@ -291,10 +291,10 @@ def test_storage_readers_refuse_non_finite_and_huge_numbers_naming_the_key(tmp_p
     path = tmp_path / "x.json"
     path.write_text('{"a": {"b": [1, 2.5, ' + token + "]}}")
     with pytest.raises(ArtifactError) as e:
-        storage.read_json(path, "thing")
+        json_records.read_json(path, "thing")
     assert str(path) in str(e.value) and "a.b[2]" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError):
-        storage.parse_json("[" + token + "]")
+        json_records.parse_json("[" + token + "]")
 
 
 @settings(max_examples=200, deadline=None)
@@ -309,10 +309,10 @@ def test_parse_json_keeps_exactly_the_finite_64_bit_numbers(value: Any) -> None:
     text = value if isinstance(value, str) else json.dumps(value)
     ok = isinstance(value, int) and -(2**63) <= value < 2**63 or isinstance(value, float) and math.isfinite(value)
     if ok:
-        assert storage.parse_json(text) == value
+        assert json_records.parse_json(text) == value
     else:
-        with pytest.raises(storage.JSONNumberError):
-            storage.parse_json(text)
+        with pytest.raises(json_records.JSONNumberError):
+            json_records.parse_json(text)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -459,9 +459,9 @@ def test_an_index_with_an_absurd_block_size_is_an_artifact_error() -> None:
     try:
         for bad in (0, -64, 2**62, "64"):
             edited = json.loads(json.dumps(meta))
-            edited.pop(storage.SEAL_KEY)
+            edited.pop(json_records.SEAL_KEY)
             edited["tensors"]["block_bytes"] = bad
-            record.write_text(json.dumps(storage.seal(edited)))
+            record.write_text(json.dumps(json_records.seal(edited)))
             with pytest.raises(ArtifactError):
                 load_gallery(folder)
     finally:
@@ -484,7 +484,7 @@ def test_an_index_with_an_absurd_block_size_is_an_artifact_error() -> None:
 )
 def test_a_tensor_spec_of_absurd_sizes_is_a_value_error(spec: Any) -> None:
     with pytest.raises(ValueError):
-        storage.tensor_view(np.zeros(64, np.uint8), spec, 0)
+        tensor_files.tensor_view(np.zeros(64, np.uint8), spec, 0)
 
 
 # -- 3. config ints that size allocations --------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def test_a_changed_coefficient_is_refused(calibrated: Path) -> None:
     with pytest.raises(ArtifactError, match="changed"):
         Calibrator.load(path)
     # resealed by hand, the fingerprint still gives it away
-    from geoswc.core.storage import seal
+    from geoswc.core.json_records import seal
 
     meta.pop("meta_sha256")
     path.write_text(json.dumps(seal(meta)))
@@ -226,7 +226,7 @@ def test_a_changed_coefficient_is_refused(calibrated: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["coef_shape", "nan", "rule", "format", "not_json"])
 def test_damaged_calibrator_is_refused(calibrated: Path, damage: str) -> None:
-    from geoswc.core.storage import seal
+    from geoswc.core.json_records import seal
 
     path = calibrated / CALIBRATION_FILE
     meta = json.loads(path.read_text())

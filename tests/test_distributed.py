@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from geoswc.core import distributed, storage
+from geoswc.core import distributed, tensor_files
 from geoswc.core.config import BackboneConfig, CellConfig, HeadConfig, ModelConfig, Preprocess, TrainConfig
 from geoswc.core.errors import SettingError
 from geoswc.data.records import Record
@@ -109,18 +109,18 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     try:
         fs, cells = _data()
         writes = {"n": 0}
-        save = storage.save_tensors
+        save = tensor_files.save_tensors
 
         def counting_save(*a, **k):
             writes["n"] += 1
             return save(*a, **k)
 
-        storage.save_tensors = counting_save
+        tensor_files.save_tensors = counting_save
         try:
             m = _model(cells)
             train_heads(m, fs, CFG, checkpoint_dir=tmp_path / "ckpt", progress=False)
         finally:
-            storage.save_tensors = save
+            tensor_files.save_tensors = save
         out |= {f"full.{k}": v for k, v in _heads(m).items()}
         out["writes"] = torch.tensor(writes["n"])
         m_val = _model(cells)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from geoswc.core import storage
+from geoswc.core import atomic_files, json_records, tensor_files
 from geoswc.core.config import GalleryCodes
 from geoswc.core.errors import ArtifactError, InputError
 from geoswc.gallery import files as gallery_files
@@ -270,8 +270,8 @@ def test_unchecked_rows_are_prefetched_once_a_run(tmp_path, monkeypatch):
     g = _gallery()
     save_gallery(g, tmp_path / "idx", PQ)
     calls: list[list[tuple[int, int]]] = []
-    real = storage.prefetch
-    monkeypatch.setattr(storage, "prefetch", lambda path, spans: (calls.append(list(spans)), real(path, spans)))
+    real = tensor_files.prefetch
+    monkeypatch.setattr(tensor_files, "prefetch", lambda path, spans: (calls.append(list(spans)), real(path, spans)))
     h = load_gallery(tmp_path / "idx")
     path = tmp_path / "idx" / "index.safetensors"
     row0 = path.stat().st_size - N * D * 2  # the embeddings are the file's last tensor
@@ -299,8 +299,8 @@ def test_index_without_codes_entry_is_flat(tmp_path):
     save_gallery(_gallery(), tmp_path / "idx")
     meta_path = tmp_path / "idx" / "index.json"
     meta = json.loads(meta_path.read_text())
-    del meta["codes"], meta[storage.SEAL_KEY]
-    storage.write_json(meta_path, storage.seal(meta))
+    del meta["codes"], meta[json_records.SEAL_KEY]
+    atomic_files.write_json(meta_path, json_records.seal(meta))
     h = load_gallery(tmp_path / "idx")
     assert h.codes == "flat"
     q = h.embeddings[10].astype(np.float32)

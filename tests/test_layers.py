@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "geoswc"
 
 LAYERS = [
-    ("core", "errors, config dataclasses, atomic storage, sphere math, progress, process group"),
+    ("core", "errors, config dataclasses, atomic and checksummed files, sphere math, progress, process group"),
     ("geo", "S2 cells and places"),
     ("data", "photos: decoding, preprocessing, CSV layouts, records, shards, sources"),
     ("gallery", "the gallery: within-cell search, FAISS codes, files on disk, thumbnails"),
@@ -131,7 +131,7 @@ def test_imports_inside_functions_are_few_and_say_why():
 
 def test_the_scan_sees_what_it_should():
     """The checks above are only as good as the scan: it must see known edges, or a green run means nothing."""
-    assert "geoswc.core.errors" in GRAPH["geoswc.core.storage"]
+    assert "geoswc.core.errors" in GRAPH["geoswc.core.atomic_files"]
     assert "geoswc.prediction.geolocator" in GRAPH["geoswc.workflow"]
     assert layer_of("geoswc.workflow") == "" and layer_of("geoswc.core.errors") == "core"
     assert layer_of("geoswc.service") == "service" and layer_of("geoswc") == ""

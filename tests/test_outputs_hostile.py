@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from geoswc import workflow
-from geoswc.core import storage, text_cells
+from geoswc.core import artifact_folders, atomic_files, tensor_files, text_cells
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import haversine_km
 from geoswc.evaluation.compare import System, compare_systems, markdown, photo_id, read_system
@@ -149,14 +149,14 @@ def test_output_folders_never_go_inside_another_artifact(
 
 
 def test_claiming_an_output_folder_allows_only_the_models_own_index(model: Path, tmp_path: Path) -> None:
-    assert storage.claim_output_folder(model / "index", "gallery index", inside=model) == model / "index"
-    assert storage.claim_output_folder(model / "index-pq", "gallery index", inside=model) == model / "index-pq"
+    assert artifact_folders.claim_output_folder(model / "index", "gallery index", inside=model) == model / "index"
+    assert artifact_folders.claim_output_folder(model / "index-pq", "gallery index", inside=model) == model / "index-pq"
     with pytest.raises(InputError, match="lies inside"):
-        storage.claim_output_folder(model / "index-pq", "gallery index", inside=default_model_dir())
+        artifact_folders.claim_output_folder(model / "index-pq", "gallery index", inside=default_model_dir())
     with pytest.raises(InputError, match="holds a geoswc gallery index"):
-        storage.claim_output_folder(model / "index", "evaluation")
-    assert storage.claim_output_folder(tmp_path / "new" / "eval", "evaluation") == tmp_path / "new" / "eval"
-    assert storage.claim_output(tmp_path / "new" / "pred.csv") == tmp_path / "new" / "pred.csv"
+        artifact_folders.claim_output_folder(model / "index", "evaluation")
+    assert artifact_folders.claim_output_folder(tmp_path / "new" / "eval", "evaluation") == tmp_path / "new" / "eval"
+    assert artifact_folders.claim_output(tmp_path / "new" / "pred.csv") == tmp_path / "new" / "pred.csv"
 
 
 # -- 2. an empty result still replaces an earlier output ----------------------------------------------------------
@@ -242,15 +242,15 @@ class Killed(Exception):
 def _kill_after(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
     """Make the next rebuild stop at ``point``."""
     if point == "embeddings":  # in the middle of index.safetensors' rows: 11 header and small-tensor writes first
-        write, calls = storage.HashingWriter.write, {"n": 0}
+        write, calls = tensor_files.HashingWriter.write, {"n": 0}
 
-        def failing(self: storage.HashingWriter, data: object) -> None:
+        def failing(self: tensor_files.HashingWriter, data: object) -> None:
             calls["n"] += 1
             if calls["n"] == 13:
                 raise Killed
             write(self, data)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(storage.HashingWriter, "write", failing)
+        monkeypatch.setattr(tensor_files.HashingWriter, "write", failing)
     elif point == "items":  # index.safetensors and items.csv written, index.json not yet
         items = GalleryWriter._write_items
 
@@ -260,20 +260,20 @@ def _kill_after(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
 
         monkeypatch.setattr(GalleryWriter, "_write_items", then_fail)
     elif point == "record":  # everything but index.json
-        write_json = storage.write_json
+        write_json = atomic_files.write_json
 
         def no_record(path: Path, data: object) -> None:
             if Path(path).name == "index.json":
                 raise Killed
             write_json(path, data)
 
-        monkeypatch.setattr(storage, "write_json", no_record)
+        monkeypatch.setattr(atomic_files, "write_json", no_record)
     else:  # the new index whole, not yet swapped in
 
         def no_swap(a: Path, b: Path) -> bool:
             raise Killed
 
-        monkeypatch.setattr(storage, "exchange_paths", no_swap)
+        monkeypatch.setattr(artifact_folders, "exchange_paths", no_swap)
 
 
 @pytest.mark.parametrize("point", ["embeddings", "items", "record", "swap"])
@@ -313,21 +313,21 @@ def test_a_rebuild_from_coded_to_flat_leaves_no_codes(tmp_path: Path) -> None:
 KILL_SCRIPT = """
 import os, signal, shutil, sys
 from pathlib import Path
-from geoswc.core import storage
+from geoswc.core import artifact_folders, atomic_files, tensor_files
 from tests.test_outputs_hostile import build
 
 point, idx = sys.argv[1], Path(sys.argv[2])
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if point == "mid_write":
-    write, n = storage.HashingWriter.write, [0]
+    write, n = tensor_files.HashingWriter.write, [0]
     def failing(self, data):
         n[0] += 1
         if n[0] == 13:
             die()
         write(self, data)
-    storage.HashingWriter.write = failing
+    tensor_files.HashingWriter.write = failing
 elif point == "between_renames":  # a system without an atomic exchange, killed between its two renames
-    storage.exchange_paths = lambda a, b: False
+    artifact_folders.exchange_paths = lambda a, b: False
     rename, n = os.rename, [0]
     def second_kills(a, b):
         n[0] += 1

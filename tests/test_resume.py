@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from geoswc import workflow
-from geoswc.core import storage
+from geoswc.core import atomic_files
 from geoswc.core.config import ModelConfig, TrainConfig
 from geoswc.core.errors import ArtifactError
 from geoswc.data.sources import Photos
@@ -166,7 +166,7 @@ def test_kill_between_checkpoint_tensors_and_json_resumes(
     the previous tensors, which are still there, so the re-run resumes (one shared file name would have
     left a json whose digest no longer matched: a run that could never resume)."""
     ckpt = tmp_path / "ckpt"
-    real = storage.write_json
+    real = atomic_files.write_json
     calls = {"n": 0}
 
     def dying_write_json(path: str | Path, data: Any) -> None:
@@ -177,10 +177,10 @@ def test_kill_between_checkpoint_tensors_and_json_resumes(
         real(path, data)
 
     fs, cfg, model = _setup(tiny_workspace, val_fraction)
-    monkeypatch.setattr(storage, "write_json", dying_write_json)
+    monkeypatch.setattr(atomic_files, "write_json", dying_write_json)
     with pytest.raises(Killed):
         train_heads(model, fs, cfg, checkpoint_dir=ckpt, progress=False)
-    monkeypatch.setattr(storage, "write_json", real)
+    monkeypatch.setattr(atomic_files, "write_json", real)
     assert len(list(ckpt.glob("checkpoint*.safetensors"))) == 2  # the named one and the orphan
     _, _, fresh = _setup(tiny_workspace, val_fraction)  # a re-run is a new process: a new model
     train_heads(fresh, fs, cfg, checkpoint_dir=ckpt, progress=False)
@@ -217,8 +217,11 @@ def test_damaged_checkpoint_is_refused_with_a_hint(
 
 ALLOWED_WRITERS = {
     # (file, code of the call): why it is safe
-    ("core/storage.py", "*"): "the atomic writer itself (temp file + fsync + rename)",
-    ("evaluation/figures.py", "fig.savefig(buf, format='png')"): "renders into memory; written by storage.write_bytes",
+    ("core/atomic_files.py", "*"): "the atomic writer itself (temp file + fsync + rename)",
+    (
+        "evaluation/figures.py",
+        "fig.savefig(buf, format='png')",
+    ): "renders into memory; written by atomic_files.write_bytes",
     (
         "training/feature_files.py",
         "np.save(self.folder / 'keys.npy', self.keys)",
@@ -239,7 +242,7 @@ DIRECT_WRITES = {
 
 def _writers(path: Path) -> list[str]:
     """Calls in a source file that write a file in place: open(..., 'w'), Path.write_text/bytes (not
-    storage's), savefig/tofile, json/pickle.dump, torch/np.save, shutil.copy."""
+    atomic_files'), savefig/tofile, json/pickle.dump, torch/np.save, shutil.copy."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if not isinstance(node, ast.Call):
@@ -254,7 +257,7 @@ def _writers(path: Path) -> list[str]:
             if any(isinstance(m, str) and set(m) & set("wax+") for m in modes):
                 found.append(ast.unparse(node))
         elif (
-            (name in ("write_text", "write_bytes") and owner != "storage")
+            (name in ("write_text", "write_bytes") and owner != "atomic_files")
             or name in ("savefig", "tofile")
             or (owner, name) in DIRECT_WRITES
         ):
@@ -272,19 +275,19 @@ def test_every_file_writer_goes_through_the_atomic_writer() -> None:
             if (rel, call) not in ALLOWED_WRITERS:
                 offenders.append(f"{rel}: {call}")
     assert not offenders, (
-        "write files with geoswc.core.storage (write_bytes/write_text/write_json/save_tensors/"
-        "atomic_writer), or add a reasoned entry to ALLOWED_WRITERS: " + "; ".join(offenders)
+        "write files with geoswc.core.atomic_files (write_bytes/write_text/write_json/atomic_writer) or "
+        "tensor_files.save_tensors, or add a reasoned entry to ALLOWED_WRITERS: " + "; ".join(offenders)
     )
 
 
 _LOOP = """
 import sys
-from geoswc.core import storage
+from geoswc.core import atomic_files
 path, a, b = sys.argv[1], bytes([65]) * (8 << 20), bytes([66]) * (12 << 20)
 print("ready", flush=True)
 while True:
-    storage.write_bytes(path, a)
-    storage.write_bytes(path, b)
+    atomic_files.write_bytes(path, a)
+    atomic_files.write_bytes(path, b)
 """
 
 
@@ -319,7 +322,7 @@ def _kill_at_replace(monkeypatch: pytest.MonkeyPatch, k: int) -> dict[str, int]:
             raise Killed
         real(src, dst)
 
-    monkeypatch.setattr(storage.os, "replace", replace)
+    monkeypatch.setattr(atomic_files.os, "replace", replace)
     return calls
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geoswc.core import distributed, storage, threads
+from geoswc.core import artifact_folders, atomic_files, distributed, json_records, threads
 from geoswc.core.config import (
     METHODS,
     NO_SEARCH_CHANGES,
@@ -174,7 +174,7 @@ def _claim_cell_table(out: Path) -> None:
         raise InputError(f"cannot write the cell table {out}: it is a directory; give a file name")
     if out.suffix.lower() != ".csv":
         raise InputError(f"name the cell table {out} with .csv (its thresholds go into {out.with_suffix('.json')})")
-    kind = storage.artifact_kind(out.parent)
+    kind = artifact_folders.artifact_kind(out.parent)
     if kind is not None:
         raise InputError(f"{out.parent} holds a geoswc {kind}; write the cell table elsewhere")
 
@@ -206,7 +206,7 @@ def features(
         raise SettingError(f"views must be in 1..{MAX_VIEWS}, got {views}", None, "views")
     if not 0 <= seed < 2**63:
         raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
-    storage.claim_output_folder(out, "feature cache")
+    artifact_folders.claim_output_folder(out, "feature cache")
     records = None if data.shards else _geotagged(data)
     with _engine(run) as eng:
         if model is not None:
@@ -254,7 +254,7 @@ def train(
         run: decoding processes, device and precision of fine-tuning.
         provenance: free-form record of how the model was built (a recipe and its data digests), saved in it.
     """
-    storage.claim_folder(out, "model")
+    artifact_folders.claim_folder(out, "model")
     with _engine(run) as eng:
         log.info("verifying and loading the feature cache %s", features)  # its checksum reads it once: minutes at MP-16
         feats, table = FeatureSet.load(features), CellTable.load(cells)
@@ -286,7 +286,7 @@ def _check_calibrator(folder: Path, fingerprint: str) -> None:
     """Warn when a model folder keeps the calibrator of an earlier model (loading the model will refuse it)."""
     path = folder / CALIBRATION_FILE
     try:
-        stale = path.exists() and storage.read_json(path, "calibrator").get("model") != fingerprint
+        stale = path.exists() and json_records.read_json(path, "calibrator").get("model") != fingerprint
     except ArtifactError:
         stale = True
     if stale:
@@ -346,7 +346,7 @@ def index(
         )
     m = GeoModel.load(model, with_backbone=features is None)
     out = Path(out) if out is not None else Path(model) / "index"
-    storage.claim_output_folder(out, "gallery index", inside=model)  # e.g. MODEL/index, the model's own
+    artifact_folders.claim_output_folder(out, "gallery index", inside=model)  # e.g. MODEL/index, the model's own
     if features is None and not data.given:
         raise InputError(
             "give the gallery: --features (a feature cache made with the model's backbone), or photos "
@@ -431,7 +431,7 @@ def evaluate(
         raise InputError(
             "evaluate reads a benchmark CSV: give --data.csv FILE (image,lat,lon[,author]) and --data.images DIR"
         )
-    storage.claim_output_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
+    artifact_folders.claim_output_folder(out, "evaluation")  # a bad output folder fails now, not after the inference
     records, report = read_photo_csv(data.csv, data.images, columns=data.columns)
     bench = BENCHMARKS[benchmark] if benchmark else None
     if not records:
@@ -470,8 +470,8 @@ def _nothing_to_evaluate(out: Path, csv: Path, report: LoadReport, bench: Benchm
     counts, gap = benchmark_counts(bench, report.total, 0, str(csv)) if bench else ({}, "")
     named = ""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        storage.ensure_dir(out)
-        storage.write_text(out / "missing.csv", missing_csv(report.skipped, gap))
+        atomic_files.ensure_dir(out)
+        atomic_files.write_text(out / "missing.csv", missing_csv(report.skipped, gap))
         named = f"; every missing photo is named in {out / 'missing.csv'}"
     expected = (
         f" ({bench.name}: {counts['expected']} photos expected as published, 0 evaluated, {counts['missing']} missing)"
@@ -516,7 +516,7 @@ def calibrate(
     if report is not None and features is None:
         raise SettingError("report needs --features (the out-of-fold calibration)", None, "report")
     if report is not None:
-        storage.claim_folder(report, "calibration report")
+        artifact_folders.claim_folder(report, "calibration report")
     if (features is None) == (not data.given):
         raise InputError(
             ("give the photos to calibrate on, one of: " if features is None else "give one of, not both: ")
@@ -550,10 +550,12 @@ def _out_of_fold_signals(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     fs = FeatureSet.load(features)
     compat.check(m, features=fs, where=str(features))
-    per_method, fitted = out_of_fold_signals(fs, m, folds, storage.ensure_dir(report) if report is not None else None)
+    per_method, fitted = out_of_fold_signals(
+        fs, m, folds, atomic_files.ensure_dir(report) if report is not None else None
+    )
     cross = fitted["cross_fitted"]
     if report is not None:
-        storage.write_report(
+        atomic_files.write_report(
             report / "calibration.json",
             {"model": m.fingerprint, "features": str(features), **cross},
             report_markdown(cross),
@@ -624,7 +626,7 @@ def locate(
     """
     check_search_changes(search)
     if output is not None:
-        storage.claim_output(output)  # a bad output path fails now, before the model is loaded
+        artifact_folders.claim_output(output)  # a bad output path fails now, before the model is loaded
     fmt = output_format(output, format)
     source = _photo_source(data, _load_geolocator(model, index, search, run, abstain), method, run)
     progress = output is not None or (fmt == "text" and (source.count is None or source.count > 8))
@@ -701,7 +703,7 @@ def shards(
     """
     if not 1 <= samples_per_shard <= 2**31:
         raise SettingError(f"samples_per_shard must be in 1..2**31, got {samples_per_shard}", None, "samples_per_shard")
-    storage.claim_folder(out, "shard set")  # a bad output folder fails now, before the photos are read
+    artifact_folders.claim_folder(out, "shard set")  # a bad output folder fails now, before the photos are read
     paths, report = write_shards(
         _geotagged(data),
         out,
@@ -743,7 +745,7 @@ def compare(
         raise SettingError(f"resamples must be in 100..100000, got {resamples}", None, "resamples")
     if not 0 <= seed < 2**63:
         raise SettingError(f"seed must be in 0..2**63-1, got {seed}", None, "seed")
-    storage.claim_output_folder(out, "comparison")
+    artifact_folders.claim_output_folder(out, "comparison")
     systems = [read_system(Path(r), names[i] if names else None) for i, r in enumerate(runs)]
     taken = [s.name for s in systems]
     if len(set(taken)) < len(taken):

@@ -33,7 +33,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
-from geoswc.core import distributed, storage
+from geoswc.core import artifact_folders, atomic_files, distributed, json_records
 from geoswc.core.config import Preprocess, digest
 from geoswc.core.errors import ImageError, InputError
 from geoswc.core.progress import progress_bar
@@ -175,7 +175,7 @@ def _index_of(folder: Path) -> dict[str, int]:
     if not path.is_file():
         return {}
     try:
-        meta = storage.parse_json(path.read_text(encoding="utf-8"))
+        meta = json_records.parse_json(path.read_text(encoding="utf-8"))
         listed = {str(s["url"]): int(s["nsamples"]) for s in meta.get("shardlist", [])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         log.warning("%s is unreadable (%s); ignoring it", path, e)
@@ -318,7 +318,7 @@ def write_shards(
         raise InputError(f"samples per shard must be >= 1, got {samples_per_shard}")
     if not records:
         raise InputError("no photos to write into shards")
-    out = storage.claim_folder(out, "shard set")
+    out = artifact_folders.claim_folder(out, "shard set")
     existing = sorted(out.glob("shard-*.tar"))
     if existing:
         raise InputError(f"{out} already holds shards ({existing[0].name}, ...); write into an empty folder")
@@ -343,7 +343,7 @@ def write_shards(
     report.log()
     if not written:
         raise InputError(f"none of the {len(records)} photos could be read: {report.summary()}")
-    storage.write_json(
+    atomic_files.write_json(
         out / INDEX_NAME,
         {
             "__kind__": "wids-shard-index-v1",
@@ -368,7 +368,10 @@ def _write_tars(samples: Iterator[dict[str, Any]], out: Path, per_shard: int) ->
     written: list[tuple[Path, int]] = []
     for first in samples:
         path, n = out / (SHARD_NAME % len(written)), 0
-        with storage.atomic_writer(path) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+        with (
+            atomic_files.atomic_writer(path) as f,
+            tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tf,
+        ):
             for sample in itertools.chain([first], itertools.islice(samples, per_shard - 1)):
                 key = sample["__key__"]
                 for ext, data in sample.items():
@@ -464,7 +467,7 @@ class _Group:
         if len(images) != 1:
             return SampleError(label, "no image member" if not images else f"several image members {images}", order)
         try:
-            meta = storage.parse_json(group["json"])  # bounded: 1 MiB; nesting ends in RecursionError
+            meta = json_records.parse_json(group["json"])  # bounded: 1 MiB; nesting ends in RecursionError
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
             lat = parse_coord(None if meta.get("lat") is None else str(meta["lat"]), "lat", 90.0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geoswc.core import storage, text_cells
+from geoswc.core import artifact_folders, atomic_files, text_cells
 from geoswc.core.errors import InputError
 from geoswc.data.records import Record
 
@@ -78,5 +78,5 @@ def write_author_split(
     for name, rows in zip(("train.csv", "test.csv"), sides, strict=True):
         lines = [text_cells.csv_row(["image", "lat", "lon", "author"])]
         lines += [text_cells.csv_row([r.image, r.lat, r.lon, r.author]) for r in rows]  # for geoswc to read: as named
-        storage.write_text(storage.claim_output(storage.ensure_dir(out) / name), "".join(lines))
+        atomic_files.write_text(artifact_folders.claim_output(atomic_files.ensure_dir(out) / name), "".join(lines))
     return sides

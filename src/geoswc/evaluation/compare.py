@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from geoswc.core import storage, text_cells
+from geoswc.core import atomic_files, text_cells
 from geoswc.core.errors import InputError
 from geoswc.core.sphere import THRESHOLDS_KM, haversine_km
 from geoswc.data.records import csv_table, parse_coord
@@ -438,7 +438,7 @@ def write_comparison(
     ``errors_maps.png``, one map of errors per system side by side, into ``out``; the result and its Markdown."""
     result = compare_systems(systems, resamples, seed)
     text = markdown(result, systems)
-    storage.write_report(out / "compare.json", result, text)
+    atomic_files.write_report(out / "compare.json", result, text)
     plot(result, systems, out / "compare.png")
     mapped = [(s.name, s.true_lat, s.true_lon, s.pred_lat, s.pred_lon) for s in systems if s.pred_lat is not None]
     if mapped:

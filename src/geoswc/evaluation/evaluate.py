@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoswc.core import storage, text_cells
+from geoswc.core import atomic_files, text_cells
 from geoswc.core.config import METHODS, to_dict
 from geoswc.core.errors import InputError
 from geoswc.core.progress import progress_bar
@@ -370,7 +370,7 @@ def write_evaluation(
     Returns:
         The ``metrics.json`` content.
     """
-    out = storage.ensure_dir(out)
+    out = atomic_files.ensure_dir(out)
     # metrics.json marks a complete run: drop the old one before rewriting the files it describes, so a
     # run killed half-way never leaves new predictions beside old metrics.
     (out / "metrics.json").unlink(missing_ok=True)
@@ -390,12 +390,14 @@ def write_evaluation(
         metrics["methods"] = {r.method: (block if r is primary else r.metrics(truth)) for r in results}
     if benchmark is not None:
         metrics["benchmark"] = benchmark
-    storage.write_text(out / "missing.csv", missing_csv(skipped, gap))
+    atomic_files.write_text(out / "missing.csv", missing_csv(skipped, gap))
     for r in results:
-        storage.write_text(out / ("predictions.csv" if r is primary else f"predictions_{r.method}.csv"), r.to_csv())
+        atomic_files.write_text(
+            out / ("predictions.csv" if r is primary else f"predictions_{r.method}.csv"), r.to_csv()
+        )
     metrics["breakdown"] = write_breakdown(out, primary, truth)
     write_plots(out, results, f"{run.get('title', 'evaluation')}: {primary.method}, n={len(primary.names)}", truth)
-    storage.write_json(
+    atomic_files.write_json(
         out / "run.json",
         {
             **run,
@@ -411,7 +413,7 @@ def write_evaluation(
             "skipped": [{"item": i, "reason": why} for i, why in skipped],
         },
     )
-    storage.write_json(out / "metrics.json", metrics)
+    atomic_files.write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -420,7 +422,7 @@ def write_breakdown(out: Path, result: MethodResult, truth: Sequence[AdminLabel 
     ``breakdown`` block (:func:`~geoswc.evaluation.regions.breakdown`)."""
     _, hits = admin_hits(truth, result.estimate_labels())
     block = breakdown(truth, result.errors_km, hits[:, ADMIN_LEVELS.index("country")])
-    storage.write_text(out / "breakdown.csv", breakdown_csv(block))
+    atomic_files.write_text(out / "breakdown.csv", breakdown_csv(block))
     return block
 
 

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from geoswc.core import storage
+from geoswc.core import atomic_files
 
 
 def figure(**kw: Any) -> Any:
@@ -21,4 +21,4 @@ def save_figure(fig: Any, path: str | Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    storage.write_bytes(path, buf.getvalue())
+    atomic_files.write_bytes(path, buf.getvalue())

@@ -14,9 +14,9 @@
   last: its presence marks a whole index.
 
 Rebuilding an index over an earlier one (``geoswc index --out EXISTING``) writes the new one into a staging folder
-beside it and swaps it in whole once it is complete (:class:`~geoswc.core.storage.FolderSwap`): a build killed at
-any point leaves the earlier index as it was, loadable (or, on a system without an atomic exchange, renamed aside
-and put back by the next load or build).
+beside it and swaps it in whole once it is complete (:class:`~geoswc.core.artifact_folders.FolderSwap`): a build
+killed at any point leaves the earlier index as it was, loadable (or, on a system without an atomic exchange,
+renamed aside and put back by the next load or build).
 
 Every file is verified before FAISS or a search reads it. At load: everything but the embeddings, and the whole
 of ``codes.safetensors`` (FAISS copies the codes into its inverted lists). A ``flat`` index copies the
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
-from geoswc.core import storage
+from geoswc.core import artifact_folders, atomic_files, json_records, tensor_files
 from geoswc.core.config import GalleryCodes, to_dict
 from geoswc.core.errors import ArtifactError, InputError, building
 from geoswc.core.item_lines import ItemColumn, item_line
@@ -82,7 +82,7 @@ _META_KEYS = (
     "max_norm",
     "tensors",
     "items_sha256",
-    storage.SEAL_KEY,
+    json_records.SEAL_KEY,
 )
 
 
@@ -95,7 +95,7 @@ def _ceil6(x: float) -> float:
 class _BlockRows:
     """Checks embedding rows through the file's block checksums (the gallery's :class:`RowChecker`)."""
 
-    def __init__(self, embeddings: NDArray[np.float16], blocks: storage.BlockChecksums, row0: int) -> None:
+    def __init__(self, embeddings: NDArray[np.float16], blocks: tensor_files.BlockChecksums, row0: int) -> None:
         self.embeddings, self.blocks, self.row0 = embeddings, blocks, row0
         self.row_bytes = embeddings.shape[1] * embeddings.itemsize
 
@@ -121,9 +121,9 @@ def load_gallery(folder: str | Path, verify: bool = False) -> Gallery:
         ArtifactError: a missing, truncated or changed file, or an unknown format.
     """
     folder = Path(folder)
-    if not (folder / "index.json").is_file() and storage.recover_folder(folder):
+    if not (folder / "index.json").is_file() and artifact_folders.recover_folder(folder):
         log.warning("%s: put back the index a rebuild that was killed had set aside", folder)
-    meta = storage.read_record(
+    meta = json_records.read_record(
         folder / "index.json", "gallery index", INDEX_FORMAT, _META_KEYS, "rebuild it with `geoswc index`"
     )
     try:
@@ -143,11 +143,11 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
             f"{tinfo['bytes']} expected); rebuild the index or restore the original file"
         )
     data = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
-    blocks = storage.BlockChecksums(path, data, int(tinfo["block_bytes"]), list(tinfo["block_sha256"]))
-    n_head = storage.header_length(data)
+    blocks = tensor_files.BlockChecksums(path, data, int(tinfo["block_bytes"]), list(tinfo["block_sha256"]))
+    n_head = tensor_files.header_length(data)
     blocks.check(0, 8 + n_head)
-    header, base = storage.safetensors_header(bytes(data[: 8 + n_head]), size)
-    t = {name: storage.tensor_view(data, spec, base) for name, spec in header.items()}
+    header, base = tensor_files.safetensors_header(bytes(data[: 8 + n_head]), size)
+    t = {name: tensor_files.tensor_view(data, spec, base) for name, spec in header.items()}
     row0 = base + int(header["embeddings"]["data_offsets"][0])
     blocks.check(0, row0)  # everything but the embeddings
     codes = dict(meta.get("codes", {"kind": "flat"}))
@@ -199,7 +199,7 @@ def _open(folder: Path, meta: dict[str, Any], verify: bool) -> Gallery:
 def _read_rows(path: Path, row0: int, row_bytes: int, a: int, b: int) -> NDArray[np.uint8]:
     """Rows ``[a, b)`` of a table of ``row_bytes``-byte rows starting at byte ``row0`` of a file, as ``(b - a,
     row_bytes)`` bytes."""
-    return np.frombuffer(storage.read_span(path, row0 + a * row_bytes, row0 + b * row_bytes), np.uint8).reshape(
+    return np.frombuffer(tensor_files.read_span(path, row0 + a * row_bytes, row0 + b * row_bytes), np.uint8).reshape(
         b - a, row_bytes
     )
 
@@ -211,14 +211,14 @@ def _read_codes(folder: Path, codes: dict[str, Any], n: int, dim: int) -> tuple[
     path = folder / CODES_FILE
     if not path.is_file():
         raise ArtifactError(f"gallery index {folder} lacks {CODES_FILE}; rebuild it")
-    if path.stat().st_size != int(codes["bytes"]) or storage.sha256_file(path) != codes["sha256"]:
+    if path.stat().st_size != int(codes["bytes"]) or tensor_files.sha256_file(path) != codes["sha256"]:
         raise ArtifactError(
             f"gallery index {path} is damaged or was changed; rebuild the index or restore the original file"
         )
     check_codes(str(codes["kind"]), dim, int(codes.get("pq_bytes", 0)))
     data = np.memmap(path, np.uint8, mode="r")
-    header, base = storage.safetensors_header(bytes(data[: 8 + storage.header_length(data)]), len(data))
-    t = {name: storage.tensor_view(data, spec, base) for name, spec in header.items()}
+    header, base = tensor_files.safetensors_header(bytes(data[: 8 + tensor_files.header_length(data)]), len(data))
+    t = {name: tensor_files.tensor_view(data, spec, base) for name, spec in header.items()}
     codebook = Codebook(str(codes["kind"]), dim, {k: np.array(t[k], np.float32) for k in PARAM_NAMES[codes["kind"]]})
     shapes = {
         "sq_trained": (2 * dim,),
@@ -249,7 +249,7 @@ class _RowDigests:
     """Checks embedding rows against their row digests, each row once (a coded index's :class:`RowChecker`).
 
     Rows not yet checked are also the ones whose pages this process has not read: their span of the file is
-    prefetched in one request before they are gathered (see :func:`geoswc.core.storage.prefetch`).
+    prefetched in one request before they are gathered (see :func:`geoswc.core.tensor_files.prefetch`).
 
     Args:
         embeddings: ``(N, D)`` float16, memory-mapped from ``path``, row ``r`` at byte ``row0 + r * 2 * D``.
@@ -282,7 +282,7 @@ class _RowDigests:
         bytes checked), after their file spans are prefetched."""
         new = ~self._done[rows]
         if new.any():
-            storage.prefetch(self.path, self._runs(np.sort(rows[new])))
+            tensor_files.prefetch(self.path, self._runs(np.sort(rows[new])))
         block = np.ascontiguousarray(self.embeddings[rows]).view(np.ndarray)  # one gather, not a memmap lookup a row
         if not new.any():
             return block
@@ -303,7 +303,7 @@ def _items(folder: Path, meta: dict[str, Any]) -> NDArray[np.uint8]:
     path = folder / "items.csv"
     if not path.is_file():
         raise ArtifactError(f"gallery index {folder} lacks items.csv; rebuild it")
-    if storage.sha256_file(path) != meta["items_sha256"]:
+    if tensor_files.sha256_file(path) != meta["items_sha256"]:
         raise ArtifactError(f"gallery index {path} is damaged or was changed; rebuild the index")
     return np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
 
@@ -356,8 +356,8 @@ class GalleryWriter:
     compacts the chunks into the cell-grouped layout (sequential copies of contiguous slices), writes
     ``index.safetensors`` and ``items.csv`` atomically, then ``index.json``. A ``folder`` that already holds an
     index keeps it until the new one is complete: the new one is written into a folder beside it and swapped in
-    whole by :meth:`finish` (:class:`~geoswc.core.storage.FolderSwap`); until then the earlier index loads as it
-    was, whatever happens to this process. Coded indexes first train their
+    whole by :meth:`finish` (:class:`~geoswc.core.artifact_folders.FolderSwap`); until then the earlier index loads
+    as it was, whatever happens to this process. Coded indexes first train their
     quantiser on a sample of the staged rows, then code the rows as they are compacted (``codes.safetensors``).
     Memory use is about 70 bytes per photo (positions, cells, id hashes, row digests) plus one chunk and the
     training sample.
@@ -379,13 +379,13 @@ class GalleryWriter:
         thumbnails: ThumbnailSettings | None = None,
     ) -> None:
         check_codes(codes.kind, int(dim), codes.pq_bytes, codes.train_rows)
-        storage.recover_folder(folder)  # an index a killed rebuild set aside comes back first
-        self.target = storage.ensure_dir(folder)
-        earlier = (self.target / "index.json").exists() and storage.swappable(self.target)
-        self._swap = storage.FolderSwap(self.target, INDEX_FILES) if earlier else None
+        artifact_folders.recover_folder(folder)  # an index a killed rebuild set aside comes back first
+        self.target = atomic_files.ensure_dir(folder)
+        earlier = (self.target / "index.json").exists() and artifact_folders.swappable(self.target)
+        self._swap = artifact_folders.FolderSwap(self.target, INDEX_FILES) if earlier else None
         self.folder = self._swap.path if self._swap is not None else self.target
         self.dim, self.identity, self.codes = int(dim), identity, codes
-        self._stage = storage.Staging(
+        self._stage = atomic_files.Staging(
             self.folder, "embeddings.bin", "items.bin", *(["thumbnails.bin"] if thumbnails is not None else [])
         )
         self._staging = self._stage.path
@@ -497,7 +497,9 @@ class GalleryWriter:
             meta["thumbnails"] = self._thumbs.finish(self.folder, perm)
         else:
             remove_files(self.folder)  # an earlier build's, rebuilt without
-        storage.write_json(self.folder / "index.json", storage.seal(meta))  # last: its presence marks a whole index
+        atomic_files.write_json(
+            self.folder / "index.json", json_records.seal(meta)
+        )  # last: its presence marks a whole index
         self._stage.remove()
         if self._swap is not None:  # the new index is whole: it takes the earlier one's place
             self._swap.commit()
@@ -528,7 +530,7 @@ class GalleryWriter:
         pos = 0
         for name, arr in small.items():
             specs[name] = {
-                "dtype": storage.safetensors_dtype(arr.dtype),
+                "dtype": tensor_files.safetensors_dtype(arr.dtype),
                 "shape": list(arr.shape),
                 "data_offsets": [pos, pos + arr.nbytes],
             }
@@ -538,8 +540,8 @@ class GalleryWriter:
         specs["__metadata__"] = {"format": INDEX_FORMAT}
         header = json.dumps(specs, separators=(",", ":")).encode("utf-8")
         header += b" " * (-(8 + len(header)) % 64)
-        with storage.atomic_writer(self.folder / "index.safetensors") as raw:
-            out = storage.HashingWriter(raw, BLOCK_BYTES)
+        with atomic_files.atomic_writer(self.folder / "index.safetensors") as raw:
+            out = tensor_files.HashingWriter(raw, BLOCK_BYTES)
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
             for arr in small.values():
@@ -553,7 +555,7 @@ class GalleryWriter:
             "block_sha256": out.block_digests(),
         }
 
-    def _copy_rows(self, perm: NDArray[np.int64], out: storage.HashingWriter, sink: _CodesWriter | None) -> None:
+    def _copy_rows(self, perm: NDArray[np.int64], out: tensor_files.HashingWriter, sink: _CodesWriter | None) -> None:
         """The staged embeddings in final row order (``perm``), read once, :data:`BATCH_ROWS` at a time, written to
         ``out`` and coded and digested by ``sink``. A batch is written, hashed and digested by a helper thread
         while the next one is coded (hashlib and FAISS release the GIL), so the disk and the coder work together."""
@@ -579,8 +581,8 @@ class GalleryWriter:
     def _write_items(self, starts: NDArray[np.int64], stops: NDArray[np.int64]) -> str:
         """``items.csv`` in row order, from the byte runs ``[starts[i], stops[i])`` of the staged lines, gathered
         16 MiB at a time; returns its sha256."""
-        with storage.atomic_writer(self.folder / "items.csv") as raw:
-            out = storage.HashingWriter(raw, BLOCK_BYTES)
+        with atomic_files.atomic_writer(self.folder / "items.csv") as raw:
+            out = tensor_files.HashingWriter(raw, BLOCK_BYTES)
             out.write(_ITEMS_HEADER)
             if len(starts):
                 src = np.memmap(self._staging / "items.bin", np.uint8, mode="r")
@@ -632,14 +634,16 @@ class _CodesWriter:
         for name, dtype, shape in parts:
             nbytes = int(np.prod(shape)) * dtype.itemsize
             specs[name] = {
-                "dtype": storage.safetensors_dtype(dtype),
+                "dtype": tensor_files.safetensors_dtype(dtype),
                 "shape": list(shape),
                 "data_offsets": [pos, pos + nbytes],
             }
             pos += nbytes
         header = json.dumps(specs, separators=(",", ":")).encode("utf-8")
         header += b" " * (-(8 + len(header)) % 64)
-        self.out = storage.HashingWriter(self._stack.enter_context(storage.atomic_writer(self.path)), BLOCK_BYTES)
+        self.out = tensor_files.HashingWriter(
+            self._stack.enter_context(atomic_files.atomic_writer(self.path)), BLOCK_BYTES
+        )
         self.out.write(len(header).to_bytes(8, "little"))
         self.out.write(header)
         for v in self.codebook.params.values():
@@ -698,7 +702,10 @@ def _as_float32(rows: NDArray[np.float16]) -> NDArray[np.float32]:
 
 
 def _emit(
-    out: storage.HashingWriter, sink: _CodesWriter | None, rows: NDArray[np.float16], codes: NDArray[np.uint8] | None
+    out: tensor_files.HashingWriter,
+    sink: _CodesWriter | None,
+    rows: NDArray[np.float16],
+    codes: NDArray[np.uint8] | None,
 ) -> None:
     """Write a batch of rows ``(b, D)`` to ``index.safetensors`` and, for a coded index, their codes and digests."""
     out.write(rows)

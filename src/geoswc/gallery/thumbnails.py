@@ -29,7 +29,7 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from geoswc.core import storage
+from geoswc.core import tensor_files
 from geoswc.core.errors import ArtifactError, ImageError, InputError, SettingError
 from geoswc.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, load_image
 from geoswc.data.records import path_under, worker_count
@@ -102,7 +102,7 @@ class ThumbnailWriter:
     ``thumbnails.bin`` and ``thumbnails.safetensors`` into the index folder in the final row order.
 
     Args:
-        staged: ``thumbnails.bin`` in the gallery writer's staging folder (:class:`geoswc.core.storage.Staging`
+        staged: ``thumbnails.bin`` in the gallery writer's staging folder (:class:`geoswc.core.atomic_files.Staging`
             opens and             closes it); :meth:`finish` moves it into the index folder.
         settings: how the thumbnails were made.
     """
@@ -142,7 +142,7 @@ class ThumbnailWriter:
             "blake2b": np.concatenate([np.zeros(0, np.uint64), *self._digest])[perm],
             "length": np.concatenate([np.zeros(0, np.int32), *self._length])[perm],
         }
-        sha = storage.save_tensors(folder / TABLE_FILE, cols)
+        sha = tensor_files.save_tensors(folder / TABLE_FILE, cols)
         os.replace(self._path, folder / BIN_FILE)
         present = int((cols["length"] > 0).sum())
         log.info("%d of %d gallery photos have a thumbnail (%.1f MiB)", present, len(perm), self.size / 2**20)
@@ -194,7 +194,10 @@ class Thumbnails:
                     f"gallery index {folder} lacks {p.name} (its index.json lists thumbnails); "
                     "rebuild it with `geoswc index --thumbnails`"
                 )
-        if table_path.stat().st_size != int(record["bytes"]) or storage.sha256_file(table_path) != record["sha256"]:
+        if (
+            table_path.stat().st_size != int(record["bytes"])
+            or tensor_files.sha256_file(table_path) != record["sha256"]
+        ):
             raise ArtifactError(
                 f"gallery index {table_path} is damaged or was changed; rebuild the index or restore the original file"
             )
@@ -204,8 +207,8 @@ class Thumbnails:
                 f"bytes, {record['bin_bytes']} expected); rebuild the index or restore the original"
             )
         data = np.memmap(table_path, np.uint8, mode="r")
-        header, base = storage.safetensors_header(bytes(data[: 8 + storage.header_length(data)]), len(data))
-        table = {k: storage.tensor_view(data, header[k], base) for k in ("start", "length", "blake2b")}
+        header, base = tensor_files.safetensors_header(bytes(data[: 8 + tensor_files.header_length(data)]), len(data))
+        table = {k: tensor_files.tensor_view(data, header[k], base) for k in ("start", "length", "blake2b")}
         settings = ThumbnailSettings(int(record["max_side"]), int(record["quality"]), int(record["max_bytes"]))
         start, length = table["start"], table["length"].astype(np.int64)
         if (
@@ -239,7 +242,7 @@ class Thumbnails:
         start, stop = self.span(row)
         if stop == start:
             return None
-        data = storage.read_span(self.path, start, stop)
+        data = tensor_files.read_span(self.path, start, stop)
         if digest(data) != int(self._digest[row]):
             raise ArtifactError(
                 f"the thumbnail of gallery row {row} in {self.path} is damaged or was changed (it "

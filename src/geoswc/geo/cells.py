@@ -14,7 +14,7 @@ import numpy as np
 import s2sphere
 from numpy.typing import ArrayLike, NDArray
 
-from geoswc.core import storage
+from geoswc.core import atomic_files, json_records
 from geoswc.core.config import CellConfig, ModelConfig, digest, from_dict, to_dict
 from geoswc.core.errors import ArtifactError, InputError, ModelMismatchError
 from geoswc.core.progress import progress_bar
@@ -131,9 +131,9 @@ class CellTable:
     def save(self, path: str | Path) -> None:
         """Write the CSV and, when the build thresholds are known, a ``.json`` sidecar naming them."""
         path = Path(path)
-        storage.write_text(path, self.to_csv())
+        atomic_files.write_text(path, self.to_csv())
         if self.config is not None:
-            storage.write_json(
+            atomic_files.write_json(
                 path.with_suffix(".json"),
                 {"format": "geoswc-cells/1", "fingerprint": self.fingerprint, "config": to_dict(self.config)},
             )
@@ -218,7 +218,7 @@ def _sidecar_config(path: Path, fingerprint: str) -> CellConfig | None:
     side = path.with_suffix(".json")
     if not side.is_file():
         return None
-    meta = storage.read_json(side, "cell table metadata")
+    meta = json_records.read_json(side, "cell table metadata")
     if meta.get("fingerprint") != fingerprint:
         log.warning(
             "%s describes another cell table (fingerprint %s, the CSV has %s); ignoring it",

@@ -15,7 +15,7 @@ from torch import nn
 
 from geoswc.core.config import BackboneConfig
 from geoswc.core.errors import ArtifactError, InputError
-from geoswc.core.storage import sha256_file
+from geoswc.core.tensor_files import sha256_file
 from geoswc.models.registry import (
     IMAGENET,
     BackboneSpec,

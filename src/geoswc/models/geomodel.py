@@ -20,10 +20,10 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from geoswc.core import storage
+from geoswc.core import atomic_files, json_records, tensor_files
 from geoswc.core.config import ModelConfig, canonical_json, digest, from_dict, to_dict
 from geoswc.core.errors import ArtifactError, ModelMismatchError
-from geoswc.core.storage import state_digest
+from geoswc.core.tensor_files import state_digest
 from geoswc.gallery.files import temporary_gallery
 from geoswc.gallery.search import Gallery, GalleryIdentity
 from geoswc.geo.cells import CellTable, check_cells
@@ -177,25 +177,25 @@ class GeoModel(nn.Module):
 
     def save(self, folder: str | Path) -> str:
         """Write the model folder atomically file by file (config last). Returns the fingerprint."""
-        folder = storage.ensure_dir(folder)
-        storage.write_text(folder / "cells.csv", self.cells.to_csv())
-        files = {"heads.safetensors": storage.save_tensors(folder / "heads.safetensors", self.head_tensors())}
+        folder = atomic_files.ensure_dir(folder)
+        atomic_files.write_text(folder / "cells.csv", self.cells.to_csv())
+        files = {"heads.safetensors": tensor_files.save_tensors(folder / "heads.safetensors", self.head_tensors())}
         if self.config.backbone_finetuned:
             if self.backbone is None:
                 raise ArtifactError("a fine-tuned model must be saved with its backbone")
             stored = _half_safe(self.backbone.state_dict())
             # Keep the in-memory model equal to what a load will give back.
             self.backbone.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in stored.items()})
-            files["backbone.safetensors"] = storage.save_tensors(folder / "backbone.safetensors", stored)
+            files["backbone.safetensors"] = tensor_files.save_tensors(folder / "backbone.safetensors", stored)
         fp = self.fingerprint
-        storage.write_json(
+        atomic_files.write_json(
             folder / "config.json",
             {
                 "format": MODEL_FORMAT,
                 "fingerprint": fp,
                 "backbone_fingerprint": self.backbone_fingerprint,
                 "files_sha256": files,
-                "cells_sha256": storage.sha256_file(folder / "cells.csv"),
+                "cells_sha256": tensor_files.sha256_file(folder / "cells.csv"),
                 "config": self._config_json,
             },
         )
@@ -207,7 +207,7 @@ class GeoModel(nn.Module):
         folder = Path(folder)
         return _read_config(
             folder,
-            storage.read_record(
+            json_records.read_record(
                 folder / "config.json",
                 "model",
                 MODEL_FORMAT,
@@ -224,7 +224,7 @@ class GeoModel(nn.Module):
             ArtifactError: missing, truncated or tampered files, or an unknown format.
         """
         folder = Path(folder)
-        meta = storage.read_record(
+        meta = json_records.read_record(
             folder / "config.json",
             "model",
             MODEL_FORMAT,
@@ -245,10 +245,10 @@ class GeoModel(nn.Module):
             raise ArtifactError(f"model {folder} is damaged or mixed: {why}; restore or rebuild it") from e
         if config.backbone_finetuned and backbone is None:  # its weights file is checked, not loaded
             path = folder / "backbone.safetensors"
-            if not path.is_file() or storage.sha256_file(path) != meta["files_sha256"]["backbone.safetensors"]:
+            if not path.is_file() or tensor_files.sha256_file(path) != meta["files_sha256"]["backbone.safetensors"]:
                 raise ArtifactError(f"{path} is missing, damaged or was changed; restore the model folder")
             model._stored_backbone_fp = str(meta["backbone_fingerprint"])
-        heads = storage.load_tensors(
+        heads = tensor_files.load_tensors(
             folder / "heads.safetensors", "model heads", meta["files_sha256"].get("heads.safetensors")
         )
         try:
@@ -279,7 +279,7 @@ def _read_config(folder: Path, meta: dict[str, Any]) -> ModelConfig:
         ) from e
     files = meta["files_sha256"]
     needed = ("heads.safetensors", "backbone.safetensors") if config.backbone_finetuned else ("heads.safetensors",)
-    storage.require_keys(
+    json_records.require_keys(
         files if isinstance(files, dict) else {}, needed, "model config (files_sha256)", folder / "config.json"
     )
     return config
@@ -289,7 +289,7 @@ def _read_cells(folder: Path, meta: dict[str, Any], config: ModelConfig) -> Cell
     path = folder / "cells.csv"
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; restore the model folder")
-    if storage.sha256_file(path) != meta["cells_sha256"]:
+    if tensor_files.sha256_file(path) != meta["cells_sha256"]:
         raise ArtifactError(f"{path} is damaged or was changed; restore the model folder")
     cells = CellTable.load(path)
     if config.num_cells != len(cells):
@@ -304,7 +304,7 @@ def _load_backbone(folder: Path, config: ModelConfig, files: dict[str, str]) -> 
     if not config.backbone_finetuned:
         return create_backbone(config.backbone)[0]
     backbone, _ = create_backbone(config.backbone, load_weights=False)
-    sd = storage.load_tensors(
+    sd = tensor_files.load_tensors(
         folder / "backbone.safetensors", "fine-tuned backbone weights", files.get("backbone.safetensors")
     )
     backbone.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})

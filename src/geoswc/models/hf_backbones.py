@@ -35,7 +35,7 @@ from geoswc.core import distributed
 from geoswc.core.config import BackboneConfig
 from geoswc.core.errors import ArtifactError, GeoswcError, InputError
 from geoswc.core.progress import interactive, quiet
-from geoswc.core.storage import state_digest
+from geoswc.core.tensor_files import state_digest
 from geoswc.models.registry import (
     IMAGENET,
     BackboneSpec,
@@ -292,7 +292,7 @@ def create_hf_backbone(
     spec: BackboneSpec, cfg: BackboneConfig, load_weights: bool = True
 ) -> tuple[HFBackbone, BackboneConfig]:
     """:func:`geoswc.models.backbone.create_backbone` of a Hugging Face entry. The weights digest is that of the
-    loaded tensors (:func:`geoswc.core.storage.state_digest`), wherever they came from."""
+    loaded tensors (:func:`geoswc.core.tensor_files.state_digest`), wherever they came from."""
     resolved = dataclasses.replace(cfg, feature_dim=spec.feature_dim)
     where = resolve_weights(spec, cfg.weights) if load_weights else None
     if where is not None:

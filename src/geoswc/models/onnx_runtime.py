@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoswc.core import storage
+from geoswc.core import atomic_files, json_records, tensor_files
 from geoswc.core.errors import ArtifactError, GeoswcError, InputError
 from geoswc.core.progress import quiet
 
@@ -70,13 +70,13 @@ def cached_export(cache_dir: Path, fingerprint: str) -> Path | None:
     if not (path.is_file() and meta_path.is_file()):
         return None
     try:
-        meta = storage.read_json(meta_path, "ONNX export record")
+        meta = json_records.read_json(meta_path, "ONNX export record")
     except ArtifactError as e:
         log.warning("%s; exporting again", e)
         return None
     if meta.get("format") != EXPORT_FORMAT or meta.get("fingerprint") != fingerprint:
         return None
-    if storage.sha256_file(path) != meta.get("sha256"):
+    if tensor_files.sha256_file(path) != meta.get("sha256"):
         log.warning("the cached ONNX backbone %s is damaged or was changed; exporting again", path)
         return None
     return path
@@ -156,8 +156,8 @@ def export_backbone(
     backbone = backbone.eval()
     if any(p.device.type != "cpu" for p in backbone.parameters()):
         raise InputError("export the backbone from the CPU (the ONNX runtime runs there)")
-    storage.remove_stale(cache_dir, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=storage.temp_prefix(path.name), suffix=".tmp", dir=cache_dir)
+    atomic_files.remove_stale(cache_dir, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=atomic_files.temp_prefix(path.name), suffix=".tmp", dir=cache_dir)
     os.close(fd)
     try:
         err = _export_checked(backbone, image_size, Path(tmp))
@@ -172,13 +172,13 @@ def export_backbone(
             os.unlink(tmp)
         raise
     ort = require("onnxruntime")
-    storage.write_json(
+    atomic_files.write_json(
         meta_path,
         {
             "format": EXPORT_FORMAT,
             "fingerprint": fingerprint,
             "image_size": image_size,
-            "sha256": storage.sha256_file(path),
+            "sha256": tensor_files.sha256_file(path),
             "relative_error": err,
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.linear_model import LogisticRegression
 
-from geoswc.core import storage
+from geoswc.core import atomic_files, json_records
 from geoswc.core.config import canonical_json, check_field, digest, from_dict, to_dict
 from geoswc.core.errors import ArtifactError, InputError
 from geoswc.core.sphere import THRESHOLDS_KM
@@ -272,8 +272,8 @@ class Calibrator:
 
     def save(self, path: str | Path) -> str:
         """Write the sealed JSON record atomically; returns the fingerprint."""
-        storage.write_json(
-            path, storage.seal({"format": CALIBRATION_FORMAT, "fingerprint": self.fingerprint, **self._body()})
+        atomic_files.write_json(
+            path, json_records.seal({"format": CALIBRATION_FORMAT, "fingerprint": self.fingerprint, **self._body()})
         )
         return self.fingerprint
 
@@ -286,7 +286,7 @@ class Calibrator:
         """
         path = Path(path)
         fix = "refit it with `geoswc calibrate`, or restore it"
-        meta = storage.read_record(path, "calibrator", CALIBRATION_FORMAT, _KEYS, fix)
+        meta = json_records.read_record(path, "calibrator", CALIBRATION_FORMAT, _KEYS, fix)
         if (
             meta["thresholds_km"] != list(THRESHOLDS_KM)
             or meta["signals"] != list(SIGNALS)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from geoswc.core import storage
+from geoswc.core import artifact_folders
 from geoswc.core.config import METHODS, Method, Runtime, SearchChanges, SearchConfig, to_dict
 from geoswc.core.errors import ArtifactError, GeoswcError, ImageError, InputError, SettingError
 from geoswc.core.progress import progress_bar
@@ -245,7 +245,7 @@ class Geolocator:
         if search is not None and not isinstance(search, SearchConfig):  # checked before the weights are loaded
             search = _changed_search(GeoModel.read_config(model_dir).search, search)
         model = GeoModel.load(model_dir, with_backbone=with_backbone, device=device)
-        storage.recover_folder(model_dir / "index")  # an index a killed rebuild left renamed aside comes back
+        artifact_folders.recover_folder(model_dir / "index")  # an index a killed rebuild left renamed aside comes back
         if index_dir is None and (model_dir / "index" / "index.json").is_file():
             index_dir = model_dir / "index"
         gallery = load_gallery(index_dir) if index_dir is not None else None

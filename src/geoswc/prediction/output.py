@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from geoswc.core import storage
+from geoswc.core import artifact_folders, atomic_files
 from geoswc.prediction.results import (
     LocateFailure,
     OutputFormat,
@@ -48,7 +48,7 @@ def write_predictions(
         InputError: ``output`` is a folder or lies inside a geoswc artifact folder (a model, an index...).
     """
     if output is not None:
-        storage.claim_output(output)  # before any result is computed: nothing is located for nothing
+        artifact_folders.claim_output(output)  # before any result is computed: nothing is located for nothing
     kept = _Kept(iter(results), leave_out)
     if output is None:
         with PredictionWriter(sys.stdout, fmt) as w:
@@ -84,7 +84,7 @@ def _write_output(
     as it was; one whose predictions were all left out as not localizable still replaces it (it has its answer:
     none of them)."""
     try:
-        with storage.atomic_writer(output, "w") as f, PredictionWriter(f, fmt) as w:  # type: ignore[arg-type]
+        with atomic_files.atomic_writer(output, "w") as f, PredictionWriter(f, fmt) as w:  # type: ignore[arg-type]
             _write_results(iter(kept), w, on_failure)
             if not w.located and not kept.left_out and output.exists():
                 raise _NothingLocated

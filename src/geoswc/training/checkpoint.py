@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoswc.core import distributed, storage
+from geoswc.core import atomic_files, distributed, json_records, tensor_files
 from geoswc.core.config import TrainConfig, canonical_json, digest
 from geoswc.core.errors import ArtifactError, SettingError
 from geoswc.core.progress import progress_bar
@@ -68,7 +68,7 @@ class Checkpointer:
         if self.folder is None or not (self.folder / "checkpoint.json").is_file():
             return {}
         try:
-            meta = storage.read_json(self.folder / "checkpoint.json", "training checkpoint")
+            meta = json_records.read_json(self.folder / "checkpoint.json", "training checkpoint")
         except ArtifactError as e:
             raise ArtifactError(f"{e}; or delete {self.folder} to start the training over") from e
         if meta.get("run_key") != self.run_key:
@@ -80,7 +80,7 @@ class Checkpointer:
         if Path(name).name != name:
             raise ArtifactError(f"the checkpoint in {self.folder} names an odd tensors file {name!r}; delete it")
         try:
-            t = storage.load_tensors(self.folder / name, "training checkpoint", meta.get("tensors_sha256"))
+            t = tensor_files.load_tensors(self.folder / name, "training checkpoint", meta.get("tensors_sha256"))
         except ArtifactError as e:
             raise ArtifactError(f"{e}; or delete {self.folder} to start the training over") from e
         for name, mod in self.modules.items():
@@ -106,8 +106,8 @@ class Checkpointer:
         # A new file name per save: a kill between the two writes leaves checkpoint.json naming the previous
         # tensors, still there and intact, so the re-run resumes from it (one file would mismatch its digest).
         name = f"checkpoint-{progress.get('phase', 'x')}-{progress.get('epoch', 0)}.safetensors"
-        sha = storage.save_tensors(self.folder / name, tensors)
-        storage.write_json(
+        sha = tensor_files.save_tensors(self.folder / name, tensors)
+        atomic_files.write_json(
             self.folder / "checkpoint.json",
             {"run_key": self.run_key, "tensors_file": name, "tensors_sha256": sha, "optimizer": opt_meta, **progress},
         )

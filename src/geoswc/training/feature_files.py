@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoswc.core import storage
+from geoswc.core import atomic_files, json_records, tensor_files
 from geoswc.core.item_lines import item_line
 from geoswc.core.progress import progress_bar
 
@@ -70,9 +70,9 @@ class FeatureWriter:
     """
 
     def __init__(self, folder: str | Path, views: int, dim: int) -> None:
-        self.folder = storage.ensure_dir(folder)
+        self.folder = atomic_files.ensure_dir(folder)
         self.views, self.dim = int(views), int(dim)
-        self._stage = storage.Staging(self.folder, "features.bin", "items.bin")
+        self._stage = atomic_files.Staging(self.folder, "features.bin", "items.bin")
         self.staging = self._stage.path
         self._rows, self._items = self._stage.files["features.bin"], self._stage.files["items.bin"]
         self._keys: list[np.ndarray] = []
@@ -146,11 +146,11 @@ def write_cache(folder: Path, parts: Sequence[Part], info: CacheInfo, progress: 
     ).encode()
     header += b" " * (-(8 + len(header)) % 8)
     with (
-        storage.atomic_writer(folder / "features.safetensors") as raw_f,
-        storage.atomic_writer(folder / "items.csv") as raw_i,
+        atomic_files.atomic_writer(folder / "features.safetensors") as raw_f,
+        atomic_files.atomic_writer(folder / "items.csv") as raw_i,
         progress_bar(total=n, desc="writing features", unit="img", show=progress) as bar,
     ):
-        out_f, out_i = storage.HashingWriter(raw_f, 1 << 30), storage.HashingWriter(raw_i, 1 << 30)
+        out_f, out_i = tensor_files.HashingWriter(raw_f, 1 << 30), tensor_files.HashingWriter(raw_i, 1 << 30)
         out_f.write(len(header).to_bytes(8, "little"))
         out_f.write(header)
         out_i.write(ITEMS_HEADER)
@@ -163,9 +163,9 @@ def write_cache(folder: Path, parts: Sequence[Part], info: CacheInfo, progress: 
             out_f.write(chunk)
             out_i.write(b"".join(sources[k].item(j) for k, j in zip(w.tolist(), loc.tolist(), strict=True)))
             bar.update(len(w))
-    storage.write_json(
+    atomic_files.write_json(
         folder / "features.json",
-        storage.seal(
+        json_records.seal(
             {
                 "format": FEATURES_FORMAT,
                 "backbone_fingerprint": info.backbone_fingerprint,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoswc.core import distributed, storage
+from geoswc.core import atomic_files, distributed, json_records, tensor_files
 from geoswc.core.config import BackboneConfig, from_dict, to_dict
 from geoswc.core.errors import ArtifactError, InputError, building
 from geoswc.core.item_lines import ItemColumn, float_columns, row_offsets
@@ -131,14 +131,14 @@ class FeatureSet:
     def load(cls, folder: str | Path) -> FeatureSet:
         folder = Path(folder)
         keys = ("backbone_fingerprint", "backbone", "size", "views", "seed", "dim", "tensors_sha256", "items_sha256")
-        meta = storage.read_record(
+        meta = json_records.read_record(
             folder / "features.json",
             "feature cache",
             FEATURES_FORMAT,
             keys,
             "re-extract features with `geoswc features`",
         )
-        feats = storage.map_tensor(
+        feats = tensor_files.map_tensor(
             folder / "features.safetensors", "features", "feature cache tensors", meta["tensors_sha256"]
         )
         names, authors, lat, lon = _read_items(folder / "items.csv", meta.get("items_sha256"))
@@ -162,7 +162,7 @@ class FeatureSet:
 def _read_items(path: Path, sha256: object) -> tuple[ItemColumn, ItemColumn, np.ndarray, np.ndarray]:
     """A cache's photo list, checked against its digest and read in place: names and authors ``(N,)`` parsed on
     access (8 bytes a photo in memory), positions ``(N,)``."""
-    if not path.is_file() or storage.sha256_file(path) != sha256:
+    if not path.is_file() or tensor_files.sha256_file(path) != sha256:
         raise ArtifactError(f"{path} is missing, damaged or was changed; re-extract features")
     data = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     header = len(ITEMS_HEADER)
@@ -406,7 +406,7 @@ def extract_and_save(
         finally:
             writer.abort()
     writer.part().save_index()
-    storage.write_json(
+    atomic_files.write_json(
         parts / f"rank-{rank:05d}.json",
         {"staging": writer.staging.name, "total": report.total, "skipped": report.skipped},
     )
@@ -416,7 +416,7 @@ def extract_and_save(
     try:  # rank 0: the ranks' staged parts written as one cache, in input order
         staged, reports = [], []
         for r in range(world):
-            meta = storage.read_json(parts / f"rank-{r:05d}.json", f"features of rank {r}")
+            meta = json_records.read_json(parts / f"rank-{r:05d}.json", f"features of rank {r}")
             staged.append(Part.load(parts / f"rank-{r:05d}" / Path(str(meta["staging"])).name))
             reports.append(LoadReport(f"rank {r}", int(meta["total"]), [(str(a), str(b)) for a, b in meta["skipped"]]))
         return _finish_cache(Path(out), staged, reports, ex, how)
