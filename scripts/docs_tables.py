@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from geoswc.evaluation.compare import summary_note
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "docs" / "tables"
@@ -145,6 +147,12 @@ def compare(results: Path) -> str:
     diff_head += ["GeoScore (points)"] if "geoscore" in ref else []
     rows = (_diff_row(s, ref) for s in systems[1:])
     lines += table(diff_head, "l" + "r" * (len(diff_head) - 1), rows)
+    checks = [line for s in systems if (line := summary_note(s["name"], s.get("summary_block")))]
+    lines += (
+        ["", "Published summary blocks, against the accuracies computed from each file's rows:", "", *checks]
+        if checks
+        else []
+    )
     note = f"{DEV_SET}; country over the {d['labelled']} photos whose truth is labelled" if "labelled" in d else DEV_SET
     return render(lines, d, "compare/compare.json", note)
 

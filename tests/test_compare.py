@@ -129,7 +129,7 @@ def test_systems_are_compared_on_the_photos_they_share(tmp_path) -> None:
     assert r1["accuracy"] == {"1": 0.0, "25": 1 / 3, "200": 1 / 3, "750": 2 / 3, "2500": 2 / 3}
     assert r2["accuracy"]["1"] == 1.0 and r1["diff_ci"]["1"] == [0.0, 0.0]
     assert r1["median_km"] == 556.0 and set(r2["diff_ci"]) == {"1", "25", "200", "750", "2500"}
-    text = markdown(result, [first, second])
+    text = markdown(result)
     assert "The systems' photo sets differ: first lacks 1; second lacks 1" in text
     assert "over the 3 shared photos only" in text and "is over its own 4 photos, not the shared ones" in text
     with pytest.raises(InputError, match="share no photo"):

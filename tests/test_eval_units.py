@@ -182,7 +182,7 @@ def test_compare_has_country_accuracy_and_geoscore_with_intervals(tmp_path) -> N
     assert -1.0 <= lo <= -0.5 <= hi <= 0.0
     assert 4990 < a["geoscore"]["mean"] < 5000.0 and b["geoscore"]["mean"] < 4000.0  # b: one estimate 3,300 km off
     assert a["geoscore_diff_ci"] == [0.0, 0.0] and b["geoscore_diff_ci"][1] < 0
-    md = markdown(result, files)
+    md = markdown(result)
     assert "| country | GeoScore |" in md and "GeoScore (points)" in md
     assert "| b | 5 | 0 |" in md and "| 50.0 |" in md and "-50.0 [" in md
     write_comparison(tmp_path / "out", files, resamples=50)

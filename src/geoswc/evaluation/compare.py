@@ -257,17 +257,19 @@ def compare_systems(systems: Sequence[System], resamples: int = 2000, seed: int 
                 far,
             )
         ci = paired_bootstrap_ci(ref_hits, err[:, None] <= thresholds, resamples, seed)
-        out.append(
-            {
-                "name": s.name,
-                "source": s.source,
-                "n": len(s.ids),
-                "lacks": len(union) - len(s.ids),
-                "accuracy": accuracy_at(err),
-                "median_km": median_km(err),
-                "diff_ci": {k: [float(lo), float(hi)] for k, (lo, hi) in zip(KEYS, ci, strict=True)},
-            }
-        )
+        acc = accuracy_at(err)
+        entry = {
+            "name": s.name,
+            "source": s.source,
+            "n": len(s.ids),
+            "lacks": len(union) - len(s.ids),
+            "accuracy": acc,
+            "median_km": median_km(err),
+            "diff_ci": {k: [float(lo), float(hi)] for k, (lo, hi) in zip(KEYS, ci, strict=True)},
+        }
+        if (check := summary_check(s, acc, len(common))) is not None:
+            entry["summary_block"] = check
+        out.append(entry)
     extra, labels = score_columns(systems, common, [r[2] for r in rows], resamples, seed)
     for entry, more in zip(out, extra, strict=True):
         entry.update(more)
@@ -327,7 +329,7 @@ def _aligned(s: System, common: list[str]) -> tuple[np.ndarray, np.ndarray, np.n
     return s.true_lat[idx], s.true_lon[idx], s.error_km[idx]
 
 
-def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     """The comparison as Markdown: accuracies (%) over the shared photos, then the differences from the first
     system with their intervals, and what each system lacks."""
     n, rows = result["common_photos"], result["systems"]
@@ -373,7 +375,7 @@ def markdown(result: dict[str, Any], systems: Sequence[System]) -> str:
             else f"Every system predicted the same {n} photos."
         ),
     ]
-    lines += [note for s, r in zip(systems, rows, strict=True) if (note := _summary_note(s, r, n))]
+    lines += [note for r in rows if (note := summary_note(r["name"], r.get("summary_block")))]
     if "admin_labels" in result:
         lines.append(
             f"- country: the estimate in the truth's country ({result['admin_labels']}), over the "
@@ -405,19 +407,31 @@ def _geoscore_diff_cell(r: dict[str, Any], ref: dict[str, Any]) -> str:
     return f"{r['geoscore']['mean'] - ref['geoscore']['mean']:+.0f} [{lo:+.0f}, {hi:+.0f}]"
 
 
-def _summary_note(s: System, row: dict[str, Any], n: int) -> str:
-    """Whether a file's own summary block agrees with the accuracies computed from its rows."""
+def summary_check(s: System, accuracy: dict[str, float], n: int) -> dict[str, Any] | None:
+    """A file's own summary block beside the accuracies computed from its rows over the ``n`` shared photos:
+    ``{"published": [fractions, as the block gives them], "photos": the file's own photos, "reproduced": whether
+    they equal the computed ones (None: the block covers other photos than the shared ones)}``; None without a
+    block."""
     if not s.summary:
-        return ""
-    name = text_cells.markdown_cell(s.name)
-    published = [v for k, v in s.summary.items() if "acc" in k.lower()][: len(KEYS)]
-    shown = " / ".join(f"{100 * v:.1f}" for v in published)
-    if len(s.ids) != n:
-        return f"- {name}: its summary block ({shown} %) is over its own {len(s.ids)} photos, not the shared ones."
+        return None
+    published = [float(v) for k, v in s.summary.items() if "acc" in k.lower()][: len(KEYS)]
     same = len(published) == len(KEYS) and all(
-        abs(v - row["accuracy"][k]) < 5e-6 for v, k in zip(published, KEYS, strict=True)
+        abs(v - accuracy[k]) < 5e-6 for v, k in zip(published, KEYS, strict=True)
     )
-    return f"- {name}: its own summary block ({shown} %) " + ("is reproduced." if same else "differs from its rows.")
+    return {"published": published, "photos": len(s.ids), "reproduced": same if len(s.ids) == n else None}
+
+
+def summary_note(name: str, check: dict[str, Any] | None) -> str:
+    """The Markdown line of a :func:`summary_check` (``""`` for none)."""
+    if not check:
+        return ""
+    name = text_cells.markdown_cell(name)
+    shown = " / ".join(f"{100 * v:.1f}" for v in check["published"])
+    if check["reproduced"] is None:
+        return f"- {name}: its summary block ({shown} %) is over its own {check['photos']} photos, not the shared ones."
+    return f"- {name}: its own summary block ({shown} %) " + (
+        "is reproduced." if check["reproduced"] else "differs from its rows."
+    )
 
 
 def plot(result: dict[str, Any], systems: Sequence[System], path: Path) -> None:
@@ -437,7 +451,7 @@ def write_comparison(
     """Write ``compare.json``, ``compare.md``, ``compare.png`` and (systems with their estimates' positions)
     ``errors_maps.png``, one map of errors per system side by side, into ``out``; the result and its Markdown."""
     result = compare_systems(systems, resamples, seed)
-    text = markdown(result, systems)
+    text = markdown(result)
     atomic_files.write_report(out / "compare.json", result, text)
     plot(result, systems, out / "compare.png")
     mapped = [(s.name, s.true_lat, s.true_lon, s.pred_lat, s.pred_lon) for s in systems if s.pred_lat is not None]
