@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from geoswc.core.atomic_files import write_bytes
+from geoswc.core import atomic_files
 from geoswc.core.config import digest
 from geoswc.core.errors import ArtifactError
 from geoswc.core.json_records import parse_json
@@ -37,7 +37,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor | np.ndarray]
         for k, v in tensors.items()
     }
     data = save(tt)
-    write_bytes(path, data)
+    atomic_files.write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
