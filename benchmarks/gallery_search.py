@@ -343,6 +343,7 @@ def measure_in_child(folder: Path, queries: Path, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.threads = set_threads(args.threads, pipelined=False)  # the count set (0 resolved), recorded
+    args.query_threads = args.query_threads or auto_threads()  # what a locating command would search with
     if args.measure:
         print(json.dumps(measure(args.measure, args.queries_file)))
         return 0
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                         "build_s": build_s,
                         "disk_bound_s": disk_s,
                         "build_over_disk": build_s / disk_s,
-                        **measure_in_child(folder, work / "queries.npz", args.query_threads or auto_threads()),
+                        **measure_in_child(folder, work / "queries.npz", args.query_threads),
                     }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -416,7 +417,7 @@ def write_result(args: argparse.Namespace, dim: int, rows: list[dict], complete:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "query_threads": args.query_threads or auto_threads(),
+        "query_threads": args.query_threads,
         "faiss": __import__("faiss").__version__,
         "command": " ".join(["python", *sys.argv]),
         "runs": rows,

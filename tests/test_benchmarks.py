@@ -202,7 +202,9 @@ def test_gallery_search_benchmark(tmp_path, monkeypatch, capsys):
         )
         == 0
     )
-    runs = {r["codes"]: r for r in json.loads(out.read_text())["runs"]}
+    result = json.loads(out.read_text())
+    assert result["threads"] == 1 and result["query_threads"] >= 1  # the build's count as given; the queries' resolved
+    runs = {r["codes"]: r for r in result["runs"]}
     assert set(runs) == {"flat", "pq"} and runs["pq"]["code_bytes"] == 16 and runs["flat"]["code_bytes"] == 128
     assert runs["flat"]["recall_at_10"] == 1.0 and runs["pq"]["recall_at_10"] >= 0.9
     for r in runs.values():
