@@ -79,11 +79,16 @@ def in_this_thread() -> None:
     """Give the calling thread the process's compute thread count. OpenMP keeps the count per thread: a thread
     started after :func:`set_threads` (a pipeline stage, a web server's worker) would otherwise run BLAS and FAISS
     with OpenMP's default, one thread per core, whatever torch reports."""
-    n = _state["count"] or torch.get_num_threads()
+    n = _count()
     torch.set_num_threads(n)
     faiss = sys.modules.get("faiss")
     if faiss is not None:
         faiss.omp_set_num_threads(n)
+
+
+def _count() -> int:
+    """The process's compute thread count: as :func:`set_threads` set it, else torch's."""
+    return _state["count"] or torch.get_num_threads()
 
 
 def threads_set() -> int:
@@ -96,7 +101,7 @@ def each(work: Callable[[T], None], items: Iterable[T]) -> None:
     computing with one thread of its own (BLAS and FAISS), for work that releases the GIL (NumPy, FAISS). An
     exception is raised here; with one thread or one item, everything runs in the calling thread."""
     todo = list(items)
-    n = min(len(todo), _state["count"] or torch.get_num_threads())
+    n = min(len(todo), _count())
     if n <= 1:
         for item in todo:
             work(item)
